@@ -1,0 +1,219 @@
+//! A small async Gavel client over fastwebsockets: connect, send requests, read frames. Used by
+//! the tests, the examples and load generation; other languages follow `docs/protocol.md`.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError};
+use gavel_protocol::{decode, encode, ClientFrame, Format, RequestId, ServerFrame};
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+use hyper::upgrade::Upgraded;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Client-side failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("websocket: {0}")]
+    WebSocket(#[from] WebSocketError),
+    #[error("http: {0}")]
+    Http(#[from] hyper::http::Error),
+    #[error("decode: {0}")]
+    Decode(#[from] gavel_protocol::DecodeError),
+    #[error("encode: {0}")]
+    Encode(#[from] gavel_protocol::EncodeError),
+}
+
+/// What arrived from the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Frame(ServerFrame),
+    /// The broker closed the connection with this code and reason.
+    Closed {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// Connection options.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    pub format: Format,
+    /// Sent as `?user=` (identity before authentication exists).
+    pub user: Option<String>,
+    /// Extra query string appended to `/ws?` (already encoded).
+    pub query: Option<String>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            format: Format::MsgPack,
+            user: None,
+            query: None,
+        }
+    }
+}
+
+/// One connection to a broker.
+pub struct Client {
+    ws: WebSocket<TokioIo<Upgraded>>,
+    format: Format,
+    next_id: RequestId,
+    max_size: usize,
+}
+
+struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(fut);
+    }
+}
+
+impl Client {
+    /// Opens a connection to `ws://{addr}/ws` with the given options.
+    pub async fn connect(addr: SocketAddr, options: ConnectOptions) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Client::handshake(stream, addr, options).await
+    }
+
+    /// Runs the WebSocket handshake on an already-connected stream.
+    pub async fn handshake(
+        stream: TcpStream,
+        addr: SocketAddr,
+        options: ConnectOptions,
+    ) -> Result<Client, ClientError> {
+        let mut query: Vec<String> = Vec::new();
+        if let Some(user) = &options.user {
+            query.push(format!("user={user}"));
+        }
+        if let Some(extra) = &options.query {
+            query.push(extra.clone());
+        }
+        let uri = if query.is_empty() {
+            "/ws".to_owned()
+        } else {
+            format!("/ws?{}", query.join("&"))
+        };
+        let request = Request::builder()
+            .method("GET")
+            .uri(uri)
+            .header(HOST, addr.to_string())
+            .header(UPGRADE, "websocket")
+            .header(CONNECTION, "upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13")
+            .header(SEC_WEBSOCKET_PROTOCOL, options.format.subprotocol())
+            .body(Empty::<Bytes>::new())?;
+        let (mut ws, _response) =
+            fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await?;
+        ws.set_auto_pong(true);
+        Ok(Client {
+            ws,
+            format: options.format,
+            next_id: 1,
+            max_size: 64 << 20,
+        })
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&mut self) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let bytes = encode(self.format, frame)?;
+        let opcode = match self.format {
+            Format::MsgPack => OpCode::Binary,
+            Format::Json => OpCode::Text,
+        };
+        self.send_raw(opcode, bytes.to_vec()).await
+    }
+
+    /// Sends an arbitrary message (for tests of hostile input).
+    pub async fn send_raw(&mut self, opcode: OpCode, payload: Vec<u8>) -> Result<(), ClientError> {
+        self.ws
+            .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a raw frame with an explicit FIN bit (fragmentation tests).
+    pub async fn send_fragment(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        self.ws
+            .write_frame(Frame::new(fin, opcode, None, Payload::Owned(payload)))
+            .await?;
+        Ok(())
+    }
+
+    /// Reads the next data frame or the close; answers pings on the way.
+    pub async fn next(&mut self) -> Result<Incoming, ClientError> {
+        loop {
+            let frame = self.ws.read_frame().await?;
+            match frame.opcode {
+                OpCode::Binary | OpCode::Text => {
+                    return Ok(Incoming::Frame(decode(
+                        self.format,
+                        &frame.payload,
+                        self.max_size,
+                    )?));
+                }
+                OpCode::Close => {
+                    let payload = &frame.payload[..];
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
+                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                    return Ok(Incoming::Closed {
+                        code,
+                        reason: reason.into_owned(),
+                    });
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads the next frame, treating a close as an error.
+    pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
+        match self.next().await? {
+            Incoming::Frame(frame) => Ok(frame),
+            Incoming::Closed { .. } => {
+                Err(ClientError::WebSocket(WebSocketError::ConnectionClosed))
+            }
+        }
+    }
+
+    /// Sends a close frame with `code`.
+    pub async fn close(&mut self, code: u16) -> Result<(), ClientError> {
+        self.ws.write_frame(Frame::close(code, b"")).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The broker's configuration: one typed struct, parsed from flags and `GAVEL_*` environment
+//! variables by clap, with built-in defaults for the embedded single-node setup.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 15s, 5m)"))
+}
+
+/// Gavel: a real-time broker for live auctions and marketplaces.
+///
+/// Every option can also be set through the environment variable shown beside it.
+#[derive(Clone, Parser)]
+#[command(name = "gavel-broker", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on for HTTP and WebSocket (`/ws`) connections.
+    #[arg(long, env = "GAVEL_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// Key that backends must send (`Authorization: Bearer KEY`) to use `POST /api/publish`.
+    /// Without it, the publish API refuses every request with 401.
+    #[arg(long, env = "GAVEL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// How often the broker pings each client.
+    #[arg(long, env = "GAVEL_PING_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// A connection from which nothing (not even a pong) arrives for this long is closed
+    /// (close code 4000) and leaves its rooms.
+    #[arg(long, env = "GAVEL_IDLE_TIMEOUT", default_value = "45s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
+    /// Frames queued for one connection before it counts as a slow consumer and is closed
+    /// (close code 4001).
+    #[arg(long, env = "GAVEL_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// A socket write that does not finish within this time marks a slow consumer (close 4001).
+    #[arg(long, env = "GAVEL_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub write_timeout: Duration,
+
+    /// Largest WebSocket message a client may send, in bytes (larger: close 1009). Also caps
+    /// the `data` of an HTTP publish.
+    #[arg(long, env = "GAVEL_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_message_size: usize,
+
+    /// Rooms one connection may be subscribed to at once.
+    #[arg(long, env = "GAVEL_MAX_SUBSCRIPTIONS", default_value_t = 128)]
+    pub max_subscriptions: usize,
+
+    /// Events each room keeps for `since` recovery.
+    #[arg(long, env = "GAVEL_HISTORY_SIZE", default_value_t = 1000)]
+    pub history_size: usize,
+
+    /// How long a room keeps an event for `since` recovery. A room with no subscribers is
+    /// dropped once its history has aged out.
+    #[arg(long, env = "GAVEL_HISTORY_TTL", default_value = "5m", value_parser = duration)]
+    pub history_ttl: Duration,
+
+    /// Viewer-count updates are coalesced: at most one per room per interval.
+    #[arg(long, env = "GAVEL_PRESENCE_INTERVAL", default_value = "250ms", value_parser = duration)]
+    pub presence_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long to wait for queued writes to drain before exiting anyway.
+    #[arg(long, env = "GAVEL_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `gavel_broker=debug`).
+    #[arg(long, env = "GAVEL_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Check the configuration, print it (secrets redacted) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} must be {rule} (got {value})")]
+    OutOfRange {
+        name: &'static str,
+        rule: &'static str,
+        value: String,
+    },
+}
+
+impl Config {
+    /// The defaults, as `gavel-broker` with no flags and no environment would run.
+    pub fn defaults() -> Config {
+        Config::parse_from_defaults()
+    }
+
+    fn parse_from_defaults() -> Config {
+        // Parsing an empty command line cannot fail: every field has a default or is optional.
+        // Environment variables are not consulted here.
+        let mut cmd = <Config as clap::CommandFactory>::command();
+        cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd
+            .try_get_matches_from(["gavel-broker"])
+            .expect("built-in defaults parse");
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches).expect("built-in defaults")
+    }
+
+    /// Checks values that parse but cannot work together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(name: &'static str, rule: &'static str, value: impl fmt::Debug) -> ConfigError {
+            ConfigError::OutOfRange {
+                name,
+                rule,
+                value: format!("{value:?}"),
+            }
+        }
+        if self.outbound_queue == 0 {
+            return Err(bad("--outbound-queue", "at least 1", self.outbound_queue));
+        }
+        if self.max_message_size < 256 {
+            return Err(bad(
+                "--max-message-size",
+                "at least 256 bytes",
+                self.max_message_size,
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            return Err(bad("--ping-interval", "above zero", self.ping_interval));
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err(bad(
+                "--idle-timeout",
+                "longer than --ping-interval",
+                self.idle_timeout,
+            ));
+        }
+        if self.write_timeout.is_zero() {
+            return Err(bad("--write-timeout", "above zero", self.write_timeout));
+        }
+        if self.presence_interval.is_zero() {
+            return Err(bad(
+                "--presence-interval",
+                "above zero",
+                self.presence_interval,
+            ));
+        }
+        if self.history_size == 0 {
+            return Err(bad("--history-size", "at least 1", self.history_size));
+        }
+        if self.max_subscriptions == 0 {
+            return Err(bad(
+                "--max-subscriptions",
+                "at least 1",
+                self.max_subscriptions,
+            ));
+        }
+        if self.api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err(bad("--api-key", "at least 16 characters", "<redacted>"));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("ping_interval", &self.ping_interval)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("outbound_queue", &self.outbound_queue)
+            .field("write_timeout", &self.write_timeout)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("history_size", &self.history_size)
+            .field("history_ttl", &self.history_ttl)
+            .field("presence_interval", &self.presence_interval)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("log_format", &self.log_format)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback() {
+        let c = Config::defaults();
+        c.validate().unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert!(c.api_key.is_none());
+    }
+
+    #[test]
+    fn debug_redacts_the_api_key() {
+        let mut c = Config::defaults();
+        c.api_key = Some("super-secret-key-123".into());
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn flags_parse_durations() {
+        let c = Config::try_parse_from(["gavel-broker", "--ping-interval", "100ms"]).unwrap();
+        assert_eq!(c.ping_interval, Duration::from_millis(100));
+        assert!(Config::try_parse_from(["gavel-broker", "--ping-interval", "soon"]).is_err());
+    }
+
+    #[test]
+    fn idle_timeout_must_exceed_ping_interval() {
+        let mut c = Config::defaults();
+        c.idle_timeout = c.ping_interval;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! The HTTP side: routing, the JSON API (`/healthz`, `/readyz`, `/metrics`, `/api/...`) and the
+//! API-key check for `POST /api/publish`. WebSocket upgrades at `/ws` are handed to `ws`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gavel_protocol::{Channel, UserId};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics as m;
+use crate::rooms::Published;
+use crate::Shared;
+
+/// Most user ids one publish may address.
+pub const MAX_PUBLISH_USERS: usize = 1000;
+
+/// Routes one request.
+pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let (route, response) = match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => return crate::ws::upgrade(shared, req),
+        (&Method::GET, "/healthz") => (
+            "healthz",
+            json_response(StatusCode::OK, json!({"status": "ok"})),
+        ),
+        (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
+        (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
+        (&Method::GET, "/api/stats") => ("stats", stats(shared)),
+        (&Method::GET, p) if p.starts_with("/api/rooms/") => {
+            ("room", room(shared, &p["/api/rooms/".len()..]))
+        }
+        (&Method::GET, p) if p.starts_with("/api/users/") => {
+            ("user", user(shared, &p["/api/users/".len()..]))
+        }
+        (&Method::POST, "/api/publish") => ("publish", publish(shared, req).await),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/stats" | "/api/publish") => (
+            "method_not_allowed",
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            ),
+        ),
+        _ => (
+            "not_found",
+            error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        ),
+    };
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
+        .increment(1);
+    response
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+pub(crate) fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// `{"error": {"code": ..., "message": ...}}` with the given status.
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<Full<Bytes>> {
+    json_response(status, json!({"error": {"code": code, "message": message}}))
+}
+
+/// The first value of a query parameter, percent-decoded.
+pub(crate) fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = match bytes[i] {
+            b'%' if i + 2 < bytes.len() => hex(bytes[i + 1])
+                .zip(hex(bytes[i + 2]))
+                .map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.shutdown.is_cancelled() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": "shutting down"}),
+        )
+    } else {
+        json_response(StatusCode::OK, json!({"ready": true}))
+    }
+}
+
+fn metrics_text(shared: &Shared) -> Response<Full<Bytes>> {
+    let body = shared
+        .metrics
+        .as_ref()
+        .map(|h| h.render())
+        .unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn stats(shared: &Shared) -> Response<Full<Bytes>> {
+    json_response(
+        StatusCode::OK,
+        json!({
+            "connections": shared.connections(),
+            "users_online": shared.users.online(),
+            "rooms": shared.rooms.len(),
+            "top_rooms": shared.rooms.top(10),
+        }),
+    )
+}
+
+fn room(shared: &Shared, raw: &str) -> Response<Full<Bytes>> {
+    let name = percent_decode(raw);
+    let channel = match Channel::parse(&name) {
+        Ok(c) => c,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_channel", &e.to_string())
+        }
+    };
+    let Some(room) = shared.rooms.get(&channel) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "no_such_room",
+            "no room: nobody is subscribed and no history is retained",
+        );
+    };
+    let info = room.info();
+    let presence = room.presence(1000);
+    json_response(
+        StatusCode::OK,
+        json!({
+            "channel": info.channel,
+            "epoch": info.epoch,
+            "seq": info.seq,
+            "connections": info.viewers.connections,
+            "users": info.viewers.users,
+            "peak_connections": info.viewers.peak_connections,
+            "peak_users": info.viewers.peak_users,
+            "history_len": info.history_len,
+            "oldest_seq": info.oldest_seq,
+            "presence": {
+                "users": presence.users,
+                "anonymous": presence.anonymous,
+                "truncated": presence.truncated,
+            },
+        }),
+    )
+}
+
+fn user(shared: &Shared, raw: &str) -> Response<Full<Bytes>> {
+    let user = match UserId::parse(&percent_decode(raw)) {
+        Ok(u) => u,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_user", &e.to_string()),
+    };
+    let connections = shared.users.connections(&user);
+    json_response(
+        StatusCode::OK,
+        json!({"user": user, "online": connections > 0, "connections": connections}),
+    )
+}
+
+/// `POST /api/publish` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    /// One channel ...
+    channel: Option<String>,
+    /// ... or a list of users (each gets the event on `user:{id}`).
+    users: Option<Vec<String>>,
+    event: String,
+    #[serde(default)]
+    data: Value,
+}
+
+async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(response) = check_api_key(shared, &req) {
+        return response;
+    }
+    // Room for the data at its size limit plus the envelope.
+    let limit = shared.config.max_message_size + 64 * 1024;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request body over {limit} bytes"),
+            )
+        }
+    };
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()),
+    };
+    if !valid_event_name(&request.event) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_event",
+            "event must be 1 to 64 characters from a-z 0-9 _ . -",
+        );
+    }
+    let data_size = request.data.to_string().len();
+    if data_size > shared.config.max_message_size {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!(
+                "data is {data_size} bytes; the limit is {}",
+                shared.config.max_message_size
+            ),
+        );
+    }
+    let channels = match (request.channel, request.users) {
+        (Some(channel), None) => match Channel::parse(&channel) {
+            Ok(c) => vec![c],
+            Err(e) => {
+                return error_response(StatusCode::BAD_REQUEST, "invalid_channel", &e.to_string())
+            }
+        },
+        (None, Some(users)) if !users.is_empty() && users.len() <= MAX_PUBLISH_USERS => {
+            let mut channels = Vec::with_capacity(users.len());
+            for user in &users {
+                match UserId::parse(user) {
+                    Ok(u) => channels.push(Channel::user(&u)),
+                    Err(e) => {
+                        return error_response(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_user",
+                            &e.to_string(),
+                        )
+                    }
+                }
+            }
+            channels.sort();
+            channels.dedup();
+            channels
+        }
+        _ => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_target",
+                &format!("give exactly one of `channel` or `users` (1 to {MAX_PUBLISH_USERS} ids)"),
+            )
+        }
+    };
+    let published: Vec<Value> = channels
+        .iter()
+        .map(|channel| {
+            let Published { seq, delivered } =
+                shared
+                    .rooms
+                    .publish(channel, &request.event, None, request.data.clone());
+            json!({"channel": channel, "seq": seq, "delivered": delivered})
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({ "published": published }))
+}
+
+fn valid_event_name(event: &str) -> bool {
+    !event.is_empty()
+        && event.len() <= 64
+        && event.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        })
+}
+
+/// Accepts `Authorization: Bearer KEY` or `X-Api-Key: KEY`, compared in constant time.
+#[allow(clippy::result_large_err)]
+fn check_api_key(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    let Some(expected) = shared.config.api_key.as_deref() else {
+        return Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the publish API is disabled: start the broker with --api-key",
+        ));
+    };
+    let headers = req.headers();
+    let given = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_decoded() {
+        let uri: Uri = "/ws?x=1&user=a%2Db&y".parse().unwrap();
+        assert_eq!(query_param(&uri, "user").as_deref(), Some("a-b"));
+        assert_eq!(query_param(&uri, "y").as_deref(), Some(""));
+        assert_eq!(query_param(&uri, "z"), None);
+        let bad: Uri = "/ws?user=%zz%4".parse().unwrap();
+        assert_eq!(query_param(&bad, "user").as_deref(), Some("%zz%4"));
+    }
+
+    #[test]
+    fn event_names() {
+        assert!(valid_event_name("booking_accepted"));
+        assert!(valid_event_name("payment.released-v2"));
+        assert!(!valid_event_name(""));
+        assert!(!valid_event_name("Booking"));
+        assert!(!valid_event_name(&"a".repeat(65)));
+    }
+}

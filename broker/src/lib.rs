@@ -1,0 +1,253 @@
+//! Gavel's broker as a library. The map:
+//!
+//! - [`config`]: the typed configuration (clap flags and `GAVEL_*` variables).
+//! - `http`: routing and the JSON API; `ws`: the `/ws` upgrade.
+//! - `session`: one connection's reader and writer tasks.
+//! - [`rooms`]: the room registry: subscribers, seq, history, fan-out, viewer counts.
+//! - `users`: who is online. [`outbound`]: a connection's queue and shared encoded frames.
+//! - [`client`]: a small async client (tests, examples, load generation).
+//!
+//! [`run`] serves an already-bound listener until a shutdown future resolves; [`Broker`] is the
+//! same thing for applications that embed Gavel beside their own routes.
+
+pub mod client;
+mod clock;
+pub mod config;
+mod http;
+pub mod metrics;
+pub mod outbound;
+pub mod rooms;
+mod session;
+mod users;
+mod ws;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gavel_protocol::{Channel, UserId};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use gavel_protocol as protocol;
+pub use rooms::Published;
+
+/// How long a client may take to send its HTTP request head (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often empty rooms are looked at for dropping.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Errors that stop the broker from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("listener failed: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// State shared by every task of one broker.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) rooms: rooms::Rooms,
+    pub(crate) users: users::Users,
+    /// Cancelled when shutdown begins: stops accepting, closes every connection with 1001.
+    pub(crate) shutdown: CancellationToken,
+    /// Every connection's tasks, so shutdown can wait for their queues to drain.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    next_conn_id: AtomicU64,
+    pub(crate) open_connections: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn connections(&self) -> u64 {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+}
+
+/// A running broker. Cheap to clone; every clone is the same broker.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+impl Broker {
+    /// Builds a broker and starts its background tasks (presence updates, room sweeping,
+    /// metrics upkeep). Must be called inside a Tokio runtime.
+    pub fn new(config: Config) -> Result<Broker, Error> {
+        config.validate()?;
+        let metrics = metrics::install();
+        let shared = Arc::new(Shared {
+            rooms: rooms::Rooms::new(rooms::HistoryLimits {
+                size: config.history_size,
+                ttl: config.history_ttl,
+            }),
+            users: users::Users::default(),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            metrics,
+            next_conn_id: AtomicU64::new(1),
+            open_connections: AtomicU64::new(0),
+            config,
+        });
+        if let Some(handle) = &shared.metrics {
+            metrics::spawn_upkeep(handle.clone(), shared.shutdown.clone());
+        }
+        spawn_every(&shared, shared.config.presence_interval, |s| {
+            s.rooms.flush_presence()
+        });
+        spawn_every(&shared, SWEEP_INTERVAL, |s| {
+            s.rooms.sweep();
+        });
+        Ok(Broker { shared })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Accepts connections on `listener` until [`Broker::shutdown`] begins.
+    pub async fn serve(&self, listener: TcpListener) -> Result<(), Error> {
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let broker = self.clone();
+            self.shared.tracker.spawn(async move {
+                broker.serve_connection(stream, peer).await;
+            });
+        }
+    }
+
+    async fn serve_connection(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let broker = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let broker = broker.clone();
+            async move { Ok::<_, Infallible>(broker.handle(req).await) }
+        });
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "http connection ended with an error");
+                }
+            }
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+
+    /// Answers one HTTP request: `/ws` upgrades, the JSON API, `/metrics`. Use it to serve
+    /// Gavel's routes from an application's own hyper server.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        http::handle(&self.shared, req).await
+    }
+
+    /// Publishes an event into `channel`'s room, as `POST /api/publish` does.
+    pub fn publish(&self, channel: &Channel, event: &str, data: Value) -> Published {
+        self.shared.rooms.publish(channel, event, None, data)
+    }
+
+    /// Publishes an event to one user's `user:{id}` channel (every connection of theirs).
+    pub fn publish_to_user(&self, user: &UserId, event: &str, data: Value) -> Published {
+        self.publish(&Channel::user(user), event, data)
+    }
+
+    /// The room registry, for inspection (viewer counts, seq, presence).
+    pub fn rooms(&self) -> &rooms::Rooms {
+        &self.shared.rooms
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections()
+    }
+
+    /// Open connections of `user` on this node.
+    pub fn user_connections(&self, user: &UserId) -> u32 {
+        self.shared.users.connections(user)
+    }
+
+    /// Shuts down: stops accepting, sends close 1001 to every client after its queued frames,
+    /// and waits (at most the configured shutdown timeout) for every connection to finish.
+    pub async fn shutdown(&self) {
+        tracing::info!("shutting down");
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        let timeout = self.shared.config.shutdown_timeout;
+        if tokio::time::timeout(timeout, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?timeout, "connections still open at the shutdown deadline");
+        }
+        tracing::info!("shut down");
+    }
+}
+
+/// Runs `work` on `shared` every `period` until shutdown.
+fn spawn_every(shared: &Arc<Shared>, period: Duration, work: fn(&Shared)) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => work(&shared),
+                _ = shared.shutdown.cancelled() => break,
+            }
+        }
+    });
+}
+
+/// Serves `listener` with `config` until `shutdown` resolves, then shuts down gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let broker = Broker::new(config)?;
+    tracing::info!(addr = %listener.local_addr()?, "gavel broker listening");
+    tokio::select! {
+        result = broker.serve(listener) => result?,
+        _ = shutdown => {}
+    }
+    broker.shutdown().await;
+    Ok(())
+}

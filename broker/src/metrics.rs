@@ -1,0 +1,122 @@
+//! Prometheus metrics: the names the broker exports (see `docs/metrics.md`), the process-wide
+//! recorder behind `GET /metrics`, and small helpers for the hot paths. Label values come from
+//! small fixed sets (frame types, disconnect reasons), never from user ids or room names.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "gavel_connections";
+pub const CONNECTIONS_OPENED: &str = "gavel_connections_opened_total";
+pub const USERS_ONLINE: &str = "gavel_users_online";
+pub const ROOMS: &str = "gavel_rooms";
+pub const MESSAGES_RECEIVED: &str = "gavel_messages_received_total";
+pub const BYTES_RECEIVED: &str = "gavel_received_bytes_total";
+pub const MESSAGES_SENT: &str = "gavel_messages_sent_total";
+pub const BYTES_SENT: &str = "gavel_sent_bytes_total";
+pub const ERRORS_SENT: &str = "gavel_errors_sent_total";
+pub const DISCONNECTS: &str = "gavel_disconnects_total";
+pub const SLOW_CONSUMERS: &str = "gavel_slow_consumer_disconnects_total";
+pub const PUBLISHES: &str = "gavel_publishes_total";
+pub const FAN_OUT_SECONDS: &str = "gavel_fan_out_duration_seconds";
+pub const DELIVERY_SECONDS: &str = "gavel_delivery_delay_seconds";
+pub const HTTP_REQUESTS: &str = "gavel_http_requests_total";
+pub const UPGRADES_REFUSED: &str = "gavel_upgrades_refused_total";
+
+/// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder for this process, once. Returns `None` when the embedding
+/// application installed a recorder of its own first (Gavel's metrics then go to that one).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(_) => {
+                    tracing::warn!("a metrics recorder is already installed; /metrics is empty");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections.");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted.");
+    describe_gauge!(
+        USERS_ONLINE,
+        "Distinct identified users with at least one connection."
+    );
+    describe_gauge!(
+        ROOMS,
+        "Rooms in memory (with subscribers or retained history)."
+    );
+    describe_counter!(MESSAGES_RECEIVED, "Client frames received, by type.");
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "Client message bytes received."
+    );
+    describe_counter!(MESSAGES_SENT, "Frames queued for clients, by type.");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "Bytes written to client sockets.");
+    describe_counter!(ERRORS_SENT, "Error replies sent, by code.");
+    describe_counter!(DISCONNECTS, "Connections ended, by reason.");
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Connections closed because they did not keep up."
+    );
+    describe_counter!(
+        PUBLISHES,
+        "Room publishes (sequenced events and signals), by type."
+    );
+    describe_histogram!(
+        FAN_OUT_SECONDS,
+        Unit::Seconds,
+        "Time for one publish to queue its frame for every subscriber of the room."
+    );
+    describe_histogram!(
+        DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Time from a frame's creation to the end of the socket write that carried it."
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP API requests, by route and status.");
+    describe_counter!(UPGRADES_REFUSED, "WebSocket upgrades refused, by reason.");
+}
+
+/// Spawns the recorder's upkeep (histogram draining); ends with `shutdown`.
+pub fn spawn_upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => handle.run_upkeep(),
+                _ = shutdown.cancelled() => break,
+            }
+        }
+    });
+}
+
+/// One fan-out: `delivered` copies of a frame of `size` bytes queued in `took`.
+pub fn record_fan_out(kind: &'static str, delivered: usize, size: usize, took: Duration) {
+    metrics::counter!(PUBLISHES, "type" => kind).increment(1);
+    metrics::counter!(MESSAGES_SENT, "type" => kind).increment(delivered as u64);
+    let _ = size;
+    metrics::histogram!(FAN_OUT_SECONDS).record(took.as_secs_f64());
+}

@@ -1,0 +1,213 @@
+//! What the rest of the broker holds of a connection: [`ConnHandle`], the sending end of its
+//! bounded outbound queue plus a way to close it with a reason; and [`SharedFrame`], a server
+//! frame encoded once and shared by every connection it is delivered to.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Process-unique connection number (also in logs and the `hello` frame).
+pub type ConnId = u64;
+
+/// A server frame with its encodings, computed at most once per format and shared between all
+/// recipients (`Arc`): a publish to 10,000 subscribers encodes once and hands out 10,000
+/// pointers.
+pub struct SharedFrame {
+    frame: ServerFrame,
+    msgpack: OnceLock<Option<Bytes>>,
+    json: OnceLock<Option<Bytes>>,
+    /// When the frame was created, for the delivery-delay histogram.
+    pub created: Instant,
+}
+
+impl SharedFrame {
+    pub fn new(frame: ServerFrame) -> Arc<SharedFrame> {
+        Arc::new(SharedFrame {
+            frame,
+            msgpack: OnceLock::new(),
+            json: OnceLock::new(),
+            created: Instant::now(),
+        })
+    }
+
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+
+    /// The encoded bytes for `format`; `None` only if encoding failed (logged once).
+    pub fn bytes(&self, format: Format) -> Option<&Bytes> {
+        let cell = match format {
+            Format::MsgPack => &self.msgpack,
+            Format::Json => &self.json,
+        };
+        cell.get_or_init(|| match encode(format, &self.frame) {
+            Ok(bytes) => Some(bytes),
+            Err(error) => {
+                tracing::error!(%error, frame = self.frame.type_name(), "cannot encode frame");
+                None
+            }
+        })
+        .as_ref()
+    }
+}
+
+/// One item of a connection's outbound queue.
+pub enum Outbound {
+    Frame(Arc<SharedFrame>),
+    /// Several frames that must stay together and in order (a subscribe reply and its replay);
+    /// one queue slot, so a long replay cannot overflow the queue by itself.
+    Batch(Vec<Arc<SharedFrame>>),
+    /// A control frame the reader owes the peer (pong, close echo).
+    Control(fastwebsockets::OpCode, Bytes),
+}
+
+/// Why a connection ended; labels logs and the `gavel_disconnects_total` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent a close frame or closed the socket.
+    ClientClosed,
+    /// The broker is shutting down (close 1001).
+    Shutdown,
+    /// Nothing arrived within the idle timeout (close 4000).
+    IdleTimeout,
+    /// The outbound queue was full (close 4001).
+    QueueFull,
+    /// A socket write stalled past the write timeout (close 4001).
+    WriteStalled,
+    /// A message over the size limit (close 1009).
+    MessageTooBig,
+    /// A text frame with invalid UTF-8 (close 1007).
+    InvalidUtf8,
+    /// Any other WebSocket protocol violation (close 1002).
+    ProtocolError,
+    /// The socket failed or the peer vanished without a close frame.
+    ConnectionLost,
+}
+
+impl DisconnectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectReason::ClientClosed => "client_closed",
+            DisconnectReason::Shutdown => "shutdown",
+            DisconnectReason::IdleTimeout => "idle_timeout",
+            DisconnectReason::QueueFull => "slow_consumer_queue_full",
+            DisconnectReason::WriteStalled => "slow_consumer_write_stalled",
+            DisconnectReason::MessageTooBig => "message_too_big",
+            DisconnectReason::InvalidUtf8 => "invalid_utf8",
+            DisconnectReason::ProtocolError => "protocol_error",
+            DisconnectReason::ConnectionLost => "connection_lost",
+        }
+    }
+
+    /// The close code sent to the client, if a close frame is sent at all.
+    pub fn close_code(self) -> Option<CloseCode> {
+        match self {
+            DisconnectReason::ClientClosed => Some(CloseCode::Normal),
+            DisconnectReason::Shutdown => Some(CloseCode::GoingAway),
+            DisconnectReason::IdleTimeout => Some(CloseCode::IdleTimeout),
+            DisconnectReason::QueueFull => Some(CloseCode::SlowConsumer),
+            DisconnectReason::WriteStalled => None,
+            DisconnectReason::MessageTooBig => Some(CloseCode::MessageTooBig),
+            DisconnectReason::InvalidUtf8 => Some(CloseCode::InvalidPayload),
+            DisconnectReason::ProtocolError => Some(CloseCode::ProtocolError),
+            DisconnectReason::ConnectionLost => None,
+        }
+    }
+
+    pub fn is_slow_consumer(self) -> bool {
+        matches!(
+            self,
+            DisconnectReason::QueueFull | DisconnectReason::WriteStalled
+        )
+    }
+}
+
+/// Who a connection counts as in presence: a user, or itself when anonymous (so each anonymous
+/// connection is one viewer).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ViewerKey {
+    User(UserId),
+    Anonymous(ConnId),
+}
+
+/// The broker's handle on one connection, shared by every room it is subscribed to.
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub user: Option<UserId>,
+    pub format: Format,
+    outbound_tx: mpsc::Sender<Outbound>,
+    /// Set once, by whoever ends the connection first.
+    reason: OnceLock<DisconnectReason>,
+    /// Cancelled when the connection must end; both of its tasks watch it.
+    closing: CancellationToken,
+}
+
+/// The result of offering a frame to a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// The queue was full: the connection is being closed as a slow consumer.
+    SlowConsumer,
+    /// The connection is already gone.
+    Closed,
+}
+
+impl ConnHandle {
+    pub fn new(
+        id: ConnId,
+        user: Option<UserId>,
+        format: Format,
+        outbound_tx: mpsc::Sender<Outbound>,
+    ) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle {
+            id,
+            user,
+            format,
+            outbound_tx,
+            reason: OnceLock::new(),
+            closing: CancellationToken::new(),
+        })
+    }
+
+    pub fn viewer_key(&self) -> ViewerKey {
+        match &self.user {
+            Some(user) => ViewerKey::User(user.clone()),
+            None => ViewerKey::Anonymous(self.id),
+        }
+    }
+
+    /// Queues an item without waiting. A full queue closes the connection as a slow consumer:
+    /// the publisher never blocks and never drops silently.
+    pub fn offer(&self, item: Outbound) -> Offer {
+        match self.outbound_tx.try_send(item) {
+            Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(DisconnectReason::QueueFull);
+                Offer::SlowConsumer
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+        }
+    }
+
+    pub fn offer_frame(&self, frame: Arc<SharedFrame>) -> Offer {
+        self.offer(Outbound::Frame(frame))
+    }
+
+    /// Asks the connection to end. The first reason given wins.
+    pub fn close(&self, reason: DisconnectReason) {
+        let _ = self.reason.set(reason);
+        self.closing.cancel();
+    }
+
+    pub fn close_reason(&self) -> Option<DisconnectReason> {
+        self.reason.get().copied()
+    }
+
+    pub fn closing(&self) -> &CancellationToken {
+        &self.closing
+    }
+}

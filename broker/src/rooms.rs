@@ -1,0 +1,583 @@
+//! The room registry: channel → room, and per room its subscribers, sequence, bounded history
+//! and viewer counts. It owns fan-out (encode once, offer the shared bytes to every subscriber)
+//! and `since` recovery. It knows nothing of sockets: it only offers frames to [`ConnHandle`]s.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use gavel_protocol::{
+    Channel, ChannelKind, EventFrame, Format, PresenceReply, Reply, RequestId, RoomSnapshot,
+    ServerFrame, UserId, ViewerCounts,
+};
+use serde_json::Value;
+
+use crate::clock::now_ms;
+use crate::metrics as m;
+use crate::outbound::{ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
+
+/// Limits of every room's history.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    /// Events kept per room.
+    pub size: usize,
+    /// Age after which an event is dropped.
+    pub ttl: Duration,
+}
+
+/// Locks a mutex, recovering the data if a panic elsewhere poisoned it: every critical section
+/// below leaves the data consistent at each step, so the data is still good.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every room of this node.
+pub struct Rooms {
+    map: DashMap<Channel, Arc<Room>>,
+    limits: HistoryLimits,
+    /// Rooms whose viewer counts changed since the last presence tick. A plain mutex: it is
+    /// taken once per room per tick (the `presence_dirty` flag filters repeats), never across
+    /// an await, and never while a room lock is held.
+    dirty: Mutex<Vec<Arc<Room>>>,
+    /// Source of room epochs: microseconds since the Unix epoch at start, then +1 per room, so
+    /// epochs differ across restarts and between incarnations of a room.
+    next_epoch: AtomicU64,
+}
+
+/// A channel's room.
+pub struct Room {
+    channel: Channel,
+    epoch: u64,
+    /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write)
+    /// by joins and leaves, so a publish never waits for a join or a leave to copy the set.
+    subscribers: ArcSwap<Vec<Arc<ConnHandle>>>,
+    /// Sequence and history. A publish holds it while it assigns the seq, appends to the history
+    /// and offers the frame to each subscriber (a non-blocking queue push, no IO, no await), so
+    /// every subscriber receives the room's events in seq order. Joins and leaves take it only
+    /// to swap in their new snapshot and read the history tail, never to copy the set.
+    log: Mutex<RoomLog>,
+    /// Membership, for joins and leaves only (publishers never take it). Lock order: `members`
+    /// before `log`.
+    members: Mutex<Members>,
+    /// Viewer counts, written under `members`, read lock-free by stats and presence ticks.
+    connections: AtomicU32,
+    users: AtomicU32,
+    peak_connections: AtomicU32,
+    peak_users: AtomicU32,
+    last_seq: AtomicU64,
+    /// Set while the room is queued for a viewer-count update.
+    presence_dirty: AtomicBool,
+    /// Set (under both locks) when the registry drops the room; a join or publish that finds it
+    /// set retries on the room that replaces it.
+    retired: AtomicBool,
+}
+
+struct RoomLog {
+    last_seq: u64,
+    history: VecDeque<Stored>,
+}
+
+struct Stored {
+    seq: u64,
+    at: Instant,
+    frame: Arc<SharedFrame>,
+}
+
+#[derive(Default)]
+struct Members {
+    list: Vec<Arc<ConnHandle>>,
+    index: HashMap<ConnId, usize>,
+    /// Connections per viewer (a user's tabs count once).
+    viewers: HashMap<ViewerKey, u32>,
+}
+
+/// A successful subscribe.
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub recovered: Option<bool>,
+    pub replayed: u32,
+}
+
+/// What a publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// Subscribers the event was queued for.
+    pub delivered: usize,
+}
+
+/// A room's state as the HTTP API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoomInfo {
+    pub channel: Channel,
+    pub epoch: u64,
+    pub seq: u64,
+    #[serde(flatten)]
+    pub viewers: ViewerCounts,
+    pub history_len: usize,
+    pub oldest_seq: Option<u64>,
+}
+
+impl Rooms {
+    pub fn new(limits: HistoryLimits) -> Rooms {
+        let start_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Rooms {
+            map: DashMap::new(),
+            limits,
+            dirty: Mutex::new(Vec::new()),
+            next_epoch: AtomicU64::new(start_us),
+        }
+    }
+
+    /// The room for `channel`, if it exists.
+    pub fn get(&self, channel: &Channel) -> Option<Arc<Room>> {
+        self.map.get(channel).map(|r| Arc::clone(r.value()))
+    }
+
+    fn get_or_create(&self, channel: &Channel) -> Arc<Room> {
+        if let Some(room) = self.get(channel) {
+            return room;
+        }
+        let room = self.map.entry(channel.clone()).or_insert_with(|| {
+            metrics::gauge!(m::ROOMS).increment(1.0);
+            Arc::new(Room::new(
+                channel.clone(),
+                self.next_epoch.fetch_add(1, Ordering::Relaxed),
+            ))
+        });
+        Arc::clone(room.value())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Subscribes `conn` and queues, as one unit, the `subscribed` reply to request `id` and
+    /// the replayed events after `since`; every later event of the room follows them.
+    pub fn subscribe(
+        &self,
+        conn: &Arc<ConnHandle>,
+        channel: &Channel,
+        id: RequestId,
+        since: Option<u64>,
+        epoch: Option<u64>,
+        state: Value,
+    ) -> Joined {
+        loop {
+            let room = self.get_or_create(channel);
+            let mut members = lock(&room.members);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            let first_of_viewer = members.add(conn);
+            room.store_counts(&members);
+            // The O(n) copy happens here, under `members` only: publishers do not wait for it.
+            let snapshot = Arc::new(members.list.clone());
+
+            let mut log = lock(&room.log);
+            room.subscribers.store(snapshot);
+            log.expire(self.limits, Instant::now());
+            let (recovered, replay) = match since {
+                None => (None, Vec::new()),
+                Some(since) => match log.replay_after(since, epoch, room.epoch) {
+                    Some(frames) => (Some(true), frames),
+                    None => (Some(false), Vec::new()),
+                },
+            };
+            let viewers = room.viewer_counts();
+            let snapshot = (recovered == Some(false)).then(|| RoomSnapshot {
+                seq: log.last_seq,
+                epoch: room.epoch,
+                viewers,
+                oldest_seq: log.history.front().map(|s| s.seq),
+                state: state.clone(),
+            });
+            let replayed = replay.len() as u32;
+            let reply = SharedFrame::new(ServerFrame::Ok {
+                id,
+                result: Reply::Subscribed {
+                    channel: channel.clone(),
+                    seq: log.last_seq,
+                    epoch: room.epoch,
+                    recovered,
+                    replayed,
+                    viewers,
+                    snapshot,
+                },
+            });
+            let item = if replay.is_empty() {
+                Outbound::Frame(reply)
+            } else {
+                let mut batch = Vec::with_capacity(replay.len() + 1);
+                batch.push(reply);
+                batch.extend(replay);
+                Outbound::Batch(batch)
+            };
+            conn.offer(item);
+            drop(log);
+            drop(members);
+
+            self.mark_dirty(&room);
+            if first_of_viewer {
+                room.announce(conn, true);
+            }
+            return Joined {
+                room,
+                recovered,
+                replayed,
+            };
+        }
+    }
+
+    /// Removes `conn` from `room`. Returns false if it was not subscribed.
+    pub fn unsubscribe(&self, conn: &ConnHandle, room: &Arc<Room>) -> bool {
+        let mut members = lock(&room.members);
+        let Some(last_of_viewer) = members.remove(conn) else {
+            return false;
+        };
+        room.store_counts(&members);
+        let snapshot = Arc::new(members.list.clone());
+        {
+            // Swapped under `log` so that an event is either queued before the caller's
+            // `unsubscribed` reply or not at all.
+            let _log = lock(&room.log);
+            room.subscribers.store(snapshot);
+        }
+        drop(members);
+        self.mark_dirty(room);
+        if last_of_viewer {
+            room.announce(conn, false);
+        }
+        true
+    }
+
+    /// Appends an event to `channel`'s room (creating it if needed, so the event is kept for a
+    /// subscriber who arrives within the history TTL) and queues it for every subscriber.
+    pub fn publish(
+        &self,
+        channel: &Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+    ) -> Published {
+        let mut data = Some(data);
+        loop {
+            let room = self.get_or_create(channel);
+            let mut log = lock(&room.log);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            let started = Instant::now();
+            log.last_seq += 1;
+            let seq = log.last_seq;
+            room.last_seq.store(seq, Ordering::Relaxed);
+            let frame = SharedFrame::new(ServerFrame::Event(EventFrame {
+                channel: channel.clone(),
+                seq,
+                ts: now_ms(),
+                event: event.to_owned(),
+                from: from.clone(),
+                data: data.take().unwrap_or(Value::Null),
+            }));
+            // Encode for MessagePack now, once, rather than in the first writer to need it.
+            let size = frame.bytes(Format::MsgPack).map_or(0, |b| b.len());
+            log.history.push_back(Stored {
+                seq,
+                at: started,
+                frame: Arc::clone(&frame),
+            });
+            log.expire(self.limits, started);
+            let delivered = room.fan_out(&frame, None);
+            drop(log);
+            m::record_fan_out("event", delivered, size, started.elapsed());
+            return Published { seq, delivered };
+        }
+    }
+
+    /// Sends an unsequenced frame (typing, joined, left, viewers) to the subscribers of an
+    /// existing room, except `skip`. Nothing is stored.
+    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip: Option<ConnId>) -> usize {
+        match self.get(channel) {
+            Some(room) => room.signal(frame, skip),
+            None => 0,
+        }
+    }
+
+    fn mark_dirty(&self, room: &Arc<Room>) {
+        if !room.presence_dirty.swap(true, Ordering::AcqRel) {
+            lock(&self.dirty).push(Arc::clone(room));
+        }
+    }
+
+    /// Sends one coalesced `viewers` update to each room whose counts changed since the last
+    /// call. Called every presence interval.
+    pub fn flush_presence(&self) {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        for room in dirty {
+            room.presence_dirty.store(false, Ordering::Release);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            let frame = ServerFrame::Viewers {
+                channel: room.channel.clone(),
+                ts: now_ms(),
+                viewers: room.viewer_counts(),
+            };
+            room.signal(frame, None);
+        }
+    }
+
+    /// Drops rooms with no subscribers whose history has aged out. Returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let before = self.map.len();
+        self.map
+            .retain(|_, room| !room.try_retire(self.limits, now));
+        let dropped = before.saturating_sub(self.map.len());
+        if dropped > 0 {
+            metrics::gauge!(m::ROOMS).decrement(dropped as f64);
+        }
+        dropped
+    }
+
+    /// The `n` rooms with the most connections.
+    pub fn top(&self, n: usize) -> Vec<RoomInfo> {
+        let mut all: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
+        all.sort_by_key(|r| std::cmp::Reverse(r.connections.load(Ordering::Relaxed)));
+        all.truncate(n);
+        all.iter().map(|r| r.info()).collect()
+    }
+}
+
+impl Room {
+    fn new(channel: Channel, epoch: u64) -> Room {
+        Room {
+            channel,
+            epoch,
+            subscribers: ArcSwap::from_pointee(Vec::new()),
+            log: Mutex::new(RoomLog {
+                last_seq: 0,
+                history: VecDeque::new(),
+            }),
+            members: Mutex::new(Members::default()),
+            connections: AtomicU32::new(0),
+            users: AtomicU32::new(0),
+            peak_connections: AtomicU32::new(0),
+            peak_users: AtomicU32::new(0),
+            last_seq: AtomicU64::new(0),
+            presence_dirty: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn viewer_counts(&self) -> ViewerCounts {
+        ViewerCounts {
+            connections: self.connections.load(Ordering::Relaxed),
+            users: self.users.load(Ordering::Relaxed),
+            peak_connections: self.peak_connections.load(Ordering::Relaxed),
+            peak_users: self.peak_users.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Relaxed)
+    }
+
+    pub fn info(&self) -> RoomInfo {
+        let log = lock(&self.log);
+        RoomInfo {
+            channel: self.channel.clone(),
+            epoch: self.epoch,
+            seq: log.last_seq,
+            viewers: self.viewer_counts(),
+            history_len: log.history.len(),
+            oldest_seq: log.history.front().map(|s| s.seq),
+        }
+    }
+
+    /// Who is in the room: identified users (sorted, at most `limit`) and anonymous connections.
+    pub fn presence(&self, limit: usize) -> PresenceReply {
+        let members = lock(&self.members);
+        let mut users: Vec<UserId> = Vec::new();
+        let mut anonymous = 0u32;
+        for key in members.viewers.keys() {
+            match key {
+                ViewerKey::User(u) => users.push(u.clone()),
+                ViewerKey::Anonymous(_) => anonymous += 1,
+            }
+        }
+        drop(members);
+        users.sort();
+        let truncated = users.len() > limit;
+        users.truncate(limit);
+        PresenceReply {
+            channel: self.channel.clone(),
+            viewers: self.viewer_counts(),
+            users,
+            anonymous,
+            truncated,
+        }
+    }
+
+    /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
+    /// `log` held for sequenced events (see the field's comment), without it for signals.
+    fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Option<ConnId>) -> usize {
+        let subscribers = self.subscribers.load();
+        let mut queued = 0;
+        let mut slow = 0;
+        for conn in subscribers.iter() {
+            if Some(conn.id) == skip {
+                continue;
+            }
+            match conn.offer_frame(Arc::clone(frame)) {
+                Offer::Queued => queued += 1,
+                Offer::SlowConsumer => slow += 1,
+                Offer::Closed => {}
+            }
+        }
+        if slow > 0 {
+            tracing::warn!(channel = %self.channel, slow, "slow consumers disconnected");
+        }
+        queued
+    }
+
+    fn signal(&self, frame: ServerFrame, skip: Option<ConnId>) -> usize {
+        let started = Instant::now();
+        let kind = frame.type_name();
+        let frame = SharedFrame::new(frame);
+        let size = frame.bytes(Format::MsgPack).map_or(0, |b| b.len());
+        let delivered = self.fan_out(&frame, skip);
+        m::record_fan_out(kind, delivered, size, started.elapsed());
+        delivered
+    }
+
+    /// `joined` / `left` for a user's first / last connection in a conversation room.
+    fn announce(&self, conn: &ConnHandle, joined: bool) {
+        let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), &conn.user) else {
+            return;
+        };
+        let (channel, user, ts) = (self.channel.clone(), user.clone(), now_ms());
+        let frame = if joined {
+            ServerFrame::Joined { channel, user, ts }
+        } else {
+            ServerFrame::Left { channel, user, ts }
+        };
+        self.signal(frame, None);
+    }
+
+    fn store_counts(&self, members: &Members) {
+        let connections = members.list.len() as u32;
+        let users = members.viewers.len() as u32;
+        self.connections.store(connections, Ordering::Relaxed);
+        self.users.store(users, Ordering::Relaxed);
+        self.peak_connections
+            .fetch_max(connections, Ordering::Relaxed);
+        self.peak_users.fetch_max(users, Ordering::Relaxed);
+    }
+
+    fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
+        let members = lock(&self.members);
+        if !members.list.is_empty() {
+            return false;
+        }
+        let mut log = lock(&self.log);
+        log.expire(limits, now);
+        if !log.history.is_empty() {
+            return false;
+        }
+        self.retired.store(true, Ordering::Release);
+        true
+    }
+}
+
+impl Members {
+    /// Adds a connection; returns whether it is its viewer's first in the room.
+    fn add(&mut self, conn: &Arc<ConnHandle>) -> bool {
+        if self.index.contains_key(&conn.id) {
+            return false;
+        }
+        self.index.insert(conn.id, self.list.len());
+        self.list.push(Arc::clone(conn));
+        let count = self.viewers.entry(conn.viewer_key()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Removes a connection; `None` if absent, else whether it was its viewer's last.
+    fn remove(&mut self, conn: &ConnHandle) -> Option<bool> {
+        let pos = self.index.remove(&conn.id)?;
+        self.list.swap_remove(pos);
+        if let Some(moved) = self.list.get(pos) {
+            self.index.insert(moved.id, pos);
+        }
+        let key = conn.viewer_key();
+        let last = match self.viewers.get_mut(&key) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                self.viewers.remove(&key);
+                true
+            }
+        };
+        Some(last)
+    }
+}
+
+impl RoomLog {
+    fn expire(&mut self, limits: HistoryLimits, now: Instant) {
+        while self.history.len() > limits.size {
+            self.history.pop_front();
+        }
+        while self
+            .history
+            .front()
+            .is_some_and(|s| now.saturating_duration_since(s.at) > limits.ttl)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// The events after `since`, or `None` if the history cannot prove it has all of them
+    /// (aged out, a different epoch, or a `since` from the future).
+    fn replay_after(
+        &self,
+        since: u64,
+        epoch: Option<u64>,
+        room_epoch: u64,
+    ) -> Option<Vec<Arc<SharedFrame>>> {
+        if epoch.is_some_and(|e| e != room_epoch) || since > self.last_seq {
+            return None;
+        }
+        if since == self.last_seq {
+            return Some(Vec::new());
+        }
+        let oldest = self.history.front()?.seq;
+        if oldest > since + 1 {
+            return None;
+        }
+        let skip = (since + 1 - oldest) as usize;
+        Some(
+            self.history
+                .iter()
+                .skip(skip)
+                .map(|s| Arc::clone(&s.frame))
+                .collect(),
+        )
+    }
+}

@@ -1,0 +1,557 @@
+//! One WebSocket connection: a reader (this task) that decodes client frames and acts on them,
+//! and a writer task that owns the socket's send half and drains the bounded outbound queue,
+//! coalescing what is queued into one write. They share only the [`ConnHandle`].
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use gavel_protocol::{
+    decode, Channel, ChannelKind, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Format, Reply,
+    RequestId, ServerFrame, UserId, PROTOCOL_VERSION,
+};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::clock::now_ms;
+use crate::metrics as m;
+use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
+use crate::rooms::Room;
+use crate::Shared;
+
+pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Most bytes one coalesced socket write carries.
+const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// How long a close frame may take to write before the socket is just dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default and maximum user ids in a `presence` reply.
+const PRESENCE_DEFAULT_LIMIT: usize = 100;
+const PRESENCE_MAX_LIMIT: usize = 1000;
+
+/// Runs a connection to its end: spawns the writer, reads until the connection closes, then
+/// leaves every room.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    read: BoxRead,
+    write: BoxWrite,
+    format: Format,
+    user: Option<UserId>,
+) {
+    let id = shared.next_conn_id();
+    let span = tracing::info_span!("conn", id, user = user.as_ref().map(|u| u.as_str()));
+    async move {
+        let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue);
+        let conn = ConnHandle::new(id, user, format, outbound_tx);
+        let mut session = Session::open(Arc::clone(&shared), Arc::clone(&conn));
+        conn.offer_frame(SharedFrame::new(ServerFrame::Hello {
+            protocol: PROTOCOL_VERSION.into(),
+            connection_id: id,
+            user: conn.user.clone(),
+            server_ts: now_ms(),
+            ping_interval_ms: shared.config.ping_interval.as_millis() as u64,
+            idle_timeout_ms: shared.config.idle_timeout.as_millis() as u64,
+            max_message_size: shared.config.max_message_size as u64,
+        }));
+        let writer = tokio::spawn(
+            write_loop(Arc::clone(&shared), Arc::clone(&conn), outbound_rx, write)
+                .in_current_span(),
+        );
+        session.read_loop(read).await;
+        // Leave the rooms before the writer finishes, so counts drop as the socket closes.
+        drop(session);
+        let _ = writer.await;
+        let reason = conn
+            .close_reason()
+            .unwrap_or(DisconnectReason::ConnectionLost);
+        metrics::counter!(m::DISCONNECTS, "reason" => reason.as_str()).increment(1);
+        if reason.is_slow_consumer() {
+            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+        }
+        tracing::debug!(reason = reason.as_str(), "connection closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// The reader's state: the connection's subscriptions. Dropping it leaves every room.
+struct Session {
+    shared: Arc<Shared>,
+    conn: Arc<ConnHandle>,
+    subscriptions: HashMap<Channel, Arc<Room>>,
+}
+
+impl Session {
+    fn open(shared: Arc<Shared>, conn: Arc<ConnHandle>) -> Session {
+        shared.open_connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
+        if let Some(user) = &conn.user {
+            shared.users.connected(user);
+        }
+        Session {
+            shared,
+            conn,
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    async fn read_loop(&mut self, read: BoxRead) {
+        let config = &self.shared.config;
+        let (mut ws, _) =
+            fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+        // fastwebsockets refuses a frame whose length is >= the limit; ours is inclusive.
+        ws.set_max_message_size(config.max_message_size + 1);
+        let max = config.max_message_size;
+        let idle_timeout = config.idle_timeout;
+        let conn = Arc::clone(&self.conn);
+        // Frames the library owes the peer: pongs go through the writer; close replies are the
+        // writer's job once the connection is marked closing.
+        let mut owed = |frame: Frame<'_>| {
+            if frame.opcode == OpCode::Pong {
+                conn.offer(Outbound::Control(
+                    OpCode::Pong,
+                    Bytes::copy_from_slice(&frame.payload),
+                ));
+            }
+            std::future::ready(Ok::<(), std::io::Error>(()))
+        };
+        // A message being reassembled from fragments: its opcode and bytes so far.
+        let mut partial: Option<(OpCode, BytesMut)> = None;
+
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = self.conn.closing().cancelled() => return,
+                read = tokio::time::timeout(idle_timeout, ws.read_frame(&mut owed)) => match read {
+                    Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
+                    Ok(Err(error)) => return self.conn.close(reason_for(&error)),
+                    Ok(Ok(frame)) => frame,
+                },
+            };
+            let (opcode, payload): (OpCode, Payload<'_>) = match frame.opcode {
+                OpCode::Close => return self.conn.close(DisconnectReason::ClientClosed),
+                OpCode::Ping | OpCode::Pong => continue,
+                OpCode::Text | OpCode::Binary if partial.is_some() => {
+                    return self.conn.close(DisconnectReason::ProtocolError)
+                }
+                OpCode::Text | OpCode::Binary if frame.fin => (frame.opcode, frame.payload),
+                OpCode::Text | OpCode::Binary => {
+                    partial = Some((frame.opcode, BytesMut::from(&frame.payload[..])));
+                    continue;
+                }
+                OpCode::Continuation => {
+                    let Some((_, buf)) = partial.as_mut() else {
+                        return self.conn.close(DisconnectReason::ProtocolError);
+                    };
+                    // fastwebsockets 0.10 caps single frames only: cap the reassembled message.
+                    if buf.len() + frame.payload.len() > max {
+                        return self.conn.close(DisconnectReason::MessageTooBig);
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if !frame.fin {
+                        continue;
+                    }
+                    let Some((opcode, buf)) = partial.take() else {
+                        continue;
+                    };
+                    if opcode == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                        return self.conn.close(DisconnectReason::InvalidUtf8);
+                    }
+                    (opcode, Payload::Bytes(buf))
+                }
+            };
+            if let Err(reason) = self.on_message(opcode, &payload) {
+                return self.conn.close(reason);
+            }
+        }
+    }
+
+    /// Handles one complete client message. Only a message over the size limit ends the
+    /// connection; everything else is answered with a reply or an error frame.
+    fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
+        metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
+        let format = self.conn.format;
+        let expected = match format {
+            Format::MsgPack => OpCode::Binary,
+            Format::Json => OpCode::Text,
+        };
+        if opcode != expected {
+            metrics::counter!(m::MESSAGES_RECEIVED, "type" => "invalid").increment(1);
+            let kind = if expected == OpCode::Binary {
+                "binary"
+            } else {
+                "text"
+            };
+            self.error(
+                None,
+                ErrorCode::BadFrame,
+                format!(
+                    "this connection speaks {}: send {kind} messages",
+                    format.subprotocol()
+                ),
+            );
+            return Ok(());
+        }
+        let frame = match decode::<ClientFrame>(format, bytes, self.shared.config.max_message_size)
+        {
+            Ok(frame) => frame,
+            Err(DecodeError::TooLarge { .. }) => return Err(DisconnectReason::MessageTooBig),
+            Err(error) => {
+                metrics::counter!(m::MESSAGES_RECEIVED, "type" => "invalid").increment(1);
+                let code = match error {
+                    DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
+                    DecodeError::Invalid { ref reason, .. } if reason.contains("channel") => {
+                        ErrorCode::InvalidChannel
+                    }
+                    _ => ErrorCode::BadFrame,
+                };
+                self.error(error.request_id(), code, error.to_string());
+                return Ok(());
+            }
+        };
+        metrics::counter!(m::MESSAGES_RECEIVED, "type" => frame.type_name()).increment(1);
+        let id = frame.id();
+        match self.dispatch(frame) {
+            Ok(Some(result)) => self.reply(ServerFrame::Ok { id, result }),
+            Ok(None) => {}
+            Err((code, message)) => self.error(Some(id), code, message),
+        }
+        Ok(())
+    }
+
+    /// Acts on a request. `Ok(None)` means the reply was already queued (subscribe).
+    fn dispatch(&mut self, frame: ClientFrame) -> Result<Option<Reply>, (ErrorCode, String)> {
+        match frame {
+            ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                epoch,
+            } => {
+                self.may_subscribe(&channel)?;
+                let joined = self.shared.rooms.subscribe(
+                    &self.conn,
+                    &channel,
+                    id,
+                    since,
+                    epoch,
+                    Value::Null,
+                );
+                tracing::debug!(%channel, ?since, recovered = ?joined.recovered, replayed = joined.replayed, "subscribed");
+                self.subscriptions.insert(channel, joined.room);
+                Ok(None)
+            }
+            ClientFrame::Unsubscribe { channel, .. } => {
+                let room = self
+                    .subscriptions
+                    .remove(&channel)
+                    .ok_or_else(|| not_subscribed(&channel))?;
+                self.shared.rooms.unsubscribe(&self.conn, &room);
+                Ok(Some(Reply::Unsubscribed { channel }))
+            }
+            ClientFrame::Publish { channel, data, .. } => {
+                let user = self.may_write(&channel)?;
+                let published = self
+                    .shared
+                    .rooms
+                    .publish(&channel, "message", Some(user), data);
+                Ok(Some(Reply::Published {
+                    channel,
+                    seq: published.seq,
+                }))
+            }
+            ClientFrame::Typing {
+                channel, typing, ..
+            } => {
+                let user = self.may_write(&channel)?;
+                let frame = ServerFrame::Typing {
+                    channel: channel.clone(),
+                    user,
+                    typing,
+                    ts: now_ms(),
+                };
+                self.shared
+                    .rooms
+                    .signal(&channel, frame, Some(self.conn.id));
+                Ok(Some(Reply::Done {}))
+            }
+            ClientFrame::Read { channel, seq, .. } => {
+                let user = self.may_write(&channel)?;
+                let last = self.subscriptions.get(&channel).map_or(0, |r| r.last_seq());
+                if seq == 0 || seq > last {
+                    return Err((
+                        ErrorCode::InvalidRequest,
+                        format!("read receipt seq {seq} is not between 1 and the room's latest seq {last}"),
+                    ));
+                }
+                let data = serde_json::json!({ "seq": seq });
+                let published = self
+                    .shared
+                    .rooms
+                    .publish(&channel, "read", Some(user), data);
+                Ok(Some(Reply::Published {
+                    channel,
+                    seq: published.seq,
+                }))
+            }
+            ClientFrame::Presence { channel, limit, .. } => {
+                if matches!(
+                    channel.kind(),
+                    ChannelKind::User | ChannelKind::Conversation
+                ) && !self.subscriptions.contains_key(&channel)
+                {
+                    return Err(not_subscribed(&channel));
+                }
+                let limit = limit
+                    .map_or(PRESENCE_DEFAULT_LIMIT, |l| l as usize)
+                    .min(PRESENCE_MAX_LIMIT);
+                let reply = match self.shared.rooms.get(&channel) {
+                    Some(room) => room.presence(limit),
+                    None => gavel_protocol::PresenceReply {
+                        channel,
+                        viewers: Default::default(),
+                        users: Vec::new(),
+                        anonymous: 0,
+                        truncated: false,
+                    },
+                };
+                Ok(Some(Reply::Presence(reply)))
+            }
+            ClientFrame::Ping { .. } => Ok(Some(Reply::Pong {
+                server_ts: now_ms(),
+            })),
+        }
+    }
+
+    fn may_subscribe(&self, channel: &Channel) -> Result<(), (ErrorCode, String)> {
+        if self.subscriptions.contains_key(channel) {
+            return Err((
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel}"),
+            ));
+        }
+        if self.subscriptions.len() >= self.shared.config.max_subscriptions {
+            return Err((
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.shared.config.max_subscriptions
+                ),
+            ));
+        }
+        if channel.kind() == ChannelKind::User
+            && self.conn.user.as_ref().map(|u| u.as_str()) != Some(channel.id())
+        {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("{channel} is another user's channel"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that this connection may publish, type or send receipts in `channel`; returns
+    /// the acting user.
+    fn may_write(&self, channel: &Channel) -> Result<UserId, (ErrorCode, String)> {
+        if channel.kind() != ChannelKind::Conversation {
+            return Err((
+                ErrorCode::ReadOnlyChannel,
+                format!(
+                    "clients cannot write to {channel}: only conversation channels accept messages"
+                ),
+            ));
+        }
+        if !self.subscriptions.contains_key(channel) {
+            return Err(not_subscribed(channel));
+        }
+        self.conn.user.clone().ok_or_else(|| {
+            (
+                ErrorCode::Forbidden,
+                "anonymous connections are read-only".to_owned(),
+            )
+        })
+    }
+
+    fn reply(&self, frame: ServerFrame) {
+        self.conn.offer_frame(SharedFrame::new(frame));
+    }
+
+    fn error(&self, id: Option<RequestId>, code: ErrorCode, message: String) {
+        metrics::counter!(m::ERRORS_SENT, "code" => code.as_str()).increment(1);
+        tracing::debug!(?id, code = code.as_str(), %message, "error reply");
+        self.reply(ServerFrame::Error(ErrorFrame { id, code, message }));
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for room in self.subscriptions.values() {
+            self.shared.rooms.unsubscribe(&self.conn, room);
+        }
+        if let Some(user) = &self.conn.user {
+            self.shared.users.disconnected(user);
+        }
+        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+}
+
+fn not_subscribed(channel: &Channel) -> (ErrorCode, String) {
+    (
+        ErrorCode::NotSubscribed,
+        format!("not subscribed to {channel}"),
+    )
+}
+
+fn reason_for(error: &WebSocketError) -> DisconnectReason {
+    match error {
+        WebSocketError::FrameTooLarge => DisconnectReason::MessageTooBig,
+        WebSocketError::InvalidUTF8 => DisconnectReason::InvalidUtf8,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::ConnectionClosed
+        | WebSocketError::IoError(_) => DisconnectReason::ConnectionLost,
+        _ => DisconnectReason::ProtocolError,
+    }
+}
+
+/// The writer: drains the outbound queue into the socket, coalescing everything already queued
+/// into one write; pings on schedule; on close, sends the close frame that says why.
+async fn write_loop(
+    shared: Arc<Shared>,
+    conn: Arc<ConnHandle>,
+    mut outbound_rx: mpsc::Receiver<Outbound>,
+    mut write: BoxWrite,
+) {
+    let config = &shared.config;
+    let start = tokio::time::Instant::now() + config.ping_interval;
+    let mut ping = tokio::time::interval_at(start, config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let format = conn.format;
+    loop {
+        let mut batch = Batch::default();
+        tokio::select! {
+            biased;
+            _ = conn.closing().cancelled() => break,
+            _ = shared.shutdown.cancelled() => {
+                // Drain what is already queued, then say goodbye with 1001.
+                while let Ok(item) = outbound_rx.try_recv() {
+                    batch.push(item, format);
+                }
+                if !batch.is_empty() {
+                    let _ = batch.write(&mut write, config.write_timeout).await;
+                }
+                conn.close(DisconnectReason::Shutdown);
+                break;
+            }
+            item = outbound_rx.recv() => {
+                let Some(item) = item else { break };
+                batch.push(item, format);
+                while batch.len() < MAX_WRITE_BATCH {
+                    match outbound_rx.try_recv() {
+                        Ok(item) => batch.push(item, format),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
+        }
+        if let Err(reason) = batch.write(&mut write, config.write_timeout).await {
+            conn.close(reason);
+            break;
+        }
+    }
+    let reason = conn
+        .close_reason()
+        .unwrap_or(DisconnectReason::ConnectionLost);
+    if reason.is_slow_consumer() {
+        tracing::warn!(reason = reason.as_str(), "slow consumer disconnected");
+    }
+    if let Some(code) = reason.close_code() {
+        let mut payload = code.code().to_be_bytes().to_vec();
+        payload.extend_from_slice(code.reason().as_bytes());
+        let mut batch = Batch::default();
+        batch.control(OpCode::Close, &payload);
+        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write.shutdown()).await;
+}
+
+/// Bytes for one socket write: WebSocket frames laid end to end.
+#[derive(Default)]
+struct Batch {
+    buf: Vec<u8>,
+    /// Creation time of the oldest data frame in the batch.
+    oldest: Option<Instant>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn push(&mut self, item: Outbound, format: Format) {
+        match item {
+            Outbound::Frame(frame) => self.frame(&frame, format),
+            Outbound::Batch(frames) => frames.iter().for_each(|f| self.frame(f, format)),
+            Outbound::Control(opcode, payload) => self.control(opcode, &payload),
+        }
+    }
+
+    fn frame(&mut self, frame: &SharedFrame, format: Format) {
+        let Some(bytes) = frame.bytes(format) else {
+            return;
+        };
+        self.oldest.get_or_insert(frame.created);
+        let opcode = match format {
+            Format::MsgPack => OpCode::Binary,
+            Format::Json => OpCode::Text,
+        };
+        self.append(opcode, bytes);
+    }
+
+    fn control(&mut self, opcode: OpCode, payload: &[u8]) {
+        self.append(opcode, payload);
+    }
+
+    /// Appends one unmasked server frame (RFC 6455 §5.2: header then payload).
+    fn append(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut head = [0u8; 16];
+        let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        self.buf.reserve(n + payload.len());
+        self.buf.extend_from_slice(&head[..n]);
+        self.buf.extend_from_slice(payload);
+    }
+
+    async fn write(
+        &mut self,
+        write: &mut BoxWrite,
+        timeout: Duration,
+    ) -> Result<(), DisconnectReason> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
+            Err(_) => Err(DisconnectReason::WriteStalled),
+            Ok(Err(_)) => Err(DisconnectReason::ConnectionLost),
+            Ok(Ok(())) => {
+                metrics::counter!(m::BYTES_SENT).increment(self.buf.len() as u64);
+                if let Some(oldest) = self.oldest {
+                    metrics::histogram!(m::DELIVERY_SECONDS).record(oldest.elapsed().as_secs_f64());
+                }
+                self.buf.clear();
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The WebSocket upgrade at `/ws`: checks the request, negotiates the subprotocol (format),
+//! answers 101 and spawns the connection's session. It never waits on the handshake's
+//! completion itself, so the HTTP accept path is never blocked.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gavel_protocol::{Format, UserId};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::http::{error_response, query_param};
+use crate::metrics as m;
+use crate::session::{self, BoxRead, BoxWrite};
+use crate::Shared;
+
+pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let refuse = |status: StatusCode, reason: &'static str, message: String| {
+        metrics::counter!(m::UPGRADES_REFUSED, "reason" => reason).increment(1);
+        error_response(status, reason, &message)
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "not_websocket",
+            "/ws expects a WebSocket upgrade request".into(),
+        );
+    }
+    if shared.shutdown.is_cancelled() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the broker is shutting down".into(),
+        );
+    }
+    let offered = req
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let format = if offered.trim().is_empty() {
+        Format::MsgPack
+    } else {
+        match Format::negotiate(&offered) {
+            Some(format) => format,
+            None => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported_subprotocol",
+                    format!(
+                        "none of the offered subprotocols is supported; use {} or {}",
+                        Format::MSGPACK_SUBPROTOCOL,
+                        Format::JSON_SUBPROTOCOL
+                    ),
+                )
+            }
+        }
+    };
+    let user = match query_param(req.uri(), "user") {
+        None => None,
+        Some(raw) => match UserId::parse(&raw) {
+            Ok(user) => Some(user),
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()),
+        },
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_handshake", e.to_string()),
+    };
+    let task_shared = Arc::clone(shared);
+    shared.tracker.spawn(async move {
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        let (read, write) = split(ws.into_inner());
+        session::serve(task_shared, read, write, format, user).await;
+    });
+
+    let (mut parts, _) = response.into_parts();
+    if !offered.trim().is_empty() {
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(format.subprotocol()),
+        );
+    }
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+/// Splits the upgraded connection into owned halves: for a plain TCP stream without a lock
+/// between them (keeping any bytes hyper read ahead), otherwise through `tokio::io::split`.
+fn split(io: TokioIo<hyper::upgrade::Upgraded>) -> (BoxRead, BoxWrite) {
+    let upgraded = io.into_inner();
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let stream = parts.io.into_inner();
+            let _ = stream.set_nodelay(true);
+            let (read, write) = stream.into_split();
+            let read_ahead = std::io::Cursor::new(parts.read_buf);
+            (Box::new(read_ahead.chain(read)), Box::new(write))
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            (Box::new(read), Box::new(write))
+        }
+    }
+}

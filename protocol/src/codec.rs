@@ -1,0 +1,234 @@
+//! The codec: one WebSocket message carries one frame, as a MessagePack map (`gavel.v1.msgpack`,
+//! binary messages) or as a JSON object (`gavel.v1.json`, text messages, for debugging).
+//! Size limits are checked before any decoding work.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{ClientFrame, RequestId};
+
+/// The encoding negotiated for a connection through `Sec-WebSocket-Protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// `gavel.v1.msgpack`: binary WebSocket messages, each one MessagePack map.
+    MsgPack,
+    /// `gavel.v1.json`: text WebSocket messages, each one JSON object with the same fields.
+    Json,
+}
+
+impl Format {
+    pub const MSGPACK_SUBPROTOCOL: &'static str = "gavel.v1.msgpack";
+    pub const JSON_SUBPROTOCOL: &'static str = "gavel.v1.json";
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Format::MsgPack => Format::MSGPACK_SUBPROTOCOL,
+            Format::Json => Format::JSON_SUBPROTOCOL,
+        }
+    }
+
+    pub fn from_subprotocol(name: &str) -> Option<Format> {
+        match name.trim() {
+            Format::MSGPACK_SUBPROTOCOL => Some(Format::MsgPack),
+            Format::JSON_SUBPROTOCOL => Some(Format::Json),
+            _ => None,
+        }
+    }
+
+    /// Picks the first supported protocol from a `Sec-WebSocket-Protocol` header value
+    /// (a comma-separated list in the client's order of preference).
+    pub fn negotiate(header: &str) -> Option<Format> {
+        header.split(',').find_map(Format::from_subprotocol)
+    }
+}
+
+/// Why bytes are not a valid client frame. Every variant maps to an `error` frame (the
+/// connection stays open) except `TooLarge`, which the broker answers with close code 1009.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("not a frame: {reason}")]
+    Malformed { reason: String },
+    #[error("unknown frame type {type_name:?}; known types: {known}", known = ClientFrame::TYPES.join(", "))]
+    UnknownType {
+        id: Option<RequestId>,
+        type_name: String,
+    },
+    #[error("invalid {type_name} frame: {reason}")]
+    Invalid {
+        id: Option<RequestId>,
+        type_name: String,
+        reason: String,
+    },
+}
+
+impl DecodeError {
+    /// The request id, when it could be read despite the error.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            DecodeError::UnknownType { id, .. } | DecodeError::Invalid { id, .. } => *id,
+            _ => None,
+        }
+    }
+}
+
+/// Why a frame could not be encoded. Our own frame types always encode; this exists for the
+/// generic [`encode`] on caller-supplied types.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("msgpack: {0}")]
+    MsgPack(#[from] rmp_serde::encode::Error),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Encodes a frame in the given format. MessagePack frames are maps keyed by field name
+/// (`rmp_serde::to_vec_named`), so any MessagePack library can read them without a schema.
+pub fn encode<T: Serialize>(format: Format, frame: &T) -> Result<Bytes, EncodeError> {
+    Ok(match format {
+        Format::MsgPack => rmp_serde::to_vec_named(frame)?.into(),
+        Format::Json => serde_json::to_vec(frame)?.into(),
+    })
+}
+
+/// Decodes a frame of type `T` (a [`ClientFrame`] on the broker, a `ServerFrame` on a client),
+/// refusing messages over `max_size` bytes before looking at them.
+pub fn decode<T: DeserializeOwned>(
+    format: Format,
+    bytes: &[u8],
+    max_size: usize,
+) -> Result<T, DecodeError> {
+    if bytes.len() > max_size {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max: max_size,
+        });
+    }
+    match parse::<T>(format, bytes) {
+        Ok(frame) => Ok(frame),
+        Err(reason) => Err(classify(format, bytes, reason)),
+    }
+}
+
+fn parse<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<T, String> {
+    match format {
+        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+        Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+    }
+}
+
+/// The fields every frame has, read on the error path to say which request failed and why.
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    id: Option<RequestId>,
+}
+
+fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
+    let Ok(probe) = parse::<Probe>(format, bytes) else {
+        return DecodeError::Malformed { reason };
+    };
+    match probe.type_name {
+        None => DecodeError::Malformed {
+            reason: "missing field `type`".into(),
+        },
+        Some(type_name) if !ClientFrame::TYPES.contains(&type_name.as_str()) => {
+            DecodeError::UnknownType {
+                id: probe.id,
+                type_name: type_name.chars().take(40).collect(),
+            }
+        }
+        Some(type_name) => DecodeError::Invalid {
+            id: probe.id,
+            type_name,
+            reason,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Channel, ServerFrame};
+
+    #[test]
+    fn negotiates_in_client_order() {
+        assert_eq!(
+            Format::negotiate("gavel.v1.json, gavel.v1.msgpack"),
+            Some(Format::Json)
+        );
+        assert_eq!(
+            Format::negotiate("chat, gavel.v1.msgpack"),
+            Some(Format::MsgPack)
+        );
+        assert_eq!(Format::negotiate("gavel.v2.msgpack"), None);
+    }
+
+    #[test]
+    fn unknown_type_keeps_the_request_id() {
+        let bytes = encode(
+            Format::MsgPack,
+            &serde_json::json!({"type": "bid", "id": 9}),
+        )
+        .unwrap();
+        let err = decode::<ClientFrame>(Format::MsgPack, &bytes, 1024).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::UnknownType {
+                id: Some(9),
+                type_name: "bid".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_channel_is_invalid_with_id() {
+        let err = decode::<ClientFrame>(
+            Format::Json,
+            br#"{"type":"subscribe","id":3,"channel":"room:1"}"#,
+            1024,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Invalid { id: Some(3), .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn size_is_checked_first() {
+        let err = decode::<ClientFrame>(Format::Json, &[b' '; 100], 99).unwrap_err();
+        assert_eq!(err, DecodeError::TooLarge { size: 100, max: 99 });
+    }
+
+    #[test]
+    fn msgpack_frames_are_maps_keyed_by_name() {
+        let frame = ClientFrame::Ping { id: 1 };
+        let bytes = encode(Format::MsgPack, &frame).unwrap();
+        // fixmap of 2 entries, "type" => "ping", "id" => 1
+        assert_eq!(
+            &bytes[..],
+            b"\x82\xa4type\xa4ping\xa2id\x01",
+            "{:02x?}",
+            &bytes[..]
+        );
+        let event = ServerFrame::Event(crate::EventFrame {
+            channel: Channel::parse("user:7").unwrap(),
+            seq: 1,
+            ts: 2,
+            event: "x".into(),
+            from: None,
+            data: serde_json::Value::Null,
+        });
+        let back: ServerFrame = decode(
+            Format::MsgPack,
+            &encode(Format::MsgPack, &event).unwrap(),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(back, event);
+    }
+}

@@ -1,0 +1,264 @@
+//! The frames themselves: [`ClientFrame`] (client → broker) and [`ServerFrame`] (broker →
+//! client). Both are maps tagged by a `type` field; field names are the wire names.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::channel::{Channel, UserId};
+use crate::codes::ErrorCode;
+
+/// A client-chosen request id, echoed in the one reply (`ok` or `error`) to that request.
+pub type RequestId = u64;
+
+/// Everything a client can send. Every variant is a request and gets exactly one reply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Join a channel's room. With `since`, first replay the room's events after that seq.
+    Subscribe {
+        id: RequestId,
+        channel: Channel,
+        /// The last seq this client saw in the room; events after it are replayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        /// The room epoch from the earlier `subscribed` reply; a different epoch means the room
+        /// was recreated and `since` no longer refers to the same history.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<u64>,
+    },
+    /// Leave a channel's room.
+    Unsubscribe { id: RequestId, channel: Channel },
+    /// Send a chat message into a conversation the connection is subscribed to. It becomes a
+    /// `message` event with the next seq.
+    Publish {
+        id: RequestId,
+        channel: Channel,
+        data: Value,
+    },
+    /// Typing indicator in a conversation: delivered to the other subscribers, never stored.
+    Typing {
+        id: RequestId,
+        channel: Channel,
+        typing: bool,
+    },
+    /// Read receipt: the user has read the conversation up to `seq`. Becomes a `read` event.
+    Read {
+        id: RequestId,
+        channel: Channel,
+        seq: u64,
+    },
+    /// Who is in a room.
+    Presence {
+        id: RequestId,
+        channel: Channel,
+        /// At most this many user ids in the reply (default 100, at most 1000).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Application-level round trip; the reply carries the server time.
+    Ping { id: RequestId },
+}
+
+impl ClientFrame {
+    pub fn id(&self) -> RequestId {
+        match self {
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Publish { id, .. }
+            | ClientFrame::Typing { id, .. }
+            | ClientFrame::Read { id, .. }
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::Ping { id } => *id,
+        }
+    }
+
+    /// The wire `type`, as used in metric labels and logs.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Subscribe { .. } => "subscribe",
+            ClientFrame::Unsubscribe { .. } => "unsubscribe",
+            ClientFrame::Publish { .. } => "publish",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Presence { .. } => "presence",
+            ClientFrame::Ping { .. } => "ping",
+        }
+    }
+
+    /// Every client `type`, for the decoder's error messages and the docs.
+    pub const TYPES: [&'static str; 7] = [
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "typing",
+        "read",
+        "presence",
+        "ping",
+    ];
+}
+
+/// Live viewer counts of a room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewerCounts {
+    /// Open subscriptions (one per connection).
+    pub connections: u32,
+    /// Distinct users among them; each anonymous connection counts as one.
+    pub users: u32,
+    /// Highest `connections` since the room was created.
+    pub peak_connections: u32,
+    /// Highest `users` since the room was created.
+    pub peak_users: u32,
+}
+
+/// What a client needs to carry on when its history no longer reaches back to its `since`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoomSnapshot {
+    /// The room's latest seq: the next live event has `seq + 1`.
+    pub seq: u64,
+    pub epoch: u64,
+    pub viewers: ViewerCounts,
+    /// The oldest seq still in the room's history (`null` when the history is empty).
+    pub oldest_seq: Option<u64>,
+    /// Channel-specific state (an auction's price and leader, once auctions exist), else `null`.
+    #[serde(default)]
+    pub state: Value,
+}
+
+/// The body of an `ok` reply; `kind` says which request it answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    /// To `subscribe`. Replayed events (if any) follow this reply, then live events.
+    Subscribed {
+        channel: Channel,
+        /// The room's latest seq when the subscription took effect.
+        seq: u64,
+        /// Identifies this incarnation of the room; send it back with `since`.
+        epoch: u64,
+        /// Only when `since` was given: `true` if every event after `since` is replayed,
+        /// `false` if the history no longer reaches back (then `snapshot` is set).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        /// How many events are replayed right after this reply.
+        replayed: u32,
+        viewers: ViewerCounts,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<RoomSnapshot>,
+    },
+    /// To `unsubscribe`.
+    Unsubscribed { channel: Channel },
+    /// To `publish` and `read`: the seq the new event got.
+    Published { channel: Channel, seq: u64 },
+    /// To `typing`.
+    Done {},
+    /// To `presence`.
+    Presence(PresenceReply),
+    /// To `ping`.
+    Pong { server_ts: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PresenceReply {
+    pub channel: Channel,
+    pub viewers: ViewerCounts,
+    /// Identified users in the room (each once), sorted, at most the requested limit.
+    pub users: Vec<UserId>,
+    /// Anonymous connections in the room.
+    pub anonymous: u32,
+    /// `true` when `users` was cut at the limit.
+    pub truncated: bool,
+}
+
+/// An error reply, or an error about a frame whose id could not be read (`id: null`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub id: Option<RequestId>,
+    pub code: ErrorCode,
+    /// For people, not programs: match on `code`.
+    pub message: String,
+}
+
+/// An event stored in a room's history, with its place in the room's order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventFrame {
+    pub channel: Channel,
+    /// Gap-free from 1 within one epoch of the room.
+    pub seq: u64,
+    /// Server time the event was sequenced, in milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The event name: `message`, `read`, or an application's (`booking_accepted`, ...).
+    pub event: String,
+    /// The user who caused it (`null` for events from the HTTP API or the broker).
+    #[serde(default)]
+    pub from: Option<UserId>,
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// Everything the broker sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The first frame on every connection.
+    Hello {
+        /// `gavel.v1`.
+        protocol: String,
+        connection_id: u64,
+        /// Who the broker thinks this connection is (`null`: anonymous).
+        user: Option<UserId>,
+        server_ts: u64,
+        /// The broker pings this often; a connection silent for `idle_timeout_ms` is closed.
+        ping_interval_ms: u64,
+        idle_timeout_ms: u64,
+        /// Larger messages are refused with close code 1009.
+        max_message_size: u64,
+    },
+    /// Success reply to request `id`.
+    Ok { id: RequestId, result: Reply },
+    /// Failure reply (or a complaint about an unreadable frame).
+    Error(ErrorFrame),
+    /// A sequenced room event.
+    Event(EventFrame),
+    /// Coalesced viewer counts of a room (at most a few per second per room). Not sequenced.
+    Viewers {
+        channel: Channel,
+        ts: u64,
+        #[serde(flatten)]
+        viewers: ViewerCounts,
+    },
+    /// A user started or stopped typing in a conversation. Not sequenced, not stored.
+    Typing {
+        channel: Channel,
+        user: UserId,
+        typing: bool,
+        ts: u64,
+    },
+    /// A user's first connection joined a conversation room. Not sequenced.
+    Joined {
+        channel: Channel,
+        user: UserId,
+        ts: u64,
+    },
+    /// A user's last connection left a conversation room. Not sequenced.
+    Left {
+        channel: Channel,
+        user: UserId,
+        ts: u64,
+    },
+}
+
+impl ServerFrame {
+    /// The wire `type`, as used in metric labels and logs.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Ok { .. } => "ok",
+            ServerFrame::Error(_) => "error",
+            ServerFrame::Event(_) => "event",
+            ServerFrame::Viewers { .. } => "viewers",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Joined { .. } => "joined",
+            ServerFrame::Left { .. } => "left",
+        }
+    }
+}

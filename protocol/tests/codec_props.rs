@@ -1,0 +1,297 @@
+//! Property tests for the codec: every frame type round-trips in both formats, and arbitrary or
+//! mutated bytes decode to a typed error, never a panic.
+
+use gavel_protocol::*;
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn id_string() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9._-]{1,64}"
+}
+
+fn channel() -> impl Strategy<Value = Channel> {
+    prop_oneof![
+        id_string().prop_map(|id| Channel::parse(&format!("auction:{id}")).unwrap()),
+        id_string().prop_map(|id| Channel::parse(&format!("user:{id}")).unwrap()),
+        id_string().prop_map(|id| Channel::parse(&format!("conversation:{id}")).unwrap()),
+        Just(Channel::broadcast()),
+    ]
+}
+
+fn user() -> impl Strategy<Value = UserId> {
+    id_string().prop_map(|id| UserId::parse(&id).unwrap())
+}
+
+/// JSON values as an application would publish them (finite floats only: JSON has no NaN).
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        (-1e12f64..1e12f64).prop_map(Value::from),
+        ".{0,20}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(".{0,8}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn viewers() -> impl Strategy<Value = ViewerCounts> {
+    (any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(c, u, pc, pu)| {
+        ViewerCounts {
+            connections: c,
+            users: u,
+            peak_connections: pc,
+            peak_users: pu,
+        }
+    })
+}
+
+fn client_frame() -> impl Strategy<Value = ClientFrame> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            channel(),
+            any::<Option<u64>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(|(id, channel, since, epoch)| ClientFrame::Subscribe {
+                id,
+                channel,
+                since,
+                epoch
+            }),
+        (any::<u64>(), channel())
+            .prop_map(|(id, channel)| ClientFrame::Unsubscribe { id, channel }),
+        (any::<u64>(), channel(), json_value())
+            .prop_map(|(id, channel, data)| ClientFrame::Publish { id, channel, data }),
+        (any::<u64>(), channel(), any::<bool>()).prop_map(|(id, channel, typing)| {
+            ClientFrame::Typing {
+                id,
+                channel,
+                typing,
+            }
+        }),
+        (any::<u64>(), channel(), any::<u64>()).prop_map(|(id, channel, seq)| ClientFrame::Read {
+            id,
+            channel,
+            seq
+        }),
+        (any::<u64>(), channel(), any::<Option<u32>>())
+            .prop_map(|(id, channel, limit)| ClientFrame::Presence { id, channel, limit }),
+        any::<u64>().prop_map(|id| ClientFrame::Ping { id }),
+    ]
+}
+
+fn snapshot() -> impl Strategy<Value = RoomSnapshot> {
+    (
+        any::<u64>(),
+        any::<u64>(),
+        viewers(),
+        any::<Option<u64>>(),
+        json_value(),
+    )
+        .prop_map(|(seq, epoch, viewers, oldest_seq, state)| RoomSnapshot {
+            seq,
+            epoch,
+            viewers,
+            oldest_seq,
+            state,
+        })
+}
+
+fn reply() -> impl Strategy<Value = Reply> {
+    prop_oneof![
+        (
+            channel(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<Option<bool>>(),
+            any::<u32>(),
+            viewers(),
+            prop::option::of(snapshot())
+        )
+            .prop_map(
+                |(channel, seq, epoch, recovered, replayed, viewers, snapshot)| {
+                    Reply::Subscribed {
+                        channel,
+                        seq,
+                        epoch,
+                        recovered,
+                        replayed,
+                        viewers,
+                        snapshot,
+                    }
+                }
+            ),
+        channel().prop_map(|channel| Reply::Unsubscribed { channel }),
+        (channel(), any::<u64>()).prop_map(|(channel, seq)| Reply::Published { channel, seq }),
+        Just(Reply::Done {}),
+        (
+            channel(),
+            viewers(),
+            prop::collection::vec(user(), 0..5),
+            any::<u32>(),
+            any::<bool>()
+        )
+            .prop_map(|(channel, viewers, users, anonymous, truncated)| {
+                Reply::Presence(PresenceReply {
+                    channel,
+                    viewers,
+                    users,
+                    anonymous,
+                    truncated,
+                })
+            }),
+        any::<u64>().prop_map(|server_ts| Reply::Pong { server_ts }),
+    ]
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop::sample::select(ErrorCode::ALL.to_vec())
+}
+
+fn server_frame() -> impl Strategy<Value = ServerFrame> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            prop::option::of(user()),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(connection_id, user, server_ts, ping, idle, max)| {
+                ServerFrame::Hello {
+                    protocol: PROTOCOL_VERSION.into(),
+                    connection_id,
+                    user,
+                    server_ts,
+                    ping_interval_ms: ping,
+                    idle_timeout_ms: idle,
+                    max_message_size: max,
+                }
+            }),
+        (any::<u64>(), reply()).prop_map(|(id, result)| ServerFrame::Ok { id, result }),
+        (any::<Option<u64>>(), error_code(), ".{0,40}").prop_map(|(id, code, message)| {
+            ServerFrame::Error(ErrorFrame { id, code, message })
+        }),
+        (
+            channel(),
+            any::<u64>(),
+            any::<u64>(),
+            "[a-z_]{1,20}",
+            prop::option::of(user()),
+            json_value()
+        )
+            .prop_map(|(channel, seq, ts, event, from, data)| {
+                ServerFrame::Event(EventFrame {
+                    channel,
+                    seq,
+                    ts,
+                    event,
+                    from,
+                    data,
+                })
+            }),
+        (channel(), any::<u64>(), viewers()).prop_map(|(channel, ts, viewers)| {
+            ServerFrame::Viewers {
+                channel,
+                ts,
+                viewers,
+            }
+        }),
+        (channel(), user(), any::<bool>(), any::<u64>()).prop_map(|(channel, user, typing, ts)| {
+            ServerFrame::Typing {
+                channel,
+                user,
+                typing,
+                ts,
+            }
+        }),
+        (channel(), user(), any::<u64>()).prop_map(|(channel, user, ts)| ServerFrame::Joined {
+            channel,
+            user,
+            ts
+        }),
+        (channel(), user(), any::<u64>()).prop_map(|(channel, user, ts)| ServerFrame::Left {
+            channel,
+            user,
+            ts
+        }),
+    ]
+}
+
+const MAX: usize = 1 << 20;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn client_frames_round_trip(frame in client_frame()) {
+        for format in [Format::MsgPack, Format::Json] {
+            let bytes = encode(format, &frame).unwrap();
+            let back: ClientFrame = decode(format, &bytes, MAX).unwrap();
+            prop_assert_eq!(&back, &frame);
+        }
+    }
+
+    #[test]
+    fn server_frames_round_trip(frame in server_frame()) {
+        for format in [Format::MsgPack, Format::Json] {
+            let bytes = encode(format, &frame).unwrap();
+            let back: ServerFrame = decode(format, &bytes, MAX).unwrap();
+            prop_assert_eq!(&back, &frame);
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_give_a_typed_error(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        for format in [Format::MsgPack, Format::Json] {
+            // Whatever comes back, it came back: no panic, and an error is one of ours.
+            if let Err(e) = decode::<ClientFrame>(format, &bytes, MAX) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_frames_give_a_typed_error(
+        frame in client_frame(),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        for format in [Format::MsgPack, Format::Json] {
+            let mut bytes = encode(format, &frame).unwrap().to_vec();
+            for (at, byte) in &flips {
+                let i = at.index(bytes.len());
+                bytes[i] = *byte;
+            }
+            let _ = decode::<ClientFrame>(format, &bytes, MAX);
+            let end = cut.index(bytes.len() + 1);
+            let _ = decode::<ClientFrame>(format, &bytes[..end], MAX);
+        }
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_decoding(frame in client_frame()) {
+        let bytes = encode(Format::MsgPack, &frame).unwrap();
+        let max = bytes.len() - 1;
+        let err = decode::<ClientFrame>(Format::MsgPack, &bytes, max);
+        prop_assert_eq!(err, Err(DecodeError::TooLarge { size: bytes.len(), max }));
+    }
+}
+
+#[test]
+fn deeply_nested_input_is_an_error_not_a_stack_overflow() {
+    // 100k nested single-element arrays: MessagePack 0x91 repeated, JSON '[' repeated.
+    let msgpack = vec![0x91u8; 100_000];
+    assert!(decode::<ClientFrame>(Format::MsgPack, &msgpack, MAX).is_err());
+    let json = vec![b'['; 100_000];
+    assert!(decode::<ClientFrame>(Format::Json, &json, MAX).is_err());
+}
