@@ -65,6 +65,7 @@ pub struct Client {
     format: Format,
     next_id: RequestId,
     max_size: usize,
+    answer_pings: bool,
 }
 
 struct SpawnExecutor;
@@ -120,13 +121,22 @@ impl Client {
             .body(Empty::<Bytes>::new())?;
         let (mut ws, _response) =
             fastwebsockets::handshake::client(&SpawnExecutor, request, stream).await?;
-        ws.set_auto_pong(true);
+        // Pongs and close replies are sent by `next`, which ignores a failed write: the
+        // library's own would turn a write error into a read error and hide a close frame.
+        ws.set_auto_pong(false);
+        ws.set_auto_close(false);
         Ok(Client {
             ws,
             format: options.format,
             next_id: 1,
             max_size: 64 << 20,
+            answer_pings: true,
         })
+    }
+
+    /// Whether reading answers the broker's pings (on by default).
+    pub fn set_auto_pong(&mut self, on: bool) {
+        self.answer_pings = on;
     }
 
     pub fn format(&self) -> Format {
@@ -174,7 +184,13 @@ impl Client {
     /// Reads the next data frame or the close; answers pings on the way.
     pub async fn next(&mut self) -> Result<Incoming, ClientError> {
         loop {
-            let frame = self.ws.read_frame().await?;
+            let frame = match self.ws.read_frame().await {
+                Ok(frame) => frame,
+                // After we sent a close, the library refuses data frames still in flight
+                // before the broker's close reply: skip them.
+                Err(WebSocketError::ConnectionClosed) => continue,
+                Err(e) => return Err(e.into()),
+            };
             match frame.opcode {
                 OpCode::Binary | OpCode::Text => {
                     return Ok(Incoming::Frame(decode(
@@ -183,18 +199,24 @@ impl Client {
                         self.max_size,
                     )?));
                 }
+                OpCode::Ping => {
+                    if self.answer_pings {
+                        let payload = frame.payload.to_vec();
+                        let pong = Frame::pong(Payload::Owned(payload));
+                        let _ = self.ws.write_frame(pong).await;
+                    }
+                }
                 OpCode::Close => {
-                    let payload = &frame.payload[..];
+                    let payload = frame.payload.to_vec();
                     let code = if payload.len() >= 2 {
                         u16::from_be_bytes([payload[0], payload[1]])
                     } else {
                         1005
                     };
-                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
-                    return Ok(Incoming::Closed {
-                        code,
-                        reason: reason.into_owned(),
-                    });
+                    let reason =
+                        String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+                    let _ = self.ws.write_frame(Frame::close(code.min(4999), b"")).await;
+                    return Ok(Incoming::Closed { code, reason });
                 }
                 _ => continue,
             }

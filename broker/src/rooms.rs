@@ -466,6 +466,7 @@ impl Room {
     }
 
     /// `joined` / `left` for a user's first / last connection in a conversation room.
+    /// The joining connection itself is skipped: its `subscribed` reply says it all.
     fn announce(&self, conn: &ConnHandle, joined: bool) {
         let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), &conn.user) else {
             return;
@@ -476,7 +477,7 @@ impl Room {
         } else {
             ServerFrame::Left { channel, user, ts }
         };
-        self.signal(frame, None);
+        self.signal(frame, Some(conn.id));
     }
 
     fn store_counts(&self, members: &Members) {

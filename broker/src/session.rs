@@ -16,6 +16,7 @@ use gavel_protocol::{
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::clock::now_ms;
@@ -207,9 +208,7 @@ impl Session {
                 metrics::counter!(m::MESSAGES_RECEIVED, "type" => "invalid").increment(1);
                 let code = match error {
                     DecodeError::UnknownType { .. } => ErrorCode::UnknownType,
-                    DecodeError::Invalid { ref reason, .. } if reason.contains("channel") => {
-                        ErrorCode::InvalidChannel
-                    }
+                    DecodeError::InvalidChannel { .. } => ErrorCode::InvalidChannel,
                     _ => ErrorCode::BadFrame,
                 };
                 self.error(error.request_id(), code, error.to_string());
@@ -434,6 +433,8 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(start, config.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let format = conn.format;
+    // For the writes that must go out even though the connection is closing.
+    let never = CancellationToken::new();
     loop {
         let mut batch = Batch::default();
         tokio::select! {
@@ -445,7 +446,7 @@ async fn write_loop(
                     batch.push(item, format);
                 }
                 if !batch.is_empty() {
-                    let _ = batch.write(&mut write, config.write_timeout).await;
+                    let _ = batch.write(&mut write, config.write_timeout, &never).await;
                 }
                 conn.close(DisconnectReason::Shutdown);
                 break;
@@ -462,7 +463,10 @@ async fn write_loop(
             }
             _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
         }
-        if let Err(reason) = batch.write(&mut write, config.write_timeout).await {
+        if let Err(reason) = batch
+            .write(&mut write, config.write_timeout, conn.closing())
+            .await
+        {
             conn.close(reason);
             break;
         }
@@ -478,7 +482,7 @@ async fn write_loop(
         payload.extend_from_slice(code.reason().as_bytes());
         let mut batch = Batch::default();
         batch.control(OpCode::Close, &payload);
-        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
+        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT, &never).await;
     }
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write.shutdown()).await;
 }
@@ -537,11 +541,17 @@ impl Batch {
         &mut self,
         write: &mut BoxWrite,
         timeout: Duration,
+        closing: &CancellationToken,
     ) -> Result<(), DisconnectReason> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
+        let written = tokio::select! {
+            written = tokio::time::timeout(timeout, write.write_all(&self.buf)) => written,
+            // Closed meanwhile (a full queue, say): a stalled write is not worth waiting for.
+            _ = closing.cancelled() => return Err(DisconnectReason::ConnectionLost),
+        };
+        match written {
             Err(_) => Err(DisconnectReason::WriteStalled),
             Ok(Err(_)) => Err(DisconnectReason::ConnectionLost),
             Ok(Ok(())) => {

@@ -37,9 +37,7 @@ impl ChannelKind {
 /// Why a string is not a channel name or a user id.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
-    #[error(
-        "unknown channel kind in {0:?}: expected auction:ID, user:ID, conversation:ID or broadcast"
-    )]
+    #[error("invalid channel {0:?}: expected auction:ID, user:ID, conversation:ID or broadcast")]
     UnknownKind(String),
     #[error("invalid id {0:?}: 1 to 64 characters from A-Z a-z 0-9 - _ .")]
     InvalidId(String),

@@ -57,6 +57,12 @@ pub enum DecodeError {
         type_name: String,
     },
     #[error("invalid {type_name} frame: {reason}")]
+    InvalidChannel {
+        id: Option<RequestId>,
+        type_name: String,
+        reason: String,
+    },
+    #[error("invalid {type_name} frame: {reason}")]
     Invalid {
         id: Option<RequestId>,
         type_name: String,
@@ -68,7 +74,9 @@ impl DecodeError {
     /// The request id, when it could be read despite the error.
     pub fn request_id(&self) -> Option<RequestId> {
         match self {
-            DecodeError::UnknownType { id, .. } | DecodeError::Invalid { id, .. } => *id,
+            DecodeError::UnknownType { id, .. }
+            | DecodeError::InvalidChannel { id, .. }
+            | DecodeError::Invalid { id, .. } => *id,
             _ => None,
         }
     }
@@ -141,6 +149,14 @@ fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
                 type_name: type_name.chars().take(40).collect(),
             }
         }
+        // The channel newtype's errors say "invalid channel" or "invalid id".
+        Some(type_name) if reason.contains("invalid channel") || reason.contains("invalid id") => {
+            DecodeError::InvalidChannel {
+                id: probe.id,
+                type_name,
+                reason,
+            }
+        }
         Some(type_name) => DecodeError::Invalid {
             id: probe.id,
             type_name,
@@ -193,7 +209,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(err, DecodeError::Invalid { id: Some(3), .. }),
+            matches!(err, DecodeError::InvalidChannel { id: Some(3), .. }),
+            "{err:?}"
+        );
+        let err =
+            decode::<ClientFrame>(Format::Json, br#"{"type":"read","id":4}"#, 1024).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Invalid { id: Some(4), .. }),
             "{err:?}"
         );
     }

@@ -1,0 +1,246 @@
+//! Shared helpers: start a broker on 127.0.0.1:0, connect clients, send requests, read frames,
+//! call the HTTP API. Timeouts here only guard against hangs; they are never the assertion.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gavel_broker::client::{Client, ConnectOptions, Incoming};
+use gavel_broker::protocol::{
+    Channel, ClientFrame, ErrorFrame, EventFrame, Format, Reply, RequestId, ServerFrame,
+};
+use gavel_broker::{Broker, Config};
+use http_body_util::{BodyExt, Full};
+use hyper::header::HOST;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+
+pub const API_KEY: &str = "test-api-key-0123456789";
+/// Guard against a hang; generous because the machine is shared and slow in debug builds.
+pub const HANG: Duration = Duration::from_secs(30);
+
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub broker: Broker,
+}
+
+impl TestBroker {
+    /// A broker with the default config, the test API key, and `tweak` applied.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut config = Config::defaults();
+        config.api_key = Some(API_KEY.into());
+        tweak(&mut config);
+        let broker = Broker::new(config).expect("valid test config");
+        let serving = broker.clone();
+        tokio::spawn(async move { serving.serve(listener).await });
+        TestBroker { addr, broker }
+    }
+
+    pub async fn connect(&self, user: Option<&str>) -> TestClient {
+        TestClient::connect(self.addr, user, Format::MsgPack).await
+    }
+
+    pub async fn connect_json(&self, user: Option<&str>) -> TestClient {
+        TestClient::connect(self.addr, user, Format::Json).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        http(self.addr, "GET", path, &[], None).await
+    }
+
+    pub async fn publish(&self, body: Value) -> (StatusCode, Value) {
+        let auth = format!("Bearer {API_KEY}");
+        http(
+            self.addr,
+            "POST",
+            "/api/publish",
+            &[("authorization", &auth)],
+            Some(body.to_string()),
+        )
+        .await
+    }
+}
+
+/// A client with request/response helpers.
+pub struct TestClient {
+    pub client: Client,
+    pub connection_id: u64,
+    /// Frames read while waiting for a reply, handed out by `recv` before anything new.
+    pending: VecDeque<ServerFrame>,
+}
+
+impl TestClient {
+    pub async fn connect(addr: SocketAddr, user: Option<&str>, format: Format) -> TestClient {
+        let options = ConnectOptions {
+            format,
+            user: user.map(str::to_owned),
+            query: None,
+        };
+        let client = tokio::time::timeout(HANG, Client::connect(addr, options))
+            .await
+            .expect("connect hung")
+            .expect("connect");
+        TestClient::after_connect(client).await
+    }
+
+    /// Reads the `hello` frame of a freshly connected client.
+    pub async fn after_connect(mut client: Client) -> TestClient {
+        match recv_raw(&mut client).await {
+            Incoming::Frame(ServerFrame::Hello { connection_id, .. }) => TestClient {
+                client,
+                connection_id,
+                pending: VecDeque::new(),
+            },
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: ClientFrame) {
+        self.client.send(&frame).await.expect("send");
+    }
+
+    /// Sends a request built from a fresh id and returns the reply (`Ok`) or error frame,
+    /// keeping unrelated frames (events, signals) that arrive first for `recv`.
+    pub async fn request(
+        &mut self,
+        make: impl FnOnce(RequestId) -> ClientFrame,
+    ) -> Result<Reply, ErrorFrame> {
+        let id = self.client.next_id();
+        self.send(make(id)).await;
+        loop {
+            let frame = match recv_raw(&mut self.client).await {
+                Incoming::Frame(frame) => frame,
+                Incoming::Closed { code, reason } => panic!("connection closed: {code} {reason}"),
+            };
+            match frame {
+                ServerFrame::Ok { id: got, result } if got == id => return Ok(result),
+                ServerFrame::Error(e) if e.id == Some(id) => return Err(e),
+                other => self.pending.push_back(other),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Reply {
+        self.subscribe_since(channel, None, None).await
+    }
+
+    pub async fn subscribe_since(
+        &mut self,
+        channel: &str,
+        since: Option<u64>,
+        epoch: Option<u64>,
+    ) -> Reply {
+        let channel = Channel::parse(channel).unwrap();
+        self.request(|id| ClientFrame::Subscribe {
+            id,
+            channel,
+            since,
+            epoch,
+        })
+        .await
+        .expect("subscribe accepted")
+    }
+
+    /// The next frame of any kind.
+    pub async fn recv(&mut self) -> ServerFrame {
+        if let Some(frame) = self.pending.pop_front() {
+            return frame;
+        }
+        match recv_raw(&mut self.client).await {
+            Incoming::Frame(frame) => frame,
+            Incoming::Closed { code, reason } => panic!("connection closed: {code} {reason}"),
+        }
+    }
+
+    /// The next sequenced event, skipping viewer counts and other signals.
+    pub async fn next_event(&mut self) -> EventFrame {
+        loop {
+            if let ServerFrame::Event(event) = self.recv().await {
+                return event;
+            }
+        }
+    }
+
+    /// Reads until the broker closes the connection; returns the close code (None: the socket
+    /// ended without a close frame).
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(HANG, self.client.next())
+                .await
+                .expect("no close")
+            {
+                Ok(Incoming::Closed { code, .. }) => return Some(code),
+                Ok(Incoming::Frame(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+pub async fn recv_raw(client: &mut Client) -> Incoming {
+    tokio::time::timeout(HANG, client.next())
+        .await
+        .expect("no frame arrived")
+        .expect("read failed")
+}
+
+/// Polls `check` until it returns true; panics after the hang guard.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1 request; the body is parsed as JSON when it is JSON, else returned as a string.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, Value) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, addr.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .unwrap();
+    let response = tokio::time::timeout(HANG, sender.send_request(request))
+        .await
+        .expect("http hung")
+        .expect("http request");
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+pub fn channel(name: &str) -> Channel {
+    Channel::parse(name).unwrap()
+}

@@ -1,0 +1,137 @@
+//! The HTTP API: health, stats, rooms, users, and the key-protected publish endpoint.
+
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_needs_the_key_and_reaches_every_connection_of_the_user() {
+    let b = TestBroker::start(|_| {}).await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut tab = b.connect(Some("u42")).await;
+        tab.subscribe("user:u42").await;
+        tabs.push(tab);
+    }
+    let body = json!({"channel": "user:u42", "event": "booking_accepted", "data": {"booking": 7}});
+
+    let (status, error) = http(b.addr, "POST", "/api/publish", &[], Some(body.to_string())).await;
+    assert_eq!(status, 401);
+    assert_eq!(error["error"]["code"], "unauthorized");
+    let (status, _) = http(
+        b.addr,
+        "POST",
+        "/api/publish",
+        &[("authorization", "Bearer wrong-key-wrong-key")],
+        Some(body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    let (status, reply) = b.publish(body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["published"][0]["seq"], 1);
+    assert_eq!(reply["published"][0]["delivered"], 3);
+    for tab in &mut tabs {
+        let event = tab.next_event().await;
+        assert_eq!((event.event.as_str(), event.seq), ("booking_accepted", 1));
+        assert_eq!(event.data, json!({"booking": 7}));
+        assert!(event.from.is_none());
+    }
+
+    // To a list of users, with X-Api-Key this time.
+    let (status, reply) = http(
+        b.addr,
+        "POST",
+        "/api/publish",
+        &[("x-api-key", API_KEY)],
+        Some(
+            json!({"users": ["u42", "nobody"], "event": "payment_released", "data": 1}).to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["published"].as_array().unwrap().len(), 2);
+    for tab in &mut tabs {
+        assert_eq!(tab.next_event().await.event, "payment_released");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_bad_requests_with_reasons() {
+    let b = TestBroker::start(|c| c.max_message_size = 1024).await;
+    for (body, code) in [
+        (
+            json!({"channel": "room:1", "event": "x"}),
+            "invalid_channel",
+        ),
+        (
+            json!({"channel": "user:1", "event": "Bad Name"}),
+            "invalid_event",
+        ),
+        (json!({"event": "x"}), "invalid_target"),
+        (
+            json!({"channel": "user:1", "users": ["1"], "event": "x"}),
+            "invalid_target",
+        ),
+        (json!({"users": ["a b"], "event": "x"}), "invalid_user"),
+        (
+            json!({"channel": "user:1", "event": "x", "data": "y".repeat(2000)}),
+            "too_large",
+        ),
+    ] {
+        let (status, reply) = b.publish(body.clone()).await;
+        assert!(status.is_client_error(), "{body} gave {status}");
+        assert_eq!(reply["error"]["code"], code, "{body}");
+    }
+    let (status, reply) = http(
+        b.addr,
+        "POST",
+        "/api/publish",
+        &[("authorization", &format!("Bearer {API_KEY}"))],
+        Some("{not json".into()),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), reply["error"]["code"].as_str()),
+        (400, Some("invalid_json"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_stats_rooms_and_users() {
+    let b = TestBroker::start(|_| {}).await;
+    assert_eq!(b.get("/healthz").await.0, 200);
+    assert_eq!(b.get("/readyz").await.1, json!({"ready": true}));
+    let mut c = b.connect(Some("eve")).await;
+    c.subscribe("auction:s").await;
+    let mut d = b.connect(None).await;
+    d.subscribe("auction:s").await;
+
+    let (_, stats) = b.get("/api/stats").await;
+    assert_eq!(stats["connections"], 2);
+    assert_eq!(stats["users_online"], 1);
+    assert_eq!(stats["top_rooms"][0]["channel"], "auction:s");
+    assert_eq!(stats["top_rooms"][0]["connections"], 2);
+
+    let (status, room) = b.get("/api/rooms/auction:s").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (room["connections"].as_u64(), room["users"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(room["presence"]["users"], json!(["eve"]));
+    assert_eq!(room["presence"]["anonymous"], 1);
+    assert_eq!(b.get("/api/rooms/auction:none").await.0, 404);
+    assert_eq!(b.get("/api/rooms/nonsense").await.0, 400);
+
+    assert_eq!(
+        b.get("/api/users/eve").await.1,
+        json!({"user": "eve", "online": true, "connections": 1})
+    );
+    assert_eq!(b.get("/api/users/zed").await.1["online"], false);
+    assert_eq!(b.get("/nope").await.0, 404);
+    let (status, metrics) = b.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.as_str().unwrap().contains("gavel_connections"));
+}

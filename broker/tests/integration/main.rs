@@ -1,0 +1,13 @@
+//! Integration tests: a real broker on an ephemeral loopback port, real WebSocket clients and
+//! real HTTP requests. One test binary (faster to build and link than one per file).
+
+mod common;
+
+mod conversation;
+mod errors;
+mod fan_out;
+mod http_api;
+mod presence;
+mod recovery;
+mod shutdown;
+mod slow_consumer;

@@ -1,0 +1,144 @@
+//! `since` recovery: replay exactly the missed events, or say `recovered: false` with a snapshot.
+
+use gavel_broker::protocol::Reply;
+use serde_json::json;
+
+use crate::common::*;
+
+fn subscribed(
+    reply: Reply,
+) -> (
+    u64,
+    u64,
+    Option<bool>,
+    u32,
+    Option<gavel_broker::protocol::RoomSnapshot>,
+) {
+    match reply {
+        Reply::Subscribed {
+            seq,
+            epoch,
+            recovered,
+            replayed,
+            snapshot,
+            ..
+        } => (seq, epoch, recovered, replayed, snapshot),
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_replays_exactly_the_missed_events_then_goes_live() {
+    let b = TestBroker::start(|_| {}).await;
+    let room = channel("conversation:r1");
+    let mut first = b.connect(Some("ann")).await;
+    let (seq, epoch, recovered, _, _) = subscribed(first.subscribe("conversation:r1").await);
+    assert_eq!((seq, recovered), (0, None));
+    for i in 1..=3 {
+        b.broker.publish(&room, "note", json!({ "n": i }));
+    }
+    let mut last_seen = 0;
+    for _ in 0..3 {
+        last_seen = first.next_event().await.seq;
+    }
+    assert_eq!(last_seen, 3);
+    drop(first); // the connection drops
+
+    for i in 4..=10 {
+        b.broker.publish(&room, "note", json!({ "n": i }));
+    }
+    let mut again = b.connect(Some("ann")).await;
+    let (seq, _, recovered, replayed, snapshot) = subscribed(
+        again
+            .subscribe_since("conversation:r1", Some(last_seen), Some(epoch))
+            .await,
+    );
+    assert_eq!((seq, recovered, replayed), (10, Some(true), 7));
+    assert!(snapshot.is_none());
+    for expected in 4..=10u64 {
+        let event = again.next_event().await;
+        assert_eq!(event.seq, expected);
+        assert_eq!(event.data["n"], json!(expected));
+    }
+    // Then the live stream continues with no gap and no duplicate.
+    b.broker.publish(&room, "note", json!({ "n": 11 }));
+    assert_eq!(again.next_event().await.seq, 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_beyond_the_history_gives_recovered_false_and_the_snapshot() {
+    let b = TestBroker::start(|c| c.history_size = 5).await;
+    let room = channel("auction:h");
+    let mut watcher = b.connect(None).await;
+    let (_, epoch, _, _, _) = subscribed(watcher.subscribe("auction:h").await);
+    for i in 1..=20 {
+        b.broker
+            .publish(&room, "bid_placed", json!({ "amount": i }));
+    }
+    let mut late = b.connect(None).await;
+    let (seq, _, recovered, replayed, snapshot) = subscribed(
+        late.subscribe_since("auction:h", Some(2), Some(epoch))
+            .await,
+    );
+    assert_eq!((seq, recovered, replayed), (20, Some(false), 0));
+    let snapshot = snapshot.expect("a snapshot comes with recovered: false");
+    assert_eq!(
+        (snapshot.seq, snapshot.oldest_seq, snapshot.epoch),
+        (20, Some(16), epoch)
+    );
+    assert_eq!(snapshot.viewers.connections, 2);
+    // Nothing is replayed: the next event is the next live one.
+    b.broker
+        .publish(&room, "bid_placed", json!({ "amount": 21 }));
+    assert_eq!(late.next_event().await.seq, 21);
+
+    // Within the history it still recovers.
+    let mut recent = b.connect(None).await;
+    let (_, _, recovered, replayed, _) = subscribed(
+        recent
+            .subscribe_since("auction:h", Some(17), Some(epoch))
+            .await,
+    );
+    assert_eq!((recovered, replayed), (Some(true), 4));
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(recent.next_event().await.seq);
+    }
+    assert_eq!(got, [18, 19, 20, 21]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_epoch_or_a_future_seq_is_not_recovered() {
+    let b = TestBroker::start(|_| {}).await;
+    let room = channel("auction:e");
+    let mut c = b.connect(None).await;
+    let (_, epoch, _, _, _) = subscribed(c.subscribe("auction:e").await);
+    b.broker.publish(&room, "x", json!(1));
+    let mut other = b.connect(None).await;
+    let (_, _, recovered, _, snapshot) = subscribed(
+        other
+            .subscribe_since("auction:e", Some(0), Some(epoch + 1))
+            .await,
+    );
+    assert_eq!(
+        recovered,
+        Some(false),
+        "a different epoch is a different history"
+    );
+    assert_eq!(snapshot.unwrap().seq, 1);
+    let mut future = b.connect(None).await;
+    let (_, _, recovered, _, _) =
+        subscribed(future.subscribe_since("auction:e", Some(99), None).await);
+    assert_eq!(
+        recovered,
+        Some(false),
+        "a since beyond the room's seq cannot be trusted"
+    );
+    let mut fresh = b.connect(None).await;
+    let (_, _, recovered, replayed, _) = subscribed(
+        fresh
+            .subscribe_since("auction:e", Some(0), Some(epoch))
+            .await,
+    );
+    assert_eq!((recovered, replayed), (Some(true), 1));
+}

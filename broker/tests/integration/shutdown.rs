@@ -1,0 +1,83 @@
+//! Graceful shutdown: every client gets close code 1001 after its queued frames.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use gavel_broker::protocol::Format;
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_shutdown_drains_then_closes_with_1001() {
+    let b = TestBroker::start(|_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = b.connect(None).await;
+        c.subscribe("auction:bye").await;
+        clients.push(c);
+    }
+    for i in 0..50 {
+        b.broker
+            .publish(&channel("auction:bye"), "last_words", json!(i));
+    }
+    b.broker.shutdown().await;
+    for mut c in clients {
+        for expected in 1..=50 {
+            assert_eq!(
+                c.next_event().await.seq,
+                expected,
+                "queued events are drained first"
+            );
+        }
+        assert_eq!(c.closed().await, Some(1001));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1001_and_exits_zero() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start gavel-broker");
+    // The broker logs the address it bound.
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if let Some(addr) = entry["fields"]["addr"].as_str() {
+                let addr = addr.parse().unwrap();
+                // Keep draining the pipe so the broker never blocks on logging.
+                std::thread::spawn(move || lines.for_each(drop));
+                return addr;
+            }
+        }
+        panic!("the broker never logged its address");
+    })
+    .await
+    .unwrap();
+
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = TestClient::connect(addr, None, Format::MsgPack).await;
+        c.subscribe("broadcast").await;
+        clients.push(c);
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for mut c in clients {
+        assert_eq!(c.closed().await, Some(1001));
+    }
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
