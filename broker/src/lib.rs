@@ -3,7 +3,8 @@
 //! - [`config`]: the typed configuration (clap flags and `GAVEL_*` variables).
 //! - `http`: routing and the JSON API; `ws`: the `/ws` upgrade.
 //! - `session`: one connection's reader and writer tasks.
-//! - [`rooms`]: the room registry: subscribers, seq, history, fan-out, viewer counts.
+//! - [`rooms`]: the room registry: seq, history, fan-out, viewer counts; `subscribers`: a
+//!   room's copy-on-write subscriber set.
 //! - `users`: who is online. [`outbound`]: a connection's queue and shared encoded frames.
 //! - [`client`]: a small async client (tests, examples, load generation).
 //!
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod rooms;
 mod session;
+mod subscribers;
 mod users;
 mod ws;
 

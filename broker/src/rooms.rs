@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
+use crate::subscribers::{Snapshot, SubscriberSet};
 
 /// Limits of every room's history.
 #[derive(Clone, Copy, Debug)]
@@ -51,13 +52,13 @@ pub struct Rooms {
 pub struct Room {
     channel: Channel,
     epoch: u64,
-    /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write)
-    /// by joins and leaves, so a publish never waits for a join or a leave to copy the set.
-    subscribers: ArcSwap<Vec<Arc<ConnHandle>>>,
+    /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write,
+    /// in chunks) by joins and leaves, so a publish never waits for a join or a leave to copy.
+    subscribers: ArcSwap<Snapshot>,
     /// Sequence and history. A publish holds it while it assigns the seq, appends to the history
     /// and offers the frame to each subscriber (a non-blocking queue push, no IO, no await), so
     /// every subscriber receives the room's events in seq order. Joins and leaves take it only
-    /// to swap in their new snapshot and read the history tail, never to copy the set.
+    /// to swap in their new snapshot and read the history tail, never to build the snapshot.
     log: Mutex<RoomLog>,
     /// Membership, for joins and leaves only (publishers never take it). Lock order: `members`
     /// before `log`.
@@ -88,8 +89,7 @@ struct Stored {
 
 #[derive(Default)]
 struct Members {
-    list: Vec<Arc<ConnHandle>>,
-    index: HashMap<ConnId, usize>,
+    set: SubscriberSet,
     /// Connections per viewer (a user's tabs count once).
     viewers: HashMap<ViewerKey, u32>,
 }
@@ -181,8 +181,8 @@ impl Rooms {
             }
             let first_of_viewer = members.add(conn);
             room.store_counts(&members);
-            // The O(n) copy happens here, under `members` only: publishers do not wait for it.
-            let snapshot = Arc::new(members.list.clone());
+            // The new snapshot is built here, under `members` only: publishers do not wait.
+            let snapshot = Arc::new(members.set.snapshot());
 
             let mut log = lock(&room.log);
             room.subscribers.store(snapshot);
@@ -246,7 +246,7 @@ impl Rooms {
             return false;
         };
         room.store_counts(&members);
-        let snapshot = Arc::new(members.list.clone());
+        let snapshot = Arc::new(members.set.snapshot());
         {
             // Swapped under `log` so that an event is either queued before the caller's
             // `unsubscribed` reply or not at all.
@@ -313,7 +313,12 @@ impl Rooms {
         }
     }
 
+    /// Queues a viewer-count update. A `user:{id}` room gets none: its only viewers are that
+    /// user's own tabs.
     fn mark_dirty(&self, room: &Arc<Room>) {
+        if room.channel.kind() == ChannelKind::User {
+            return;
+        }
         if !room.presence_dirty.swap(true, Ordering::AcqRel) {
             lock(&self.dirty).push(Arc::clone(room));
         }
@@ -364,7 +369,7 @@ impl Room {
         Room {
             channel,
             epoch,
-            subscribers: ArcSwap::from_pointee(Vec::new()),
+            subscribers: ArcSwap::from_pointee(Snapshot::default()),
             log: Mutex::new(RoomLog {
                 last_seq: 0,
                 history: VecDeque::new(),
@@ -481,7 +486,7 @@ impl Room {
     }
 
     fn store_counts(&self, members: &Members) {
-        let connections = members.list.len() as u32;
+        let connections = members.set.len() as u32;
         let users = members.viewers.len() as u32;
         self.connections.store(connections, Ordering::Relaxed);
         self.users.store(users, Ordering::Relaxed);
@@ -492,7 +497,7 @@ impl Room {
 
     fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
         let members = lock(&self.members);
-        if !members.list.is_empty() {
+        if !members.set.is_empty() {
             return false;
         }
         let mut log = lock(&self.log);
@@ -508,11 +513,9 @@ impl Room {
 impl Members {
     /// Adds a connection; returns whether it is its viewer's first in the room.
     fn add(&mut self, conn: &Arc<ConnHandle>) -> bool {
-        if self.index.contains_key(&conn.id) {
+        if !self.set.insert(conn) {
             return false;
         }
-        self.index.insert(conn.id, self.list.len());
-        self.list.push(Arc::clone(conn));
         let count = self.viewers.entry(conn.viewer_key()).or_insert(0);
         *count += 1;
         *count == 1
@@ -520,10 +523,8 @@ impl Members {
 
     /// Removes a connection; `None` if absent, else whether it was its viewer's last.
     fn remove(&mut self, conn: &ConnHandle) -> Option<bool> {
-        let pos = self.index.remove(&conn.id)?;
-        self.list.swap_remove(pos);
-        if let Some(moved) = self.list.get(pos) {
-            self.index.insert(moved.id, pos);
+        if !self.set.remove(conn.id) {
+            return None;
         }
         let key = conn.viewer_key();
         let last = match self.viewers.get_mut(&key) {

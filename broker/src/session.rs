@@ -451,6 +451,9 @@ async fn write_loop(
                 conn.close(DisconnectReason::Shutdown);
                 break;
             }
+            // Before the queue: a busy connection must still be pinged, or a client that only
+            // listens would look idle.
+            _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
             item = outbound_rx.recv() => {
                 let Some(item) = item else { break };
                 batch.push(item, format);
@@ -461,7 +464,6 @@ async fn write_loop(
                     }
                 }
             }
-            _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
         }
         if let Err(reason) = batch
             .write(&mut write, config.write_timeout, conn.closing())
