@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the typed configuration (clap flags and `GAVEL_*` variables).
 //! - `http`: routing and the JSON API; `ws`: the `/ws` upgrade.
-//! - `session`: one connection's reader and writer tasks.
+//! - `session`: one connection's reader and writer tasks; `wsframe`: RFC 6455 framing.
 //! - [`rooms`]: the room registry: seq, history, fan-out, viewer counts; `subscribers`: a
 //!   room's copy-on-write subscriber set.
 //! - `users`: who is online. [`outbound`]: a connection's queue and shared encoded frames.
@@ -22,6 +22,7 @@ mod session;
 mod subscribers;
 mod users;
 mod ws;
+mod wsframe;
 
 use std::convert::Infallible;
 use std::future::Future;

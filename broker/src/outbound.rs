@@ -10,6 +10,8 @@ use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::wsframe::OpCode;
+
 /// Process-unique connection number (also in logs and the `hello` frame).
 pub type ConnId = u64;
 
@@ -60,9 +62,10 @@ pub enum Outbound {
     Frame(Arc<SharedFrame>),
     /// Several frames that must stay together and in order (a subscribe reply and its replay);
     /// one queue slot, so a long replay cannot overflow the queue by itself.
-    Batch(Vec<Arc<SharedFrame>>),
-    /// A control frame the reader owes the peer (pong, close echo).
-    Control(fastwebsockets::OpCode, Bytes),
+    Batch(Box<[Arc<SharedFrame>]>),
+    /// A control frame the reader owes the peer (a pong). Boxed: rare, and it keeps every
+    /// queue slot small.
+    Control(Box<(OpCode, Bytes)>),
 }
 
 /// Why a connection ended; labels logs and the `gavel_disconnects_total` metric.

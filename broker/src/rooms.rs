@@ -221,7 +221,7 @@ impl Rooms {
                 let mut batch = Vec::with_capacity(replay.len() + 1);
                 batch.push(reply);
                 batch.extend(replay);
-                Outbound::Batch(batch)
+                Outbound::Batch(batch.into_boxed_slice())
             };
             conn.offer(item);
             drop(log);

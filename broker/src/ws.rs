@@ -106,7 +106,9 @@ fn split(io: TokioIo<hyper::upgrade::Upgraded>) -> (BoxRead, BoxWrite) {
             let stream = parts.io.into_inner();
             let _ = stream.set_nodelay(true);
             let (read, write) = stream.into_split();
-            let read_ahead = std::io::Cursor::new(parts.read_buf);
+            // Copy what hyper read ahead (usually nothing): keeping its `Bytes` would pin
+            // hyper's whole read buffer for the connection's lifetime.
+            let read_ahead = std::io::Cursor::new(parts.read_buf.to_vec());
             (Box::new(read_ahead.chain(read)), Box::new(write))
         }
         Err(upgraded) => {
