@@ -438,7 +438,11 @@ async fn write_loop(
         .close_reason()
         .unwrap_or(DisconnectReason::ConnectionLost);
     if reason.is_slow_consumer() {
-        tracing::warn!(conn = conn.id, reason = reason.as_str(), "slow consumer disconnected");
+        tracing::warn!(
+            conn = conn.id,
+            reason = reason.as_str(),
+            "slow consumer disconnected"
+        );
     }
     if let Some(code) = reason.close_code() {
         let mut payload = code.code().to_be_bytes().to_vec();

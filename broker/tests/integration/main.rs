@@ -4,6 +4,7 @@
 mod common;
 
 mod conversation;
+mod docs;
 mod errors;
 mod fan_out;
 mod http_api;
