@@ -1,5 +1,6 @@
 //! The HTTP side: routing, the JSON API (`/healthz`, `/readyz`, `/metrics`, `/api/...`) and the
-//! API-key check for `POST /api/publish`. WebSocket upgrades at `/ws` are handed to `ws`.
+//! API-key check that guards everything under `/api/` (it names users and rooms). WebSocket
+//! upgrades at `/ws` are handed to `ws`.
 
 use std::sync::Arc;
 
@@ -22,6 +23,12 @@ pub const MAX_PUBLISH_USERS: usize = 1000;
 /// Routes one request.
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    if path.starts_with("/api/") {
+        if let Err(response) = check_api_key(shared, &req) {
+            metrics::counter!(m::HTTP_REQUESTS, "route" => "api", "status" => "4xx").increment(1);
+            return response;
+        }
+    }
     let (route, response) = match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => return crate::ws::upgrade(shared, req),
         (&Method::GET, "/healthz") => (
@@ -219,9 +226,6 @@ struct PublishRequest {
 }
 
 async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Err(response) = check_api_key(shared, &req) {
-        return response;
-    }
     // Room for the data at its size limit plus the envelope.
     let limit = shared.config.max_message_size + 64 * 1024;
     let body = match Limited::new(req.into_body(), limit).collect().await {
@@ -317,7 +321,7 @@ fn check_api_key(shared: &Shared, req: &Request<Incoming>) -> Result<(), Respons
         return Err(error_response(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "the publish API is disabled: start the broker with --api-key",
+            "the API is disabled: start the broker with --api-key",
         ));
     };
     let headers = req.headers();

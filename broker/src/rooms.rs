@@ -87,9 +87,12 @@ struct Stored {
     frame: Arc<SharedFrame>,
 }
 
-#[derive(Default)]
 struct Members {
     set: SubscriberSet,
+    /// Since when the room has had no subscribers (or since its creation). An empty room is
+    /// kept for the history TTL after that, so a client that drops and comes back finds the
+    /// same epoch even when the room had no events.
+    idle_since: Instant,
     /// Connections per viewer (a user's tabs count once).
     viewers: HashMap<ViewerKey, u32>,
 }
@@ -99,6 +102,26 @@ pub struct Joined {
     pub room: Arc<Room>,
     pub recovered: Option<bool>,
     pub replayed: u32,
+}
+
+/// Who a signal is not sent to.
+#[derive(Clone, Copy)]
+pub enum Skip<'a> {
+    Nobody,
+    /// One connection (the one that caused the signal).
+    Conn(ConnId),
+    /// Every connection of one user (their own typing indicator).
+    User(&'a UserId),
+}
+
+impl Skip<'_> {
+    fn skips(&self, conn: &ConnHandle) -> bool {
+        match self {
+            Skip::Nobody => false,
+            Skip::Conn(id) => conn.id == *id,
+            Skip::User(user) => conn.user.as_ref() == Some(*user),
+        }
+    }
 }
 
 /// What a publish did.
@@ -182,10 +205,9 @@ impl Rooms {
             let first_of_viewer = members.add(conn);
             room.store_counts(&members);
             // The new snapshot is built here, under `members` only: publishers do not wait.
-            let snapshot = Arc::new(members.set.snapshot());
+            let subscribers = Arc::new(members.set.snapshot());
 
             let mut log = lock(&room.log);
-            room.subscribers.store(snapshot);
             log.expire(self.limits, Instant::now());
             let (recovered, replay) = match since {
                 None => (None, Vec::new()),
@@ -223,7 +245,10 @@ impl Rooms {
                 batch.extend(replay);
                 Outbound::Batch(batch.into_boxed_slice())
             };
+            // Queue the reply first, then publish the new snapshot: anything offered from the
+            // snapshot on (events under this lock, signals without it) comes after the reply.
             conn.offer(item);
+            room.subscribers.store(subscribers);
             drop(log);
             drop(members);
 
@@ -245,6 +270,9 @@ impl Rooms {
         let Some(last_of_viewer) = members.remove(conn) else {
             return false;
         };
+        if members.set.is_empty() {
+            members.idle_since = Instant::now();
+        }
         room.store_counts(&members);
         let snapshot = Arc::new(members.set.snapshot());
         {
@@ -297,7 +325,7 @@ impl Rooms {
                 frame: Arc::clone(&frame),
             });
             log.expire(self.limits, started);
-            let delivered = room.fan_out(&frame, None);
+            let delivered = room.fan_out(&frame, Skip::Nobody);
             drop(log);
             m::record_fan_out("event", delivered, size, started.elapsed());
             return Published { seq, delivered };
@@ -305,8 +333,8 @@ impl Rooms {
     }
 
     /// Sends an unsequenced frame (typing, joined, left, viewers) to the subscribers of an
-    /// existing room, except `skip`. Nothing is stored.
-    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip: Option<ConnId>) -> usize {
+    /// existing room, except those `skip` names. Nothing is stored.
+    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip: Skip<'_>) -> usize {
         match self.get(channel) {
             Some(room) => room.signal(frame, skip),
             None => 0,
@@ -338,7 +366,7 @@ impl Rooms {
                 ts: now_ms(),
                 viewers: room.viewer_counts(),
             };
-            room.signal(frame, None);
+            room.signal(frame, Skip::Nobody);
         }
     }
 
@@ -374,7 +402,11 @@ impl Room {
                 last_seq: 0,
                 history: VecDeque::new(),
             }),
-            members: Mutex::new(Members::default()),
+            members: Mutex::new(Members {
+                set: SubscriberSet::default(),
+                idle_since: Instant::now(),
+                viewers: HashMap::new(),
+            }),
             connections: AtomicU32::new(0),
             users: AtomicU32::new(0),
             peak_connections: AtomicU32::new(0),
@@ -440,12 +472,12 @@ impl Room {
 
     /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
     /// `log` held for sequenced events (see the field's comment), without it for signals.
-    fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Option<ConnId>) -> usize {
+    fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
         let subscribers = self.subscribers.load();
         let mut queued = 0;
         let mut slow = 0;
         for conn in subscribers.iter() {
-            if Some(conn.id) == skip {
+            if skip.skips(conn) {
                 continue;
             }
             match conn.offer_frame(Arc::clone(frame)) {
@@ -460,7 +492,7 @@ impl Room {
         queued
     }
 
-    fn signal(&self, frame: ServerFrame, skip: Option<ConnId>) -> usize {
+    fn signal(&self, frame: ServerFrame, skip: Skip<'_>) -> usize {
         let started = Instant::now();
         let kind = frame.type_name();
         let frame = SharedFrame::new(frame);
@@ -482,7 +514,7 @@ impl Room {
         } else {
             ServerFrame::Left { channel, user, ts }
         };
-        self.signal(frame, Some(conn.id));
+        self.signal(frame, Skip::Conn(conn.id));
     }
 
     fn store_counts(&self, members: &Members) {
@@ -497,7 +529,9 @@ impl Room {
 
     fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
         let members = lock(&self.members);
-        if !members.set.is_empty() {
+        if !members.set.is_empty()
+            || now.saturating_duration_since(members.idle_since) <= limits.ttl
+        {
             return false;
         }
         let mut log = lock(&self.log);
@@ -555,15 +589,20 @@ impl RoomLog {
         }
     }
 
-    /// The events after `since`, or `None` if the history cannot prove it has all of them
-    /// (aged out, a different epoch, or a `since` from the future).
+    /// The events after `since`, or `None` if the history cannot prove it has all of them:
+    /// aged out, a `since` from the future, or a `since` above 0 without this room's epoch (a
+    /// seq means nothing in another incarnation of the room).
     fn replay_after(
         &self,
         since: u64,
         epoch: Option<u64>,
         room_epoch: u64,
     ) -> Option<Vec<Arc<SharedFrame>>> {
-        if epoch.is_some_and(|e| e != room_epoch) || since > self.last_seq {
+        let same_room = match epoch {
+            Some(epoch) => epoch == room_epoch,
+            None => since == 0,
+        };
+        if !same_room || since > self.last_seq {
             return None;
         }
         if since == self.last_seq {

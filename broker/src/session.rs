@@ -14,13 +14,12 @@ use gavel_protocol::{
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
-use crate::rooms::Room;
+use crate::rooms::{Room, Skip};
 use crate::wsframe::{put_frame, FrameReader, Message, OpCode, ReadError};
 use crate::Shared;
 
@@ -232,13 +231,11 @@ impl Session {
                 let user = self.may_write(&channel)?;
                 let frame = ServerFrame::Typing {
                     channel: channel.clone(),
-                    user,
+                    user: user.clone(),
                     typing,
                     ts: now_ms(),
                 };
-                self.shared
-                    .rooms
-                    .signal(&channel, frame, Some(self.conn.id));
+                self.shared.rooms.signal(&channel, frame, Skip::User(&user));
                 Ok(Some(Reply::Done {}))
             }
             ClientFrame::Read { channel, seq, .. } => {
@@ -261,11 +258,8 @@ impl Session {
                 }))
             }
             ClientFrame::Presence { channel, limit, .. } => {
-                if matches!(
-                    channel.kind(),
-                    ChannelKind::User | ChannelKind::Conversation
-                ) && !self.subscriptions.contains_key(&channel)
-                {
+                // Who is in a room is for the room's own subscribers.
+                if !self.subscriptions.contains_key(&channel) {
                     return Err(not_subscribed(&channel));
                 }
                 let limit = limit
@@ -394,8 +388,8 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(start, config.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let format = conn.format;
-    // For the writes that must go out even though the connection is closing.
-    let never = CancellationToken::new();
+    // False once a write failed part-way: the stream may end mid-frame, so no close frame.
+    let mut whole_frames = true;
     loop {
         let mut batch = Batch::default();
         tokio::select! {
@@ -406,8 +400,8 @@ async fn write_loop(
                 while let Ok(item) = outbound_rx.try_recv() {
                     batch.push(item, format);
                 }
-                if !batch.is_empty() {
-                    let _ = batch.write(&mut write, config.write_timeout, &never).await;
+                if batch.write(&mut write, config.write_timeout).await.is_err() {
+                    whole_frames = false;
                 }
                 conn.close(DisconnectReason::Shutdown);
                 break;
@@ -426,10 +420,8 @@ async fn write_loop(
                 }
             }
         }
-        if let Err(reason) = batch
-            .write(&mut write, config.write_timeout, conn.closing())
-            .await
-        {
+        if let Err(reason) = batch.write(&mut write, config.write_timeout).await {
+            whole_frames = false;
             conn.close(reason);
             break;
         }
@@ -444,12 +436,12 @@ async fn write_loop(
             "slow consumer disconnected"
         );
     }
-    if let Some(code) = reason.close_code() {
+    if let Some(code) = reason.close_code().filter(|_| whole_frames) {
         let mut payload = code.code().to_be_bytes().to_vec();
         payload.extend_from_slice(code.reason().as_bytes());
         let mut batch = Batch::default();
         batch.control(OpCode::Close, &payload);
-        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT, &never).await;
+        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
     }
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write.shutdown()).await;
 }
@@ -465,10 +457,6 @@ struct Batch {
 impl Batch {
     fn len(&self) -> usize {
         self.buf.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.buf.is_empty()
     }
 
     fn push(&mut self, item: Outbound, format: Format) {
@@ -503,17 +491,14 @@ impl Batch {
         &mut self,
         write: &mut BoxWrite,
         timeout: Duration,
-        closing: &CancellationToken,
     ) -> Result<(), DisconnectReason> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let written = tokio::select! {
-            written = tokio::time::timeout(timeout, write.write_all(&self.buf)) => written,
-            // Closed meanwhile (a full queue, say): a stalled write is not worth waiting for.
-            _ = closing.cancelled() => return Err(DisconnectReason::ConnectionLost),
-        };
-        match written {
+        // Not abandoned when the connection is marked closing meanwhile (a full queue, say):
+        // a frame cut in half would corrupt the stream, and the close frame that says why
+        // must follow whole frames. The write timeout bounds the wait.
+        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
             Err(_) => Err(DisconnectReason::WriteStalled),
             Ok(Err(_)) => Err(DisconnectReason::ConnectionLost),
             Ok(Ok(())) => {

@@ -25,11 +25,16 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         error_response(status, reason, &message)
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return refuse(
+        let mut response = refuse(
             StatusCode::UPGRADE_REQUIRED,
             "not_websocket",
             "/ws expects a WebSocket upgrade request".into(),
         );
+        response.headers_mut().insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        return response;
     }
     if shared.shutdown.is_cancelled() {
         return refuse(

@@ -133,6 +133,8 @@ struct Probe {
     #[serde(rename = "type")]
     type_name: Option<String>,
     id: Option<RequestId>,
+    /// Read as a plain value: whether it is a valid channel name is checked separately.
+    channel: Option<serde_json::Value>,
 }
 
 fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
@@ -149,8 +151,7 @@ fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
                 type_name: type_name.chars().take(40).collect(),
             }
         }
-        // The channel newtype's errors say "invalid channel" or "invalid id".
-        Some(type_name) if reason.contains("invalid channel") || reason.contains("invalid id") => {
+        Some(type_name) if probe.channel.as_ref().is_some_and(not_a_channel) => {
             DecodeError::InvalidChannel {
                 id: probe.id,
                 type_name,
@@ -163,6 +164,14 @@ fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
             reason,
         },
     }
+}
+
+/// A `channel` field that is not a valid channel name (a string that fails to parse, or no
+/// string at all).
+fn not_a_channel(value: &serde_json::Value) -> bool {
+    value
+        .as_str()
+        .is_none_or(|name| crate::Channel::parse(name).is_err())
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ pub enum ErrorCode {
     /// `invalid_channel`: the channel name is not `auction:ID`, `user:ID`, `conversation:ID` or
     /// `broadcast`.
     InvalidChannel,
-    /// `invalid_request`: well-formed but not acceptable (an event name or a receipt seq out of
-    /// range, a payload too large, ...). The message says which.
+    /// `invalid_request`: well-formed but not acceptable (a read receipt for a seq the room
+    /// does not have). The message says why.
     InvalidRequest,
     /// `forbidden`: this connection may not do this on this channel (another user's channel, an
     /// anonymous connection publishing, ...).
@@ -30,7 +30,8 @@ pub enum ErrorCode {
     AlreadySubscribed,
     /// `too_many_subscriptions`: the per-connection subscription limit is reached.
     TooManySubscriptions,
-    /// `internal`: the broker failed; the request may be retried.
+    /// `internal`: reserved for a failure inside the broker; the request may be retried. This
+    /// version has no path that sends it.
     Internal,
 }
 

@@ -51,8 +51,10 @@ impl TestBroker {
         TestClient::connect(self.addr, user, Format::Json).await
     }
 
+    /// A GET with the API key (needed under `/api/`, ignored elsewhere).
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        http(self.addr, "GET", path, &[], None).await
+        let auth = format!("Bearer {API_KEY}");
+        http(self.addr, "GET", path, &[("authorization", &auth)], None).await
     }
 
     pub async fn publish(&self, body: Value) -> (StatusCode, Value) {

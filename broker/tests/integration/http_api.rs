@@ -102,6 +102,13 @@ async fn publish_refuses_bad_requests_with_reasons() {
 async fn health_stats_rooms_and_users() {
     let b = TestBroker::start(|_| {}).await;
     assert_eq!(b.get("/healthz").await.0, 200);
+    // Everything under /api/ names users and rooms: it needs the key.
+    for path in ["/api/stats", "/api/rooms/auction:s", "/api/users/eve"] {
+        let (status, body) = http(b.addr, "GET", path, &[], None).await;
+        assert_eq!(status, 401, "{path}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    assert_eq!(http(b.addr, "GET", "/metrics", &[], None).await.0, 200);
     assert_eq!(b.get("/readyz").await.1, json!({"ready": true}));
     let mut c = b.connect(Some("eve")).await;
     c.subscribe("auction:s").await;

@@ -134,6 +134,14 @@ async fn another_epoch_or_a_future_seq_is_not_recovered() {
         Some(false),
         "a since beyond the room's seq cannot be trusted"
     );
+    let mut no_epoch = b.connect(None).await;
+    let (_, _, recovered, _, _) =
+        subscribed(no_epoch.subscribe_since("auction:e", Some(1), None).await);
+    assert_eq!(
+        recovered,
+        Some(false),
+        "a seq without its epoch cannot be trusted"
+    );
     let mut fresh = b.connect(None).await;
     let (_, _, recovered, replayed, _) = subscribed(
         fresh
@@ -141,4 +149,31 @@ async fn another_epoch_or_a_future_seq_is_not_recovered() {
             .await,
     );
     assert_eq!((recovered, replayed), (Some(true), 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_without_events_keeps_its_epoch_while_its_subscriber_is_away() {
+    let b = TestBroker::start(|_| {}).await;
+    let mut tab = b.connect(Some("kim")).await;
+    let (seq, epoch, _, _, _) = subscribed(tab.subscribe("user:kim").await);
+    assert_eq!(seq, 0);
+    drop(tab);
+    eventually("kim gone", || async {
+        b.broker
+            .user_connections(&gavel_broker::protocol::UserId::parse("kim").unwrap())
+            == 0
+    })
+    .await;
+    // Longer than the sweeper's period: the empty room must not be dropped and recreated.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    b.broker.publish(
+        &channel("user:kim"),
+        "payout_completed",
+        json!({"amount": 5}),
+    );
+    let mut back = b.connect(Some("kim")).await;
+    let (_, again, recovered, replayed, _) =
+        subscribed(back.subscribe_since("user:kim", Some(0), Some(epoch)).await);
+    assert_eq!((again, recovered, replayed), (epoch, Some(true), 1));
+    assert_eq!(back.next_event().await.event, "payout_completed");
 }
