@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use gavel_broker::outbound::ConnHandle;
 use gavel_broker::protocol::{Channel, Format};
 use gavel_broker::rooms::{HistoryLimits, Rooms};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const PUBLISHES: u32 = 100;
 
@@ -34,7 +34,7 @@ fn main() {
             .collect();
         let started = Instant::now();
         for conn in &conns {
-            rooms.subscribe(conn, &channel, 1, None, None, Value::Null);
+            rooms.subscribe(conn, &channel, 1, None, None);
         }
         let join = started.elapsed();
         let started = Instant::now();

@@ -3,9 +3,17 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+/// An on/off switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -78,6 +86,23 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long to wait for queued writes to drain before exiting anyway.
     #[arg(long, env = "GAVEL_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+
+    /// Directory of the durable bid log (sled). Created if missing.
+    #[arg(long, env = "GAVEL_DATA_DIR", default_value = "gavel-data")]
+    pub data_dir: PathBuf,
+
+    /// Bids per second each user may place (token bucket refill rate).
+    #[arg(long, env = "GAVEL_BID_RATE", default_value_t = 5.0)]
+    pub bid_rate: f64,
+
+    /// Bids a user may place in a burst before the rate applies.
+    #[arg(long, env = "GAVEL_BID_BURST", default_value_t = 10)]
+    pub bid_burst: u32,
+
+    /// Group commit: bids arriving while the bid log flushes share the next flush. `off`
+    /// flushes once per bid (slower; for comparison).
+    #[arg(long, env = "GAVEL_GROUP_COMMIT", value_enum, default_value_t = Toggle::On)]
+    pub group_commit: Toggle,
 
     /// Log format.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
@@ -169,6 +194,12 @@ impl Config {
                 self.max_subscriptions,
             ));
         }
+        if !(self.bid_rate > 0.0 && self.bid_rate.is_finite()) {
+            return Err(bad("--bid-rate", "a positive number", self.bid_rate));
+        }
+        if self.bid_burst == 0 {
+            return Err(bad("--bid-burst", "at least 1", self.bid_burst));
+        }
         if self.api_key.as_deref().is_some_and(|k| k.len() < 16) {
             return Err(bad("--api-key", "at least 16 characters", "<redacted>"));
         }
@@ -191,6 +222,10 @@ impl fmt::Debug for Config {
             .field("history_ttl", &self.history_ttl)
             .field("presence_interval", &self.presence_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("data_dir", &self.data_dir)
+            .field("bid_rate", &self.bid_rate)
+            .field("bid_burst", &self.bid_burst)
+            .field("group_commit", &self.group_commit)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

@@ -45,6 +45,10 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
             ("user", user(shared, &p["/api/users/".len()..]))
         }
         (&Method::POST, "/api/publish") => ("publish", publish(shared, req).await),
+        (_, p) if p == "/api/auctions" || p.starts_with("/api/auctions/") => {
+            let rest = p["/api/auctions".len()..].to_owned();
+            ("auctions", crate::admin::handle(shared, req, &rest).await)
+        }
         (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/stats" | "/api/publish") => (
             "method_not_allowed",
             error_response(

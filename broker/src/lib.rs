@@ -11,14 +11,18 @@
 //! [`run`] serves an already-bound listener until a shutdown future resolves; [`Broker`] is the
 //! same thing for applications that embed Gavel beside their own routes.
 
+mod admin;
+pub mod auction;
 pub mod client;
-mod clock;
+pub mod clock;
 pub mod config;
 mod http;
 pub mod metrics;
 pub mod outbound;
+mod ratelimit;
 pub mod rooms;
 mod session;
+pub mod store;
 mod subscribers;
 mod users;
 mod ws;
@@ -57,12 +61,15 @@ pub enum Error {
     Config(#[from] config::ConfigError),
     #[error("listener failed: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("bid log: {0}")]
+    Storage(#[from] store::StorageError),
 }
 
 /// State shared by every task of one broker.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) rooms: rooms::Rooms,
+    pub(crate) rooms: Arc<rooms::Rooms>,
+    pub(crate) auctions: auction::Auctions,
     pub(crate) users: users::Users,
     /// Cancelled when shutdown begins: stops accepting, closes every connection with 1001.
     pub(crate) shutdown: CancellationToken,
@@ -94,14 +101,43 @@ impl Broker {
     /// metrics upkeep). Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<Broker, Error> {
         config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let log: Arc<dyn store::BidLog> = Arc::new(store::SledLog::open(&config.data_dir)?);
+        Broker::with_store(config, log, clock::Clock::System)
+    }
+
+    /// [`Broker::new`] with a given bid log (e.g. [`store::MemoryLog`]) and clock.
+    pub fn with_store(
+        config: Config,
+        log: Arc<dyn store::BidLog>,
+        clock: clock::Clock,
+    ) -> Result<Broker, Error> {
+        config.validate()?;
         let metrics = metrics::install();
+        let shutdown = CancellationToken::new();
+        let rooms = Arc::new(rooms::Rooms::new(rooms::HistoryLimits {
+            size: config.history_size,
+            ttl: config.history_ttl,
+        }));
+        let auctions = auction::Auctions::open(
+            log,
+            Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
+            clock,
+            auction::EngineConfig {
+                bid_rate: config.bid_rate,
+                bid_burst: config.bid_burst,
+                group_commit: match config.group_commit {
+                    config::Toggle::On => store::GroupCommit::On,
+                    config::Toggle::Off => store::GroupCommit::Off,
+                },
+            },
+            shutdown.child_token(),
+        )?;
         let shared = Arc::new(Shared {
-            rooms: rooms::Rooms::new(rooms::HistoryLimits {
-                size: config.history_size,
-                ttl: config.history_ttl,
-            }),
+            rooms,
+            auctions,
             users: users::Users::default(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
             metrics,
             next_conn_id: AtomicU64::new(1),
@@ -116,6 +152,7 @@ impl Broker {
         });
         spawn_every(&shared, SWEEP_INTERVAL, |s| {
             s.rooms.sweep();
+            s.auctions.prune();
         });
         Ok(Broker { shared })
     }
@@ -192,6 +229,11 @@ impl Broker {
         self.publish(&Channel::user(user), event, data)
     }
 
+    /// The auctions, for applications that manage them in-process.
+    pub fn auctions(&self) -> &auction::Auctions {
+        &self.shared.auctions
+    }
+
     /// The room registry, for inspection (viewer counts, seq, presence).
     pub fn rooms(&self) -> &rooms::Rooms {
         &self.shared.rooms
@@ -219,6 +261,9 @@ impl Broker {
             .is_err()
         {
             tracing::warn!(?timeout, "connections still open at the shutdown deadline");
+        }
+        if let Err(error) = self.shared.auctions.sync().await {
+            tracing::error!(%error, "final bid log flush failed");
         }
         tracing::info!("shut down");
     }

@@ -23,6 +23,11 @@ pub const FAN_OUT_SECONDS: &str = "gavel_fan_out_duration_seconds";
 pub const DELIVERY_SECONDS: &str = "gavel_delivery_delay_seconds";
 pub const HTTP_REQUESTS: &str = "gavel_http_requests_total";
 pub const UPGRADES_REFUSED: &str = "gavel_upgrades_refused_total";
+pub const BID_LOG_FLUSH_SECONDS: &str = "gavel_bid_log_flush_duration_seconds";
+pub const BID_LOG_FLUSH_BATCH: &str = "gavel_bid_log_flush_batch_size";
+pub const BID_LOG_FLUSH_ERRORS: &str = "gavel_bid_log_flush_errors_total";
+pub const BIDS: &str = "gavel_bids_total";
+pub const AUCTIONS: &str = "gavel_auctions";
 
 /// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -98,6 +103,18 @@ fn describe() {
     );
     describe_counter!(HTTP_REQUESTS, "HTTP API requests, by route and status.");
     describe_counter!(UPGRADES_REFUSED, "WebSocket upgrades refused, by reason.");
+    describe_histogram!(
+        BID_LOG_FLUSH_SECONDS,
+        Unit::Seconds,
+        "Time of one bid-log flush (group commit)."
+    );
+    describe_histogram!(
+        BID_LOG_FLUSH_BATCH,
+        "Durability requests answered by one flush."
+    );
+    describe_counter!(BID_LOG_FLUSH_ERRORS, "Bid-log flushes that failed.");
+    describe_counter!(BIDS, "Bids, by outcome (accepted or the rejection reason).");
+    describe_gauge!(AUCTIONS, "Auctions known to this node, by status.");
 }
 
 /// Spawns the recorder's upkeep (histogram draining); ends with `shutdown`.

@@ -74,11 +74,16 @@ pub struct Room {
     /// Set (under both locks) when the registry drops the room; a join or publish that finds it
     /// set retries on the room that replaces it.
     retired: AtomicBool,
+    /// A room with state (an auction's) is never dropped: its state has no other home here.
+    pinned: AtomicBool,
 }
 
 struct RoomLog {
     last_seq: u64,
     history: VecDeque<Stored>,
+    /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
+    /// Changed only together with an event, so a subscriber's state and stream agree.
+    state: Value,
 }
 
 struct Stored {
@@ -194,7 +199,6 @@ impl Rooms {
         id: RequestId,
         since: Option<u64>,
         epoch: Option<u64>,
-        state: Value,
     ) -> Joined {
         loop {
             let room = self.get_or_create(channel);
@@ -222,7 +226,7 @@ impl Rooms {
                 epoch: room.epoch,
                 viewers,
                 oldest_seq: log.history.front().map(|s| s.seq),
-                state: state.clone(),
+                state: log.state.clone(),
             });
             let replayed = replay.len() as u32;
             let reply = SharedFrame::new(ServerFrame::Ok {
@@ -235,6 +239,7 @@ impl Rooms {
                     replayed,
                     viewers,
                     snapshot,
+                    state: log.state.clone(),
                 },
             });
             let item = if replay.is_empty() {
@@ -298,7 +303,21 @@ impl Rooms {
         from: Option<UserId>,
         data: Value,
     ) -> Published {
+        self.publish_with_state(channel, event, from, data, None)
+    }
+
+    /// [`Rooms::publish`], also replacing the room's state (atomically with the event, so a
+    /// subscriber gets a state that matches the seq of its `subscribed` reply).
+    pub fn publish_with_state(
+        &self,
+        channel: &Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+        state: Option<Value>,
+    ) -> Published {
         let mut data = Some(data);
+        let mut state = state;
         loop {
             let room = self.get_or_create(channel);
             let mut log = lock(&room.log);
@@ -306,6 +325,9 @@ impl Rooms {
                 continue;
             }
             let started = Instant::now();
+            if let Some(state) = state.take() {
+                log.state = state;
+            }
             log.last_seq += 1;
             let seq = log.last_seq;
             room.last_seq.store(seq, Ordering::Relaxed);
@@ -329,6 +351,21 @@ impl Rooms {
             drop(log);
             m::record_fan_out("event", delivered, size, started.elapsed());
             return Published { seq, delivered };
+        }
+    }
+
+    /// Sets a channel's state without an event (an auction at creation or at start-up), and pins
+    /// its room so the state is never dropped with it.
+    pub fn set_state(&self, channel: &Channel, state: Value) {
+        loop {
+            let room = self.get_or_create(channel);
+            room.pinned.store(true, Ordering::Release);
+            let mut log = lock(&room.log);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            log.state = state;
+            return;
         }
     }
 
@@ -392,6 +429,28 @@ impl Rooms {
     }
 }
 
+/// Auction events go to `auction:{id}` rooms and `user:{id}` rooms.
+impl crate::auction::AuctionEvents for Rooms {
+    fn auction_event(&self, auction_id: &str, event: &str, data: Value, state: Option<Value>) {
+        match Channel::auction(auction_id) {
+            Ok(channel) => {
+                self.publish_with_state(&channel, event, None, data, state);
+            }
+            Err(error) => tracing::error!(auction_id, %error, "auction id is not a channel id"),
+        }
+    }
+
+    fn auction_state(&self, auction_id: &str, state: Value) {
+        if let Ok(channel) = Channel::auction(auction_id) {
+            self.set_state(&channel, state);
+        }
+    }
+
+    fn user_event(&self, user: &UserId, event: &str, data: Value) {
+        self.publish(&Channel::user(user), event, None, data);
+    }
+}
+
 impl Room {
     fn new(channel: Channel, epoch: u64) -> Room {
         Room {
@@ -401,6 +460,7 @@ impl Room {
             log: Mutex::new(RoomLog {
                 last_seq: 0,
                 history: VecDeque::new(),
+                state: Value::Null,
             }),
             members: Mutex::new(Members {
                 set: SubscriberSet::default(),
@@ -414,6 +474,7 @@ impl Room {
             last_seq: AtomicU64::new(0),
             presence_dirty: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            pinned: AtomicBool::new(false),
         }
     }
 
@@ -528,6 +589,9 @@ impl Room {
     }
 
     fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
+        if self.pinned.load(Ordering::Acquire) {
+            return false;
+        }
         let members = lock(&self.members);
         if !members.set.is_empty()
             || now.saturating_duration_since(members.idle_since) <= limits.ttl

@@ -11,11 +11,11 @@ use gavel_protocol::{
     decode, Channel, ChannelKind, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Format, Reply,
     RequestId, ServerFrame, UserId, PROTOCOL_VERSION,
 };
-use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::auction::BidRequest;
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
@@ -194,14 +194,10 @@ impl Session {
                 epoch,
             } => {
                 self.may_subscribe(&channel)?;
-                let joined = self.shared.rooms.subscribe(
-                    &self.conn,
-                    &channel,
-                    id,
-                    since,
-                    epoch,
-                    Value::Null,
-                );
+                let joined = self
+                    .shared
+                    .rooms
+                    .subscribe(&self.conn, &channel, id, since, epoch);
                 tracing::debug!(%channel, ?since, recovered = ?joined.recovered, replayed = joined.replayed, "subscribed");
                 self.subscriptions.insert(channel, joined.room);
                 Ok(None)
@@ -280,6 +276,31 @@ impl Session {
             ClientFrame::Ping { .. } => Ok(Some(Reply::Pong {
                 server_ts: now_ms(),
             })),
+            ClientFrame::PlaceBid {
+                id,
+                auction_id,
+                amount,
+                request_id,
+            } => {
+                if request_id.is_empty() || request_id.len() > 64 {
+                    return Err((
+                        ErrorCode::InvalidRequest,
+                        "request_id must be 1 to 64 bytes".to_owned(),
+                    ));
+                }
+                let conn = Arc::clone(&self.conn);
+                let reply = Box::new(move |result: Reply| {
+                    conn.offer_frame(SharedFrame::new(ServerFrame::Ok { id, result }));
+                });
+                let bid = BidRequest {
+                    user: self.conn.user.clone(),
+                    auction_id,
+                    amount,
+                    request_id,
+                };
+                self.shared.auctions.place_bid(bid, reply);
+                Ok(None)
+            }
         }
     }
 

@@ -144,6 +144,7 @@ fn main() {
                 replayed: 0,
                 viewers,
                 snapshot: None,
+                state: serde_json::Value::Null,
             },
         },
     );
@@ -175,6 +176,7 @@ fn main() {
                     oldest_seq: Some(1401),
                     state: serde_json::Value::Null,
                 }),
+                state: serde_json::Value::Null,
             },
         },
     );

@@ -57,6 +57,16 @@ pub enum ClientFrame {
     },
     /// Application-level round trip; the reply carries the server time.
     Ping { id: RequestId },
+    /// A bid on an auction. Replied with `bid_accepted` or `bid_rejected`; a retry with the same
+    /// `request_id` (per user) gets the first outcome again and never places a second bid.
+    PlaceBid {
+        id: RequestId,
+        auction_id: String,
+        /// In the currency's minor unit.
+        amount: i64,
+        /// The client's idempotency key: 1 to 64 characters.
+        request_id: String,
+    },
 }
 
 impl ClientFrame {
@@ -68,7 +78,8 @@ impl ClientFrame {
             | ClientFrame::Typing { id, .. }
             | ClientFrame::Read { id, .. }
             | ClientFrame::Presence { id, .. }
-            | ClientFrame::Ping { id } => *id,
+            | ClientFrame::Ping { id }
+            | ClientFrame::PlaceBid { id, .. } => *id,
         }
     }
 
@@ -82,11 +93,12 @@ impl ClientFrame {
             ClientFrame::Read { .. } => "read",
             ClientFrame::Presence { .. } => "presence",
             ClientFrame::Ping { .. } => "ping",
+            ClientFrame::PlaceBid { .. } => "place_bid",
         }
     }
 
     /// Every client `type`, for the decoder's error messages and the docs.
-    pub const TYPES: [&'static str; 7] = [
+    pub const TYPES: [&'static str; 8] = [
         "subscribe",
         "unsubscribe",
         "publish",
@@ -94,6 +106,7 @@ impl ClientFrame {
         "read",
         "presence",
         "ping",
+        "place_bid",
     ];
 }
 
@@ -144,6 +157,10 @@ pub enum Reply {
         viewers: ViewerCounts,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         snapshot: Option<RoomSnapshot>,
+        /// The channel's current state, on every subscribe to a channel that has one (an
+        /// auction's `AuctionSnapshot`), as of `seq`.
+        #[serde(default, skip_serializing_if = "Value::is_null")]
+        state: Value,
     },
     /// To `unsubscribe`.
     Unsubscribed { channel: Channel },
@@ -155,6 +172,30 @@ pub enum Reply {
     Presence(PresenceReply),
     /// To `ping`.
     Pong { server_ts: u64 },
+    /// To `place_bid`: the bid is durable and is (or will be) in the room as `bid_placed`.
+    BidAccepted {
+        auction_id: String,
+        request_id: String,
+        /// The bid's seq in the auction's bid log (gap-free from 1).
+        bid_seq: u64,
+        amount: i64,
+        /// The auction's price now (this bid).
+        price: i64,
+        bid_count: u64,
+        next_min_bid: i64,
+        ends_at: u64,
+        server_ts: u64,
+    },
+    /// To `place_bid`: nothing was placed.
+    BidRejected {
+        auction_id: String,
+        request_id: String,
+        reason: crate::auction::BidRejection,
+        /// With `too_low`: the least amount that would be accepted now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_amount: Option<i64>,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

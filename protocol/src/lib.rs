@@ -3,11 +3,13 @@
 //!
 //! This crate is pure: no sockets, no runtime, no clocks. `docs/protocol.md` is its prose twin.
 
+pub mod auction;
 pub mod channel;
 pub mod codec;
 pub mod codes;
 pub mod frame;
 
+pub use auction::{AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Ended, Outbid};
 pub use channel::{Channel, ChannelError, ChannelKind, UserId};
 pub use codec::{decode, encode, DecodeError, EncodeError, Format};
 pub use codes::{CloseCode, ErrorCode};

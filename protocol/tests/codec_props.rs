@@ -85,6 +85,14 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (any::<u64>(), channel(), any::<Option<u32>>())
             .prop_map(|(id, channel, limit)| ClientFrame::Presence { id, channel, limit }),
         any::<u64>().prop_map(|id| ClientFrame::Ping { id }),
+        (any::<u64>(), id_string(), any::<i64>(), id_string()).prop_map(
+            |(id, auction_id, amount, request_id)| ClientFrame::PlaceBid {
+                id,
+                auction_id,
+                amount,
+                request_id
+            }
+        ),
     ]
 }
 
@@ -114,10 +122,11 @@ fn reply() -> impl Strategy<Value = Reply> {
             any::<Option<bool>>(),
             any::<u32>(),
             viewers(),
-            prop::option::of(snapshot())
+            prop::option::of(snapshot()),
+            json_value()
         )
             .prop_map(
-                |(channel, seq, epoch, recovered, replayed, viewers, snapshot)| {
+                |(channel, seq, epoch, recovered, replayed, viewers, snapshot, state)| {
                     Reply::Subscribed {
                         channel,
                         seq,
@@ -126,6 +135,7 @@ fn reply() -> impl Strategy<Value = Reply> {
                         replayed,
                         viewers,
                         snapshot,
+                        state,
                     }
                 }
             ),
@@ -149,6 +159,57 @@ fn reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         any::<u64>().prop_map(|server_ts| Reply::Pong { server_ts }),
+        (
+            id_string(),
+            id_string(),
+            any::<[u64; 4]>(),
+            any::<[i64; 3]>()
+        )
+            .prop_map(
+                |(
+                    auction_id,
+                    request_id,
+                    [bid_seq, bid_count, ends_at, server_ts],
+                    [amount, price, next_min_bid],
+                )| {
+                    Reply::BidAccepted {
+                        auction_id,
+                        request_id,
+                        bid_seq,
+                        amount,
+                        price,
+                        bid_count,
+                        next_min_bid,
+                        ends_at,
+                        server_ts,
+                    }
+                }
+            ),
+        (
+            id_string(),
+            id_string(),
+            prop::sample::select(vec![
+                BidRejection::TooLow,
+                BidRejection::NotActive,
+                BidRejection::Ended,
+                BidRejection::RateLimited,
+                BidRejection::Unauthenticated,
+                BidRejection::InvalidAmount,
+                BidRejection::UnknownAuction,
+                BidRejection::Unavailable,
+            ]),
+            any::<Option<i64>>(),
+            ".{0,20}"
+        )
+            .prop_map(|(auction_id, request_id, reason, min_amount, message)| {
+                Reply::BidRejected {
+                    auction_id,
+                    request_id,
+                    reason,
+                    min_amount,
+                    message,
+                }
+            }),
     ]
 }
 

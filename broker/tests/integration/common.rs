@@ -27,6 +27,23 @@ pub const HANG: Duration = Duration::from_secs(30);
 pub struct TestBroker {
     pub addr: SocketAddr,
     pub broker: Broker,
+    pub data_dir: std::path::PathBuf,
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gavel-test-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 impl TestBroker {
@@ -36,11 +53,17 @@ impl TestBroker {
         let addr = listener.local_addr().unwrap();
         let mut config = Config::defaults();
         config.api_key = Some(API_KEY.into());
+        config.data_dir = temp_dir("broker");
         tweak(&mut config);
+        let data_dir = config.data_dir.clone();
         let broker = Broker::new(config).expect("valid test config");
         let serving = broker.clone();
         tokio::spawn(async move { serving.serve(listener).await });
-        TestBroker { addr, broker }
+        TestBroker {
+            addr,
+            broker,
+            data_dir,
+        }
     }
 
     pub async fn connect(&self, user: Option<&str>) -> TestClient {

@@ -36,8 +36,11 @@ async fn in_process_shutdown_drains_then_closes_with_1001() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_with_1001_and_exits_zero() {
+    let data_dir = temp_dir("sigterm");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(&data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -80,4 +83,5 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+    let _ = std::fs::remove_dir_all(&data_dir);
 }

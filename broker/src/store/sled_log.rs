@@ -1,0 +1,120 @@
+//! The sled [`BidLog`]: one tree; `a\0{auction}` holds an auction's record, `b\0{auction}\0{seq}`
+//! (seq big-endian, so keys sort by seq) holds its bids. A bid and the auction record after it
+//! are written in one atomic batch. Durable once `sync` (sled's `flush`) returns; see the README
+//! for exactly what that survives.
+
+use std::path::Path;
+
+use super::{BidLog, BidRecord, StorageError};
+
+/// sled's page cache. Its default (1 GiB) is far more than a bid log needs.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+pub struct SledLog {
+    db: sled::Db,
+}
+
+fn io(e: sled::Error) -> StorageError {
+    StorageError::Io(e.to_string())
+}
+
+fn auction_key(auction: &str) -> Vec<u8> {
+    let mut key = b"a\0".to_vec();
+    key.extend_from_slice(auction.as_bytes());
+    key
+}
+
+fn bid_prefix(auction: &str) -> Vec<u8> {
+    let mut key = b"b\0".to_vec();
+    key.extend_from_slice(auction.as_bytes());
+    key.push(0);
+    key
+}
+
+fn bid_key(auction: &str, seq: u64) -> Vec<u8> {
+    let mut key = bid_prefix(auction);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+impl SledLog {
+    /// Opens (or creates) the log in `dir`.
+    pub fn open(dir: &Path) -> Result<SledLog, StorageError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            // Flushing is ours (group commit); sled's own timer would only add writes.
+            .flush_every_ms(None)
+            .open()
+            .map_err(io)?;
+        Ok(SledLog { db })
+    }
+
+    fn decode_bid(bytes: &[u8]) -> Result<BidRecord, StorageError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StorageError::Corrupt(e.to_string()))
+    }
+}
+
+impl BidLog for SledLog {
+    fn append(&self, auction: &str, bid: &BidRecord, record: &[u8]) -> Result<(), StorageError> {
+        let encoded =
+            rmp_serde::to_vec_named(bid).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        batch.insert(bid_key(auction, bid.seq), encoded);
+        batch.insert(auction_key(auction), record);
+        self.db.apply_batch(batch).map_err(io)
+    }
+
+    fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError> {
+        self.db.insert(auction_key(auction), record).map_err(io)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+
+    fn bids(
+        &self,
+        auction: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BidRecord>, StorageError> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let start = bid_key(auction, first);
+        let end = bid_key(auction, u64::MAX);
+        self.db
+            .range(start..=end)
+            .take(limit)
+            .map(|kv| kv.map_err(io).and_then(|(_, v)| SledLog::decode_bid(&v)))
+            .collect()
+    }
+
+    fn last_seq(&self, auction: &str) -> Result<u64, StorageError> {
+        match self.db.scan_prefix(bid_prefix(auction)).next_back() {
+            None => Ok(0),
+            Some(kv) => {
+                let (key, _) = kv.map_err(io)?;
+                let seq: [u8; 8] = key[key.len() - 8..]
+                    .try_into()
+                    .map_err(|_| StorageError::Corrupt("short bid key".into()))?;
+                Ok(u64::from_be_bytes(seq))
+            }
+        }
+    }
+
+    fn auctions(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        self.db
+            .scan_prefix(b"a\0")
+            .map(|kv| {
+                let (key, value) = kv.map_err(io)?;
+                let id = String::from_utf8(key[2..].to_vec())
+                    .map_err(|_| StorageError::Corrupt("auction key is not UTF-8".into()))?;
+                Ok((id, value.to_vec()))
+            })
+            .collect()
+    }
+}
