@@ -269,3 +269,107 @@ pub async fn http(
 pub fn channel(name: &str) -> Channel {
     Channel::parse(name).unwrap()
 }
+
+/// A `gavel-broker` child process on an ephemeral port, started with `args`; returns it with
+/// the address it logged. Its stdout is drained in the background.
+pub fn spawn_broker_process(
+    args: &[&str],
+    data_dir: &std::path::Path,
+) -> (std::process::Child, SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start gavel-broker");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(addr) = entry["fields"]["addr"].as_str() {
+            let addr = addr.parse().unwrap();
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, addr);
+        }
+    }
+    let _ = child.kill();
+    panic!("the broker never logged its address");
+}
+
+/// An auction definition that is open now and ends in `ends_in_ms`.
+pub fn open_auction(id: &str, ends_in_ms: u64) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    serde_json::json!({
+        "id": id,
+        "title": format!("Lot {id}"),
+        "currency": "EUR",
+        "starting_price": 1000,
+        "increment": {"fixed": 10},
+        "starts_at": now - 1000,
+        "ends_at": now + ends_in_ms,
+    })
+}
+
+pub async fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let auth = format!("Bearer {API_KEY}");
+    http(
+        addr,
+        method,
+        path,
+        &[("authorization", &auth)],
+        body.map(|b| b.to_string()),
+    )
+    .await
+}
+
+/// Every bid of an auction, through the paginated API.
+pub async fn all_bids(addr: SocketAddr, auction: &str) -> Vec<Value> {
+    let mut bids = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = api(
+            addr,
+            "GET",
+            &format!("/api/auctions/{auction}/bids?after={after}&limit=1000"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        let got = page["bids"].as_array().unwrap().clone();
+        bids.extend(got);
+        match page["next_after"].as_u64() {
+            Some(next) => after = next,
+            None => return bids,
+        }
+    }
+}
+
+impl TestClient {
+    /// Places a bid and returns the reply.
+    pub async fn bid(&mut self, auction: &str, amount: i64, request_id: &str) -> Reply {
+        let auction_id = auction.to_owned();
+        let request_id = request_id.to_owned();
+        self.request(|id| ClientFrame::PlaceBid {
+            id,
+            auction_id,
+            amount,
+            request_id,
+        })
+        .await
+        .expect("place_bid is answered with ok")
+    }
+}

@@ -3,6 +3,7 @@
 
 mod common;
 
+mod auctions;
 mod conversation;
 mod docs;
 mod errors;

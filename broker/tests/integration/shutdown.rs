@@ -1,7 +1,6 @@
 //! Graceful shutdown: every client gets close code 1001 after its queued frames.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use gavel_broker::protocol::Format;
 use serde_json::json;
@@ -37,32 +36,8 @@ async fn in_process_shutdown_drains_then_closes_with_1001() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_with_1001_and_exits_zero() {
     let data_dir = temp_dir("sigterm");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start gavel-broker");
-    // The broker logs the address it bound.
-    let stdout = child.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if let Some(addr) = entry["fields"]["addr"].as_str() {
-                let addr = addr.parse().unwrap();
-                // Keep draining the pipe so the broker never blocks on logging.
-                std::thread::spawn(move || lines.for_each(drop));
-                return addr;
-            }
-        }
-        panic!("the broker never logged its address");
-    })
-    .await
-    .unwrap();
+    let (child, addr) = spawn_broker_process(&[], &data_dir);
+    let mut child = child;
 
     let mut clients = Vec::new();
     for _ in 0..3 {
