@@ -299,6 +299,7 @@ pub fn spawn_broker_process(
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("the broker never logged its address");
 }
 
