@@ -118,6 +118,15 @@ fn main() {
         },
     );
     show("ping", &ClientFrame::Ping { id: 8 });
+    show(
+        "place_bid",
+        &ClientFrame::PlaceBid {
+            id: 9,
+            auction_id: "42".into(),
+            amount: 125_000,
+            request_id: "7f3c-0001".into(),
+        },
+    );
 
     println!("## Broker → client\n");
     show(
@@ -227,6 +236,127 @@ fn main() {
                 server_ts: 1795333703380,
             },
         },
+    );
+    let auction = AuctionSnapshot {
+        auction_id: "42".into(),
+        title: "1967 Fender Stratocaster".into(),
+        currency: "EUR".into(),
+        status: AuctionStatus::Active,
+        starting_price: 100_000,
+        price: Some(124_000),
+        leader: Some(user("u7")),
+        bid_count: 31,
+        last_bid_seq: 31,
+        next_min_bid: 124_500,
+        starts_at: 1795333000000,
+        ends_at: 1795334200000,
+        reserve_met: true,
+        server_ts: 1795333703380,
+    };
+    show(
+        "ok: subscribed to an auction (with its state)",
+        &ServerFrame::Ok {
+            id: 1,
+            result: Reply::Subscribed {
+                channel: channel("auction:42"),
+                seq: 311,
+                epoch: 1795333703380369,
+                recovered: None,
+                replayed: 0,
+                viewers,
+                snapshot: None,
+                state: serde_json::to_value(&auction).expect("snapshot"),
+            },
+        },
+    );
+    show(
+        "ok: bid_accepted",
+        &ServerFrame::Ok {
+            id: 9,
+            result: Reply::BidAccepted {
+                auction_id: "42".into(),
+                request_id: "7f3c-0001".into(),
+                bid_seq: 32,
+                amount: 125_000,
+                price: 125_000,
+                bid_count: 32,
+                next_min_bid: 125_500,
+                ends_at: 1795334200000,
+                server_ts: 1795333703380,
+            },
+        },
+    );
+    show(
+        "ok: bid_rejected",
+        &ServerFrame::Ok {
+            id: 9,
+            result: Reply::BidRejected {
+                auction_id: "42".into(),
+                request_id: "7f3c-0001".into(),
+                reason: BidRejection::TooLow,
+                min_amount: Some(125_500),
+                message: "the next bid must be at least 125500".into(),
+            },
+        },
+    );
+    show(
+        "event: bid_placed",
+        &ServerFrame::Event(EventFrame {
+            channel: channel("auction:42"),
+            seq: 312,
+            ts: 1795333703381,
+            event: "bid_placed".into(),
+            from: None,
+            data: serde_json::to_value(BidPlaced {
+                auction_id: "42".into(),
+                bid_seq: 32,
+                amount: 125_000,
+                bidder: user("u42"),
+                bid_count: 32,
+                next_min_bid: 125_500,
+                ends_at: 1795334200000,
+                server_ts: 1795333703380,
+            })
+            .expect("bid_placed"),
+        }),
+    );
+    show(
+        "event: outbid (on user:u7)",
+        &ServerFrame::Event(EventFrame {
+            channel: channel("user:u7"),
+            seq: 12,
+            ts: 1795333703381,
+            event: "outbid".into(),
+            from: None,
+            data: serde_json::to_value(Outbid {
+                auction_id: "42".into(),
+                amount: 125_000,
+                your_amount: 124_000,
+                next_min_bid: 125_500,
+                ends_at: 1795334200000,
+                server_ts: 1795333703380,
+            })
+            .expect("outbid"),
+        }),
+    );
+    show(
+        "event: ended",
+        &ServerFrame::Event(EventFrame {
+            channel: channel("auction:42"),
+            seq: 420,
+            ts: 1795334200001,
+            event: "ended".into(),
+            from: None,
+            data: serde_json::to_value(Ended {
+                auction_id: "42".into(),
+                winner: Some(user("u42")),
+                final_price: Some(131_000),
+                reserve_met: true,
+                bid_count: 44,
+                server_ts: 1795334200000,
+            })
+            .expect("ended"),
+        }),
     );
     show(
         "error",
