@@ -38,8 +38,9 @@ pub struct Config {
     #[arg(long, env = "GAVEL_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
 
-    /// Key that backends must send (`Authorization: Bearer KEY`) to use `POST /api/publish`.
-    /// Without it, the publish API refuses every request with 401.
+    /// Key that backends must send (`Authorization: Bearer KEY` or `X-Api-Key: KEY`) for
+    /// everything under `/api/` (publish, stats, rooms, users, auctions). Without it, `/api/`
+    /// refuses every request with 401.
     #[arg(long, env = "GAVEL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -57,7 +58,8 @@ pub struct Config {
     #[arg(long, env = "GAVEL_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
-    /// A socket write that does not finish within this time marks a slow consumer (close 4001).
+    /// A socket write that does not finish within this time marks a slow consumer; the socket
+    /// is dropped without a close frame (it may have stopped mid-frame).
     #[arg(long, env = "GAVEL_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,
 
@@ -75,7 +77,8 @@ pub struct Config {
     pub history_size: usize,
 
     /// How long a room keeps an event for `since` recovery. A room with no subscribers is
-    /// dropped once its history has aged out.
+    /// dropped once its history has aged out and this long has passed since its last
+    /// subscriber left.
     #[arg(long, env = "GAVEL_HISTORY_TTL", default_value = "5m", value_parser = duration)]
     pub history_ttl: Duration,
 

@@ -178,7 +178,7 @@ fn room(shared: &Shared, raw: &str) -> Response<Full<Bytes>> {
         return error_response(
             StatusCode::NOT_FOUND,
             "no_such_room",
-            "no room: nobody is subscribed and no history is retained",
+            "no such room: nobody has subscribed or published to it recently",
         );
     };
     let info = room.info();

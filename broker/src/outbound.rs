@@ -79,7 +79,7 @@ pub enum DisconnectReason {
     IdleTimeout,
     /// The outbound queue was full (close 4001).
     QueueFull,
-    /// A socket write stalled past the write timeout (close 4001).
+    /// A socket write stalled past the write timeout (no close frame: the socket is dropped).
     WriteStalled,
     /// A message over the size limit (close 1009).
     MessageTooBig,

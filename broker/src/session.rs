@@ -255,22 +255,13 @@ impl Session {
             }
             ClientFrame::Presence { channel, limit, .. } => {
                 // Who is in a room is for the room's own subscribers.
-                if !self.subscriptions.contains_key(&channel) {
+                let Some(room) = self.subscriptions.get(&channel) else {
                     return Err(not_subscribed(&channel));
-                }
+                };
                 let limit = limit
                     .map_or(PRESENCE_DEFAULT_LIMIT, |l| l as usize)
                     .min(PRESENCE_MAX_LIMIT);
-                let reply = match self.shared.rooms.get(&channel) {
-                    Some(room) => room.presence(limit),
-                    None => gavel_protocol::PresenceReply {
-                        channel,
-                        viewers: Default::default(),
-                        users: Vec::new(),
-                        anonymous: 0,
-                        truncated: false,
-                    },
-                };
+                let reply = room.presence(limit);
                 Ok(Some(Reply::Presence(reply)))
             }
             ClientFrame::Ping { .. } => Ok(Some(Reply::Pong {

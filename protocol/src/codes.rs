@@ -83,8 +83,9 @@ pub enum CloseCode {
     InternalError,
     /// 4000: nothing was received from the client (not even a pong) within the idle timeout.
     IdleTimeout,
-    /// 4001: the client did not read fast enough: its outbound queue filled up, or one write
-    /// stalled past the write timeout. Reconnect and resubscribe with `since`.
+    /// 4001: the client did not read fast enough: its outbound queue filled up. (A write that
+    /// stalls past the write timeout drops the socket without a close frame.) Reconnect and
+    /// resubscribe with `since` and `epoch`.
     SlowConsumer,
 }
 

@@ -94,6 +94,7 @@ pub struct Auctions {
     clock: Clock,
     limiter: RateLimiter,
     shutdown: CancellationToken,
+    creating: tokio::sync::Mutex<()>,
 }
 
 struct Handle {
@@ -158,6 +159,7 @@ impl Auctions {
             clock,
             limiter: RateLimiter::new(config.bid_rate, config.bid_burst),
             shutdown,
+            creating: tokio::sync::Mutex::new(()),
         };
         for (id, bytes) in auctions.store.auctions()? {
             let auction: Auction = rmp_serde::from_slice(&bytes)
@@ -215,17 +217,22 @@ impl Auctions {
     /// Creates an auction; durable before it returns.
     pub async fn create(&self, spec: AuctionSpec) -> Result<AuctionSnapshot, AdminError> {
         spec.validate()?;
+        // Creations are rare: one at a time, so two with the same id cannot both pass the check.
+        let _one_at_a_time = self.creating.lock().await;
         if self.map.contains_key(&spec.id) {
             return Err(AdminError::Exists(spec.id));
         }
-        let auction = Auction::new(spec);
+        let now = self.clock.now_ms();
+        if spec.ends_at <= now {
+            return Err(SpecError::Invalid("ends_at is in the past".into()).into());
+        }
+        let mut auction = Auction::new(spec);
+        // One whose start has passed is born active: nobody can have subscribed to it yet.
+        auction.advance(now);
         self.store
             .put_auction(&auction.spec.id, &encode(&auction)?)?;
         self.durability.sync().await?;
-        let snapshot = auction.snapshot(self.clock.now_ms());
-        if self.map.contains_key(&auction.spec.id) {
-            return Err(AdminError::Exists(auction.spec.id));
-        }
+        let snapshot = auction.snapshot(now);
         self.spawn(auction, &[]);
         Ok(snapshot)
     }
