@@ -26,7 +26,8 @@ use rules::{Accepted, Auction, AuctionSpec, Change, SpecError};
 
 /// Commands queued per auction before bids are turned away as `unavailable`.
 const COMMAND_QUEUE: usize = 8192;
-/// Most commands one actor turn takes (they share one flush).
+/// Most commands one actor turn takes (they share one flush) with group commit on; with it
+/// off, a turn takes one command, so every bid gets a flush of its own.
 const MAX_TURN: usize = 512;
 /// The leaderboard is sent at most this often per auction.
 const LEADERBOARD_INTERVAL: Duration = Duration::from_millis(500);
@@ -95,6 +96,7 @@ pub struct Auctions {
     limiter: RateLimiter,
     shutdown: CancellationToken,
     creating: tokio::sync::Mutex<()>,
+    group_commit: GroupCommit,
 }
 
 struct Handle {
@@ -160,6 +162,7 @@ impl Auctions {
             limiter: RateLimiter::new(config.bid_rate, config.bid_burst),
             shutdown,
             creating: tokio::sync::Mutex::new(()),
+            group_commit: config.group_commit,
         };
         for (id, bytes) in auctions.store.auctions()? {
             let auction: Auction = rmp_serde::from_slice(&bytes)
@@ -196,6 +199,10 @@ impl Auctions {
             );
         }
         let actor = Actor {
+            max_turn: match self.group_commit {
+                GroupCommit::On => MAX_TURN,
+                GroupCommit::Off => 1,
+            },
             id: auction.spec.id.clone(),
             auction,
             commands_rx,
@@ -371,6 +378,8 @@ enum Announce {
 }
 
 struct Actor {
+    /// Commands per turn (one flush per turn).
+    max_turn: usize,
     id: String,
     auction: Auction,
     commands_rx: mpsc::Receiver<Command>,
@@ -401,7 +410,7 @@ impl Actor {
                 command = self.commands_rx.recv() => {
                     let Some(command) = command else { break };
                     let mut batch = vec![command];
-                    while batch.len() < MAX_TURN {
+                    while batch.len() < self.max_turn {
                         match self.commands_rx.try_recv() {
                             Ok(command) => batch.push(command),
                             Err(_) => break,
