@@ -353,6 +353,7 @@ fn main() {
                 final_price: Some(131_000),
                 reserve_met: true,
                 bid_count: 44,
+                ends_at: 1795334200000,
                 server_ts: 1795334200000,
             })
             .expect("ended"),

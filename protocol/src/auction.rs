@@ -137,5 +137,7 @@ pub struct Ended {
     pub final_price: Option<i64>,
     pub reserve_met: bool,
     pub bid_count: u64,
+    /// When it ended.
+    pub ends_at: u64,
     pub server_ts: u64,
 }

@@ -709,7 +709,12 @@ impl Actor {
         self.events.auction_event(
             &self.id,
             "leaderboard",
-            json!({"auction_id": self.id, "top": top, "server_ts": self.clock.now_ms()}),
+            json!({
+                "auction_id": self.id,
+                "top": top,
+                "ends_at": self.auction.state.ends_at,
+                "server_ts": self.clock.now_ms(),
+            }),
             None,
         );
     }
@@ -812,13 +817,11 @@ mod tests {
         rx.await.unwrap()
     }
 
-    /// Lets the actors run until they are idle. Flushes run on the blocking pool, which paused
-    /// time does not cover, so this also gives real time to those threads (without advancing
-    /// Tokio's clock).
+    /// Lets the actors run until they are idle (the in-memory log flushes in place, so nothing
+    /// runs outside the paused runtime).
     async fn settle() {
         for _ in 0..100 {
             tokio::task::yield_now().await;
-            std::thread::sleep(Duration::from_micros(300));
         }
     }
 
@@ -886,6 +889,52 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_leaderboard_is_coalesced_and_ranks_each_bidders_highest_bid() {
+        let events = Arc::new(Recorder::default());
+        let auctions = engine(
+            Arc::new(MemoryLog::default()),
+            Arc::clone(&events),
+            CancellationToken::new(),
+        );
+        auctions.create(spec("a1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        for (i, (user, amount)) in [("ann", 1000), ("bob", 1100), ("ann", 1300), ("cy", 1400)]
+            .into_iter()
+            .enumerate()
+        {
+            bid(&auctions, user, amount, &format!("r{i}")).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        settle().await;
+        let boards = events.named("leaderboard");
+        // Coalesced: at most one per interval (the bids' flushes may let paused time move on
+        // between bids, so there may be more than one), and the last one ranks everybody.
+        assert!(!boards.is_empty() && boards.len() <= 4);
+        for pair in boards.windows(2) {
+            let gap =
+                pair[1]["server_ts"].as_u64().unwrap() - pair[0]["server_ts"].as_u64().unwrap();
+            assert!(gap >= LEADERBOARD_INTERVAL.as_millis() as u64, "{boards:?}");
+        }
+        assert_eq!(
+            boards.last().unwrap()["top"],
+            serde_json::json!([
+                {"user": "cy", "amount": 1400},
+                {"user": "ann", "amount": 1300},
+                {"user": "bob", "amount": 1100}
+            ])
+        );
+        let sent = boards.len();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        settle().await;
+        assert_eq!(
+            events.named("leaderboard").len(),
+            sent,
+            "nothing new, nothing sent: {:?}",
+            events.named("leaderboard")
+        );
     }
 
     #[tokio::test(start_paused = true)]

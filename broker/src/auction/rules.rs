@@ -318,6 +318,7 @@ impl Auction {
             final_price: self.state.price,
             reserve_met,
             bid_count: self.state.bid_count,
+            ends_at: self.state.ends_at.min(now),
             server_ts: now,
         };
         self.state.outcome = Some(ended.clone());

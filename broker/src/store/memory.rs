@@ -45,6 +45,10 @@ impl BidLog for MemoryLog {
         Ok(())
     }
 
+    fn sync_blocks(&self) -> bool {
+        false
+    }
+
     fn bids(
         &self,
         auction: &str,
