@@ -779,6 +779,17 @@ mod tests {
         }
     }
 
+    /// An engine on an empty in-memory log, and what it announces.
+    fn fresh() -> (Arc<Recorder>, Auctions) {
+        let events = Arc::new(Recorder::default());
+        let auctions = engine(
+            Arc::new(MemoryLog::default()),
+            Arc::clone(&events),
+            CancellationToken::new(),
+        );
+        (events, auctions)
+    }
+
     fn engine(
         log: Arc<dyn BidLog>,
         events: Arc<Recorder>,
@@ -827,12 +838,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timers_open_extend_and_close_with_the_winner() {
-        let events = Arc::new(Recorder::default());
-        let auctions = engine(
-            Arc::new(MemoryLog::default()),
-            Arc::clone(&events),
-            CancellationToken::new(),
-        );
+        let (events, auctions) = fresh();
         auctions.create(spec("a1")).await.unwrap();
         assert!(matches!(
             bid(&auctions, "ann", 1000, "r1").await,
@@ -893,12 +899,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_leaderboard_is_coalesced_and_ranks_each_bidders_highest_bid() {
-        let events = Arc::new(Recorder::default());
-        let auctions = engine(
-            Arc::new(MemoryLog::default()),
-            Arc::clone(&events),
-            CancellationToken::new(),
-        );
+        let (events, auctions) = fresh();
         auctions.create(spec("a1")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1_000)).await;
         for (i, (user, amount)) in [("ann", 1000), ("bob", 1100), ("ann", 1300), ("cy", 1400)]
@@ -939,12 +940,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn reserve_not_met_ends_without_a_winner() {
-        let events = Arc::new(Recorder::default());
-        let auctions = engine(
-            Arc::new(MemoryLog::default()),
-            Arc::clone(&events),
-            CancellationToken::new(),
-        );
+        let (events, auctions) = fresh();
         let mut s = spec("a1");
         s.reserve = Some(50_000);
         auctions.create(s).await.unwrap();
