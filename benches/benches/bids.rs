@@ -101,6 +101,7 @@ async fn run(engine: &Arc<Engine>, total: u64) -> Duration {
                         engine.auctions.place_bid(
                             BidRequest {
                                 user: Some(user.clone()),
+                                may_bid: true,
                                 auction_id: "bench".into(),
                                 amount,
                                 request_id: format!("{b}-{amount}-{i}"),

@@ -1,7 +1,8 @@
 //! A small command-line client: subscribes to channels and prints every frame as a JSON line.
 //!
 //! ```sh
-//! cargo run -p gavel-broker --example client -- --user u42 auction:1 user:u42
+//! token=$(cargo run -q -p gavel-broker -- --jwt-secret "$GAVEL_JWT_SECRET" token --sub u42)
+//! cargo run -p gavel-broker --example client -- --token "$token" auction:1 user:u42
 //! ```
 
 use std::net::SocketAddr;
@@ -15,9 +16,10 @@ struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:7700")]
     addr: SocketAddr,
-    /// Connect as this user (`?user=`).
+    /// A JWT (`gavel-broker token --sub ID` prints one); without it the connection is
+    /// anonymous (the broker must allow that).
     #[arg(long)]
-    user: Option<String>,
+    token: Option<String>,
     /// Channels to subscribe to (`auction:ID`, `user:ID`, `conversation:ID`, `broadcast`).
     #[arg(required = true)]
     channels: Vec<String>,
@@ -28,7 +30,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let options = ConnectOptions {
         format: Format::MsgPack,
-        user: args.user,
+        token: args.token,
         query: None,
     };
     let mut client = Client::connect(args.addr, options).await?;

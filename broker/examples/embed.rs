@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! cargo run -p gavel-broker --example embed            # listens on 127.0.0.1:8080
-//! cargo run -p gavel-broker --example client -- --addr 127.0.0.1:8080 --user u42 user:u42
+//! cargo run -p gavel-broker --example client -- --addr 127.0.0.1:8080 --token TOKEN user:u42
+//!                                                      # TOKEN: printed by the embed example
 //! curl -X POST 127.0.0.1:8080/bookings/991/accept?user=u42   # the client prints the event
 //! ```
 
@@ -58,7 +59,19 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let broker = Broker::new(Config::defaults())?;
+    let mut config = Config::defaults();
+    // Demo settings: a fixed development secret, and anonymous viewers allowed.
+    config.jwt_secret = Some("embed-example-secret-change-me".into());
+    config.allow_anonymous = true;
+    let claims = gavel_broker::auth::Claims {
+        sub: "u42".into(),
+        exp: gavel_broker::clock::now_ms() / 1000 + 3600,
+        roles: None,
+        channels: None,
+    };
+    let token = gavel_broker::auth::sign_hs256(b"embed-example-secret-change-me", &claims)?;
+    println!("a token for user u42, valid one hour:\n{token}");
+    let broker = Broker::new(config)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
     tracing::info!("application listening on http://127.0.0.1:8080");
     loop {

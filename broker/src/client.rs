@@ -7,7 +7,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError};
 use gavel_protocol::{decode, encode, ClientFrame, Format, RequestId, ServerFrame};
 use http_body_util::Empty;
-use hyper::header::{CONNECTION, HOST, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+use hyper::header::{AUTHORIZATION, CONNECTION, HOST, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use hyper::upgrade::Upgraded;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -43,8 +43,9 @@ pub enum Incoming {
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     pub format: Format,
-    /// Sent as `?user=` (identity before authentication exists).
-    pub user: Option<String>,
+    /// A JWT, sent as `Authorization: Bearer` with the upgrade request. Without one the
+    /// connection is anonymous until it sends an `auth` frame.
+    pub token: Option<String>,
     /// Extra query string appended to `/ws?` (already encoded).
     pub query: Option<String>,
 }
@@ -53,7 +54,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             format: Format::MsgPack,
-            user: None,
+            token: None,
             query: None,
         }
     }
@@ -94,19 +95,15 @@ impl Client {
         addr: SocketAddr,
         options: ConnectOptions,
     ) -> Result<Client, ClientError> {
-        let mut query: Vec<String> = Vec::new();
-        if let Some(user) = &options.user {
-            query.push(format!("user={user}"));
-        }
-        if let Some(extra) = &options.query {
-            query.push(extra.clone());
-        }
-        let uri = if query.is_empty() {
-            "/ws".to_owned()
-        } else {
-            format!("/ws?{}", query.join("&"))
+        let uri = match &options.query {
+            None => "/ws".to_owned(),
+            Some(query) => format!("/ws?{query}"),
         };
-        let request = Request::builder()
+        let mut request = Request::builder();
+        if let Some(token) = &options.token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .method("GET")
             .uri(uri)
             .header(HOST, addr.to_string())

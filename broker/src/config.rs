@@ -107,6 +107,67 @@ pub struct Config {
     #[arg(long, env = "GAVEL_GROUP_COMMIT", value_enum, default_value_t = Toggle::On)]
     pub group_commit: Toggle,
 
+    /// Shared secret for HS256 JWTs (from the `Authorization: Bearer` header, a `token` query
+    /// parameter, or an `auth` frame).
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS256 or ES256 JWTs (instead of --jwt-secret).
+    #[arg(long, env = "GAVEL_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "GAVEL_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "GAVEL_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Let connections without a token in: read-only (watch auctions and broadcasts; no bids,
+    /// no conversations, no personal channel).
+    #[arg(long, env = "GAVEL_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Without --allow-anonymous, a connection that has not authenticated this long after the
+    /// upgrade is closed (4002).
+    #[arg(long, env = "GAVEL_AUTH_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub auth_timeout: Duration,
+
+    /// After a live connection's token expires, how long it has to send a fresh one (`auth`)
+    /// before it is closed (4003).
+    #[arg(long, env = "GAVEL_TOKEN_GRACE", default_value = "30s", value_parser = duration)]
+    pub token_grace: Duration,
+
+    /// Most WebSocket connections at once; more are refused with 503 and Retry-After. 0: the
+    /// process's open-file limit (raised to its hard limit at start) minus 64.
+    #[arg(long, env = "GAVEL_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most WebSocket connections from one IP address (503 beyond). 0: no per-address limit
+    /// (the default, since clients behind a proxy or NAT share addresses).
+    #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Messages per second one connection may send (token bucket refill). Excess messages get
+    /// `rate_limited`; a connection that keeps it up is closed with 1008.
+    #[arg(long, env = "GAVEL_CLIENT_RATE", default_value_t = 50.0)]
+    pub client_rate: f64,
+
+    /// Messages one connection may send in a burst before --client-rate applies.
+    #[arg(long, env = "GAVEL_CLIENT_BURST", default_value_t = 100)]
+    pub client_burst: u32,
+
+    /// How long a client may take to send its HTTP request head (slowloris guard).
+    #[arg(long, env = "GAVEL_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Origins allowed to open WebSockets and call the API from a browser (comma-separated,
+    /// e.g. `https://shop.example`). Empty: any origin. Requests without `Origin` (non-browser
+    /// clients) are always allowed.
+    #[arg(long, env = "GAVEL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -197,6 +258,15 @@ impl Config {
                 self.max_subscriptions,
             ));
         }
+        if !(self.client_rate > 0.0 && self.client_rate.is_finite()) {
+            return Err(bad("--client-rate", "a positive number", self.client_rate));
+        }
+        if self.client_burst == 0 {
+            return Err(bad("--client-burst", "at least 1", self.client_burst));
+        }
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(bad("--jwt-secret", "at least 16 characters", "<redacted>"));
+        }
         if !(self.bid_rate > 0.0 && self.bid_rate.is_finite()) {
             return Err(bad("--bid-rate", "a positive number", self.bid_rate));
         }
@@ -229,6 +299,22 @@ impl fmt::Debug for Config {
             .field("bid_rate", &self.bid_rate)
             .field("bid_burst", &self.bid_burst)
             .field("group_commit", &self.group_commit)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("token_grace", &self.token_grace)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("client_rate", &self.client_rate)
+            .field("client_burst", &self.client_burst)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("allowed_origins", &self.allowed_origins)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

@@ -8,7 +8,10 @@ use bytes::Bytes;
 use gavel_protocol::{Channel, UserId};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
+    ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_MAX_AGE, AUTHORIZATION, CONTENT_TYPE, ORIGIN, VARY,
+};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,10 +27,31 @@ pub const MAX_PUBLISH_USERS: usize = 1000;
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if path.starts_with("/api/") {
-        if let Err(response) = check_api_key(shared, &req) {
-            metrics::counter!(m::HTTP_REQUESTS, "route" => "api", "status" => "4xx").increment(1);
-            return response;
-        }
+        let origin = req.headers().get(ORIGIN).cloned();
+        let mut response = if req.method() == Method::OPTIONS {
+            // A CORS preflight: no key is sent with it.
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        } else if !origin_allowed(&shared.config, req.headers()) {
+            error_response(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this origin may not call the API",
+            )
+        } else {
+            match check_api_key(shared, &req) {
+                Err(response) => response,
+                Ok(()) => {
+                    let (route, response) = api(shared, req, &path).await;
+                    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
+                        .increment(1);
+                    response
+                }
+            }
+        };
+        cors(&shared.config, origin.as_ref(), &mut response);
+        return response;
     }
     let (route, response) = match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => return crate::ws::upgrade(shared, req),
@@ -37,19 +61,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
         ),
         (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
         (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
-        (&Method::GET, "/api/stats") => ("stats", stats(shared)),
-        (&Method::GET, p) if p.starts_with("/api/rooms/") => {
-            ("room", room(shared, &p["/api/rooms/".len()..]))
-        }
-        (&Method::GET, p) if p.starts_with("/api/users/") => {
-            ("user", user(shared, &p["/api/users/".len()..]))
-        }
-        (&Method::POST, "/api/publish") => ("publish", publish(shared, req).await),
-        (_, p) if p == "/api/auctions" || p.starts_with("/api/auctions/") => {
-            let rest = p["/api/auctions".len()..].to_owned();
-            ("auctions", crate::admin::handle(shared, req, &rest).await)
-        }
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics" | "/api/stats" | "/api/publish") => (
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => (
             "method_not_allowed",
             error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -65,6 +77,40 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
         .increment(1);
     response
+}
+
+/// Routes an authorized request under `/api/`; returns the route label and the response.
+async fn api(
+    shared: &Shared,
+    req: Request<Incoming>,
+    path: &str,
+) -> (&'static str, Response<Full<Bytes>>) {
+    match (req.method(), path) {
+        (&Method::GET, "/api/stats") => ("stats", stats(shared)),
+        (&Method::GET, p) if p.starts_with("/api/rooms/") => {
+            ("room", room(shared, &p["/api/rooms/".len()..]))
+        }
+        (&Method::GET, p) if p.starts_with("/api/users/") => {
+            ("user", user(shared, &p["/api/users/".len()..]))
+        }
+        (&Method::POST, "/api/publish") => ("publish", publish(shared, req).await),
+        (_, p) if p == "/api/auctions" || p.starts_with("/api/auctions/") => {
+            let rest = p["/api/auctions".len()..].to_owned();
+            ("auctions", crate::admin::handle(shared, req, &rest).await)
+        }
+        (_, "/api/stats" | "/api/publish") => (
+            "method_not_allowed",
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            ),
+        ),
+        _ => (
+            "not_found",
+            error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        ),
+    }
 }
 
 fn status_label(status: StatusCode) -> &'static str {
@@ -318,30 +364,92 @@ fn valid_event_name(event: &str) -> bool {
         })
 }
 
-/// Accepts `Authorization: Bearer KEY` or `X-Api-Key: KEY`, compared in constant time.
+/// Accepts the API key (`Authorization: Bearer KEY` or `X-Api-Key: KEY`, compared in constant
+/// time) or a JWT with the `admin` role (`Authorization: Bearer TOKEN`).
 #[allow(clippy::result_large_err)]
 fn check_api_key(shared: &Shared, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
-    let Some(expected) = shared.config.api_key.as_deref() else {
-        return Err(error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the API is disabled: start the broker with --api-key",
-        ));
-    };
     let headers = req.headers();
     let given = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
-        _ => Err(error_response(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong API key",
-        )),
+    let Some(given) = given else {
+        return Err(unauthorized(shared, "missing API key or admin token"));
+    };
+    if let Some(expected) = shared.config.api_key.as_deref() {
+        if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+            return Ok(());
+        }
     }
+    if let Some(verifier) = &shared.verifier {
+        if given.matches('.').count() == 2 {
+            return match verifier.verify(given) {
+                Ok(identity) if identity.is_admin() => Ok(()),
+                Ok(_) => Err(error_response(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token lacks the admin role",
+                )),
+                Err(e) => Err(error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    &e.to_string(),
+                )),
+            };
+        }
+    }
+    Err(unauthorized(shared, "wrong API key"))
+}
+
+fn unauthorized(shared: &Shared, message: &str) -> Response<Full<Bytes>> {
+    let message = if shared.config.api_key.is_none() && shared.verifier.is_none() {
+        "the API is disabled: start the broker with --api-key (or a JWT key for admin tokens)"
+    } else {
+        message
+    };
+    error_response(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// Whether a request's `Origin` may use this broker: always without one (not a browser), and
+/// with one when it is on `--allowed-origins` (or that list is empty).
+pub(crate) fn origin_allowed(config: &crate::Config, headers: &hyper::HeaderMap) -> bool {
+    match headers.get(ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => {
+            config.allowed_origins.is_empty()
+                || config
+                    .allowed_origins
+                    .iter()
+                    .any(|o| o.trim_end_matches('/') == origin)
+        }
+    }
+}
+
+/// CORS for the API: echo an allowed origin back, and answer preflights.
+fn cors(
+    config: &crate::Config,
+    origin: Option<&HeaderValue>,
+    response: &mut Response<Full<Bytes>>,
+) {
+    let Some(origin) = origin else { return };
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(ORIGIN, origin.clone());
+    if !origin_allowed(config, &headers) {
+        return;
+    }
+    let h = response.headers_mut();
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    h.insert(VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, x-api-key"),
+    );
+    h.insert(
+        ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, PUT, OPTIONS"),
+    );
+    h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

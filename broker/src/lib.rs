@@ -12,7 +12,9 @@
 //! same thing for applications that embed Gavel beside their own routes.
 
 mod admin;
+pub mod admission;
 pub mod auction;
+pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -49,8 +51,6 @@ pub use config::Config;
 pub use gavel_protocol as protocol;
 pub use rooms::Published;
 
-/// How long a client may take to send its HTTP request head (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often empty rooms are looked at for dropping.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -63,13 +63,23 @@ pub enum Error {
     Listener(#[from] std::io::Error),
     #[error("bid log: {0}")]
     Storage(#[from] store::StorageError),
+    #[error("JWT key: {0}")]
+    Key(#[from] auth::KeyError),
 }
+
+/// The client address of a request, as the accept loop saw it (absent when an embedding
+/// application serves Gavel's routes itself).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// State shared by every task of one broker.
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) rooms: Arc<rooms::Rooms>,
     pub(crate) auctions: auction::Auctions,
+    /// Verifies JWTs; `None` when no key is configured (then only anonymous access works).
+    pub(crate) verifier: Option<auth::Verifier>,
+    pub(crate) admission: Arc<admission::Admission>,
     pub(crate) users: users::Users,
     /// Cancelled when shutdown begins: stops accepting, closes every connection with 1001.
     pub(crate) shutdown: CancellationToken,
@@ -133,9 +143,20 @@ impl Broker {
             },
             shutdown.child_token(),
         )?;
+        let verifier = verifier(&config)?;
+        if verifier.is_none() {
+            tracing::warn!("no --jwt-secret or --jwt-public-key: nobody can authenticate");
+        }
+        let admission = Arc::new(admission::Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ));
+        tracing::info!(max_connections = admission.max_total(), "connection limit");
         let shared = Arc::new(Shared {
             rooms,
             auctions,
+            verifier,
+            admission,
             users: users::Users::default(),
             shutdown,
             tracker: TaskTracker::new(),
@@ -187,14 +208,15 @@ impl Broker {
     async fn serve_connection(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
         let _ = stream.set_nodelay(true);
         let broker = self.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
             let broker = broker.clone();
             async move { Ok::<_, Infallible>(broker.handle(req).await) }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(self.shared.config.handshake_timeout);
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
@@ -267,6 +289,22 @@ impl Broker {
         }
         tracing::info!("shut down");
     }
+}
+
+fn verifier(config: &Config) -> Result<Option<auth::Verifier>, Error> {
+    let verifier = match (&config.jwt_secret, &config.jwt_public_key) {
+        (Some(secret), _) => auth::Verifier::hs256(secret.as_bytes()),
+        (None, Some(path)) => auth::Verifier::from_public_key_file(path)?,
+        (None, None) => return Ok(None),
+    };
+    let verifier = match &config.jwt_issuer {
+        Some(issuer) => verifier.with_issuer(issuer),
+        None => verifier,
+    };
+    Ok(Some(match &config.jwt_audience {
+        Some(audience) => verifier.with_audience(audience),
+        None => verifier,
+    }))
 }
 
 /// Runs `work` on `shared` every `period` until shutdown.

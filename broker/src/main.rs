@@ -1,15 +1,57 @@
 //! `gavel-broker`: parse the configuration, install logging, bind, and run until SIGINT/SIGTERM.
+//! `gavel-broker token ...` prints a signed development token instead.
 
-use clap::Parser;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gavel_broker::auth::{sign_hs256, Claims};
 use gavel_broker::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "gavel-broker", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print an HS256 token signed with --jwt-secret (for development and tests).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Roles, comma-separated (e.g. `bidder,admin`).
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Conversations the user may join, comma-separated (`conversation:ID` or
+        /// `conversation:*`).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = Config::parse();
+    let Cli { config, command } = Cli::parse();
     init_tracing(&config);
     if let Err(error) = config.validate() {
         eprintln!("gavel-broker: {error}");
         return std::process::ExitCode::from(2);
+    }
+    if let Some(Command::Token {
+        sub,
+        roles,
+        channels,
+        ttl,
+    }) = command
+    {
+        return print_token(&config, sub, roles, channels, ttl);
     }
     if config.check_config {
         println!("{config:#?}");
@@ -26,6 +68,40 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("gavel-broker: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_token(
+    config: &Config,
+    sub: String,
+    roles: Vec<String>,
+    channels: Vec<String>,
+    ttl: Duration,
+) -> std::process::ExitCode {
+    let Some(secret) = &config.jwt_secret else {
+        eprintln!("gavel-broker token: set --jwt-secret (or GAVEL_JWT_SECRET)");
+        return std::process::ExitCode::from(2);
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + ttl.as_secs();
+    let claims = Claims {
+        sub,
+        exp,
+        roles: (!roles.is_empty()).then_some(roles),
+        channels: (!channels.is_empty()).then_some(channels),
+    };
+    match sign_hs256(secret.as_bytes(), &claims) {
+        Ok(token) => {
+            println!("{token}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gavel-broker token: {error}");
             std::process::ExitCode::FAILURE
         }
     }

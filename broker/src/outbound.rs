@@ -89,6 +89,12 @@ pub enum DisconnectReason {
     ProtocolError,
     /// The socket failed or the peer vanished without a close frame.
     ConnectionLost,
+    /// No authentication within the authentication timeout (close 4002).
+    AuthenticationRequired,
+    /// The token expired and no fresh one came within the grace period (close 4003).
+    TokenExpired,
+    /// The connection kept sending over its rate limit (close 1008).
+    RateLimited,
 }
 
 impl DisconnectReason {
@@ -103,6 +109,9 @@ impl DisconnectReason {
             DisconnectReason::InvalidUtf8 => "invalid_utf8",
             DisconnectReason::ProtocolError => "protocol_error",
             DisconnectReason::ConnectionLost => "connection_lost",
+            DisconnectReason::AuthenticationRequired => "authentication_required",
+            DisconnectReason::TokenExpired => "token_expired",
+            DisconnectReason::RateLimited => "rate_limited",
         }
     }
 
@@ -118,6 +127,9 @@ impl DisconnectReason {
             DisconnectReason::InvalidUtf8 => Some(CloseCode::InvalidPayload),
             DisconnectReason::ProtocolError => Some(CloseCode::ProtocolError),
             DisconnectReason::ConnectionLost => None,
+            DisconnectReason::AuthenticationRequired => Some(CloseCode::AuthenticationRequired),
+            DisconnectReason::TokenExpired => Some(CloseCode::TokenExpired),
+            DisconnectReason::RateLimited => Some(CloseCode::PolicyViolation),
         }
     }
 
@@ -140,7 +152,8 @@ pub enum ViewerKey {
 /// The broker's handle on one connection, shared by every room it is subscribed to.
 pub struct ConnHandle {
     pub id: ConnId,
-    pub user: Option<UserId>,
+    /// Set once, when the connection authenticates (at the upgrade or by an `auth` frame).
+    user: OnceLock<UserId>,
     pub format: Format,
     outbound_tx: mpsc::Sender<Outbound>,
     /// Set once, by whoever ends the connection first.
@@ -166,9 +179,13 @@ impl ConnHandle {
         format: Format,
         outbound_tx: mpsc::Sender<Outbound>,
     ) -> Arc<ConnHandle> {
+        let cell = OnceLock::new();
+        if let Some(user) = user {
+            let _ = cell.set(user);
+        }
         Arc::new(ConnHandle {
             id,
-            user,
+            user: cell,
             format,
             outbound_tx,
             reason: OnceLock::new(),
@@ -176,8 +193,18 @@ impl ConnHandle {
         })
     }
 
+    /// Who the connection is, once authenticated.
+    pub fn user(&self) -> Option<&UserId> {
+        self.user.get()
+    }
+
+    /// Records who the connection is. Returns false if it already was someone.
+    pub fn set_user(&self, user: UserId) -> bool {
+        self.user.set(user).is_ok()
+    }
+
     pub fn viewer_key(&self) -> ViewerKey {
-        match &self.user {
+        match self.user.get() {
             Some(user) => ViewerKey::User(user.clone()),
             None => ViewerKey::Anonymous(self.id),
         }

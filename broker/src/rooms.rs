@@ -124,7 +124,7 @@ impl Skip<'_> {
         match self {
             Skip::Nobody => false,
             Skip::Conn(id) => conn.id == *id,
-            Skip::User(user) => conn.user.as_ref() == Some(*user),
+            Skip::User(user) => conn.user() == Some(*user),
         }
     }
 }
@@ -566,7 +566,7 @@ impl Room {
     /// `joined` / `left` for a user's first / last connection in a conversation room.
     /// The joining connection itself is skipped: its `subscribed` reply says it all.
     fn announce(&self, conn: &ConnHandle, joined: bool) {
-        let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), &conn.user) else {
+        let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), conn.user()) else {
             return;
         };
         let (channel, user, ts) = (self.channel.clone(), user.clone(), now_ms());

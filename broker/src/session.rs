@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::admission::Slot;
 use crate::auction::BidRequest;
+use crate::auth::{AuthError, Identity};
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
@@ -41,20 +43,22 @@ pub(crate) async fn serve(
     read: BoxRead,
     write: BoxWrite,
     format: Format,
-    user: Option<UserId>,
+    identity: Option<Identity>,
+    slot: Slot,
 ) {
     let id = shared.next_conn_id();
+    let user = identity.as_ref().map(|i| i.user.clone());
     // A debug-level span: at the default `info` level it costs nothing per connection (about
     // 0.4 KiB of registry memory otherwise); warnings name the connection themselves.
     let span = tracing::debug_span!("conn", id, user = user.as_ref().map(|u| u.as_str()));
     async move {
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue);
         let conn = ConnHandle::new(id, user, format, outbound_tx);
-        let mut session = Session::open(Arc::clone(&shared), Arc::clone(&conn));
+        let mut session = Session::open(Arc::clone(&shared), Arc::clone(&conn), identity);
         conn.offer_frame(SharedFrame::new(ServerFrame::Hello {
             protocol: PROTOCOL_VERSION.into(),
             connection_id: id,
-            user: conn.user.clone(),
+            user: conn.user().cloned(),
             server_ts: now_ms(),
             ping_interval_ms: shared.config.ping_interval.as_millis() as u64,
             idle_timeout_ms: shared.config.idle_timeout.as_millis() as u64,
@@ -76,30 +80,115 @@ pub(crate) async fn serve(
             metrics::counter!(m::SLOW_CONSUMERS).increment(1);
         }
         tracing::debug!(reason = reason.as_str(), "connection closed");
+        drop(slot);
     }
     .instrument(span)
     .await
 }
 
-/// The reader's state: the connection's subscriptions. Dropping it leaves every room.
+/// The reader's state: the connection's identity, subscriptions and inbound rate budget.
+/// Dropping it leaves every room.
 struct Session {
     shared: Arc<Shared>,
     conn: Arc<ConnHandle>,
     subscriptions: HashMap<Channel, Arc<Room>>,
+    /// `None` until the connection authenticates (or for good, when anonymous).
+    identity: Option<Identity>,
+    /// When the connection was opened (for the authentication timeout).
+    opened: Instant,
+    /// Set when the token expired and `token_expired` was sent: the end of the grace period.
+    grace_until: Option<Instant>,
+    /// Inbound token bucket: tokens left, and when it was last refilled.
+    tokens: f64,
+    refilled: Instant,
+    /// Messages dropped in a row for the rate limit; past the burst size, the connection closes.
+    strikes: u32,
+}
+
+/// What a deadline of the authentication state means when it passes.
+enum AuthDeadline {
+    /// Nothing authenticated in time (anonymous not allowed): close 4002.
+    Required,
+    /// The token expires now: say so and start the grace period.
+    Expiry,
+    /// The grace period is over: close 4003.
+    GraceOver,
 }
 
 impl Session {
-    fn open(shared: Arc<Shared>, conn: Arc<ConnHandle>) -> Session {
+    fn open(shared: Arc<Shared>, conn: Arc<ConnHandle>, identity: Option<Identity>) -> Session {
         shared.open_connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
-        if let Some(user) = &conn.user {
+        if let Some(user) = conn.user() {
             shared.users.connected(user);
         }
+        let tokens = f64::from(shared.config.client_burst);
         Session {
             shared,
             conn,
             subscriptions: HashMap::new(),
+            identity,
+            opened: Instant::now(),
+            grace_until: None,
+            tokens,
+            refilled: Instant::now(),
+            strikes: 0,
+        }
+    }
+
+    /// The next moment the authentication state needs attention, if any.
+    fn auth_deadline(&self) -> Option<(Instant, AuthDeadline)> {
+        match (&self.identity, self.grace_until) {
+            (None, _) if !self.shared.config.allow_anonymous => Some((
+                self.opened + self.shared.config.auth_timeout,
+                AuthDeadline::Required,
+            )),
+            (None, _) => None,
+            (Some(_), Some(grace)) => Some((grace, AuthDeadline::GraceOver)),
+            (Some(identity), None) => {
+                let left = identity.expires_at_ms.saturating_sub(now_ms());
+                Some((
+                    Instant::now() + Duration::from_millis(left),
+                    AuthDeadline::Expiry,
+                ))
+            }
+        }
+    }
+
+    /// Acts on a passed authentication deadline; `Err` closes the connection.
+    fn on_auth_deadline(&mut self, what: AuthDeadline) -> Result<(), DisconnectReason> {
+        match what {
+            AuthDeadline::Required => Err(DisconnectReason::AuthenticationRequired),
+            AuthDeadline::GraceOver => Err(DisconnectReason::TokenExpired),
+            AuthDeadline::Expiry => {
+                let grace = self.shared.config.token_grace;
+                self.grace_until = Some(Instant::now() + grace);
+                self.error(
+                    None,
+                    ErrorCode::TokenExpired,
+                    format!(
+                        "your token expired: send a fresh one in an auth frame within {} s",
+                        grace.as_secs()
+                    ),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes one message's worth from the inbound bucket.
+    fn within_rate(&mut self) -> bool {
+        let config = &self.shared.config;
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f64() * config.client_rate;
+        self.tokens = (self.tokens + refill).min(f64::from(config.client_burst));
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -107,9 +196,20 @@ impl Session {
         let idle_timeout = self.shared.config.idle_timeout;
         let mut reader = FrameReader::new(read, self.shared.config.max_message_size);
         loop {
+            let deadline = self.auth_deadline();
+            let wake = deadline
+                .as_ref()
+                .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
             let message = tokio::select! {
                 biased;
                 _ = self.conn.closing().cancelled() => return,
+                _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
+                    let Some((_, what)) = deadline else { continue };
+                    if let Err(reason) = self.on_auth_deadline(what) {
+                        return self.conn.close(reason);
+                    }
+                    continue;
+                }
                 read = tokio::time::timeout(idle_timeout, reader.next()) => match read {
                     Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
                     Ok(Err(error)) => return self.conn.close(reason_for(&error)),
@@ -176,6 +276,28 @@ impl Session {
         };
         metrics::counter!(m::MESSAGES_RECEIVED, "type" => frame.type_name()).increment(1);
         let id = frame.id();
+        if !self.within_rate() {
+            self.strikes += 1;
+            if self.strikes > self.shared.config.client_burst {
+                return Err(DisconnectReason::RateLimited);
+            }
+            self.error(
+                Some(id),
+                ErrorCode::RateLimited,
+                "too many messages; slow down".into(),
+            );
+            return Ok(());
+        }
+        self.strikes = 0;
+        let open = matches!(frame, ClientFrame::Auth { .. } | ClientFrame::Ping { .. });
+        if self.identity.is_none() && !self.shared.config.allow_anonymous && !open {
+            self.error(
+                Some(id),
+                ErrorCode::Unauthenticated,
+                "authenticate first: send an auth frame with your token".into(),
+            );
+            return Ok(());
+        }
         match self.dispatch(frame) {
             Ok(Some(result)) => self.reply(ServerFrame::Ok { id, result }),
             Ok(None) => {}
@@ -267,6 +389,7 @@ impl Session {
             ClientFrame::Ping { .. } => Ok(Some(Reply::Pong {
                 server_ts: now_ms(),
             })),
+            ClientFrame::Auth { token, .. } => self.authenticate(&token).map(Some),
             ClientFrame::PlaceBid {
                 id,
                 auction_id,
@@ -284,7 +407,8 @@ impl Session {
                     conn.offer_frame(SharedFrame::new(ServerFrame::Ok { id, result }));
                 });
                 let bid = BidRequest {
-                    user: self.conn.user.clone(),
+                    user: self.identity.as_ref().map(|i| i.user.clone()),
+                    may_bid: self.identity.as_ref().is_none_or(Identity::may_bid),
                     auction_id,
                     amount,
                     request_id,
@@ -311,15 +435,78 @@ impl Session {
                 ),
             ));
         }
-        if channel.kind() == ChannelKind::User
-            && self.conn.user.as_ref().map(|u| u.as_str()) != Some(channel.id())
-        {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("{channel} is another user's channel"),
-            ));
+        let kind = channel.kind();
+        if matches!(kind, ChannelKind::Auction | ChannelKind::Broadcast) {
+            return Ok(());
         }
-        Ok(())
+        let Some(identity) = &self.identity else {
+            return Err((
+                ErrorCode::Unauthenticated,
+                format!("{channel} needs an authenticated connection"),
+            ));
+        };
+        if kind == ChannelKind::User {
+            if identity.user.as_str() != channel.id() {
+                return Err((
+                    ErrorCode::Forbidden,
+                    format!("{channel} is another user's channel"),
+                ));
+            }
+            return Ok(());
+        }
+        match identity.lists(channel) {
+            Some(true) => Ok(()),
+            Some(false) => Err((
+                ErrorCode::Forbidden,
+                format!("your token's channels claim does not list {channel}"),
+            )),
+            None => Err((
+                ErrorCode::Forbidden,
+                "your token has no channels claim: it may join no conversation".into(),
+            )),
+        }
+    }
+
+    /// Verifies a token from an `auth` frame: authenticates the connection, or refreshes the
+    /// token of the same user.
+    fn authenticate(&mut self, token: &str) -> Result<Reply, (ErrorCode, String)> {
+        let Some(verifier) = &self.shared.verifier else {
+            return Err((
+                ErrorCode::TokenInvalid,
+                "this broker has no JWT key configured".into(),
+            ));
+        };
+        let identity = verifier.verify(token).map_err(|e| match e {
+            AuthError::Expired => (ErrorCode::TokenExpired, e.to_string()),
+            AuthError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
+        })?;
+        match &self.identity {
+            Some(current) if current.user != identity.user => {
+                return Err((
+                    ErrorCode::Forbidden,
+                    "a connection's user cannot change: open a new connection".into(),
+                ))
+            }
+            Some(_) => {}
+            None => {
+                // Anonymous until now: it may have joined rooms as an anonymous viewer.
+                if !self.subscriptions.is_empty() {
+                    return Err((
+                        ErrorCode::Forbidden,
+                        "authenticate before subscribing: unsubscribe everything first".into(),
+                    ));
+                }
+                self.conn.set_user(identity.user.clone());
+                self.shared.users.connected(&identity.user);
+            }
+        }
+        let reply = Reply::Authenticated {
+            user: identity.user.clone(),
+            expires_at: identity.expires_at_ms,
+        };
+        self.identity = Some(identity);
+        self.grace_until = None;
+        Ok(reply)
     }
 
     /// Checks that this connection may publish, type or send receipts in `channel`; returns
@@ -336,12 +523,15 @@ impl Session {
         if !self.subscriptions.contains_key(channel) {
             return Err(not_subscribed(channel));
         }
-        self.conn.user.clone().ok_or_else(|| {
-            (
-                ErrorCode::Forbidden,
-                "anonymous connections are read-only".to_owned(),
-            )
-        })
+        self.identity
+            .as_ref()
+            .map(|i| i.user.clone())
+            .ok_or_else(|| {
+                (
+                    ErrorCode::Unauthenticated,
+                    "anonymous connections are read-only".to_owned(),
+                )
+            })
     }
 
     fn reply(&self, frame: ServerFrame) {
@@ -360,7 +550,7 @@ impl Drop for Session {
         for room in self.subscriptions.values() {
             self.shared.rooms.unsubscribe(&self.conn, room);
         }
-        if let Some(user) = &self.conn.user {
+        if let Some(user) = self.conn.user() {
             self.shared.users.disconnected(user);
         }
         self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);

@@ -5,18 +5,21 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gavel_protocol::{Format, UserId};
+use gavel_protocol::Format;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, AUTHORIZATION, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+use crate::admission::Refused;
+use crate::auth::AuthError;
 use crate::http::{error_response, query_param};
 use crate::metrics as m;
 use crate::session::{self, BoxRead, BoxWrite};
+use crate::PeerAddr;
 use crate::Shared;
 
 pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -68,12 +71,55 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
             }
         }
     };
-    let user = match query_param(req.uri(), "user") {
+    if !crate::http::origin_allowed(&shared.config, req.headers()) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not open WebSockets here".into(),
+        );
+    }
+    let identity = match bearer_token(&req) {
         None => None,
-        Some(raw) => match UserId::parse(&raw) {
-            Ok(user) => Some(user),
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_user", e.to_string()),
-        },
+        Some(token) => {
+            let Some(verifier) = &shared.verifier else {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "token_invalid",
+                    "this broker has no JWT key configured".into(),
+                );
+            };
+            match verifier.verify(&token) {
+                Ok(identity) => Some(identity),
+                Err(AuthError::Expired) => {
+                    return refuse(
+                        StatusCode::UNAUTHORIZED,
+                        "token_expired",
+                        "the token has expired".into(),
+                    )
+                }
+                Err(e @ AuthError::Invalid(_)) => {
+                    return refuse(StatusCode::UNAUTHORIZED, "token_invalid", e.to_string())
+                }
+            }
+        }
+    };
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let slot = match shared.admission.admit(peer) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let (reason, message) = match refused {
+                Refused::Full => ("too_many_connections", "the broker is full; retry shortly"),
+                Refused::AddressFull => (
+                    "too_many_connections_from_address",
+                    "too many connections from your address; retry shortly",
+                ),
+            };
+            let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, reason, message.into());
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            return response;
+        }
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -89,7 +135,7 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
             }
         };
         let (read, write) = split(ws.into_inner());
-        session::serve(task_shared, read, write, format, user).await;
+        session::serve(task_shared, read, write, format, identity, slot).await;
     });
 
     let (mut parts, _) = response.into_parts();
@@ -100,6 +146,21 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         );
     }
     Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+/// Seconds a refused client is asked to wait (`Retry-After`).
+const RETRY_AFTER_SECS: &str = "5";
+
+/// The token from `Authorization: Bearer` or, for browsers (which cannot set headers on a
+/// WebSocket), the `token` query parameter.
+fn bearer_token(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+        .or_else(|| query_param(req.uri(), "token"))
+        .filter(|t| !t.is_empty())
 }
 
 /// Splits the upgraded connection into owned halves: for a plain TCP stream without a lock

@@ -74,6 +74,8 @@ pub enum BidRejection {
     RateLimited,
     /// Anonymous connections cannot bid.
     Unauthenticated,
+    /// The token carries roles, and not `bidder` (or `admin`).
+    Forbidden,
     /// Zero, negative, or above the largest amount the broker accepts.
     InvalidAmount,
     /// No auction has this id.
@@ -90,6 +92,7 @@ impl BidRejection {
             BidRejection::Ended => "ended",
             BidRejection::RateLimited => "rate_limited",
             BidRejection::Unauthenticated => "unauthenticated",
+            BidRejection::Forbidden => "forbidden",
             BidRejection::InvalidAmount => "invalid_amount",
             BidRejection::UnknownAuction => "unknown_auction",
             BidRejection::Unavailable => "unavailable",

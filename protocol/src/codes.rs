@@ -30,6 +30,17 @@ pub enum ErrorCode {
     AlreadySubscribed,
     /// `too_many_subscriptions`: the per-connection subscription limit is reached.
     TooManySubscriptions,
+    /// `unauthenticated`: this needs an authenticated connection (send `auth` first, or connect
+    /// with a token).
+    Unauthenticated,
+    /// `token_invalid`: the token's signature, form, issuer, audience or `sub` is wrong.
+    TokenInvalid,
+    /// `token_expired`: the token has expired. Sent unprompted (with `id: null`) when a live
+    /// connection's token expires: send a fresh `auth` within the grace period or be closed.
+    TokenExpired,
+    /// `rate_limited`: this connection sends faster than the broker allows; the message was
+    /// dropped. Sustained, it is closed with 1008.
+    RateLimited,
     /// `internal`: reserved for a failure inside the broker; the request may be retried. This
     /// version has no path that sends it.
     Internal,
@@ -47,12 +58,20 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::AlreadySubscribed => "already_subscribed",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::Unauthenticated,
+        ErrorCode::TokenInvalid,
+        ErrorCode::TokenExpired,
+        ErrorCode::RateLimited,
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
         ErrorCode::InvalidChannel,
@@ -77,12 +96,19 @@ pub enum CloseCode {
     ProtocolError,
     /// 1007: a text frame that is not valid UTF-8.
     InvalidPayload,
+    /// 1008: policy violation: the connection kept sending faster than its rate limit.
+    PolicyViolation,
     /// 1009: a message larger than the broker's maximum message size.
     MessageTooBig,
     /// 1011: an internal error in the broker.
     InternalError,
     /// 4000: nothing was received from the client (not even a pong) within the idle timeout.
     IdleTimeout,
+    /// 4002: no valid authentication arrived within the authentication timeout (and anonymous
+    /// connections are not allowed).
+    AuthenticationRequired,
+    /// 4003: the token expired and no fresh one arrived within the grace period.
+    TokenExpired,
     /// 4001: the client did not read fast enough: its outbound queue filled up. (A write that
     /// stalls past the write timeout drops the socket without a close frame.) Reconnect and
     /// resubscribe with `since` and `epoch`.
@@ -96,6 +122,9 @@ impl CloseCode {
             CloseCode::GoingAway => 1001,
             CloseCode::ProtocolError => 1002,
             CloseCode::InvalidPayload => 1007,
+            CloseCode::PolicyViolation => 1008,
+            CloseCode::AuthenticationRequired => 4002,
+            CloseCode::TokenExpired => 4003,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::IdleTimeout => 4000,
@@ -110,6 +139,9 @@ impl CloseCode {
             CloseCode::GoingAway => "server shutting down",
             CloseCode::ProtocolError => "protocol error",
             CloseCode::InvalidPayload => "invalid utf-8",
+            CloseCode::PolicyViolation => "rate limit exceeded",
+            CloseCode::AuthenticationRequired => "authentication required",
+            CloseCode::TokenExpired => "token expired",
             CloseCode::MessageTooBig => "message too big",
             CloseCode::InternalError => "internal error",
             CloseCode::IdleTimeout => "idle timeout",
@@ -121,7 +153,10 @@ impl CloseCode {
         CloseCode::ALL.into_iter().find(|c| c.code() == code)
     }
 
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 11] = [
+        CloseCode::PolicyViolation,
+        CloseCode::AuthenticationRequired,
+        CloseCode::TokenExpired,
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,

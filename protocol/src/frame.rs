@@ -57,6 +57,9 @@ pub enum ClientFrame {
     },
     /// Application-level round trip; the reply carries the server time.
     Ping { id: RequestId },
+    /// Authenticates the connection (when the token did not come with the upgrade request) or
+    /// refreshes its token before it expires. The user cannot change on a connection.
+    Auth { id: RequestId, token: String },
     /// A bid on an auction. Replied with `bid_accepted` or `bid_rejected`; a retry with the same
     /// `request_id` (per user) gets the first outcome again and never places a second bid.
     PlaceBid {
@@ -79,7 +82,8 @@ impl ClientFrame {
             | ClientFrame::Read { id, .. }
             | ClientFrame::Presence { id, .. }
             | ClientFrame::Ping { id }
-            | ClientFrame::PlaceBid { id, .. } => *id,
+            | ClientFrame::PlaceBid { id, .. }
+            | ClientFrame::Auth { id, .. } => *id,
         }
     }
 
@@ -94,11 +98,13 @@ impl ClientFrame {
             ClientFrame::Presence { .. } => "presence",
             ClientFrame::Ping { .. } => "ping",
             ClientFrame::PlaceBid { .. } => "place_bid",
+            ClientFrame::Auth { .. } => "auth",
         }
     }
 
     /// Every client `type`, for the decoder's error messages and the docs.
-    pub const TYPES: [&'static str; 8] = [
+    pub const TYPES: [&'static str; 9] = [
+        "auth",
         "subscribe",
         "unsubscribe",
         "publish",
@@ -172,6 +178,12 @@ pub enum Reply {
     Presence(PresenceReply),
     /// To `ping`.
     Pong { server_ts: u64 },
+    /// To `auth`: who the connection is now, and until when the token is valid.
+    Authenticated {
+        user: UserId,
+        /// Token expiry, ms since the Unix epoch.
+        expires_at: u64,
+    },
     /// To `place_bid`: the bid is durable and is (or will be) in the room as `bid_placed`.
     BidAccepted {
         auction_id: String,

@@ -85,6 +85,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (any::<u64>(), channel(), any::<Option<u32>>())
             .prop_map(|(id, channel, limit)| ClientFrame::Presence { id, channel, limit }),
         any::<u64>().prop_map(|id| ClientFrame::Ping { id }),
+        (any::<u64>(), ".{0,200}").prop_map(|(id, token)| ClientFrame::Auth { id, token }),
         (any::<u64>(), id_string(), any::<i64>(), id_string()).prop_map(
             |(id, auction_id, amount, request_id)| ClientFrame::PlaceBid {
                 id,
@@ -159,6 +160,8 @@ fn reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         any::<u64>().prop_map(|server_ts| Reply::Pong { server_ts }),
+        (user(), any::<u64>())
+            .prop_map(|(user, expires_at)| Reply::Authenticated { user, expires_at }),
         (
             id_string(),
             id_string(),
@@ -194,6 +197,7 @@ fn reply() -> impl Strategy<Value = Reply> {
                 BidRejection::Ended,
                 BidRejection::RateLimited,
                 BidRejection::Unauthenticated,
+                BidRejection::Forbidden,
                 BidRejection::InvalidAmount,
                 BidRejection::UnknownAuction,
                 BidRejection::Unavailable,

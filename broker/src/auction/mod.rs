@@ -50,6 +50,8 @@ pub type BidReply = Box<dyn FnOnce(Reply) + Send>;
 /// A bid as the session hands it over.
 pub struct BidRequest {
     pub user: Option<UserId>,
+    /// False when the user's token has roles but not `bidder` (or `admin`).
+    pub may_bid: bool,
     pub auction_id: String,
     pub amount: i64,
     pub request_id: String,
@@ -280,6 +282,12 @@ impl Auctions {
                 "anonymous connections cannot bid",
             ));
         };
+        if !bid.may_bid {
+            return reply(reject(
+                BidRejection::Forbidden,
+                "bidding needs the bidder role",
+            ));
+        }
         let Some(commands_tx) = self.map.get(&bid.auction_id).map(|h| h.commands_tx.clone()) else {
             return reply(reject(BidRejection::UnknownAuction, "no such auction"));
         };
@@ -817,6 +825,7 @@ mod tests {
         auctions.place_bid(
             BidRequest {
                 user: Some(UserId::parse(user).unwrap()),
+                may_bid: true,
                 auction_id: "a1".into(),
                 amount,
                 request_id: request_id.into(),

@@ -410,6 +410,10 @@ async fn acknowledged_bids_survive_kill_9() {
         "1000000",
         "--bid-burst",
         "1000000",
+        "--client-rate",
+        "1000000",
+        "--client-burst",
+        "1000000",
     ];
     let (mut child, addr) = spawn_broker_process(&args, &data_dir);
     assert_eq!(
@@ -451,6 +455,9 @@ async fn acknowledged_bids_survive_kill_9() {
                             id,
                             result,
                         }))) if id == i => break result,
+                        Ok(Ok(gavel_broker::client::Incoming::Frame(ServerFrame::Error(e)))) => {
+                            panic!("error frame: {e:?}")
+                        }
                         Ok(Ok(gavel_broker::client::Incoming::Frame(_))) => continue,
                         _ => return (user, acks), // the broker died
                     }
@@ -465,7 +472,10 @@ async fn acknowledged_bids_survive_kill_9() {
                         acked.fetch_add(1, Ordering::Relaxed);
                         next_min = next_min_bid;
                     }
-                    Reply::BidRejected { min_amount, .. } => {
+                    Reply::BidRejected {
+                        min_amount, reason, ..
+                    } => {
+                        assert_eq!(reason, BidRejection::TooLow, "unexpected rejection");
                         next_min = min_amount.unwrap_or(next_min)
                     }
                     other => panic!("{other:?}"),

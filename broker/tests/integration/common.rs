@@ -21,6 +21,32 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 
 pub const API_KEY: &str = "test-api-key-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+
+/// A token for `user`, valid for an hour, allowed into every conversation.
+pub fn token(user: &str) -> String {
+    token_with(user, None, Some(vec!["conversation:*".into()]), 3600)
+}
+
+/// A token with the given roles and channels, expiring `ttl_secs` from now (negative: past).
+pub fn token_with(
+    user: &str,
+    roles: Option<Vec<String>>,
+    channels: Option<Vec<String>>,
+    ttl_secs: i64,
+) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = gavel_broker::auth::Claims {
+        sub: user.into(),
+        exp: (now + ttl_secs).max(0) as u64,
+        roles,
+        channels,
+    };
+    gavel_broker::auth::sign_hs256(JWT_SECRET.as_bytes(), &claims).unwrap()
+}
 /// Guard against a hang; generous because the machine is shared and slow in debug builds.
 pub const HANG: Duration = Duration::from_secs(30);
 
@@ -53,6 +79,8 @@ impl TestBroker {
         let addr = listener.local_addr().unwrap();
         let mut config = Config::defaults();
         config.api_key = Some(API_KEY.into());
+        config.jwt_secret = Some(JWT_SECRET.into());
+        config.allow_anonymous = true;
         config.data_dir = temp_dir("broker");
         tweak(&mut config);
         let data_dir = config.data_dir.clone();
@@ -103,9 +131,17 @@ pub struct TestClient {
 
 impl TestClient {
     pub async fn connect(addr: SocketAddr, user: Option<&str>, format: Format) -> TestClient {
+        TestClient::connect_with(addr, user.map(token), format).await
+    }
+
+    pub async fn connect_with(
+        addr: SocketAddr,
+        token: Option<String>,
+        format: Format,
+    ) -> TestClient {
         let options = ConnectOptions {
             format,
-            user: user.map(str::to_owned),
+            token,
             query: None,
         };
         let client = tokio::time::timeout(HANG, Client::connect(addr, options))
@@ -240,6 +276,27 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Option<String>,
 ) -> (StatusCode, Value) {
+    let (status, value, _) = http_full(addr, method, path, headers, body).await;
+    (status, value)
+}
+
+/// A bodiless request, with the response headers.
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value, hyper::HeaderMap) {
+    http_full(addr, method, path, headers, None).await
+}
+
+async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, Value, hyper::HeaderMap) {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -260,10 +317,14 @@ pub async fn http(
         .expect("http hung")
         .expect("http request");
     let status = response.status();
+    let response_headers = response.headers().clone();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return (status, Value::Null, response_headers);
+    }
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    (status, value)
+    (status, value, response_headers)
 }
 
 pub fn channel(name: &str) -> Channel {
@@ -280,6 +341,7 @@ pub fn spawn_broker_process(
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--jwt-secret", JWT_SECRET, "--allow-anonymous"])
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)

@@ -14,7 +14,7 @@ fn every_flag_in_help_is_in_the_readme() {
     let flags: Vec<&str> = help
         .split_whitespace()
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches(','))
+        .map(|w| w.trim_end_matches([',', ')', '.', ':']))
         .filter(|w| !matches!(*w, "--help" | "--version"))
         .collect();
     assert!(

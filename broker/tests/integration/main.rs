@@ -4,6 +4,7 @@
 mod common;
 
 mod auctions;
+mod auth;
 mod conversation;
 mod docs;
 mod errors;

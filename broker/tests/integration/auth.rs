@@ -1,0 +1,427 @@
+//! Authentication, permissions, origins and limits: each rule's allowed and denied side, over
+//! real sockets.
+
+use std::time::Duration;
+
+use gavel_broker::protocol::{BidRejection, ClientFrame, ErrorCode, Format, Reply, ServerFrame};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
+
+const UPGRADE: [(&str, &str); 4] = [
+    ("upgrade", "websocket"),
+    ("connection", "upgrade"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("sec-websocket-version", "13"),
+];
+
+async fn upgrade_status(
+    b: &TestBroker,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let mut headers = UPGRADE.to_vec();
+    headers.extend_from_slice(extra);
+    let (status, body) = http(b.addr, "GET", path, &headers, None).await;
+    (status.as_u16(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_the_header_the_query_or_an_auth_frame() {
+    let b = TestBroker::start(|_| {}).await;
+    // Header (what TestClient does).
+    let mut header = b.connect(Some("hal")).await;
+    assert!(matches!(
+        header.subscribe("user:hal").await,
+        Reply::Subscribed { .. }
+    ));
+    // Query parameter, as browsers do.
+    let (status, _) = upgrade_status(&b, &format!("/ws?token={}", token("qin")), &[]).await;
+    assert_eq!(status, 101);
+    // An auth frame on an anonymous connection.
+    let mut late = b.connect(None).await;
+    let reply = late
+        .request(|id| ClientFrame::Auth {
+            id,
+            token: token("fay"),
+        })
+        .await
+        .unwrap();
+    let Reply::Authenticated { user, expires_at } = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(user.as_str(), "fay");
+    assert!(expires_at > gavel_broker::clock::now_ms());
+    late.subscribe("user:fay").await;
+    assert_eq!(b.broker.user_connections(&user), 1);
+    // The user of a connection cannot change.
+    let err = late
+        .request(|id| ClientFrame::Auth {
+            id,
+            token: token("mal"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Forbidden);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_and_expired_tokens_are_refused_with_their_codes() {
+    let b = TestBroker::start(|_| {}).await;
+    let forged = {
+        let claims = gavel_broker::auth::Claims {
+            sub: "eve".into(),
+            exp: 4_000_000_000,
+            roles: None,
+            channels: None,
+        };
+        gavel_broker::auth::sign_hs256(b"some-other-secret-entirely", &claims).unwrap()
+    };
+    let expired = token_with("old", None, None, -600);
+    let bearer = |t: &str| format!("Bearer {t}");
+    let (status, body) = upgrade_status(&b, "/ws", &[("authorization", &bearer(&forged))]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("token_invalid"))
+    );
+    let (status, body) = upgrade_status(&b, "/ws", &[("authorization", &bearer(&expired))]).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("token_expired"))
+    );
+    let mut c = b.connect(None).await;
+    let err = c
+        .request(|id| ClientFrame::Auth {
+            id,
+            token: forged.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::TokenInvalid);
+    let err = c
+        .request(|id| ClientFrame::Auth {
+            id,
+            token: expired.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::TokenExpired);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_anonymous_access_a_connection_must_authenticate_in_time() {
+    let b = TestBroker::start(|c| {
+        c.allow_anonymous = false;
+        c.auth_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // In time: fine.
+    let mut good = b.connect(None).await;
+    let err = good
+        .request(|id| ClientFrame::Subscribe {
+            id,
+            channel: channel("auction:1"),
+            since: None,
+            epoch: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Unauthenticated, "nothing before auth");
+    good.request(|id| ClientFrame::Auth {
+        id,
+        token: token("gus"),
+    })
+    .await
+    .unwrap();
+    good.subscribe("auction:1").await;
+    // Never: closed with 4002.
+    let mut silent = b.connect(None).await;
+    assert_eq!(silent.closed().await, Some(4002));
+    // The authenticated one is still there.
+    assert!(matches!(
+        good.request(|id| ClientFrame::Ping { id }).await.unwrap(),
+        Reply::Pong { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_connections_are_read_only() {
+    let b = TestBroker::start(fast_bids).await;
+    api(
+        b.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("ro", 600_000)),
+    )
+    .await;
+    let mut anon = b.connect(None).await;
+    anon.subscribe("auction:ro").await;
+    anon.subscribe("broadcast").await;
+    let Reply::BidRejected { reason, .. } = anon.bid("ro", 5000, "a").await else {
+        panic!()
+    };
+    assert_eq!(reason, BidRejection::Unauthenticated);
+    for name in ["user:x", "conversation:x"] {
+        let err = anon
+            .request(|id| ClientFrame::Subscribe {
+                id,
+                channel: channel(name),
+                since: None,
+                epoch: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated, "{name}");
+    }
+}
+
+fn fast_bids(c: &mut gavel_broker::Config) {
+    c.bid_rate = 1000.0;
+    c.bid_burst = 1000;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_need_the_channels_claim_and_bids_the_bidder_role() {
+    let b = TestBroker::start(fast_bids).await;
+    let sub = |name: &str| {
+        let channel = channel(name);
+        move |id| ClientFrame::Subscribe {
+            id,
+            channel,
+            since: None,
+            epoch: None,
+        }
+    };
+    let listed = token_with("ivy", None, Some(vec!["conversation:c1".into()]), 3600);
+    let mut ivy = TestClient::connect_with(b.addr, Some(listed), Format::MsgPack).await;
+    assert!(ivy.request(sub("conversation:c1")).await.is_ok());
+    assert_eq!(
+        ivy.request(sub("conversation:c2")).await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
+    let none = token_with("jon", None, None, 3600);
+    let mut jon = TestClient::connect_with(b.addr, Some(none), Format::MsgPack).await;
+    assert_eq!(
+        jon.request(sub("conversation:c1")).await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
+
+    api(
+        b.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("roles", 600_000)),
+    )
+    .await;
+    let viewer = token_with("kit", Some(vec!["viewer".into()]), None, 3600);
+    let mut kit = TestClient::connect_with(b.addr, Some(viewer), Format::MsgPack).await;
+    let Reply::BidRejected { reason, .. } = kit.bid("roles", 5000, "k").await else {
+        panic!()
+    };
+    assert_eq!(reason, BidRejection::Forbidden);
+    let bidder = token_with("lee", Some(vec!["bidder".into()]), None, 3600);
+    let mut lee = TestClient::connect_with(b.addr, Some(bidder), Format::MsgPack).await;
+    assert!(matches!(
+        lee.bid("roles", 5000, "l").await,
+        Reply::BidAccepted { .. }
+    ));
+    // No roles claim at all: no role checks.
+    assert!(matches!(
+        jon.bid("roles", 6000, "j").await,
+        Reply::BidAccepted { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_gets_a_warning_and_a_grace_period() {
+    let b = TestBroker::start(|c| c.token_grace = Duration::from_millis(300)).await;
+    // Tokens expiring in about a second: one connection refreshes in time, one does not.
+    let mut refresher = TestClient::connect_with(
+        b.addr,
+        Some(token_with("nia", None, None, 1)),
+        Format::MsgPack,
+    )
+    .await;
+    let mut lapser = TestClient::connect_with(
+        b.addr,
+        Some(token_with("oto", None, None, 1)),
+        Format::MsgPack,
+    )
+    .await;
+    loop {
+        if let ServerFrame::Error(e) = refresher.recv().await {
+            assert_eq!((e.id, e.code), (None, ErrorCode::TokenExpired));
+            break;
+        }
+    }
+    let reply = refresher
+        .request(|id| ClientFrame::Auth {
+            id,
+            token: token("nia"),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reply, Reply::Authenticated { .. }));
+    assert_eq!(lapser.closed().await, Some(4003));
+    // The refreshed connection lives on past the grace period.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(matches!(
+        refresher
+            .request(|id| ClientFrame::Ping { id })
+            .await
+            .unwrap(),
+        Reply::Pong { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_takes_the_key_or_an_admin_token() {
+    let b = TestBroker::start(|_| {}).await;
+    let admin = token_with("root", Some(vec!["admin".into()]), None, 3600);
+    let user = token_with("usr", Some(vec!["bidder".into()]), None, 3600);
+    let get = |t: String| {
+        let addr = b.addr;
+        async move {
+            http(
+                addr,
+                "GET",
+                "/api/stats",
+                &[("authorization", &format!("Bearer {t}"))],
+                None,
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(get(admin).await, 200);
+    assert_eq!(get(user).await, 403);
+    assert_eq!(get(API_KEY.into()).await, 200);
+    assert_eq!(get("nope".into()).await, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked_and_cors_answers_the_allowed_ones() {
+    let b = TestBroker::start(|c| c.allowed_origins = vec!["https://shop.example".into()]).await;
+    assert_eq!(
+        upgrade_status(&b, "/ws", &[("origin", "https://evil.example")])
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        upgrade_status(&b, "/ws", &[("origin", "https://shop.example")])
+            .await
+            .0,
+        101
+    );
+    assert_eq!(
+        upgrade_status(&b, "/ws", &[]).await.0,
+        101,
+        "no Origin: not a browser"
+    );
+
+    let preflight = http(
+        b.addr,
+        "OPTIONS",
+        "/api/stats",
+        &[("origin", "https://shop.example")],
+        None,
+    )
+    .await;
+    assert_eq!(preflight.0, 204);
+    let (status, _, headers) = http_with_headers(
+        b.addr,
+        "GET",
+        "/api/stats",
+        &[("origin", "https://shop.example"), ("x-api-key", API_KEY)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "https://shop.example"
+    );
+    let (status, _, headers) = http_with_headers(
+        b.addr,
+        "GET",
+        "/api/stats",
+        &[("origin", "https://evil.example"), ("x-api-key", API_KEY)],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(headers.get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_with_503_and_retry_after() {
+    let b = TestBroker::start(|c| {
+        c.max_connections = 3;
+        c.max_connections_per_ip = 2;
+    })
+    .await;
+    let _one = b.connect(None).await;
+    let _two = b.connect(None).await;
+    let (status, _, headers) = http_with_headers(b.addr, "GET", "/ws", &UPGRADE).await;
+    assert_eq!(status, 503, "the third from one address");
+    assert_eq!(headers.get("retry-after").unwrap(), "5");
+    drop(_two);
+    eventually("a place is free again", || async {
+        http_with_headers(b.addr, "GET", "/ws", &UPGRADE).await.0 == 101
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_gets_rate_limited_then_closed_with_1008() {
+    let b = TestBroker::start(|c| {
+        c.client_rate = 1.0;
+        c.client_burst = 5;
+    })
+    .await;
+    let mut bystander = b.connect(None).await;
+    bystander.subscribe("auction:calm").await;
+    let mut flood = b.connect(None).await;
+    for id in 0..5 {
+        flood.send(ClientFrame::Ping { id }).await;
+    }
+    flood.send(ClientFrame::Ping { id: 5 }).await;
+    let mut limited = false;
+    for _ in 0..6 {
+        if let ServerFrame::Error(e) = flood.recv().await {
+            assert_eq!((e.id, e.code), (Some(5), ErrorCode::RateLimited));
+            limited = true;
+        }
+    }
+    assert!(limited);
+    // Keep going: closed with 1008.
+    for id in 6..40 {
+        if flood.client.send(&ClientFrame::Ping { id }).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(flood.closed().await, Some(1008));
+    b.broker
+        .publish(&channel("auction:calm"), "still", json!(null));
+    assert_eq!(bystander.next_event().await.event, "still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_head_is_cut_off() {
+    let b = TestBroker::start(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let mut slow = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let read = tokio::time::timeout(HANG, slow.read(&mut buf))
+        .await
+        .expect("the broker cut it off");
+    // Closed (0 bytes, or a 408 answer and then close): either way it did not wait forever.
+    let n = read.unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
