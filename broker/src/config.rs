@@ -124,6 +124,15 @@ pub struct Config {
     #[arg(long, env = "GAVEL_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
+    /// Ask this backend URL (`http://host:port/path`) whether a user may join a conversation
+    /// their token does not list: POST `{"user", "channel"}`, 200 allows, 403 or 404 denies.
+    #[arg(long, env = "GAVEL_CONVERSATION_AUTH_URL")]
+    pub conversation_auth_url: Option<String>,
+
+    /// How long the backend's answers are cached.
+    #[arg(long, env = "GAVEL_CONVERSATION_AUTH_CACHE", default_value = "30s", value_parser = duration)]
+    pub conversation_auth_cache: Duration,
+
     /// Let connections without a token in: read-only (watch auctions and broadcasts; no bids,
     /// no conversations, no personal channel).
     #[arg(long, env = "GAVEL_ALLOW_ANONYMOUS")]
@@ -306,6 +315,8 @@ impl fmt::Debug for Config {
             .field("jwt_public_key", &self.jwt_public_key)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
+            .field("conversation_auth_url", &self.conversation_auth_url)
+            .field("conversation_auth_cache", &self.conversation_auth_cache)
             .field("allow_anonymous", &self.allow_anonymous)
             .field("auth_timeout", &self.auth_timeout)
             .field("token_grace", &self.token_grace)

@@ -15,6 +15,7 @@ mod admin;
 pub mod admission;
 pub mod auction;
 pub mod auth;
+mod authorize;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -65,6 +66,8 @@ pub enum Error {
     Storage(#[from] store::StorageError),
     #[error("JWT key: {0}")]
     Key(#[from] auth::KeyError),
+    #[error("--conversation-auth-url: {0}")]
+    AuthorizeUrl(String),
 }
 
 /// The client address of a request, as the accept loop saw it (absent when an embedding
@@ -80,6 +83,8 @@ pub(crate) struct Shared {
     /// Verifies JWTs; `None` when no key is configured (then only anonymous access works).
     pub(crate) verifier: Option<auth::Verifier>,
     pub(crate) admission: Arc<admission::Admission>,
+    /// The application's backend, for conversations a token does not list.
+    pub(crate) authorizer: Option<authorize::Authorizer>,
     pub(crate) users: users::Users,
     /// Cancelled when shutdown begins: stops accepting, closes every connection with 1001.
     pub(crate) shutdown: CancellationToken,
@@ -152,11 +157,18 @@ impl Broker {
             config.max_connections_per_ip,
         ));
         tracing::info!(max_connections = admission.max_total(), "connection limit");
+        let authorizer = config
+            .conversation_auth_url
+            .as_deref()
+            .map(|url| authorize::Authorizer::new(url, config.conversation_auth_cache))
+            .transpose()
+            .map_err(Error::AuthorizeUrl)?;
         let shared = Arc::new(Shared {
             rooms,
             auctions,
             verifier,
             admission,
+            authorizer,
             users: users::Users::default(),
             shutdown,
             tracker: TaskTracker::new(),

@@ -217,8 +217,8 @@ impl Session {
                 },
             };
             let result = match message {
-                Message::Binary(bytes) => self.on_message(OpCode::Binary, &bytes),
-                Message::Text(bytes) => self.on_message(OpCode::Text, &bytes),
+                Message::Binary(bytes) => self.on_message(OpCode::Binary, &bytes).await,
+                Message::Text(bytes) => self.on_message(OpCode::Text, &bytes).await,
                 Message::Ping(payload) => {
                     self.conn
                         .offer(Outbound::Control(Box::new((OpCode::Pong, payload))));
@@ -235,7 +235,7 @@ impl Session {
 
     /// Handles one complete client message. Only a message over the size limit ends the
     /// connection; everything else is answered with a reply or an error frame.
-    fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
+    async fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
         metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
         let format = self.conn.format;
         let expected = match format {
@@ -298,7 +298,7 @@ impl Session {
             );
             return Ok(());
         }
-        match self.dispatch(frame) {
+        match self.dispatch(frame).await {
             Ok(Some(result)) => self.reply(ServerFrame::Ok { id, result }),
             Ok(None) => {}
             Err((code, message)) => self.error(Some(id), code, message),
@@ -307,7 +307,7 @@ impl Session {
     }
 
     /// Acts on a request. `Ok(None)` means the reply was already queued (subscribe).
-    fn dispatch(&mut self, frame: ClientFrame) -> Result<Option<Reply>, (ErrorCode, String)> {
+    async fn dispatch(&mut self, frame: ClientFrame) -> Result<Option<Reply>, (ErrorCode, String)> {
         match frame {
             ClientFrame::Subscribe {
                 id,
@@ -315,7 +315,7 @@ impl Session {
                 since,
                 epoch,
             } => {
-                self.may_subscribe(&channel)?;
+                self.may_subscribe(&channel).await?;
                 let joined = self
                     .shared
                     .rooms
@@ -419,7 +419,7 @@ impl Session {
         }
     }
 
-    fn may_subscribe(&self, channel: &Channel) -> Result<(), (ErrorCode, String)> {
+    async fn may_subscribe(&self, channel: &Channel) -> Result<(), (ErrorCode, String)> {
         if self.subscriptions.contains_key(channel) {
             return Err((
                 ErrorCode::AlreadySubscribed,
@@ -460,10 +460,23 @@ impl Session {
                 ErrorCode::Forbidden,
                 format!("your token's channels claim does not list {channel}"),
             )),
-            None => Err((
-                ErrorCode::Forbidden,
-                "your token has no channels claim: it may join no conversation".into(),
-            )),
+            None => match &self.shared.authorizer {
+                None => Err((
+                    ErrorCode::Forbidden,
+                    "your token has no channels claim: it may join no conversation".into(),
+                )),
+                Some(authorizer) => match authorizer.allowed(&identity.user, channel).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err((
+                        ErrorCode::Forbidden,
+                        format!("the application does not let you join {channel}"),
+                    )),
+                    Err(error) => {
+                        tracing::warn!(%error, "conversation authorization failed; denying");
+                        Err((ErrorCode::Forbidden, format!("{error}; try again later")))
+                    }
+                },
+            },
         }
     }
 

@@ -425,3 +425,141 @@ async fn a_slow_request_head_is_cut_off() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+/// A stand-in for the application's backend: allows `ann` into `conversation:x`, denies the
+/// rest, and counts the questions it is asked.
+async fn authorization_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let counter = Arc::clone(&counter);
+                        async move {
+                            use http_body_util::BodyExt;
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let ask: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            let allow = ask == json!({"user": "ann", "channel": "conversation:x"});
+                            let status = if allow { 200 } else { 403 };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_decides_conversations_a_token_does_not_list_with_a_cache() {
+    use std::sync::atomic::Ordering;
+    let (backend, asked) = authorization_backend().await;
+    let b = TestBroker::start(|c| {
+        c.conversation_auth_url = Some(format!("http://{backend}/authorize"));
+        c.conversation_auth_cache = Duration::from_secs(60);
+    })
+    .await;
+    let sub = |name: &str| {
+        let channel = channel(name);
+        move |id| ClientFrame::Subscribe {
+            id,
+            channel,
+            since: None,
+            epoch: None,
+        }
+    };
+    let mut ann = TestClient::connect_with(
+        b.addr,
+        Some(token_with("ann", None, None, 3600)),
+        Format::MsgPack,
+    )
+    .await;
+    assert!(ann.request(sub("conversation:x")).await.is_ok());
+    assert_eq!(
+        ann.request(sub("conversation:y")).await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
+    let mut bob = TestClient::connect_with(
+        b.addr,
+        Some(token_with("bob", None, None, 3600)),
+        Format::MsgPack,
+    )
+    .await;
+    assert_eq!(
+        bob.request(sub("conversation:x")).await.unwrap_err().code,
+        ErrorCode::Forbidden
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    // A second tab of ann: answered from the cache.
+    let mut tab = TestClient::connect_with(
+        b.addr,
+        Some(token_with("ann", None, None, 3600)),
+        Format::MsgPack,
+    )
+    .await;
+    assert!(tab.request(sub("conversation:x")).await.is_ok());
+    assert_eq!(asked.load(Ordering::SeqCst), 3, "cached");
+    // A token that lists its conversations is not asked about.
+    let mut cy = TestClient::connect_with(
+        b.addr,
+        Some(token_with(
+            "cy",
+            None,
+            Some(vec!["conversation:x".into()]),
+            3600,
+        )),
+        Format::MsgPack,
+    )
+    .await;
+    assert!(cy.request(sub("conversation:x")).await.is_ok());
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_down_means_deny() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let b =
+        TestBroker::start(|c| c.conversation_auth_url = Some(format!("http://{addr}/authorize")))
+            .await;
+    let mut ann = TestClient::connect_with(
+        b.addr,
+        Some(token_with("ann", None, None, 3600)),
+        Format::MsgPack,
+    )
+    .await;
+    let err = ann
+        .request(|id| ClientFrame::Subscribe {
+            id,
+            channel: channel("conversation:x"),
+            since: None,
+            epoch: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Forbidden);
+}
