@@ -89,12 +89,25 @@ impl Client {
         Client::handshake(stream, addr, options).await
     }
 
-    /// Runs the WebSocket handshake on an already-connected stream.
+    /// Runs the WebSocket handshake on an already-connected TCP stream.
     pub async fn handshake(
         stream: TcpStream,
         addr: SocketAddr,
         options: ConnectOptions,
     ) -> Result<Client, ClientError> {
+        Client::handshake_over(stream, &addr.to_string(), options).await
+    }
+
+    /// Runs the WebSocket handshake over any stream (a TLS stream for `wss://`); `host` is
+    /// the `Host` header.
+    pub async fn handshake_over<S>(
+        stream: S,
+        host: &str,
+        options: ConnectOptions,
+    ) -> Result<Client, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let uri = match &options.query {
             None => "/ws".to_owned(),
             Some(query) => format!("/ws?{query}"),
@@ -106,7 +119,7 @@ impl Client {
         let request = request
             .method("GET")
             .uri(uri)
-            .header(HOST, addr.to_string())
+            .header(HOST, host)
             .header(UPGRADE, "websocket")
             .header(CONNECTION, "upgrade")
             .header(

@@ -107,6 +107,14 @@ pub struct Config {
     #[arg(long, env = "GAVEL_GROUP_COMMIT", value_enum, default_value_t = Toggle::On)]
     pub group_commit: Toggle,
 
+    /// Serve HTTPS and `wss://` with this PEM certificate chain (with --tls-key).
+    #[arg(long, env = "GAVEL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "GAVEL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Shared secret for HS256 JWTs (from the `Authorization: Bearer` header, a `token` query
     /// parameter, or an `auth` frame).
     #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
@@ -308,6 +316,8 @@ impl fmt::Debug for Config {
             .field("bid_rate", &self.bid_rate)
             .field("bid_burst", &self.bid_burst)
             .field("group_commit", &self.group_commit)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .field(
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),

@@ -27,6 +27,7 @@ pub mod rooms;
 mod session;
 pub mod store;
 mod subscribers;
+pub mod tls;
 mod users;
 mod ws;
 mod wsframe;
@@ -68,6 +69,8 @@ pub enum Error {
     Key(#[from] auth::KeyError),
     #[error("--conversation-auth-url: {0}")]
     AuthorizeUrl(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The client address of a request, as the accept loop saw it (absent when an embedding
@@ -85,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) admission: Arc<admission::Admission>,
     /// The application's backend, for conversations a token does not list.
     pub(crate) authorizer: Option<authorize::Authorizer>,
+    /// Set when the broker terminates TLS itself.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) users: users::Users,
     /// Cancelled when shutdown begins: stops accepting, closes every connection with 1001.
     pub(crate) shutdown: CancellationToken,
@@ -163,12 +168,17 @@ impl Broker {
             .map(|url| authorize::Authorizer::new(url, config.conversation_auth_cache))
             .transpose()
             .map_err(Error::AuthorizeUrl)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             rooms,
             auctions,
             verifier,
             admission,
             authorizer,
+            tls,
             users: users::Users::default(),
             shutdown,
             tracker: TaskTracker::new(),
@@ -219,6 +229,23 @@ impl Broker {
 
     async fn serve_connection(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
         let _ = stream.set_nodelay(true);
+        match &self.shared.tls {
+            None => self.serve_http(stream, peer).await,
+            Some(acceptor) => {
+                let handshake = acceptor.accept(stream);
+                match tokio::time::timeout(self.shared.config.handshake_timeout, handshake).await {
+                    Ok(Ok(stream)) => self.serve_http(stream, peer).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn serve_http<I>(&self, io: I, peer: std::net::SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let broker = self.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
@@ -230,7 +257,7 @@ impl Broker {
             .timer(TokioTimer::new())
             .header_read_timeout(self.shared.config.handshake_timeout);
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         tokio::pin!(conn);
         let shutdown = self.shared.shutdown.clone();
