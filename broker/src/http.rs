@@ -61,18 +61,8 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
         ),
         (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
         (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => (
-            "method_not_allowed",
-            error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed",
-            ),
-        ),
-        _ => (
-            "not_found",
-            error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
-        ),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed(),
+        _ => not_found(),
     };
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
         .increment(1);
@@ -98,19 +88,23 @@ async fn api(
             let rest = p["/api/auctions".len()..].to_owned();
             ("auctions", crate::admin::handle(shared, req, &rest).await)
         }
-        (_, "/api/stats" | "/api/publish") => (
-            "method_not_allowed",
-            error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed",
-            ),
-        ),
-        _ => (
-            "not_found",
-            error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
-        ),
+        (_, "/api/stats" | "/api/publish") => method_not_allowed(),
+        _ => not_found(),
     }
+}
+
+fn method_not_allowed() -> (&'static str, Response<Full<Bytes>>) {
+    let response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed",
+    );
+    ("method_not_allowed", response)
+}
+
+fn not_found() -> (&'static str, Response<Full<Bytes>>) {
+    let response = error_response(StatusCode::NOT_FOUND, "not_found", "no such route");
+    ("not_found", response)
 }
 
 fn status_label(status: StatusCode) -> &'static str {
@@ -343,6 +337,16 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
             )
         }
     };
+    if let Some(channel) = channels.iter().find(|c| reserved_event(c, &request.event)) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "reserved_event",
+            &format!(
+                "{} is the auction engine's event on {channel}: it cannot be published",
+                request.event
+            ),
+        );
+    }
     let published: Vec<Value> = channels
         .iter()
         .map(|channel| {
@@ -354,6 +358,18 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
         })
         .collect();
     json_response(StatusCode::OK, json!({ "published": published }))
+}
+
+/// Events only the auction engine may send (so nobody can fake a bid or an outcome).
+fn reserved_event(channel: &Channel, event: &str) -> bool {
+    match channel.kind() {
+        gavel_protocol::ChannelKind::Auction => matches!(
+            event,
+            "bid_placed" | "extended" | "status_changed" | "ended" | "leaderboard" | "updated"
+        ),
+        gavel_protocol::ChannelKind::User => event == "outbid",
+        _ => false,
+    }
 }
 
 fn valid_event_name(event: &str) -> bool {

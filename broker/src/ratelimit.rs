@@ -1,4 +1,5 @@
-//! Per-user token buckets (for bids): `rate` tokens a second, up to `burst`; a bid takes one.
+//! Token buckets: [`TokenBucket`] (`rate` tokens a second, up to `burst`; an action takes one),
+//! and [`RateLimiter`], one bucket per user (for bids).
 
 use dashmap::DashMap;
 use gavel_protocol::UserId;
@@ -6,12 +7,36 @@ use gavel_protocol::UserId;
 pub struct RateLimiter {
     per_second: f64,
     burst: f64,
-    buckets: DashMap<UserId, Bucket>,
+    buckets: DashMap<UserId, TokenBucket>,
 }
 
-struct Bucket {
+/// One bucket, on a millisecond clock of the caller's choosing.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBucket {
     tokens: f64,
     at_ms: u64,
+}
+
+impl TokenBucket {
+    pub fn full(burst: f64, now_ms: u64) -> TokenBucket {
+        TokenBucket {
+            tokens: burst,
+            at_ms: now_ms,
+        }
+    }
+
+    /// Refills for the time since the last call, then takes a token if there is one.
+    pub fn take(&mut self, now_ms: u64, per_second: f64, burst: f64) -> bool {
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        self.at_ms = now_ms;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl RateLimiter {
@@ -25,19 +50,10 @@ impl RateLimiter {
 
     /// Takes a token for `user` at `now_ms`; false when the bucket is empty.
     pub fn allow(&self, user: &UserId, now_ms: u64) -> bool {
-        let mut bucket = self.buckets.entry(user.clone()).or_insert(Bucket {
-            tokens: self.burst,
-            at_ms: now_ms,
-        });
-        let elapsed = now_ms.saturating_sub(bucket.at_ms) as f64 / 1000.0;
-        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
-        bucket.at_ms = now_ms;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets
+            .entry(user.clone())
+            .or_insert(TokenBucket::full(self.burst, now_ms))
+            .take(now_ms, self.per_second, self.burst)
     }
 
     /// Forgets buckets that have refilled completely: they behave exactly like new ones.

@@ -21,6 +21,7 @@ use crate::auth::{AuthError, Identity};
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
+use crate::ratelimit::TokenBucket;
 use crate::rooms::{Room, Skip};
 use crate::wsframe::{put_frame, FrameReader, Message, OpCode, ReadError};
 use crate::Shared;
@@ -98,9 +99,8 @@ struct Session {
     opened: Instant,
     /// Set when the token expired and `token_expired` was sent: the end of the grace period.
     grace_until: Option<Instant>,
-    /// Inbound token bucket: tokens left, and when it was last refilled.
-    tokens: f64,
-    refilled: Instant,
+    /// Inbound messages, on a clock of milliseconds since `opened`.
+    inbound: TokenBucket,
     /// Messages dropped in a row for the rate limit; past the burst size, the connection closes.
     strikes: u32,
 }
@@ -123,7 +123,7 @@ impl Session {
         if let Some(user) = conn.user() {
             shared.users.connected(user);
         }
-        let tokens = f64::from(shared.config.client_burst);
+        let inbound = TokenBucket::full(f64::from(shared.config.client_burst), 0);
         Session {
             shared,
             conn,
@@ -131,8 +131,7 @@ impl Session {
             identity,
             opened: Instant::now(),
             grace_until: None,
-            tokens,
-            refilled: Instant::now(),
+            inbound,
             strikes: 0,
         }
     }
@@ -180,16 +179,9 @@ impl Session {
     /// Takes one message's worth from the inbound bucket.
     fn within_rate(&mut self) -> bool {
         let config = &self.shared.config;
-        let now = Instant::now();
-        let refill = now.duration_since(self.refilled).as_secs_f64() * config.client_rate;
-        self.tokens = (self.tokens + refill).min(f64::from(config.client_burst));
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        self.inbound
+            .take(now_ms, config.client_rate, f64::from(config.client_burst))
     }
 
     async fn read_loop(&mut self, read: BoxRead) {

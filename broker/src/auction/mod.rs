@@ -200,6 +200,7 @@ impl Auctions {
                 accepted_reply(&auction.spec.id, bid, &auction),
             );
         }
+        let durable_seq = auction.state.last_seq;
         let actor = Actor {
             max_turn: match self.group_commit {
                 GroupCommit::On => MAX_TURN,
@@ -217,6 +218,7 @@ impl Auctions {
             highest,
             leaderboard_dirty: false,
             failed: false,
+            durable_seq,
         };
         self.map
             .insert(actor.id.clone(), Handle { commands_tx, view });
@@ -352,16 +354,19 @@ impl Auctions {
     }
 }
 
+/// The `bid_accepted` reply for a logged bid, from the record alone, so a retry (even after a
+/// restart) gets exactly the first answer: at acceptance the bid was the price, the next
+/// minimum followed from it, and the record keeps the `ends_at` of that moment.
 fn accepted_reply(auction_id: &str, bid: &BidRecord, auction: &Auction) -> Reply {
     Reply::BidAccepted {
         auction_id: auction_id.to_owned(),
         request_id: bid.request_id.clone(),
         bid_seq: bid.seq,
         amount: bid.amount,
-        price: auction.state.price.unwrap_or(bid.amount),
+        price: bid.amount,
         bid_count: bid.seq,
-        next_min_bid: auction.next_min_bid(),
-        ends_at: auction.state.ends_at,
+        next_min_bid: auction.next_min_bid_after(bid.amount),
+        ends_at: bid.ends_at,
         server_ts: bid.ts,
     }
 }
@@ -370,7 +375,8 @@ fn accepted_reply(auction_id: &str, bid: &BidRecord, auction: &Auction) -> Reply
 /// boxing the large variant would only add an allocation per bid.
 #[allow(clippy::large_enum_variant)]
 enum Announce {
-    Changes(Vec<Change>),
+    /// Changes, with the auction's snapshot right after them (not after the whole turn).
+    Changes(Vec<Change>, AuctionSnapshot),
     Bid {
         accepted: Accepted,
         record: BidRecord,
@@ -403,6 +409,8 @@ struct Actor {
     leaderboard_dirty: bool,
     /// Set when the bid log failed: every later bid is `unavailable` until a restart.
     failed: bool,
+    /// The last bid seq known to be flushed.
+    durable_seq: u64,
 }
 
 impl Actor {
@@ -441,7 +449,7 @@ impl Actor {
         let changes = self.auction.advance(now);
         if !changes.is_empty() {
             wrote |= self.persist();
-            announce.push(Announce::Changes(changes));
+            announce.push(Announce::Changes(changes, self.auction.snapshot(now)));
         }
         for command in commands {
             match command {
@@ -475,6 +483,7 @@ impl Actor {
                                 amount,
                                 request_id: request_id.clone(),
                                 ts: now,
+                                ends_at: self.auction.state.ends_at,
                             };
                             let written = encode(&self.auction)
                                 .and_then(|bytes| self.store.append(&self.id, &record, &bytes));
@@ -535,8 +544,9 @@ impl Actor {
                                 continue;
                             }
                             wrote = true;
-                            announce.push(Announce::Changes(changes));
-                            announce.push(Announce::Admin(reply, self.auction.snapshot(now)));
+                            let snapshot = self.auction.snapshot(now);
+                            announce.push(Announce::Changes(changes, snapshot.clone()));
+                            announce.push(Announce::Admin(reply, snapshot));
                         }
                         Err(error) => {
                             let _ = reply.send(Err(error));
@@ -550,6 +560,7 @@ impl Actor {
                 self.fail(announce, error);
                 return;
             }
+            self.durable_seq = self.auction.state.last_seq;
         }
         self.announce(announce, now);
     }
@@ -557,8 +568,11 @@ impl Actor {
     fn apply(&mut self, op: AdminOp, now: u64) -> Result<Vec<Change>, AdminError> {
         Ok(match op {
             AdminOp::Update(spec) => {
+                if spec.ends_at <= now {
+                    return Err(SpecError::Invalid("ends_at is in the past".into()).into());
+                }
                 self.auction.update(spec)?;
-                Vec::new()
+                vec![Change::Updated]
             }
             AdminOp::Pause => self.auction.pause(now)?,
             AdminOp::Resume => self.auction.resume(now)?,
@@ -597,11 +611,27 @@ impl Actor {
                         "the bid could not be made durable".into(),
                     ));
                 }
-                Announce::Answer(reply, answer) => reply(answer),
+                Announce::Answer(reply, answer) => {
+                    // A retry of a bid accepted in this very turn: that bid is not durable.
+                    match &answer {
+                        Reply::BidAccepted {
+                            bid_seq,
+                            request_id,
+                            ..
+                        } if *bid_seq > self.durable_seq => reply(rejected(
+                            &self.id,
+                            request_id,
+                            BidRejection::Unavailable,
+                            None,
+                            "the bid could not be made durable".into(),
+                        )),
+                        _ => reply(answer),
+                    }
+                }
                 Announce::Admin(reply, _) => {
                     let _ = reply.send(Err(AdminError::Storage(error.clone())));
                 }
-                Announce::Changes(_) => {}
+                Announce::Changes(..) => {}
             }
         }
     }
@@ -609,8 +639,8 @@ impl Actor {
     fn announce(&mut self, announce: Vec<Announce>, now: u64) {
         for item in announce {
             match item {
-                Announce::Changes(changes) => {
-                    let state = to_value(&self.auction.snapshot(now));
+                Announce::Changes(changes, snapshot) => {
+                    let state = to_value(&snapshot);
                     for change in changes {
                         match change {
                             Change::Status { from, to } => self.events.auction_event(
@@ -620,7 +650,18 @@ impl Actor {
                                     "auction_id": self.id,
                                     "status": to,
                                     "previous": from,
-                                    "ends_at": self.auction.state.ends_at,
+                                    "ends_at": snapshot.ends_at,
+                                    "server_ts": now,
+                                }),
+                                Some(state.clone()),
+                            ),
+                            Change::Updated => self.events.auction_event(
+                                &self.id,
+                                "updated",
+                                json!({
+                                    "auction_id": self.id,
+                                    "starts_at": snapshot.starts_at,
+                                    "ends_at": snapshot.ends_at,
                                     "server_ts": now,
                                 }),
                                 Some(state.clone()),
@@ -969,12 +1010,13 @@ mod tests {
         let log: Arc<dyn BidLog> = Arc::new(MemoryLog::default());
         let clock = Clock::tokio(T0);
         let first_run = CancellationToken::new();
+        let first;
         {
             let events = Arc::new(Recorder::default());
             let auctions = engine_at(clock, Arc::clone(&log), events, first_run.clone());
             auctions.create(spec("a1")).await.unwrap();
             tokio::time::sleep(Duration::from_millis(1_000)).await;
-            bid(&auctions, "ann", 1500, "r1").await;
+            first = bid(&auctions, "ann", 1500, "r1").await;
             bid(&auctions, "bob", 1600, "r2").await;
             first_run.cancel(); // the broker goes down
         }
@@ -997,11 +1039,8 @@ mod tests {
             (Some("bob"), Some(1600))
         );
         assert_eq!(auctions.get("a1").unwrap().status, AuctionStatus::Ended);
-        // A retry of a bid placed before the restart gets its first outcome again.
-        assert!(matches!(
-            bid(&auctions, "ann", 1500, "r1").await,
-            Reply::BidAccepted { bid_seq: 1, .. }
-        ));
+        // A retry of a bid placed before the restart gets exactly its first answer again.
+        assert_eq!(bid(&auctions, "ann", 1500, "r1").await, first);
         assert_eq!(log.last_seq("a1").unwrap(), 2);
     }
 }

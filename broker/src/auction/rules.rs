@@ -171,6 +171,8 @@ pub enum Change {
         to: AuctionStatus,
     },
     Ended(Ended),
+    /// The definition changed (before the start).
+    Updated,
 }
 
 impl Auction {
@@ -195,8 +197,13 @@ impl Auction {
     pub fn next_min_bid(&self) -> i64 {
         match self.state.price {
             None => self.spec.starting_price,
-            Some(price) => price.saturating_add(self.spec.step_at(price)),
+            Some(price) => self.next_min_bid_after(price),
         }
+    }
+
+    /// The least amount a bid may have once `price` is the highest bid.
+    pub fn next_min_bid_after(&self, price: i64) -> i64 {
+        price.saturating_add(self.spec.step_at(price))
     }
 
     pub fn reserve_met(&self) -> bool {

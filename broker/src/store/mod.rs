@@ -30,6 +30,9 @@ pub struct BidRecord {
     pub request_id: String,
     /// Server time the bid was accepted, ms since the Unix epoch.
     pub ts: u64,
+    /// The auction's end right after this bid (soft close included), for exact retries.
+    #[serde(default)]
+    pub ends_at: u64,
 }
 
 /// A storage failure. Cloneable so one flush result can answer every bid that shared it.
@@ -145,6 +148,7 @@ mod tests {
             amount,
             request_id: format!("r{seq}"),
             ts: 1000 + seq,
+            ends_at: 5000,
         }
     }
 

@@ -332,6 +332,8 @@ async fn admin_api_lifecycle_and_errors() {
             .0,
         409
     );
+    let mut early = b.connect(None).await;
+    early.subscribe("auction:adm").await;
     spec["title"] = json!("Renamed");
     let (status, updated) = api(b.addr, "PUT", "/api/auctions/adm", Some(spec.clone())).await;
     assert_eq!(
@@ -341,6 +343,22 @@ async fn admin_api_lifecycle_and_errors() {
             updated["status"].as_str()
         ),
         (200, Some("Renamed"), Some("scheduled"))
+    );
+    let event = early.next_event().await;
+    assert_eq!(event.event, "updated", "subscribers hear of the change");
+    let mut fresh = b.connect(None).await;
+    let Reply::Subscribed { state, .. } = fresh.subscribe("auction:adm").await else {
+        panic!()
+    };
+    assert_eq!(
+        state["title"], "Renamed",
+        "and new subscribers get the new definition"
+    );
+    let mut past = spec.clone();
+    past["ends_at"] = json!(1);
+    assert_eq!(
+        api(b.addr, "PUT", "/api/auctions/adm", Some(past)).await.1["error"]["code"],
+        "invalid_auction"
     );
     assert_eq!(
         api(b.addr, "POST", "/api/auctions/adm/pause", None).await.1["error"]["code"],

@@ -563,3 +563,123 @@ async fn a_backend_that_is_down_means_deny() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_verify_against_a_public_key_file() {
+    let key = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+    let dir = temp_dir("es256");
+    let public = dir.join("public.pem");
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let b = TestBroker::start(|c| {
+        c.jwt_secret = None;
+        c.jwt_public_key = Some(public.clone());
+    })
+    .await;
+    let claims = gavel_broker::auth::Claims {
+        sub: "ecdsa".into(),
+        exp: gavel_broker::clock::now_ms() / 1000 + 3600,
+        roles: None,
+        channels: None,
+    };
+    let signing = jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let good = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &signing,
+    )
+    .unwrap();
+    let mut c = TestClient::connect_with(b.addr, Some(good), Format::MsgPack).await;
+    assert!(matches!(
+        c.subscribe("user:ecdsa").await,
+        Reply::Subscribed { .. }
+    ));
+    // An HS256 token (the shared-secret kind) is refused by a public-key broker.
+    let (status, body) = upgrade_status(
+        &b,
+        "/ws",
+        &[("authorization", &format!("Bearer {}", token("ecdsa")))],
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("token_invalid"))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A connection from a given loopback source address.
+async fn connect_from(b: &TestBroker, source: &str) -> u16 {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let stream = socket.connect(b.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let mut request = hyper::Request::get("/ws").header("host", b.addr.to_string());
+    for (name, value) in UPGRADE {
+        request = request.header(name, value);
+    }
+    let response = sender
+        .send_request(
+            request
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    if status == 101 {
+        // Keep the connection open for the rest of the test.
+        tokio::spawn(async move {
+            let _upgraded = hyper::upgrade::on(response).await;
+            std::future::pending::<()>().await;
+        });
+    }
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_total_connection_limit_counts_every_address() {
+    let b = TestBroker::start(|c| {
+        c.max_connections = 3;
+        c.max_connections_per_ip = 2;
+    })
+    .await;
+    assert_eq!(connect_from(&b, "127.0.0.1").await, 101);
+    assert_eq!(connect_from(&b, "127.0.0.2").await, 101);
+    assert_eq!(connect_from(&b, "127.0.0.3").await, 101);
+    let (status, body, headers) = http_with_headers(b.addr, "GET", "/ws", &UPGRADE).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (503, Some("too_many_connections"))
+    );
+    assert_eq!(headers.get("retry-after").unwrap(), "5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmasked_client_frames_are_closed_with_1002() {
+    let b = TestBroker::start(|_| {}).await;
+    let mut tcp = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // A binary frame with the mask bit clear: what a server may send, never a client.
+    tcp.write_all(&[0x82, 0x01, 0x90]).await.unwrap();
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(HANG, tcp.read_to_end(&mut received))
+        .await
+        .expect("closed");
+    // After the 101 and the hello frame comes a close frame: 0x88, length, then 1002.
+    let close = received
+        .windows(4)
+        .any(|w| w[0] == 0x88 && w[2..4] == 1002u16.to_be_bytes());
+    assert!(
+        close,
+        "no close 1002 in {:02x?}",
+        &received[received.len().saturating_sub(40)..]
+    );
+}

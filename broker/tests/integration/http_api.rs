@@ -76,6 +76,14 @@ async fn publish_refuses_bad_requests_with_reasons() {
         ),
         (json!({"users": ["a b"], "event": "x"}), "invalid_user"),
         (
+            json!({"channel": "auction:1", "event": "bid_placed", "data": {"amount": 1}}),
+            "reserved_event",
+        ),
+        (
+            json!({"users": ["u1"], "event": "outbid"}),
+            "reserved_event",
+        ),
+        (
             json!({"channel": "user:1", "event": "x", "data": "y".repeat(2000)}),
             "too_large",
         ),
