@@ -117,6 +117,13 @@ fn main() {
             limit: Some(50),
         },
     );
+    show(
+        "auth",
+        &ClientFrame::Auth {
+            id: 10,
+            token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1NDIiLCJleHAiOjE3OTUzMzczMDN9.sig".into(),
+        },
+    );
     show("ping", &ClientFrame::Ping { id: 8 });
     show(
         "place_bid",
@@ -234,6 +241,16 @@ fn main() {
             id: 8,
             result: Reply::Pong {
                 server_ts: 1795333703380,
+            },
+        },
+    );
+    show(
+        "ok: authenticated",
+        &ServerFrame::Ok {
+            id: 10,
+            result: Reply::Authenticated {
+                user: user("u42"),
+                expires_at: 1795337303000,
             },
         },
     );
