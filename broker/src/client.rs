@@ -2,6 +2,7 @@
 //! the tests, the examples and load generation; other languages follow `docs/protocol.md`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket, WebSocketError};
@@ -247,5 +248,100 @@ impl Client {
     pub async fn close(&mut self, code: u16) -> Result<(), ClientError> {
         self.ws.write_frame(Frame::close(code, b"")).await?;
         Ok(())
+    }
+
+    /// Splits the connection so one task can read while others send (load generation). The
+    /// reader answers pings through the shared writer.
+    pub fn split(self) -> (ClientReader, ClientWriter) {
+        let format = self.format;
+        let (read, write) = self.ws.split(tokio::io::split);
+        let writer = ClientWriter {
+            write: Arc::new(tokio::sync::Mutex::new(write)),
+            format,
+        };
+        let reader = ClientReader {
+            read,
+            writer: writer.clone(),
+            max_size: self.max_size,
+        };
+        (reader, writer)
+    }
+}
+
+type Io = TokioIo<Upgraded>;
+
+/// The sending half of a split [`Client`]; cheap to clone.
+#[derive(Clone)]
+pub struct ClientWriter {
+    write: Arc<tokio::sync::Mutex<fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<Io>>>>,
+    format: Format,
+}
+
+impl ClientWriter {
+    pub async fn send(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let bytes = encode(self.format, frame)?;
+        let opcode = match self.format {
+            Format::MsgPack => OpCode::Binary,
+            Format::Json => OpCode::Text,
+        };
+        self.write
+            .lock()
+            .await
+            .write_frame(Frame::new(
+                true,
+                opcode,
+                None,
+                Payload::Owned(bytes.to_vec()),
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+/// The reading half of a split [`Client`].
+pub struct ClientReader {
+    read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Io>>,
+    writer: ClientWriter,
+    max_size: usize,
+}
+
+impl ClientReader {
+    /// The next data frame or the close.
+    pub async fn next(&mut self) -> Result<Incoming, ClientError> {
+        let writer = self.writer.clone();
+        let mut owed = move |frame: Frame<'static>| {
+            let writer = writer.clone();
+            async move { writer.write.lock().await.write_frame(frame).await }
+        };
+        loop {
+            let frame = self.read.read_frame(&mut owed).await?;
+            match frame.opcode {
+                OpCode::Binary | OpCode::Text => {
+                    return Ok(Incoming::Frame(decode(
+                        self.writer.format,
+                        &frame.payload,
+                        self.max_size,
+                    )?));
+                }
+                OpCode::Close => {
+                    let payload = &frame.payload[..];
+                    let code = if payload.len() >= 2 {
+                        u16::from_be_bytes([payload[0], payload[1]])
+                    } else {
+                        1005
+                    };
+                    return Ok(Incoming::Closed {
+                        code,
+                        reason: String::from_utf8_lossy(payload.get(2..).unwrap_or_default())
+                            .into_owned(),
+                    });
+                }
+                OpCode::Ping => {
+                    let pong = Frame::pong(Payload::Owned(frame.payload.to_vec()));
+                    let _ = self.writer.write.lock().await.write_frame(pong).await;
+                }
+                _ => continue,
+            }
+        }
     }
 }

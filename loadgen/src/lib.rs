@@ -1,0 +1,485 @@
+//! gavel-loadgen as a library: [`run`] a [`Scenario`] against a broker and get its report.
+//!
+//! Viewers connect at the ramp rate and subscribe to an auction each; bidders send bids on a
+//! fixed schedule (an open model). Latency runs from each bid's *intended* send time, so a
+//! stalled broker (or a loadgen falling behind, which is reported) cannot hide in the numbers.
+
+mod prometheus;
+pub mod scenario;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use gavel_broker::auth::{sign_hs256, Claims};
+use gavel_broker::client::{Client, ConnectOptions, Incoming};
+use gavel_protocol::{Channel, ClientFrame, Reply, ServerFrame};
+use http_body_util::{BodyExt, Full};
+use serde_json::json;
+
+pub use scenario::Scenario;
+pub use stats::Report;
+
+/// Why a run could not be carried out (a missed SLO is not an error: see [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    #[error("creating auction {0}: {1}")]
+    CreateAuction(String, String),
+    #[error("invalid scenario: {0}")]
+    Scenario(String),
+    #[error("report: {0}")]
+    Report(#[from] std::io::Error),
+}
+
+/// The result of a run.
+pub struct Outcome {
+    pub report: Report,
+    pub slo_met: bool,
+}
+
+/// State shared by the run's tasks.
+struct Ctx {
+    scenario: Scenario,
+    stats: stats::Stats,
+    auction_ids: Vec<String>,
+    /// Intended send time of each scheduled bid, by (auction index, amount) for deliveries.
+    intended: DashMap<(usize, i64), Instant>,
+    /// And by request id, for acknowledgements.
+    by_request: DashMap<String, Instant>,
+    /// Accepted bids per auction (what each of its viewers should receive).
+    accepted: Vec<AtomicU64>,
+    /// Viewers connected and subscribed, per auction.
+    watching: Vec<AtomicU64>,
+    export: bool,
+}
+
+fn token(secret: &str, sub: &str, roles: Option<Vec<String>>) -> String {
+    let exp = gavel_broker::clock::now_ms() / 1000 + 24 * 3600;
+    let claims = Claims {
+        sub: sub.into(),
+        exp,
+        roles,
+        channels: None,
+    };
+    sign_hs256(secret.as_bytes(), &claims).unwrap_or_default()
+}
+
+/// How many of `viewers` watch each of `auctions`: evenly, or by a Zipf law.
+pub fn spread(viewers: usize, auctions: usize, zipf: Option<f64>) -> Vec<usize> {
+    let auctions = auctions.max(1);
+    let Some(s) = zipf else {
+        return (0..auctions)
+            .map(|a| viewers / auctions + usize::from(a < viewers % auctions))
+            .collect();
+    };
+    let weights: Vec<f64> = (1..=auctions).map(|k| 1.0 / (k as f64).powf(s)).collect();
+    let total: f64 = weights.iter().sum();
+    let mut counts: Vec<usize> = weights
+        .iter()
+        .map(|w| (w / total * viewers as f64).floor() as usize)
+        .collect();
+    let mut left = viewers - counts.iter().sum::<usize>();
+    for count in counts.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        *count += 1;
+        left -= 1;
+    }
+    counts
+}
+
+async fn create_auction(
+    addr: SocketAddr,
+    api_key: &str,
+    id: &str,
+    ends_in: Duration,
+) -> Result<(), String> {
+    let now = gavel_broker::clock::now_ms();
+    let body = json!({
+        "id": id, "title": format!("loadgen {id}"), "currency": "EUR",
+        "starting_price": 1, "increment": {"fixed": 1},
+        "starts_at": now.saturating_sub(1000), "ends_at": now + ends_in.as_millis() as u64,
+    });
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let request = hyper::Request::post("/api/auctions")
+        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {api_key}"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    if status.as_u16() != 201 {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    Ok(())
+}
+
+/// Connects, reads the hello, and subscribes (if `channel`); records connect and subscribe
+/// latency.
+async fn open(ctx: &Ctx, n: usize, token: String, channel: Option<&Channel>) -> Option<Client> {
+    let addr = ctx.scenario.urls[n % ctx.scenario.urls.len()];
+    let started = Instant::now();
+    let options = ConnectOptions {
+        token: Some(token),
+        ..ConnectOptions::default()
+    };
+    let mut client = match Client::connect(addr, options).await {
+        Ok(c) => c,
+        Err(error) => {
+            ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+            stats::Stats::count(&ctx.stats.errors, format!("connect: {error}"));
+            return None;
+        }
+    };
+    if !matches!(
+        client.next().await,
+        Ok(Incoming::Frame(ServerFrame::Hello { .. }))
+    ) {
+        ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    ctx.stats.connect.record(n, started.elapsed());
+    if let Some(channel) = channel {
+        let started = Instant::now();
+        let frame = ClientFrame::Subscribe {
+            id: 1,
+            channel: channel.clone(),
+            since: None,
+            epoch: None,
+        };
+        if client.send(&frame).await.is_err() {
+            return None;
+        }
+        loop {
+            match client.next().await {
+                Ok(Incoming::Frame(ServerFrame::Ok { id: 1, .. })) => break,
+                Ok(Incoming::Frame(ServerFrame::Error(e))) => {
+                    stats::Stats::count(&ctx.stats.errors, format!("subscribe: {:?}", e.code));
+                    return None;
+                }
+                Ok(Incoming::Frame(_)) => continue,
+                _ => return None,
+            }
+        }
+        ctx.stats.subscribe.record(n, started.elapsed());
+    }
+    Some(client)
+}
+
+/// A viewer: checks the room's seq and times every bid_placed against its intended send time.
+async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
+    let mut last_seq = None;
+    loop {
+        match client.next().await {
+            Ok(Incoming::Frame(ServerFrame::Event(event))) => {
+                if let Some(last) = last_seq {
+                    if event.seq != last + 1 {
+                        ctx.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                last_seq = Some(event.seq);
+                if event.event != "bid_placed" {
+                    continue;
+                }
+                ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
+                let amount = event.data["amount"].as_i64().unwrap_or(0);
+                if let Some(at) = ctx.intended.get(&(auction, amount)) {
+                    let latency = at.elapsed();
+                    ctx.stats.delivery.record(n, latency);
+                    if ctx.export {
+                        metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "delivery").record(latency.as_secs_f64());
+                        metrics::counter!("gavel_loadgen_deliveries_total").increment(1);
+                    }
+                }
+            }
+            Ok(Incoming::Frame(_)) => {}
+            Ok(Incoming::Closed { code, .. }) => {
+                stats::Stats::count(&ctx.stats.disconnects, code);
+                return;
+            }
+            Err(_) => {
+                stats::Stats::count(&ctx.stats.disconnects, 1006);
+                return;
+            }
+        }
+    }
+}
+
+/// A scheduled bid.
+struct Bid {
+    auction: usize,
+    amount: i64,
+    request_id: String,
+}
+
+/// A bidder: sends what the schedule gives it at once, and times the answers.
+async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mpsc::Receiver<Bid>) {
+    let (mut reader, writer) = client.split();
+    let reading = {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            while let Ok(incoming) = reader.next().await {
+                let Incoming::Frame(ServerFrame::Ok { result, .. }) = incoming else {
+                    continue;
+                };
+                match result {
+                    Reply::BidAccepted {
+                        auction_id,
+                        request_id,
+                        ..
+                    } => {
+                        ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
+                        if let Some(index) = ctx.auction_ids.iter().position(|a| *a == auction_id) {
+                            ctx.accepted[index].fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some((_, at)) = ctx.by_request.remove(&request_id) {
+                            ctx.stats.bid_ack.record(n, at.elapsed());
+                        }
+                        if ctx.export {
+                            metrics::counter!("gavel_loadgen_bids_accepted_total").increment(1);
+                        }
+                    }
+                    Reply::BidRejected {
+                        reason, request_id, ..
+                    } => {
+                        ctx.by_request.remove(&request_id);
+                        stats::Stats::count(&ctx.stats.rejections, reason.as_str().to_owned());
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let mut id = 0;
+    while let Some(bid) = bids.recv().await {
+        id += 1;
+        let frame = ClientFrame::PlaceBid {
+            id,
+            auction_id: ctx.auction_ids[bid.auction].clone(),
+            amount: bid.amount,
+            request_id: bid.request_id,
+        };
+        if writer.send(&frame).await.is_err() {
+            break;
+        }
+    }
+    // Give the last answers time to arrive, then stop reading.
+    tokio::time::sleep(ctx.scenario.cooldown).await;
+    reading.abort();
+}
+
+/// Runs the scenario; prints the progress line and the table, writes the JSON report.
+pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
+    if scenario.urls.is_empty()
+        || scenario.bidders == 0
+        || scenario.bid_rate <= 0.0
+        || scenario.ramp <= 0.0
+    {
+        return Err(LoadgenError::Scenario(
+            "need a --url, bidders, and positive --bid-rate and --ramp".into(),
+        ));
+    }
+    if let Some(limit) = gavel_broker::admission::raise_open_file_limit() {
+        let needed = (scenario.viewers + scenario.bidders) as u64 + 64;
+        if needed > limit {
+            return Err(LoadgenError::Scenario(format!(
+                "{needed} sockets needed but this process may open {limit} files"
+            )));
+        }
+    }
+    let export = scenario.metrics_listen.is_some();
+    if let Some(addr) = scenario.metrics_listen {
+        prometheus::serve(addr)
+            .await
+            .map_err(LoadgenError::Report)?;
+    }
+    let run_id = gavel_broker::clock::now_ms() % 1_000_000_000;
+    let auction_ids: Vec<String> = (0..scenario.auctions.max(1))
+        .map(|i| format!("lg{run_id}-{i}"))
+        .collect();
+    let ends_in = scenario.duration + scenario.cooldown + Duration::from_secs(3600);
+    for id in &auction_ids {
+        create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
+            .await
+            .map_err(|e| LoadgenError::CreateAuction(id.clone(), e))?;
+    }
+    let ctx = Arc::new(Ctx {
+        accepted: auction_ids.iter().map(|_| AtomicU64::new(0)).collect(),
+        watching: auction_ids.iter().map(|_| AtomicU64::new(0)).collect(),
+        auction_ids,
+        scenario: scenario.clone(),
+        stats: stats::Stats::new(),
+        intended: DashMap::new(),
+        by_request: DashMap::new(),
+        export,
+    });
+    let started = Instant::now();
+    let progress = progress_line(&ctx);
+
+    // Viewers, at the ramp rate.
+    let per_auction = spread(scenario.viewers, ctx.auction_ids.len(), scenario.zipf);
+    let mut opening = Vec::new();
+    let mut n = 0;
+    for (auction, count) in per_auction.iter().enumerate() {
+        let channel = Channel::auction(&ctx.auction_ids[auction])
+            .map_err(|e| LoadgenError::Scenario(e.to_string()))?;
+        for _ in 0..*count {
+            tokio::time::sleep_until(
+                (started + Duration::from_secs_f64(n as f64 / scenario.ramp)).into(),
+            )
+            .await;
+            let (ctx, channel) = (Arc::clone(&ctx), channel.clone());
+            let viewer = n;
+            opening.push(tokio::spawn(async move {
+                let token = token(&ctx.scenario.jwt_secret, &format!("lgv{viewer}"), None);
+                let client = open(&ctx, viewer, token, Some(&channel)).await?;
+                ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
+                ctx.watching[auction].fetch_add(1, Ordering::Relaxed);
+                Some(tokio::spawn(watch(
+                    Arc::clone(&ctx),
+                    viewer,
+                    auction,
+                    client,
+                )))
+            }));
+            n += 1;
+        }
+    }
+    let mut watchers = Vec::new();
+    for task in opening {
+        if let Ok(Some(watcher)) = task.await {
+            watchers.push(watcher);
+        }
+    }
+    // Bidders.
+    let mut queues = Vec::new();
+    let mut bidders = Vec::new();
+    for b in 0..scenario.bidders {
+        let token = token(
+            &scenario.jwt_secret,
+            &format!("lgb{b}"),
+            Some(vec!["bidder".into()]),
+        );
+        let Some(client) = open(&ctx, n + b, token, None).await else {
+            continue;
+        };
+        ctx.stats.bidders_connected.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel(65_536);
+        queues.push(tx);
+        bidders.push(tokio::spawn(bid(Arc::clone(&ctx), b, client, rx)));
+    }
+    if queues.is_empty() {
+        return Err(LoadgenError::Scenario("no bidder could connect".into()));
+    }
+    // The schedule: bid i is due at schedule_start + i / rate, whatever happened before.
+    let schedule_start = Instant::now();
+    let total = (scenario.bid_rate * scenario.duration.as_secs_f64()).round() as u64;
+    let mut next_amount = vec![1i64; ctx.auction_ids.len()];
+    for i in 0..total {
+        let due = schedule_start + Duration::from_secs_f64(i as f64 / scenario.bid_rate);
+        tokio::time::sleep_until(due.into()).await;
+        let lag = due.elapsed();
+        // Timers fire up to a millisecond late; beyond two, the loadgen itself is behind.
+        if lag > Duration::from_millis(2) {
+            ctx.stats.behind_schedule.fetch_add(1, Ordering::Relaxed);
+            ctx.stats
+                .max_lag_micros
+                .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
+        }
+        let auction = (i as usize) % ctx.auction_ids.len();
+        let amount = next_amount[auction];
+        next_amount[auction] += 1;
+        let request_id = format!("{run_id}-{i}");
+        ctx.intended.insert((auction, amount), due);
+        ctx.by_request.insert(request_id.clone(), due);
+        ctx.stats.bids_sent.fetch_add(1, Ordering::Relaxed);
+        if export {
+            metrics::counter!("gavel_loadgen_bids_sent_total").increment(1);
+        }
+        let queue = &queues[(i as usize) % queues.len()];
+        if queue
+            .try_send(Bid {
+                auction,
+                amount,
+                request_id,
+            })
+            .is_err()
+        {
+            stats::Stats::count(&ctx.stats.errors, "loadgen bidder queue full".to_owned());
+        }
+    }
+    drop(queues);
+    for bidder in bidders {
+        let _ = bidder.await;
+    }
+    for watcher in &watchers {
+        watcher.abort();
+    }
+    progress.finish_and_clear();
+    // Every accepted bid of an auction is due to every viewer of that auction.
+    let expected: u64 = ctx
+        .watching
+        .iter()
+        .zip(&ctx.accepted)
+        .map(|(viewers, accepted)| {
+            viewers.load(Ordering::Relaxed) * accepted.load(Ordering::Relaxed)
+        })
+        .sum();
+    let report = stats::report(&scenario, &ctx.stats, started.elapsed(), expected);
+    println!("{}", report.table);
+    if let Some(path) = &scenario.report {
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&report.json).unwrap_or_default(),
+        )?;
+    }
+    let slo_met = report.slo_met;
+    Ok(Outcome { report, slo_met })
+}
+
+fn progress_line(ctx: &Arc<Ctx>) -> indicatif::ProgressBar {
+    let bar = if ctx.scenario.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.enable_steady_tick(Duration::from_millis(500));
+    let ctx = Arc::clone(ctx);
+    let shown = bar.clone();
+    tokio::spawn(async move {
+        while !shown.is_finished() {
+            let s = &ctx.stats;
+            shown.set_message(format!(
+                "viewers {} · bids sent {} accepted {} · deliveries {} · gaps {}",
+                s.viewers_connected.load(Ordering::Relaxed),
+                s.bids_sent.load(Ordering::Relaxed),
+                s.bids_accepted.load(Ordering::Relaxed),
+                s.deliveries.load(Ordering::Relaxed),
+                s.gaps.load(Ordering::Relaxed),
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    bar
+}

@@ -1,0 +1,17 @@
+//! `gavel-loadgen`: run a scenario against a broker, print the report, exit non-zero when an
+//! SLO is missed.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let scenario = gavel_loadgen::Scenario::parse();
+    match gavel_loadgen::run(scenario).await {
+        Ok(outcome) if outcome.slo_met => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::from(1),
+        Err(error) => {
+            eprintln!("gavel-loadgen: {error}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

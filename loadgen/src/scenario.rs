@@ -1,0 +1,186 @@
+//! What to simulate: connections, their spread over auctions, the bid schedule, durations, and
+//! the latency objectives to judge the run by. Parsed from flags (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// gavel-loadgen: simulated bidders and viewers against a Gavel broker, with latency measured
+/// from each bid's intended send time to every viewer's receipt.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "gavel-loadgen", version, about, long_about = None)]
+pub struct Scenario {
+    /// Broker address (host:port of its HTTP/WebSocket listener). Repeat to spread connections
+    /// over several brokers.
+    #[arg(long = "url", default_value = "127.0.0.1:7700")]
+    pub urls: Vec<SocketAddr>,
+
+    /// Auctions to create and bid on.
+    #[arg(long, default_value_t = 1)]
+    pub auctions: usize,
+
+    /// Viewers (each one WebSocket connection subscribed to one auction).
+    #[arg(long, default_value_t = 100)]
+    pub viewers: usize,
+
+    /// Spread viewers by a Zipf law with this exponent (auction 1 the hottest) instead of evenly.
+    #[arg(long)]
+    pub zipf: Option<f64>,
+
+    /// Bidders (each one connection, one user).
+    #[arg(long, default_value_t = 10)]
+    pub bidders: usize,
+
+    /// Bids per second over all auctions, on a fixed schedule (an open model: sent on time
+    /// whether or not earlier bids were answered).
+    #[arg(long, default_value_t = 50.0)]
+    pub bid_rate: f64,
+
+    /// New connections per second while ramping up.
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp: f64,
+
+    /// How long bids are sent (the steady state).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// How long to keep listening after the last bid.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub cooldown: Duration,
+
+    /// The broker's --jwt-secret, to sign the simulated users' tokens.
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+
+    /// The broker's --api-key, to create the auctions.
+    #[arg(long, env = "GAVEL_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+
+    /// A latency objective such as `delivery.p99<50ms` (metrics: connect, subscribe, bid_ack,
+    /// delivery; statistics: p50, p90, p99, p999, max). Repeatable. A missed one makes the exit
+    /// code 1.
+    #[arg(long = "slo", default_value = "delivery.p99<50ms")]
+    pub slos: Vec<Slo>,
+
+    /// Write the JSON report (with the histograms) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics while running.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The measured latencies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Metric {
+    Connect,
+    Subscribe,
+    BidAck,
+    Delivery,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [
+        Metric::Connect,
+        Metric::Subscribe,
+        Metric::BidAck,
+        Metric::Delivery,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Connect => "connect",
+            Metric::Subscribe => "subscribe",
+            Metric::BidAck => "bid_ack",
+            Metric::Delivery => "delivery",
+        }
+    }
+}
+
+/// A statistic of a latency histogram.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Stat {
+    Quantile(f64),
+    Max,
+}
+
+/// `metric.stat<value`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slo {
+    pub text: String,
+    pub metric: Metric,
+    pub stat: Stat,
+    pub limit: Duration,
+}
+
+impl FromStr for Slo {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Slo, String> {
+        let (lhs, limit) = text.split_once('<').ok_or_else(|| {
+            format!("{text:?}: expected METRIC.STAT<DURATION, e.g. delivery.p99<50ms")
+        })?;
+        let (metric, stat) = lhs
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| format!("{text:?}: expected METRIC.STAT before '<'"))?;
+        let metric = Metric::ALL
+            .into_iter()
+            .find(|m| m.name() == metric)
+            .ok_or_else(|| {
+                format!(
+                    "{text:?}: unknown metric {metric:?} (connect, subscribe, bid_ack, delivery)"
+                )
+            })?;
+        let stat = match stat {
+            "p50" => Stat::Quantile(0.5),
+            "p90" => Stat::Quantile(0.9),
+            "p99" => Stat::Quantile(0.99),
+            "p999" => Stat::Quantile(0.999),
+            "max" => Stat::Max,
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown statistic {other:?} (p50, p90, p99, p999, max)"
+                ))
+            }
+        };
+        let limit =
+            humantime::parse_duration(limit.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+        Ok(Slo {
+            text: text.to_owned(),
+            metric,
+            stat,
+            limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slos_parse_and_unknown_metrics_are_errors() {
+        let slo: Slo = "delivery.p99<50ms".parse().unwrap();
+        assert_eq!(
+            (slo.metric, slo.stat, slo.limit),
+            (
+                Metric::Delivery,
+                Stat::Quantile(0.99),
+                Duration::from_millis(50)
+            )
+        );
+        assert!("latency.p99<50ms".parse::<Slo>().is_err());
+        assert!("delivery.p98<50ms".parse::<Slo>().is_err());
+        assert!("delivery.p99>50ms".parse::<Slo>().is_err());
+        assert!("delivery.p99<soon".parse::<Slo>().is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! gavel-loadgen against a broker it starts: the report's counts and percentiles, and the SLO
+//! verdict in the exit code.
+
+use std::process::Command;
+
+use gavel_broker::{Broker, Config};
+
+const SECRET: &str = "loadgen-test-secret-0123";
+const KEY: &str = "loadgen-test-api-key-0123";
+
+async fn broker() -> (std::net::SocketAddr, std::path::PathBuf) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "gavel-loadgen-test-{}-{}",
+        std::process::id(),
+        addr.port()
+    ));
+    let mut config = Config::defaults();
+    config.api_key = Some(KEY.into());
+    config.jwt_secret = Some(SECRET.into());
+    config.bid_rate = 1000.0;
+    config.data_dir = dir.clone();
+    let broker = Broker::new(config).unwrap();
+    tokio::spawn(async move { broker.serve(listener).await });
+    (addr, dir)
+}
+
+fn args(addr: std::net::SocketAddr, slo: &str) -> Vec<String> {
+    [
+        "--url",
+        &addr.to_string(),
+        "--jwt-secret",
+        SECRET,
+        "--api-key",
+        KEY,
+        "--auctions",
+        "2",
+        "--viewers",
+        "60",
+        "--zipf",
+        "1.0",
+        "--bidders",
+        "4",
+        "--bid-rate",
+        "40",
+        "--duration",
+        "2s",
+        "--cooldown",
+        "1s",
+        "--quiet",
+        "--slo",
+        slo,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
+    use clap::Parser;
+    let (addr, dir) = broker().await;
+    let mut argv = vec!["gavel-loadgen".to_string()];
+    argv.extend(args(addr, "delivery.p99<10s"));
+    let outcome = gavel_loadgen::run(gavel_loadgen::Scenario::parse_from(&argv))
+        .await
+        .unwrap();
+    let r = &outcome.report.json;
+    assert!(outcome.slo_met, "{}", outcome.report.table);
+    assert_eq!(r["connections"]["viewers"], 60);
+    let accepted = r["bids"]["accepted"].as_u64().unwrap();
+    assert!(accepted > 0);
+    assert_eq!(
+        r["deliveries"]["expected"], r["deliveries"]["received"],
+        "every accepted bid reached every viewer"
+    );
+    assert_eq!(r["deliveries"]["seq_gaps"], 0);
+    for metric in ["connect", "subscribe", "bid_ack", "delivery"] {
+        for stat in ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"] {
+            assert!(
+                r["latency"][metric][stat].as_f64().is_some(),
+                "{metric}.{stat} present"
+            );
+        }
+        assert!(!r["latency"][metric]["buckets_us"]
+            .as_array()
+            .unwrap()
+            .is_empty());
+    }
+
+    // The binary: exit 0 with a loose objective, 1 with an impossible one, 2 for a bad one.
+    let run = move |slo: &str| {
+        let status = Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"))
+            .args(args(addr, slo))
+            .status()
+            .unwrap();
+        status.code()
+    };
+    let (loose, impossible, unknown) = tokio::task::spawn_blocking(move || {
+        (
+            run("delivery.p99<10s"),
+            run("delivery.p50<1us"),
+            run("latency.p99<1s"),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((loose, impossible, unknown), (Some(0), Some(1), Some(2)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
