@@ -113,6 +113,7 @@ impl Verifier {
     fn new(key: DecodingKey, algorithm: Algorithm) -> Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         // Audience and issuer are checked only when configured.
         validation.validate_aud = false;

@@ -234,6 +234,40 @@ impl Client {
         }
     }
 
+    /// Reads the next data message undecoded (`Ok(Err(code))` for a close): for clients that
+    /// decode only the fields they need, such as load generators.
+    pub async fn next_raw(&mut self) -> Result<Result<Bytes, u16>, ClientError> {
+        loop {
+            let frame = match self.ws.read_frame().await {
+                Ok(frame) => frame,
+                Err(WebSocketError::ConnectionClosed) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match frame.opcode {
+                OpCode::Binary | OpCode::Text => {
+                    return Ok(Ok(Bytes::copy_from_slice(&frame.payload)));
+                }
+                OpCode::Ping => {
+                    if self.answer_pings {
+                        let pong = Frame::pong(Payload::Owned(frame.payload.to_vec()));
+                        let _ = self.ws.write_frame(pong).await;
+                    }
+                }
+                OpCode::Close => {
+                    let p = &frame.payload[..];
+                    let code = if p.len() >= 2 {
+                        u16::from_be_bytes([p[0], p[1]])
+                    } else {
+                        1005
+                    };
+                    let _ = self.ws.write_frame(Frame::close(code.min(4999), b"")).await;
+                    return Ok(Err(code));
+                }
+                _ => continue,
+            }
+        }
+    }
+
     /// Reads the next frame, treating a close as an error.
     pub async fn next_frame(&mut self) -> Result<ServerFrame, ClientError> {
         match self.next().await? {

@@ -1,6 +1,6 @@
-//! Prometheus metrics: the names the broker exports (see `docs/metrics.md`), the process-wide
-//! recorder behind `GET /metrics`, and small helpers for the hot paths. Label values come from
-//! small fixed sets (frame types, disconnect reasons), never from user ids or room names.
+//! Prometheus metrics: the names the broker exports, the process-wide recorder behind
+//! `GET /metrics`, and small helpers for the hot paths. Label values come from small fixed sets
+//! (frame types, disconnect reasons), never from user ids or room names.
 
 use std::sync::OnceLock;
 use std::time::Duration;

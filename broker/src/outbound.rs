@@ -213,6 +213,11 @@ impl ConnHandle {
     /// Queues an item without waiting. A full queue closes the connection as a slow consumer:
     /// the publisher never blocks and never drops silently.
     pub fn offer(&self, item: Outbound) -> Offer {
+        // Once closing, nothing more is queued: a frame after one that overflowed would reach
+        // the client past a gap it could not see.
+        if self.closing.is_cancelled() {
+            return Offer::Closed;
+        }
         match self.outbound_tx.try_send(item) {
             Ok(()) => Offer::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {

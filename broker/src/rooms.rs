@@ -255,12 +255,13 @@ impl Rooms {
             conn.offer(item);
             room.subscribers.store(subscribers);
             drop(log);
-            drop(members);
-
-            self.mark_dirty(&room);
+            // Still under `members`, so a user's joined and left reach everyone in the order
+            // they happened (the offers do not block).
             if first_of_viewer {
                 room.announce(conn, true);
             }
+            drop(members);
+            self.mark_dirty(&room);
             return Joined {
                 room,
                 recovered,
@@ -286,11 +287,11 @@ impl Rooms {
             let _log = lock(&room.log);
             room.subscribers.store(snapshot);
         }
-        drop(members);
-        self.mark_dirty(room);
         if last_of_viewer {
             room.announce(conn, false);
         }
+        drop(members);
+        self.mark_dirty(room);
         true
     }
 
@@ -359,11 +360,12 @@ impl Rooms {
     pub fn set_state(&self, channel: &Channel, state: Value) {
         loop {
             let room = self.get_or_create(channel);
-            room.pinned.store(true, Ordering::Release);
             let mut log = lock(&room.log);
             if room.retired.load(Ordering::Acquire) {
                 continue;
             }
+            // Under `log`, which `try_retire` takes before deciding: the two cannot cross.
+            room.pinned.store(true, Ordering::Release);
             log.state = state;
             return;
         }
@@ -589,16 +591,27 @@ impl Room {
     }
 
     fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
-        if self.pinned.load(Ordering::Acquire) {
-            return false;
-        }
         let members = lock(&self.members);
-        if !members.set.is_empty()
-            || now.saturating_duration_since(members.idle_since) <= limits.ttl
-        {
+        if !members.set.is_empty() {
             return false;
         }
         let mut log = lock(&self.log);
+        if self.pinned.load(Ordering::Acquire) {
+            return false;
+        }
+        // Rooms anyone may join (auctions that do not exist, broadcast) that never had an
+        // event go at once: they hold no history, and keeping each for the TTL would let a
+        // client fill memory by subscribing to random names. Others keep their epoch for the
+        // TTL after their last subscriber leaves.
+        let open_to_all = matches!(
+            self.channel.kind(),
+            ChannelKind::Auction | ChannelKind::Broadcast
+        );
+        let idle_long_enough = now.saturating_duration_since(members.idle_since) > limits.ttl;
+        let never_used = open_to_all && log.last_seq == 0;
+        if !(idle_long_enough || never_used) {
+            return false;
+        }
         log.expire(limits, now);
         if !log.history.is_empty() {
             return false;

@@ -188,25 +188,30 @@ impl Session {
         let idle_timeout = self.shared.config.idle_timeout;
         let mut reader = FrameReader::new(read, self.shared.config.max_message_size);
         loop {
-            let deadline = self.auth_deadline();
-            let wake = deadline
-                .as_ref()
-                .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
-            let message = tokio::select! {
-                biased;
-                _ = self.conn.closing().cancelled() => return,
-                _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
-                    let Some((_, what)) = deadline else { continue };
-                    if let Err(reason) = self.on_auth_deadline(what) {
-                        return self.conn.close(reason);
+            // One read lives across authentication deadlines: the reader is not cancel-safe
+            // in the middle of a frame, so only closing the connection may drop it.
+            let next = tokio::time::timeout(idle_timeout, reader.next());
+            tokio::pin!(next);
+            let message = loop {
+                let deadline = self.auth_deadline();
+                let wake = deadline
+                    .as_ref()
+                    .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
+                tokio::select! {
+                    biased;
+                    _ = self.conn.closing().cancelled() => return,
+                    _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
+                        let Some((_, what)) = deadline else { continue };
+                        if let Err(reason) = self.on_auth_deadline(what) {
+                            return self.conn.close(reason);
+                        }
                     }
-                    continue;
+                    read = &mut next => match read {
+                        Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
+                        Ok(Err(error)) => return self.conn.close(reason_for(&error)),
+                        Ok(Ok(message)) => break message,
+                    },
                 }
-                read = tokio::time::timeout(idle_timeout, reader.next()) => match read {
-                    Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
-                    Ok(Err(error)) => return self.conn.close(reason_for(&error)),
-                    Ok(Ok(message)) => message,
-                },
             };
             let result = match message {
                 Message::Binary(bytes) => self.on_message(OpCode::Binary, &bytes).await,
@@ -229,6 +234,20 @@ impl Session {
     /// connection; everything else is answered with a reply or an error frame.
     async fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
         metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
+        // Every message counts against the rate, good or bad, before any work on it.
+        if !self.within_rate() {
+            self.strikes += 1;
+            if self.strikes > self.shared.config.client_burst {
+                return Err(DisconnectReason::RateLimited);
+            }
+            self.error(
+                None,
+                ErrorCode::RateLimited,
+                "too many messages; slow down".into(),
+            );
+            return Ok(());
+        }
+        self.strikes = 0;
         let format = self.conn.format;
         let expected = match format {
             Format::MsgPack => OpCode::Binary,
@@ -268,19 +287,6 @@ impl Session {
         };
         metrics::counter!(m::MESSAGES_RECEIVED, "type" => frame.type_name()).increment(1);
         let id = frame.id();
-        if !self.within_rate() {
-            self.strikes += 1;
-            if self.strikes > self.shared.config.client_burst {
-                return Err(DisconnectReason::RateLimited);
-            }
-            self.error(
-                Some(id),
-                ErrorCode::RateLimited,
-                "too many messages; slow down".into(),
-            );
-            return Ok(());
-        }
-        self.strikes = 0;
         let open = matches!(frame, ClientFrame::Auth { .. } | ClientFrame::Ping { .. });
         if self.identity.is_none() && !self.shared.config.allow_anonymous && !open {
             self.error(
@@ -388,6 +394,7 @@ impl Session {
                 amount,
                 request_id,
             } => {
+                self.token_fresh()?;
                 if request_id.is_empty() || request_id.len() > 64 {
                     return Err((
                         ErrorCode::InvalidRequest,
@@ -514,9 +521,21 @@ impl Session {
         Ok(reply)
     }
 
+    /// During the grace period after its token expired, a connection may only read.
+    fn token_fresh(&self) -> Result<(), (ErrorCode, String)> {
+        match self.grace_until {
+            None => Ok(()),
+            Some(_) => Err((
+                ErrorCode::TokenExpired,
+                "your token expired: send a fresh one in an auth frame first".into(),
+            )),
+        }
+    }
+
     /// Checks that this connection may publish, type or send receipts in `channel`; returns
     /// the acting user.
     fn may_write(&self, channel: &Channel) -> Result<UserId, (ErrorCode, String)> {
+        self.token_fresh()?;
         if channel.kind() != ChannelKind::Conversation {
             return Err((
                 ErrorCode::ReadOnlyChannel,

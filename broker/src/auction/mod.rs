@@ -385,6 +385,9 @@ enum Announce {
         snapshot: AuctionSnapshot,
     },
     Answer(BidReply, Reply),
+    /// A rejection judged while this turn had writes pending; remembered under the key (if
+    /// any) once the flush succeeds.
+    Rejected(BidReply, Reply, Option<(UserId, String)>),
     Admin(
         oneshot::Sender<Result<AuctionSnapshot, AdminError>>,
         AuctionSnapshot,
@@ -446,10 +449,19 @@ impl Actor {
         let now = self.clock.now_ms();
         let mut announce = Vec::new();
         let mut wrote = false;
-        let changes = self.auction.advance(now);
-        if !changes.is_empty() {
-            wrote |= self.persist();
-            announce.push(Announce::Changes(changes, self.auction.snapshot(now)));
+        // What to restore if this turn's flush fails (memory must not run ahead of the disk).
+        let before_turn = self.auction.clone();
+        let mut undo_highest: Vec<(UserId, Option<i64>)> = Vec::new();
+        if !self.failed {
+            let changes = self.auction.advance(now);
+            if !changes.is_empty() {
+                if self.persist() {
+                    wrote = true;
+                    announce.push(Announce::Changes(changes, self.auction.snapshot(now)));
+                } else {
+                    self.auction = before_turn.clone();
+                }
+            }
         }
         for command in commands {
             match command {
@@ -504,7 +516,8 @@ impl Actor {
                             let answer = accepted_reply(&self.id, &record, &self.auction);
                             self.outcomes
                                 .insert((user.clone(), request_id), answer.clone());
-                            self.highest.insert(user, amount);
+                            let previous = self.highest.insert(user.clone(), amount);
+                            undo_highest.push((user, previous));
                             self.leaderboard_dirty = true;
                             announce.push(Announce::Bid {
                                 accepted,
@@ -524,15 +537,33 @@ impl Actor {
                                 rejection.min_amount,
                                 rejection.message,
                             );
-                            if !rejection.reason.is_transient() {
-                                self.outcomes.insert((user, request_id), answer.clone());
+                            // Remembered for retries only where the answer cannot change
+                            // (a status-dependent rejection is re-judged on retry).
+                            let remember = matches!(
+                                rejection.reason,
+                                BidRejection::TooLow | BidRejection::InvalidAmount
+                            );
+                            let key = remember.then_some((user, request_id));
+                            if wrote {
+                                // Judged against bids of this turn not yet durable: answered
+                                // (and remembered) only after the flush.
+                                announce.push(Announce::Rejected(reply, answer, key));
+                            } else {
+                                if let Some(key) = key {
+                                    self.outcomes.insert(key, answer.clone());
+                                }
+                                reply(answer);
                             }
-                            // Nothing was written: answer now.
-                            reply(answer);
                         }
                     }
                 }
                 Command::Admin { op, reply } => {
+                    if self.failed {
+                        let _ = reply.send(Err(AdminError::Storage(StorageError::Io(
+                            "the bid log failed; restart the broker".into(),
+                        ))));
+                        continue;
+                    }
                     let before = self.auction.clone();
                     match self.apply(op, now) {
                         Ok(changes) => {
@@ -557,6 +588,13 @@ impl Actor {
         }
         if wrote {
             if let Err(error) = self.durability.sync().await {
+                self.auction = before_turn;
+                for (user, previous) in undo_highest.into_iter().rev() {
+                    match previous {
+                        Some(amount) => self.highest.insert(user, amount),
+                        None => self.highest.remove(&user),
+                    };
+                }
                 self.fail(announce, error);
                 return;
             }
@@ -630,6 +668,19 @@ impl Actor {
                 }
                 Announce::Admin(reply, _) => {
                     let _ = reply.send(Err(AdminError::Storage(error.clone())));
+                }
+                Announce::Rejected(reply, answer, _) => {
+                    let request_id = match &answer {
+                        Reply::BidRejected { request_id, .. } => request_id.clone(),
+                        _ => String::new(),
+                    };
+                    reply(rejected(
+                        &self.id,
+                        &request_id,
+                        BidRejection::Unavailable,
+                        None,
+                        "the bid log failed".into(),
+                    ));
                 }
                 Announce::Changes(..) => {}
             }
@@ -732,6 +783,12 @@ impl Actor {
                     reply(answer);
                 }
                 Announce::Answer(reply, answer) => reply(answer),
+                Announce::Rejected(reply, answer, key) => {
+                    if let Some(key) = key {
+                        self.outcomes.insert(key, answer.clone());
+                    }
+                    reply(answer);
+                }
                 Announce::Admin(reply, snapshot) => {
                     let _ = reply.send(Ok(snapshot));
                 }

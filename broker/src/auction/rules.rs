@@ -1,6 +1,6 @@
 //! One auction's rules as a plain state machine: what a bid must be, when the auction opens,
 //! pauses, extends and closes, and who wins. Time is passed in (ms since the Unix epoch); there
-//! is no IO, no clock and no locking here: one owner drives it (see `auction::actor`).
+//! is no IO, no clock and no locking here: one owner drives it (the actor in `auction`).
 
 use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Ended, UserId};
 use serde::{Deserialize, Serialize};
