@@ -39,8 +39,8 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Key that backends must send (`Authorization: Bearer KEY` or `X-Api-Key: KEY`) for
-    /// everything under `/api/` (publish, stats, rooms, users, auctions). Without it, `/api/`
-    /// refuses every request with 401.
+    /// everything under `/api/` (publish, stats, rooms, users, auctions). A JWT with the `admin`
+    /// role is accepted there too; with neither configured, `/api/` answers 401.
     #[arg(long, env = "GAVEL_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 

@@ -492,6 +492,10 @@ impl Session {
             AuthError::Expired => (ErrorCode::TokenExpired, e.to_string()),
             AuthError::Invalid(_) => (ErrorCode::TokenInvalid, e.to_string()),
         })?;
+        // The verifier allows a few seconds of clock skew; a refresh must really be fresh.
+        if identity.expires_at_ms <= now_ms() {
+            return Err((ErrorCode::TokenExpired, "the token has expired".into()));
+        }
         match &self.identity {
             Some(current) if current.user != identity.user => {
                 return Err((

@@ -18,8 +18,8 @@ pub enum ErrorCode {
     /// `invalid_request`: well-formed but not acceptable (a read receipt for a seq the room
     /// does not have). The message says why.
     InvalidRequest,
-    /// `forbidden`: this connection may not do this on this channel (another user's channel, an
-    /// anonymous connection publishing, ...).
+    /// `forbidden`: this connection may not do this (another user's channel, a conversation its
+    /// token does not list, a user change on `auth`, an admin call without the admin role).
     Forbidden,
     /// `read_only_channel`: clients cannot publish, type or send receipts on this channel kind;
     /// only conversations accept client messages.

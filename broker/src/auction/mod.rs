@@ -606,6 +606,13 @@ impl Actor {
     fn apply(&mut self, op: AdminOp, now: u64) -> Result<Vec<Change>, AdminError> {
         Ok(match op {
             AdminOp::Update(spec) => {
+                if self.auction.state.status != AuctionStatus::Scheduled {
+                    return Err(SpecError::WrongStatus(
+                        self.auction.state.status.as_str(),
+                        "only a scheduled auction can be changed",
+                    )
+                    .into());
+                }
                 if spec.ends_at <= now {
                     return Err(SpecError::Invalid("ends_at is in the past".into()).into());
                 }
