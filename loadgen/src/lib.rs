@@ -6,6 +6,7 @@
 
 mod prometheus;
 pub mod scenario;
+mod socketio;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use gavel_protocol::{Channel, ClientFrame, Reply, ServerFrame};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
-pub use scenario::Scenario;
+pub use scenario::{Driver, Scenario};
 pub use stats::Report;
 
 /// Why a run could not be carried out (a missed SLO is not an error: see [`Outcome`]).
@@ -342,10 +343,12 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         .map(|i| format!("lg{run_id}-{i}"))
         .collect();
     let ends_in = scenario.duration + scenario.cooldown + Duration::from_secs(3600);
-    for id in &auction_ids {
-        create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
-            .await
-            .map_err(|e| LoadgenError::CreateAuction(id.clone(), e))?;
+    if scenario.driver == Driver::Gavel {
+        for id in &auction_ids {
+            create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
+                .await
+                .map_err(|e| LoadgenError::CreateAuction(id.clone(), e))?;
+        }
     }
     let ctx = Arc::new(Ctx {
         accepted: auction_ids.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -375,16 +378,17 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             let (ctx, channel) = (Arc::clone(&ctx), channel.clone());
             let viewer = n;
             opening.push(tokio::spawn(async move {
-                let token = token(&ctx.scenario.jwt_secret, &format!("lgv{viewer}"), None);
-                let client = open(&ctx, viewer, token, Some(&channel)).await?;
+                let watcher = if ctx.scenario.driver == Driver::Socketio {
+                    let reader = sio_join(&ctx, viewer, auction).await?;
+                    tokio::spawn(sio_watch(Arc::clone(&ctx), viewer, auction, reader))
+                } else {
+                    let token = token(&ctx.scenario.jwt_secret, &format!("lgv{viewer}"), None);
+                    let client = open(&ctx, viewer, token, Some(&channel)).await?;
+                    tokio::spawn(watch(Arc::clone(&ctx), viewer, auction, client))
+                };
                 ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
                 ctx.watching[auction].fetch_add(1, Ordering::Relaxed);
-                Some(tokio::spawn(watch(
-                    Arc::clone(&ctx),
-                    viewer,
-                    auction,
-                    client,
-                )))
+                Some(watcher)
             }));
             n += 1;
         }
@@ -399,18 +403,33 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     let mut queues = Vec::new();
     let mut bidders = Vec::new();
     for b in 0..scenario.bidders {
-        let token = token(
-            &scenario.jwt_secret,
-            &format!("lgb{b}"),
-            Some(vec!["bidder".into()]),
-        );
-        let Some(client) = open(&ctx, n + b, token, None).await else {
-            continue;
-        };
-        ctx.stats.bidders_connected.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::mpsc::channel(65_536);
+        if scenario.driver == Driver::Socketio {
+            let addr = scenario.urls[(n + b) % scenario.urls.len()];
+            let Ok((reader, writer)) = socketio::connect(addr, &format!("lgb{b}")).await else {
+                ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            bidders.push(tokio::spawn(sio_bid(
+                Arc::clone(&ctx),
+                b,
+                reader,
+                writer,
+                rx,
+            )));
+        } else {
+            let token = token(
+                &scenario.jwt_secret,
+                &format!("lgb{b}"),
+                Some(vec!["bidder".into()]),
+            );
+            let Some(client) = open(&ctx, n + b, token, None).await else {
+                continue;
+            };
+            bidders.push(tokio::spawn(bid(Arc::clone(&ctx), b, client, rx)));
+        }
+        ctx.stats.bidders_connected.fetch_add(1, Ordering::Relaxed);
         queues.push(tx);
-        bidders.push(tokio::spawn(bid(Arc::clone(&ctx), b, client, rx)));
     }
     if queues.is_empty() {
         return Err(LoadgenError::Scenario("no bidder could connect".into()));
@@ -433,7 +452,11 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         let auction = (i as usize) % ctx.auction_ids.len();
         let amount = next_amount[auction];
         next_amount[auction] += 1;
-        let request_id = format!("{run_id}-{i}");
+        // The Socket.IO driver uses the schedule index as its acknowledgement id.
+        let request_id = match scenario.driver {
+            Driver::Gavel => format!("{run_id}-{i}"),
+            Driver::Socketio => i.to_string(),
+        };
         ctx.intended.insert((auction, amount), due);
         ctx.by_request.insert(request_id.clone(), due);
         ctx.stats.bids_sent.fetch_add(1, Ordering::Relaxed);
@@ -481,6 +504,95 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     }
     let slo_met = report.slo_met;
     Ok(Outcome { report, slo_met })
+}
+
+/// A Socket.IO viewer: connect, then `join-auction` (acknowledged), each timed.
+async fn sio_join(ctx: &Ctx, n: usize, auction: usize) -> Option<socketio::Reader> {
+    let addr = ctx.scenario.urls[n % ctx.scenario.urls.len()];
+    let started = Instant::now();
+    let Ok((mut reader, writer)) = socketio::connect(addr, &format!("lgv{n}")).await else {
+        ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    ctx.stats.connect.record(n, started.elapsed());
+    let started = Instant::now();
+    let join = json!({ "auctionId": ctx.auction_ids[auction] });
+    writer.emit("join-auction", &join, 0).await.ok()?;
+    loop {
+        match reader.next().await {
+            socketio::Packet::Ack(0, _) => break,
+            socketio::Packet::Closed => return None,
+            _ => continue,
+        }
+    }
+    ctx.stats.subscribe.record(n, started.elapsed());
+    Some(reader)
+}
+
+/// A Socket.IO viewer: times every `bid-placed` (Socket.IO has no seq: gaps are not measured).
+async fn sio_watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut reader: socketio::Reader) {
+    loop {
+        match reader.next().await {
+            socketio::Packet::Event(name, data) if name == "bid-placed" => {
+                ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
+                let amount = data["amount"].as_i64().unwrap_or(0);
+                if let Some(at) = ctx.intended.get(&(auction, amount)) {
+                    ctx.stats.delivery.record(n, at.elapsed());
+                }
+            }
+            socketio::Packet::Closed => {
+                stats::Stats::count(&ctx.stats.disconnects, 1006);
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A Socket.IO bidder: `place-bid` with the schedule index as the acknowledgement id.
+async fn sio_bid(
+    ctx: Arc<Ctx>,
+    n: usize,
+    mut reader: socketio::Reader,
+    writer: socketio::Writer,
+    mut bids: tokio::sync::mpsc::Receiver<Bid>,
+) {
+    let reading = {
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            loop {
+                match reader.next().await {
+                    socketio::Packet::Ack(id, data) => {
+                        let at = ctx.by_request.remove(&id.to_string()).map(|(_, at)| at);
+                        if data["ok"] == true {
+                            ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
+                            let auction = id as usize % ctx.auction_ids.len();
+                            ctx.accepted[auction].fetch_add(1, Ordering::Relaxed);
+                            if let Some(at) = at {
+                                ctx.stats.bid_ack.record(n, at.elapsed());
+                            }
+                        } else {
+                            let reason = data["reason"].as_str().unwrap_or("rejected").to_owned();
+                            stats::Stats::count(&ctx.stats.rejections, reason);
+                        }
+                    }
+                    socketio::Packet::Closed => return,
+                    socketio::Packet::Event(..) => {}
+                }
+            }
+        })
+    };
+    while let Some(bid) = bids.recv().await {
+        let Ok(ack) = bid.request_id.parse::<u64>() else {
+            continue;
+        };
+        let data = json!({ "auctionId": ctx.auction_ids[bid.auction], "amount": bid.amount });
+        if writer.emit("place-bid", &data, ack).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(ctx.scenario.cooldown).await;
+    reading.abort();
 }
 
 fn progress_line(ctx: &Arc<Ctx>) -> indicatif::ProgressBar {

@@ -18,6 +18,11 @@ pub struct Scenario {
     #[arg(long = "url", default_value = "127.0.0.1:7700")]
     pub urls: Vec<SocketAddr>,
 
+    /// Which server to drive: `gavel`, or `socketio` (a Socket.IO 4 server speaking the common
+    /// auction design: join-auction, place-bid, bid-placed, viewerCountUpdate).
+    #[arg(long, value_enum, default_value_t = Driver::Gavel)]
+    pub driver: Driver,
+
     /// Auctions to create and bid on.
     #[arg(long, default_value_t = 1)]
     pub auctions: usize,
@@ -51,12 +56,22 @@ pub struct Scenario {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub cooldown: Duration,
 
-    /// The broker's --jwt-secret, to sign the simulated users' tokens.
-    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    /// The broker's --jwt-secret, to sign the simulated users' tokens (gavel driver).
+    #[arg(
+        long,
+        env = "GAVEL_JWT_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub jwt_secret: String,
 
-    /// The broker's --api-key, to create the auctions.
-    #[arg(long, env = "GAVEL_API_KEY", hide_env_values = true)]
+    /// The broker's --api-key, to create the auctions (gavel driver).
+    #[arg(
+        long,
+        env = "GAVEL_API_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub api_key: String,
 
     /// A latency objective such as `delivery.p99<50ms` (metrics: connect, subscribe, bid_ack,
@@ -76,6 +91,13 @@ pub struct Scenario {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The protocol spoken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Driver {
+    Gavel,
+    Socketio,
 }
 
 /// The measured latencies.

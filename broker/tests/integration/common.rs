@@ -333,10 +333,31 @@ pub fn channel(name: &str) -> Channel {
 
 /// A `gavel-broker` child process on an ephemeral port, started with `args`; returns it with
 /// the address it logged. Its stdout is drained in the background.
-pub fn spawn_broker_process(
-    args: &[&str],
-    data_dir: &std::path::Path,
-) -> (std::process::Child, SocketAddr) {
+/// A child process that is killed (and reaped) when dropped, so a failing test leaves none
+/// behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_broker_process(args: &[&str], data_dir: &std::path::Path) -> (KillOnDrop, SocketAddr) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
@@ -357,7 +378,7 @@ pub fn spawn_broker_process(
         if let Some(addr) = entry["fields"]["addr"].as_str() {
             let addr = addr.parse().unwrap();
             std::thread::spawn(move || lines.for_each(drop));
-            return (child, addr);
+            return (KillOnDrop(child), addr);
         }
     }
     let _ = child.kill();
