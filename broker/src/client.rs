@@ -70,7 +70,8 @@ pub struct Client {
     answer_pings: bool,
 }
 
-struct SpawnExecutor;
+/// Runs hyper's client connection tasks on Tokio (for `fastwebsockets::handshake::client`).
+pub struct SpawnExecutor;
 
 impl<F> hyper::rt::Executor<F> for SpawnExecutor
 where
@@ -194,49 +195,15 @@ impl Client {
 
     /// Reads the next data frame or the close; answers pings on the way.
     pub async fn next(&mut self) -> Result<Incoming, ClientError> {
-        loop {
-            let frame = match self.ws.read_frame().await {
-                Ok(frame) => frame,
-                // After we sent a close, the library refuses data frames still in flight
-                // before the broker's close reply: skip them.
-                Err(WebSocketError::ConnectionClosed) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            match frame.opcode {
-                OpCode::Binary | OpCode::Text => {
-                    return Ok(Incoming::Frame(decode(
-                        self.format,
-                        &frame.payload,
-                        self.max_size,
-                    )?));
-                }
-                OpCode::Ping => {
-                    if self.answer_pings {
-                        let payload = frame.payload.to_vec();
-                        let pong = Frame::pong(Payload::Owned(payload));
-                        let _ = self.ws.write_frame(pong).await;
-                    }
-                }
-                OpCode::Close => {
-                    let payload = frame.payload.to_vec();
-                    let code = if payload.len() >= 2 {
-                        u16::from_be_bytes([payload[0], payload[1]])
-                    } else {
-                        1005
-                    };
-                    let reason =
-                        String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
-                    let _ = self.ws.write_frame(Frame::close(code.min(4999), b"")).await;
-                    return Ok(Incoming::Closed { code, reason });
-                }
-                _ => continue,
-            }
+        match self.next_raw().await? {
+            Ok(bytes) => Ok(Incoming::Frame(decode(self.format, &bytes, self.max_size)?)),
+            Err((code, reason)) => Ok(Incoming::Closed { code, reason }),
         }
     }
 
-    /// Reads the next data message undecoded (`Ok(Err(code))` for a close): for clients that
-    /// decode only the fields they need, such as load generators.
-    pub async fn next_raw(&mut self) -> Result<Result<Bytes, u16>, ClientError> {
+    /// Reads the next data message undecoded (`Ok(Err((code, reason)))` for a close): for
+    /// clients that decode only the fields they need, such as load generators.
+    pub async fn next_raw(&mut self) -> Result<Result<Bytes, (u16, String)>, ClientError> {
         loop {
             let frame = match self.ws.read_frame().await {
                 Ok(frame) => frame,
@@ -254,14 +221,9 @@ impl Client {
                     }
                 }
                 OpCode::Close => {
-                    let p = &frame.payload[..];
-                    let code = if p.len() >= 2 {
-                        u16::from_be_bytes([p[0], p[1]])
-                    } else {
-                        1005
-                    };
+                    let (code, reason) = close_payload(&frame.payload);
                     let _ = self.ws.write_frame(Frame::close(code.min(4999), b"")).await;
-                    return Ok(Err(code));
+                    return Ok(Err((code, reason)));
                 }
                 _ => continue,
             }
@@ -358,17 +320,8 @@ impl ClientReader {
                     )?));
                 }
                 OpCode::Close => {
-                    let payload = &frame.payload[..];
-                    let code = if payload.len() >= 2 {
-                        u16::from_be_bytes([payload[0], payload[1]])
-                    } else {
-                        1005
-                    };
-                    return Ok(Incoming::Closed {
-                        code,
-                        reason: String::from_utf8_lossy(payload.get(2..).unwrap_or_default())
-                            .into_owned(),
-                    });
+                    let (code, reason) = close_payload(&frame.payload);
+                    return Ok(Incoming::Closed { code, reason });
                 }
                 OpCode::Ping => {
                     let pong = Frame::pong(Payload::Owned(frame.payload.to_vec()));
@@ -378,4 +331,14 @@ impl ClientReader {
             }
         }
     }
+}
+
+/// The code (1005 when absent) and reason of a close frame's payload.
+fn close_payload(payload: &[u8]) -> (u16, String) {
+    let code = match payload {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+        _ => 1005,
+    };
+    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+    (code, reason)
 }

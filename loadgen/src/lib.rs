@@ -238,7 +238,7 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
                     }
                 }
             }
-            Ok(Err(code)) => {
+            Ok(Err((code, _))) => {
                 stats::Stats::count(&ctx.stats.disconnects, code);
                 return;
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
+use gavel_broker::client::SpawnExecutor;
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -14,18 +15,6 @@ use serde_json::Value;
 use tokio::io::{ReadHalf, WriteHalf};
 
 type Io = TokioIo<Upgraded>;
-
-struct Spawner;
-
-impl<F> hyper::rt::Executor<F> for Spawner
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
-}
 
 /// What arrives from a Socket.IO server.
 pub enum Packet {
@@ -126,7 +115,7 @@ pub async fn connect(addr: SocketAddr, user: &str) -> Result<(Reader, Writer), S
         .header("Sec-WebSocket-Version", "13")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let (ws, _) = fastwebsockets::handshake::client(&Spawner, request, stream)
+    let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
         .await
         .map_err(|e| e.to_string())?;
     let (read, write) = ws.split(tokio::io::split);

@@ -41,13 +41,7 @@ async fn tokens_from_the_header_the_query_or_an_auth_frame() {
     assert_eq!(status, 101);
     // An auth frame on an anonymous connection.
     let mut late = b.connect(None).await;
-    let reply = late
-        .request(|id| ClientFrame::Auth {
-            id,
-            token: token("fay"),
-        })
-        .await
-        .unwrap();
+    let reply = late.auth(token("fay")).await.unwrap();
     let Reply::Authenticated { user, expires_at } = reply else {
         panic!("{reply:?}")
     };
@@ -56,13 +50,7 @@ async fn tokens_from_the_header_the_query_or_an_auth_frame() {
     late.subscribe("user:fay").await;
     assert_eq!(b.broker.user_connections(&user), 1);
     // The user of a connection cannot change.
-    let err = late
-        .request(|id| ClientFrame::Auth {
-            id,
-            token: token("mal"),
-        })
-        .await
-        .unwrap_err();
+    let err = late.auth(token("mal")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
 }
 
@@ -91,21 +79,9 @@ async fn bad_and_expired_tokens_are_refused_with_their_codes() {
         (401, Some("token_expired"))
     );
     let mut c = b.connect(None).await;
-    let err = c
-        .request(|id| ClientFrame::Auth {
-            id,
-            token: forged.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = c.auth(forged.clone()).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::TokenInvalid);
-    let err = c
-        .request(|id| ClientFrame::Auth {
-            id,
-            token: expired.clone(),
-        })
-        .await
-        .unwrap_err();
+    let err = c.auth(expired.clone()).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::TokenExpired);
 }
 
@@ -128,12 +104,7 @@ async fn without_anonymous_access_a_connection_must_authenticate_in_time() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Unauthenticated, "nothing before auth");
-    good.request(|id| ClientFrame::Auth {
-        id,
-        token: token("gus"),
-    })
-    .await
-    .unwrap();
+    good.auth(token("gus")).await.unwrap();
     good.subscribe("auction:1").await;
     // Never: closed with 4002.
     let mut silent = b.connect(None).await;
@@ -184,26 +155,23 @@ fn fast_bids(c: &mut gavel_broker::Config) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversations_need_the_channels_claim_and_bids_the_bidder_role() {
     let b = TestBroker::start(fast_bids).await;
-    let sub = |name: &str| {
-        let channel = channel(name);
-        move |id| ClientFrame::Subscribe {
-            id,
-            channel,
-            since: None,
-            epoch: None,
-        }
-    };
     let listed = token_with("ivy", None, Some(vec!["conversation:c1".into()]), 3600);
     let mut ivy = TestClient::connect_with(b.addr, Some(listed), Format::MsgPack).await;
-    assert!(ivy.request(sub("conversation:c1")).await.is_ok());
+    assert!(ivy.request(sub_frame("conversation:c1")).await.is_ok());
     assert_eq!(
-        ivy.request(sub("conversation:c2")).await.unwrap_err().code,
+        ivy.request(sub_frame("conversation:c2"))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::Forbidden
     );
     let none = token_with("jon", None, None, 3600);
     let mut jon = TestClient::connect_with(b.addr, Some(none), Format::MsgPack).await;
     assert_eq!(
-        jon.request(sub("conversation:c1")).await.unwrap_err().code,
+        jon.request(sub_frame("conversation:c1"))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::Forbidden
     );
 
@@ -255,13 +223,7 @@ async fn an_expiring_token_gets_a_warning_and_a_grace_period() {
             break;
         }
     }
-    let reply = refresher
-        .request(|id| ClientFrame::Auth {
-            id,
-            token: token("nia"),
-        })
-        .await
-        .unwrap();
+    let reply = refresher.auth(token("nia")).await.unwrap();
     assert!(matches!(reply, Reply::Authenticated { .. }));
     assert_eq!(lapser.closed().await, Some(4003));
     // The refreshed connection lives on past the grace period.
@@ -483,24 +445,18 @@ async fn the_backend_decides_conversations_a_token_does_not_list_with_a_cache() 
         c.conversation_auth_cache = Duration::from_secs(60);
     })
     .await;
-    let sub = |name: &str| {
-        let channel = channel(name);
-        move |id| ClientFrame::Subscribe {
-            id,
-            channel,
-            since: None,
-            epoch: None,
-        }
-    };
     let mut ann = TestClient::connect_with(
         b.addr,
         Some(token_with("ann", None, None, 3600)),
         Format::MsgPack,
     )
     .await;
-    assert!(ann.request(sub("conversation:x")).await.is_ok());
+    assert!(ann.request(sub_frame("conversation:x")).await.is_ok());
     assert_eq!(
-        ann.request(sub("conversation:y")).await.unwrap_err().code,
+        ann.request(sub_frame("conversation:y"))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::Forbidden
     );
     let mut bob = TestClient::connect_with(
@@ -510,7 +466,10 @@ async fn the_backend_decides_conversations_a_token_does_not_list_with_a_cache() 
     )
     .await;
     assert_eq!(
-        bob.request(sub("conversation:x")).await.unwrap_err().code,
+        bob.request(sub_frame("conversation:x"))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::Forbidden
     );
     assert_eq!(asked.load(Ordering::SeqCst), 3);
@@ -521,7 +480,7 @@ async fn the_backend_decides_conversations_a_token_does_not_list_with_a_cache() 
         Format::MsgPack,
     )
     .await;
-    assert!(tab.request(sub("conversation:x")).await.is_ok());
+    assert!(tab.request(sub_frame("conversation:x")).await.is_ok());
     assert_eq!(asked.load(Ordering::SeqCst), 3, "cached");
     // A token that lists its conversations is not asked about.
     let mut cy = TestClient::connect_with(
@@ -535,7 +494,7 @@ async fn the_backend_decides_conversations_a_token_does_not_list_with_a_cache() 
         Format::MsgPack,
     )
     .await;
-    assert!(cy.request(sub("conversation:x")).await.is_ok());
+    assert!(cy.request(sub_frame("conversation:x")).await.is_ok());
     assert_eq!(asked.load(Ordering::SeqCst), 3);
 }
 

@@ -442,7 +442,23 @@ pub async fn all_bids(addr: SocketAddr, auction: &str) -> Vec<Value> {
     }
 }
 
+/// A subscribe request for `name`, for `TestClient::request`.
+pub fn sub_frame(name: &str) -> impl FnOnce(RequestId) -> ClientFrame {
+    let channel = Channel::parse(name).unwrap();
+    move |id| ClientFrame::Subscribe {
+        id,
+        channel,
+        since: None,
+        epoch: None,
+    }
+}
+
 impl TestClient {
+    /// Sends an `auth` frame and returns the reply or error.
+    pub async fn auth(&mut self, token: String) -> Result<Reply, ErrorFrame> {
+        self.request(|id| ClientFrame::Auth { id, token }).await
+    }
+
     /// Places a bid and returns the reply.
     pub async fn bid(&mut self, auction: &str, amount: i64, request_id: &str) -> Reply {
         let auction_id = auction.to_owned();

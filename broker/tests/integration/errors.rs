@@ -66,29 +66,20 @@ async fn permissions_per_channel_kind() {
     let b = TestBroker::start(|_| {}).await;
     let mut c = b.connect(Some("ann")).await;
     let mut anon = b.connect(None).await;
-    let sub = |name: &str| {
-        let channel = channel(name);
-        move |id| ClientFrame::Subscribe {
-            id,
-            channel,
-            since: None,
-            epoch: None,
-        }
-    };
     assert_eq!(
-        c.request(sub("user:bob")).await.unwrap_err().code,
+        c.request(sub_frame("user:bob")).await.unwrap_err().code,
         ErrorCode::Forbidden
     );
-    assert!(c.request(sub("user:ann")).await.is_ok());
+    assert!(c.request(sub_frame("user:ann")).await.is_ok());
     assert_eq!(
-        c.request(sub("user:ann")).await.unwrap_err().code,
+        c.request(sub_frame("user:ann")).await.unwrap_err().code,
         ErrorCode::AlreadySubscribed
     );
     assert_eq!(
-        anon.request(sub("user:ann")).await.unwrap_err().code,
+        anon.request(sub_frame("user:ann")).await.unwrap_err().code,
         ErrorCode::Unauthenticated
     );
-    assert!(anon.request(sub("broadcast")).await.is_ok());
+    assert!(anon.request(sub_frame("broadcast")).await.is_ok());
 
     let publish = |name: &str| {
         let channel = channel(name);
@@ -112,7 +103,10 @@ async fn permissions_per_channel_kind() {
         ErrorCode::NotSubscribed
     );
     assert_eq!(
-        anon.request(sub("conversation:x")).await.unwrap_err().code,
+        anon.request(sub_frame("conversation:x"))
+            .await
+            .unwrap_err()
+            .code,
         ErrorCode::Unauthenticated,
         "anonymous connections join no conversation"
     );
