@@ -49,6 +49,8 @@ pub struct ConnectOptions {
     pub token: Option<String>,
     /// Extra query string appended to `/ws?` (already encoded).
     pub query: Option<String>,
+    /// Local address to connect from (spreads many connections over loopback addresses).
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -57,6 +59,7 @@ impl Default for ConnectOptions {
             format: Format::MsgPack,
             token: None,
             query: None,
+            source: None,
         }
     }
 }
@@ -86,7 +89,7 @@ where
 impl Client {
     /// Opens a connection to `ws://{addr}/ws` with the given options.
     pub async fn connect(addr: SocketAddr, options: ConnectOptions) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect(addr).await?;
+        let stream = connect_tcp(addr, options.source).await?;
         stream.set_nodelay(true)?;
         Client::handshake(stream, addr, options).await
     }
@@ -341,4 +344,20 @@ fn close_payload(payload: &[u8]) -> (u16, String) {
     };
     let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
     (code, reason)
+}
+
+/// A TCP connection to `addr`, from `source` when given.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }

@@ -8,6 +8,7 @@ mod prometheus;
 pub mod scenario;
 mod socketio;
 pub mod stats;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use gavel_broker::auth::{sign_hs256, Claims};
 use gavel_broker::client::{Client, ConnectOptions, Incoming};
 use gavel_protocol::{Channel, ClientFrame, Reply, ServerFrame};
@@ -47,15 +47,34 @@ struct Ctx {
     scenario: Scenario,
     stats: stats::Stats,
     auction_ids: Vec<String>,
-    /// Intended send time of each scheduled bid, by (auction index, amount) for deliveries.
-    intended: DashMap<(usize, i64), Instant>,
-    /// And by request id, for acknowledgements.
-    by_request: DashMap<String, Instant>,
+    /// When bid 0 is due; bid `i` is due `i / rate` later, goes to auction `i % A` with amount
+    /// `i / A + 1`, so every process can tell any bid's intended time from its amount.
+    start: std::sync::OnceLock<Instant>,
     /// Accepted bids per auction (what each of its viewers should receive).
     accepted: Vec<AtomicU64>,
     /// Viewers connected and subscribed, per auction.
     watching: Vec<AtomicU64>,
     export: bool,
+}
+
+impl Ctx {
+    /// The intended send time of bid `i`.
+    fn due(&self, i: u64) -> Option<Instant> {
+        let start = self.start.get()?;
+        Some(*start + Duration::from_secs_f64(i as f64 / self.scenario.bid_rate))
+    }
+
+    /// The intended send time of the bid of `amount` on auction `auction`.
+    fn due_of(&self, auction: usize, amount: i64) -> Option<Instant> {
+        let per_auction = u64::try_from(amount).ok()?.checked_sub(1)?;
+        self.due(per_auction * self.auction_ids.len() as u64 + auction as u64)
+    }
+
+    /// The loopback source address for connection `n`.
+    fn source(&self, n: usize) -> Option<std::net::IpAddr> {
+        let count = self.scenario.source_addrs.max(1) as usize;
+        (count > 1).then(|| std::net::IpAddr::from([127, 0, 0, 1 + (n % count) as u8]))
+    }
 }
 
 fn token(secret: &str, sub: &str, roles: Option<Vec<String>>) -> String {
@@ -143,6 +162,7 @@ async fn open(ctx: &Ctx, n: usize, token: String, channel: Option<&Channel>) -> 
     let started = Instant::now();
     let options = ConnectOptions {
         token: Some(token),
+        source: ctx.source(n),
         ..ConnectOptions::default()
     };
     let mut client = match Client::connect(addr, options).await {
@@ -229,7 +249,7 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
                 }
                 ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 let amount = probe.data.and_then(|d| d.amount).unwrap_or(0);
-                if let Some(at) = ctx.intended.get(&(auction, amount)) {
+                if let Some(at) = ctx.due_of(auction, amount) {
                     let latency = at.elapsed();
                     ctx.stats.delivery.record(n, latency);
                     if ctx.export {
@@ -277,17 +297,15 @@ async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mps
                         if let Some(index) = ctx.auction_ids.iter().position(|a| *a == auction_id) {
                             ctx.accepted[index].fetch_add(1, Ordering::Relaxed);
                         }
-                        if let Some((_, at)) = ctx.by_request.remove(&request_id) {
+                        let index = request_id.rsplit('-').next().and_then(|i| i.parse().ok());
+                        if let Some(at) = index.and_then(|i| ctx.due(i)) {
                             ctx.stats.bid_ack.record(n, at.elapsed());
                         }
                         if ctx.export {
                             metrics::counter!("gavel_loadgen_bids_accepted_total").increment(1);
                         }
                     }
-                    Reply::BidRejected {
-                        reason, request_id, ..
-                    } => {
-                        ctx.by_request.remove(&request_id);
+                    Reply::BidRejected { reason, .. } => {
                         stats::Stats::count(&ctx.stats.rejections, reason.as_str().to_owned());
                     }
                     _ => {}
@@ -313,22 +331,29 @@ async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mps
     reading.abort();
 }
 
-/// Runs the scenario; prints the progress line and the table, writes the JSON report.
+/// Runs the scenario; prints the progress line and the table, writes the JSON report. With
+/// `--workers N` it runs N worker processes and merges their reports.
 pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     if scenario.urls.is_empty()
         || scenario.bidders == 0
         || scenario.bid_rate <= 0.0
         || scenario.ramp <= 0.0
+        || scenario.workers == 0
     {
         return Err(LoadgenError::Scenario(
-            "need a --url, bidders, and positive --bid-rate and --ramp".into(),
+            "need a --url, bidders, workers, and positive --bid-rate and --ramp".into(),
         ));
     }
+    if scenario.workers > 1 && scenario.worker_index.is_none() {
+        return workers::run(scenario).await;
+    }
+    let (part, parts) = (scenario.worker_index.unwrap_or(0), scenario.workers.max(1));
+    let mine = |n: usize| n % parts == part;
     if let Some(limit) = gavel_broker::admission::raise_open_file_limit() {
-        let needed = (scenario.viewers + scenario.bidders) as u64 + 64;
+        let needed = ((scenario.viewers + scenario.bidders) / parts) as u64 + 64;
         if needed > limit {
             return Err(LoadgenError::Scenario(format!(
-                "{needed} sockets needed but this process may open {limit} files"
+                "{needed} sockets needed but this process may open {limit} files: use --workers"
             )));
         }
     }
@@ -338,59 +363,56 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             .await
             .map_err(LoadgenError::Report)?;
     }
-    let run_id = gavel_broker::clock::now_ms() % 1_000_000_000;
-    let auction_ids: Vec<String> = (0..scenario.auctions.max(1))
-        .map(|i| format!("lg{run_id}-{i}"))
-        .collect();
-    let ends_in = scenario.duration + scenario.cooldown + Duration::from_secs(3600);
-    if scenario.driver == Driver::Gavel {
-        for id in &auction_ids {
-            create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
-                .await
-                .map_err(|e| LoadgenError::CreateAuction(id.clone(), e))?;
-        }
-    }
+    let run_id = scenario
+        .run_id
+        .unwrap_or_else(|| gavel_broker::clock::now_ms() % 1_000_000_000);
+    let auction_ids = if scenario.auction_ids.is_empty() {
+        create_auctions(&scenario, run_id).await?
+    } else {
+        scenario.auction_ids.clone()
+    };
     let ctx = Arc::new(Ctx {
         accepted: auction_ids.iter().map(|_| AtomicU64::new(0)).collect(),
         watching: auction_ids.iter().map(|_| AtomicU64::new(0)).collect(),
         auction_ids,
         scenario: scenario.clone(),
         stats: stats::Stats::new(),
-        intended: DashMap::new(),
-        by_request: DashMap::new(),
+        start: std::sync::OnceLock::new(),
         export,
     });
     let started = Instant::now();
     let progress = progress_line(&ctx);
 
-    // Viewers, at the ramp rate.
+    // Viewers (this worker's share), at the ramp rate.
     let per_auction = spread(scenario.viewers, ctx.auction_ids.len(), scenario.zipf);
     let mut opening = Vec::new();
-    let mut n = 0;
+    let mut viewer = 0;
+    let mut opened = 0;
     for (auction, count) in per_auction.iter().enumerate() {
         let channel = Channel::auction(&ctx.auction_ids[auction])
             .map_err(|e| LoadgenError::Scenario(e.to_string()))?;
         for _ in 0..*count {
-            tokio::time::sleep_until(
-                (started + Duration::from_secs_f64(n as f64 / scenario.ramp)).into(),
-            )
-            .await;
-            let (ctx, channel) = (Arc::clone(&ctx), channel.clone());
-            let viewer = n;
+            viewer += 1;
+            if !mine(viewer - 1) {
+                continue;
+            }
+            let due = started + Duration::from_secs_f64(opened as f64 / scenario.ramp);
+            tokio::time::sleep_until(due.into()).await;
+            opened += 1;
+            let (ctx, channel, n) = (Arc::clone(&ctx), channel.clone(), viewer - 1);
             opening.push(tokio::spawn(async move {
                 let watcher = if ctx.scenario.driver == Driver::Socketio {
-                    let reader = sio_join(&ctx, viewer, auction).await?;
-                    tokio::spawn(sio_watch(Arc::clone(&ctx), viewer, auction, reader))
+                    let reader = sio_join(&ctx, n, auction).await?;
+                    tokio::spawn(sio_watch(Arc::clone(&ctx), n, auction, reader))
                 } else {
-                    let token = token(&ctx.scenario.jwt_secret, &format!("lgv{viewer}"), None);
-                    let client = open(&ctx, viewer, token, Some(&channel)).await?;
-                    tokio::spawn(watch(Arc::clone(&ctx), viewer, auction, client))
+                    let token = token(&ctx.scenario.jwt_secret, &format!("lgv{n}"), None);
+                    let client = open(&ctx, n, token, Some(&channel)).await?;
+                    tokio::spawn(watch(Arc::clone(&ctx), n, auction, client))
                 };
                 ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
                 ctx.watching[auction].fetch_add(1, Ordering::Relaxed);
                 Some(watcher)
             }));
-            n += 1;
         }
     }
     let mut watchers = Vec::new();
@@ -399,14 +421,16 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             watchers.push(watcher);
         }
     }
-    // Bidders.
+    // Bidders (this worker's share).
     let mut queues = Vec::new();
     let mut bidders = Vec::new();
-    for b in 0..scenario.bidders {
+    for b in (0..scenario.bidders).filter(|b| mine(*b)) {
+        let n = scenario.viewers + b;
         let (tx, rx) = tokio::sync::mpsc::channel(65_536);
         if scenario.driver == Driver::Socketio {
-            let addr = scenario.urls[(n + b) % scenario.urls.len()];
-            let Ok((reader, writer)) = socketio::connect(addr, &format!("lgb{b}")).await else {
+            let addr = scenario.urls[n % scenario.urls.len()];
+            let connected = socketio::connect(addr, ctx.source(n), &format!("lgb{b}")).await;
+            let Ok((reader, writer)) = connected else {
                 ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -418,12 +442,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
                 rx,
             )));
         } else {
-            let token = token(
-                &scenario.jwt_secret,
-                &format!("lgb{b}"),
-                Some(vec!["bidder".into()]),
-            );
-            let Some(client) = open(&ctx, n + b, token, None).await else {
+            let roles = Some(vec!["bidder".into()]);
+            let token = token(&scenario.jwt_secret, &format!("lgb{b}"), roles);
+            let Some(client) = open(&ctx, n, token, None).await else {
                 continue;
             };
             bidders.push(tokio::spawn(bid(Arc::clone(&ctx), b, client, rx)));
@@ -434,12 +455,28 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     if queues.is_empty() {
         return Err(LoadgenError::Scenario("no bidder could connect".into()));
     }
-    // The schedule: bid i is due at schedule_start + i / rate, whatever happened before.
-    let schedule_start = Instant::now();
+    // The schedule: bid i is due at start + i / rate, whatever happened before. Workers share
+    // the start (set by the parent) and each sends the bids of its own auctions.
+    let start = match scenario.start_at_ms {
+        None => Instant::now(),
+        Some(at) => {
+            let now = gavel_broker::clock::now_ms();
+            if at >= now {
+                Instant::now() + Duration::from_millis(at - now)
+            } else {
+                Instant::now() - Duration::from_millis(now - at)
+            }
+        }
+    };
+    let _ = ctx.start.set(start);
+    let auctions = ctx.auction_ids.len();
     let total = (scenario.bid_rate * scenario.duration.as_secs_f64()).round() as u64;
-    let mut next_amount = vec![1i64; ctx.auction_ids.len()];
     for i in 0..total {
-        let due = schedule_start + Duration::from_secs_f64(i as f64 / scenario.bid_rate);
+        let auction = (i as usize) % auctions;
+        if !mine(auction) {
+            continue;
+        }
+        let due = start + Duration::from_secs_f64(i as f64 / scenario.bid_rate);
         tokio::time::sleep_until(due.into()).await;
         let lag = due.elapsed();
         // Timers fire up to a millisecond late; beyond two, the loadgen itself is behind.
@@ -449,31 +486,25 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
                 .max_lag_micros
                 .fetch_max(lag.as_micros() as u64, Ordering::Relaxed);
         }
-        let auction = (i as usize) % ctx.auction_ids.len();
-        let amount = next_amount[auction];
-        next_amount[auction] += 1;
+        let amount = (i / auctions as u64) as i64 + 1;
         // The Socket.IO driver uses the schedule index as its acknowledgement id.
         let request_id = match scenario.driver {
             Driver::Gavel => format!("{run_id}-{i}"),
             Driver::Socketio => i.to_string(),
         };
-        ctx.intended.insert((auction, amount), due);
-        ctx.by_request.insert(request_id.clone(), due);
         ctx.stats.bids_sent.fetch_add(1, Ordering::Relaxed);
         if export {
             metrics::counter!("gavel_loadgen_bids_sent_total").increment(1);
         }
         // One auction's bids all go through one bidder, so they reach the broker in schedule
         // order (amounts only rise) and are accepted; bidders share the auctions round-robin.
-        let queue = &queues[auction % queues.len()];
-        if queue
-            .try_send(Bid {
-                auction,
-                amount,
-                request_id,
-            })
-            .is_err()
-        {
+        let queue = &queues[(auction / parts) % queues.len()];
+        let bid = Bid {
+            auction,
+            amount,
+            request_id,
+        };
+        if queue.try_send(bid).is_err() {
             stats::Stats::count(&ctx.stats.errors, "loadgen bidder queue full".to_owned());
         }
     }
@@ -485,17 +516,15 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         watcher.abort();
     }
     progress.finish_and_clear();
-    // Every accepted bid of an auction is due to every viewer of that auction.
-    let expected: u64 = ctx
-        .watching
-        .iter()
-        .zip(&ctx.accepted)
-        .map(|(viewers, accepted)| {
-            viewers.load(Ordering::Relaxed) * accepted.load(Ordering::Relaxed)
-        })
-        .sum();
-    let report = stats::report(&scenario, &ctx.stats, started.elapsed(), expected);
-    println!("{}", report.table);
+    let load = |v: &[AtomicU64]| v.iter().map(|x| x.load(Ordering::Relaxed)).collect();
+    let parts = stats::Parts {
+        watching: load(&ctx.watching),
+        accepted: load(&ctx.accepted),
+    };
+    let report = stats::report(&scenario, &ctx.stats, started.elapsed(), &parts);
+    if scenario.worker_index.is_none() {
+        println!("{}", report.table);
+    }
     if let Some(path) = &scenario.report {
         std::fs::write(
             path,
@@ -506,11 +535,28 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     Ok(Outcome { report, slo_met })
 }
 
+/// Creates the scenario's auctions (Gavel driver; Socket.IO servers create them on first use).
+async fn create_auctions(scenario: &Scenario, run_id: u64) -> Result<Vec<String>, LoadgenError> {
+    let ids: Vec<String> = (0..scenario.auctions.max(1))
+        .map(|i| format!("lg{run_id}-{i}"))
+        .collect();
+    if scenario.driver == Driver::Gavel {
+        let ends_in = scenario.duration + scenario.cooldown + Duration::from_secs(3600);
+        for id in &ids {
+            create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
+                .await
+                .map_err(|e| LoadgenError::CreateAuction(id.clone(), e))?;
+        }
+    }
+    Ok(ids)
+}
+
 /// A Socket.IO viewer: connect, then `join-auction` (acknowledged), each timed.
 async fn sio_join(ctx: &Ctx, n: usize, auction: usize) -> Option<socketio::Reader> {
     let addr = ctx.scenario.urls[n % ctx.scenario.urls.len()];
     let started = Instant::now();
-    let Ok((mut reader, writer)) = socketio::connect(addr, &format!("lgv{n}")).await else {
+    let Ok((mut reader, writer)) = socketio::connect(addr, ctx.source(n), &format!("lgv{n}")).await
+    else {
         ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
         return None;
     };
@@ -536,7 +582,7 @@ async fn sio_watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut reader: socketio
             socketio::Packet::Event(name, data) if name == "bid-placed" => {
                 ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 let amount = data["amount"].as_i64().unwrap_or(0);
-                if let Some(at) = ctx.intended.get(&(auction, amount)) {
+                if let Some(at) = ctx.due_of(auction, amount) {
                     ctx.stats.delivery.record(n, at.elapsed());
                 }
             }
@@ -563,7 +609,7 @@ async fn sio_bid(
             loop {
                 match reader.next().await {
                     socketio::Packet::Ack(id, data) => {
-                        let at = ctx.by_request.remove(&id.to_string()).map(|(_, at)| at);
+                        let at = ctx.due(id);
                         if data["ok"] == true {
                             ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
                             let auction = id as usize % ctx.auction_ids.len();

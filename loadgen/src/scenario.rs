@@ -91,6 +91,33 @@ pub struct Scenario {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+
+    /// Run this many loadgen processes, each with its share of the viewers, bidders and
+    /// auctions, and merge their histograms into one report: one process may hold only as many
+    /// sockets as its open-file limit allows.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+
+    /// Connect from this many loopback source addresses (127.0.0.1, 127.0.0.2, ...), past the
+    /// ~28,000 ephemeral ports of one address.
+    #[arg(long, default_value_t = 1)]
+    pub source_addrs: u8,
+
+    /// (Set by the parent for a worker process.) This worker's index.
+    #[arg(long, hide = true)]
+    pub worker_index: Option<usize>,
+
+    /// (Set by the parent.) The auctions already created.
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub auction_ids: Vec<String>,
+
+    /// (Set by the parent.) When the bid schedule starts, in ms since the Unix epoch.
+    #[arg(long, hide = true)]
+    pub start_at_ms: Option<u64>,
+
+    /// (Set by the parent.) The run's id, part of every request id.
+    #[arg(long, hide = true)]
+    pub run_id: Option<u64>,
 }
 
 /// The protocol spoken.

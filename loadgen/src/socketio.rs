@@ -99,8 +99,12 @@ impl Reader {
 }
 
 /// Connects as `user` and joins the default namespace.
-pub async fn connect(addr: SocketAddr, user: &str) -> Result<(Reader, Writer), String> {
-    let stream = tokio::net::TcpStream::connect(addr)
+pub async fn connect(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    user: &str,
+) -> Result<(Reader, Writer), String> {
+    let stream = gavel_broker::client::connect_tcp(addr, source)
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);

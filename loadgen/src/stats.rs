@@ -42,6 +42,13 @@ impl Latency {
         }
     }
 
+    /// Records `count` latencies of `micros` (merging another process's histogram).
+    pub fn record_n(&self, micros: u64, count: u64) {
+        if let Ok(mut h) = self.shards[0].lock() {
+            let _ = h.record_n(micros.clamp(1, MAX_MICROS), count);
+        }
+    }
+
     /// All shards merged.
     pub fn merged(&self) -> Histogram<u64> {
         let mut all = Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("histogram bounds");
@@ -156,8 +163,27 @@ pub struct Report {
     pub slo_met: bool,
 }
 
-/// Builds the report; `expected` is how many bid deliveries the viewers should have received.
-pub fn report(scenario: &Scenario, stats: &Stats, elapsed: Duration, expected: u64) -> Report {
+/// Viewers and accepted bids per auction: what deliveries are due.
+#[derive(Clone, Debug, Default)]
+pub struct Parts {
+    pub watching: Vec<u64>,
+    pub accepted: Vec<u64>,
+}
+
+impl Parts {
+    /// Every accepted bid of an auction is due to every viewer of that auction.
+    pub fn expected(&self) -> u64 {
+        self.watching
+            .iter()
+            .zip(&self.accepted)
+            .map(|(w, a)| w * a)
+            .sum()
+    }
+}
+
+/// Builds the report.
+pub fn report(scenario: &Scenario, stats: &Stats, elapsed: Duration, parts: &Parts) -> Report {
+    let expected = parts.expected();
     let histograms: Vec<(Metric, Histogram<u64>)> = Metric::ALL
         .into_iter()
         .map(|m| (m, stats.latency(m).merged()))
@@ -225,6 +251,7 @@ pub fn report(scenario: &Scenario, stats: &Stats, elapsed: Duration, expected: u
         "latency": histograms.iter().map(|(m, h)| (m.name().to_owned(), summary(h))).collect::<serde_json::Map<_, _>>(),
         "slo": slo_results,
         "pass": slo_met,
+        "parts": {"watching": parts.watching, "accepted": parts.accepted},
     });
     let mut table = String::new();
     table.push_str(&format!(

@@ -61,6 +61,7 @@ fn args(addr: std::net::SocketAddr, slo: &str) -> Vec<String> {
 async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     use clap::Parser;
     let (addr, dir) = broker().await;
+    std::fs::create_dir_all(&dir).unwrap();
     let mut argv = vec!["gavel-loadgen".to_string()];
     argv.extend(args(addr, "delivery.p99<10s"));
     let outcome = gavel_loadgen::run(gavel_loadgen::Scenario::parse_from(&argv))
@@ -107,5 +108,30 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     .await
     .unwrap();
     assert_eq!((loose, impossible, unknown), (Some(0), Some(1), Some(2)));
+
+    // Two worker processes from two source addresses, merged into one report.
+    let report = dir.join("workers.json");
+    let mut worker_args = args(addr, "delivery.p99<10s");
+    worker_args.extend(["--workers", "2", "--source-addrs", "2", "--report"].map(String::from));
+    worker_args.push(report.display().to_string());
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"))
+            .args(worker_args)
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let merged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(merged["connections"]["viewers"], 60);
+    assert_eq!(merged["connections"]["bidders"], 4);
+    assert!(merged["bids"]["accepted"].as_u64().unwrap() > 0);
+    assert_eq!(
+        merged["deliveries"]["expected"],
+        merged["deliveries"]["received"]
+    );
+    assert_eq!(merged["deliveries"]["seq_gaps"], 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
