@@ -32,6 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format: Format::MsgPack,
         token: args.token,
         query: None,
+        source: None,
     };
     let mut client = Client::connect(args.addr, options).await?;
     for name in &args.channels {

@@ -142,7 +142,7 @@ impl TestClient {
         let options = ConnectOptions {
             format,
             token,
-            query: None,
+            ..ConnectOptions::default()
         };
         let client = tokio::time::timeout(HANG, Client::connect(addr, options))
             .await
