@@ -1,11 +1,15 @@
 //! `gavel-loadgen`: run a scenario against a broker, print the report, exit non-zero when an
 //! SLO is missed.
 
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let scenario = gavel_loadgen::Scenario::parse();
+    let scenario = match gavel_loadgen::Scenario::from_args(std::env::args().collect()) {
+        Ok(scenario) => scenario,
+        Err(error) => {
+            eprintln!("{error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     match gavel_loadgen::run(scenario).await {
         Ok(outcome) if outcome.slo_met => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::from(1),

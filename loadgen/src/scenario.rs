@@ -11,8 +11,14 @@ use clap::Parser;
 /// gavel-loadgen: simulated bidders and viewers against a Gavel broker, with latency measured
 /// from each bid's intended send time to every viewer's receipt.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "gavel-loadgen", version, about, long_about = None)]
+#[command(name = "gavel-loadgen", version, about, long_about = None, args_override_self = true)]
 pub struct Scenario {
+    /// A TOML file of scenario settings: `key = value` per flag (`viewers = 10000`,
+    /// `bid-rate = 500`, `duration = "20s"`, `url = ["127.0.0.1:7700"]`, `slo = [...]`). Flags
+    /// on the command line win over the file.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+
     /// Broker address (host:port of its HTTP/WebSocket listener). Repeat to spread connections
     /// over several brokers.
     #[arg(long = "url", default_value = "127.0.0.1:7700")]
@@ -127,6 +133,39 @@ pub enum Driver {
     Socketio,
 }
 
+impl Scenario {
+    /// Parses the command line, reading `--scenario FILE` first when it is given.
+    pub fn from_args(args: Vec<String>) -> Result<Scenario, String> {
+        let first = Scenario::try_parse_from(&args).map_err(|e| e.to_string())?;
+        let Some(path) = &first.scenario else {
+            return Ok(first);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut merged = vec![args.first().cloned().unwrap_or_default()];
+        for (key, value) in &table {
+            let flag = format!("--{}", key.replace('_', "-"));
+            let values = match value {
+                toml::Value::Array(items) => items.clone(),
+                other => vec![other.clone()],
+            };
+            for value in values {
+                match value {
+                    toml::Value::Boolean(true) => merged.push(flag.clone()),
+                    toml::Value::Boolean(false) => {}
+                    toml::Value::String(s) => merged.extend([flag.clone(), s]),
+                    other => merged.extend([flag.clone(), other.to_string()]),
+                }
+            }
+        }
+        // The command line after the file: later occurrences win.
+        merged.extend(args.into_iter().skip(1));
+        Scenario::try_parse_from(merged).map_err(|e| e.to_string())
+    }
+}
+
 /// The measured latencies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Metric {
@@ -215,6 +254,40 @@ impl FromStr for Slo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_toml_file_sets_flags_and_the_command_line_wins() {
+        let path = std::env::temp_dir().join(format!("gavel-scenario-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "viewers = 1234\nbid-rate = 42.5\nduration = \"3s\"\nurl = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nquiet = true\nslo = [\"delivery.p99<5ms\"]\n",
+        )
+        .unwrap();
+        let args = |extra: &[&str]| {
+            let mut a = vec![
+                "gavel-loadgen".to_string(),
+                "--scenario".into(),
+                path.display().to_string(),
+            ];
+            a.extend(extra.iter().map(|s| s.to_string()));
+            a
+        };
+        let s = Scenario::from_args(args(&[])).unwrap();
+        assert_eq!(
+            (s.viewers, s.bid_rate, s.duration, s.quiet),
+            (1234, 42.5, Duration::from_secs(3), true)
+        );
+        assert_eq!(s.urls.len(), 2);
+        assert_eq!(s.slos[0].text, "delivery.p99<5ms");
+        let s = Scenario::from_args(args(&["--viewers", "7"])).unwrap();
+        assert_eq!(s.viewers, 7);
+        std::fs::write(&path, "viewrs = 1\n").unwrap();
+        assert!(
+            Scenario::from_args(args(&[])).is_err(),
+            "an unknown key is an error"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn slos_parse_and_unknown_metrics_are_errors() {
