@@ -157,7 +157,25 @@ async fn create_auction(
 
 /// Connects, reads the hello, and subscribes (if `channel`); records connect and subscribe
 /// latency.
+/// Where a resubscription resumes: the room's epoch and the last seq seen.
+#[derive(Clone, Copy, Debug, Default)]
+struct Resume {
+    epoch: Option<u64>,
+    seq: Option<u64>,
+}
+
 async fn open(ctx: &Ctx, n: usize, token: String, channel: Option<&Channel>) -> Option<Client> {
+    open_resuming(ctx, n, token, channel, &mut Resume::default()).await
+}
+
+/// [`open`], resubscribing from `resume` (and recording the room's epoch into it).
+async fn open_resuming(
+    ctx: &Ctx,
+    n: usize,
+    token: String,
+    channel: Option<&Channel>,
+    resume: &mut Resume,
+) -> Option<Client> {
     let addr = ctx.scenario.urls[n % ctx.scenario.urls.len()];
     let started = Instant::now();
     let options = ConnectOptions {
@@ -186,15 +204,28 @@ async fn open(ctx: &Ctx, n: usize, token: String, channel: Option<&Channel>) -> 
         let frame = ClientFrame::Subscribe {
             id: 1,
             channel: channel.clone(),
-            since: None,
-            epoch: None,
+            since: resume.seq,
+            epoch: resume.epoch.filter(|_| resume.seq.is_some()),
         };
         if client.send(&frame).await.is_err() {
             return None;
         }
         loop {
             match client.next().await {
-                Ok(Incoming::Frame(ServerFrame::Ok { id: 1, .. })) => break,
+                Ok(Incoming::Frame(ServerFrame::Ok { id: 1, result })) => {
+                    if let Reply::Subscribed {
+                        epoch, recovered, ..
+                    } = result
+                    {
+                        resume.epoch = Some(epoch);
+                        match recovered {
+                            Some(true) => ctx.stats.recovered.fetch_add(1, Ordering::Relaxed),
+                            Some(false) => ctx.stats.not_recovered.fetch_add(1, Ordering::Relaxed),
+                            None => 0,
+                        };
+                    }
+                    break;
+                }
                 Ok(Incoming::Frame(ServerFrame::Error(e))) => {
                     stats::Stats::count(&ctx.stats.errors, format!("subscribe: {:?}", e.code));
                     return None;
@@ -225,10 +256,48 @@ struct ProbeData {
 }
 
 /// A viewer: checks the room's seq and times every bid_placed against its intended send time.
-async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
-    let mut last_seq = None;
+/// When it is one of the `--reconnect-fraction` chosen ones, it drops its connection at
+/// `--reconnect-at`, waits a jittered backoff, and resubscribes with `since` and `epoch`.
+async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client, mut resume: Resume) {
+    let scenario = &ctx.scenario;
+    // A fixed pseudo-random choice per viewer, so the fraction is exact over many viewers.
+    let hash = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    let chosen = (hash as f64 / (1u64 << 53) as f64) < scenario.reconnect_fraction;
+    let mut reconnect_pending = chosen;
     loop {
-        match client.next_raw().await {
+        let reconnect_at = ctx
+            .start
+            .get()
+            .map(|s| *s + scenario.reconnect_at.unwrap_or(scenario.duration / 2));
+        let read = tokio::select! {
+            read = client.next_raw() => read,
+            _ = async {
+                match reconnect_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }, if reconnect_pending => {
+                if reconnect_at.is_none_or(|at| Instant::now() < at) {
+                    continue;
+                }
+                reconnect_pending = false;
+                let _ = client.close(1000).await;
+                drop(client);
+                let jitter = Duration::from_millis(hash % 500);
+                tokio::time::sleep(jitter).await;
+                ctx.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                let channel = Channel::auction(&ctx.auction_ids[auction]).ok();
+                let token = token(&scenario.jwt_secret, &format!("lgv{n}"), None);
+                match open_resuming(&ctx, n, token, channel.as_ref(), &mut resume).await {
+                    Some(again) => client = again,
+                    None => return,
+                }
+                continue;
+            }
+        };
+        match read {
             Ok(Ok(bytes)) => {
                 let Ok(probe) = rmp_serde::from_slice::<Probe<'_>>(&bytes) else {
                     stats::Stats::count(&ctx.stats.errors, "undecodable frame".to_owned());
@@ -238,12 +307,12 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
                     continue;
                 }
                 let seq = probe.seq.unwrap_or(0);
-                if let Some(last) = last_seq {
+                if let Some(last) = resume.seq {
                     if seq != last + 1 {
                         ctx.stats.gaps.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                last_seq = Some(seq);
+                resume.seq = Some(seq);
                 if probe.event != Some("bid_placed") {
                     continue;
                 }
@@ -253,7 +322,8 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client) {
                     let latency = at.elapsed();
                     ctx.stats.delivery.record(n, latency);
                     if ctx.export {
-                        metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "delivery").record(latency.as_secs_f64());
+                        metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "delivery")
+                            .record(latency.as_secs_f64());
                         metrics::counter!("gavel_loadgen_deliveries_total").increment(1);
                     }
                 }
@@ -406,8 +476,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
                     tokio::spawn(sio_watch(Arc::clone(&ctx), n, auction, reader))
                 } else {
                     let token = token(&ctx.scenario.jwt_secret, &format!("lgv{n}"), None);
-                    let client = open(&ctx, n, token, Some(&channel)).await?;
-                    tokio::spawn(watch(Arc::clone(&ctx), n, auction, client))
+                    let mut resume = Resume::default();
+                    let client = open_resuming(&ctx, n, token, Some(&channel), &mut resume).await?;
+                    tokio::spawn(watch(Arc::clone(&ctx), n, auction, client, resume))
                 };
                 ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
                 ctx.watching[auction].fetch_add(1, Ordering::Relaxed);

@@ -94,6 +94,16 @@ pub struct Scenario {
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// During the steady state, drop this fraction of the viewers (0 to 1) and have them
+    /// reconnect after a jittered backoff (up to 0.5 s) and resubscribe with `since` and
+    /// `epoch`; the report counts what was recovered (gavel driver).
+    #[arg(long, default_value_t = 0.0)]
+    pub reconnect_fraction: f64,
+
+    /// When the reconnect storm happens, from the start of the bid schedule (default: halfway).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub reconnect_at: Option<Duration>,
+
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,

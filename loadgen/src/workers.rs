@@ -51,6 +51,10 @@ fn worker_args(
     }
     flag("workers", s.workers.to_string());
     flag("source-addrs", s.source_addrs.to_string());
+    flag("reconnect-fraction", s.reconnect_fraction.to_string());
+    if let Some(at) = s.reconnect_at {
+        flag("reconnect-at", format!("{}ms", at.as_millis()));
+    }
     flag("worker-index", index.to_string());
     flag("auction-ids", ids.join(","));
     flag("start-at-ms", start_at_ms.to_string());
@@ -158,6 +162,15 @@ fn merge(stats: &Stats, parts: &mut Parts, json: &Value) {
     stats
         .gaps
         .fetch_add(n(&json["deliveries"]["seq_gaps"]), Relaxed);
+    stats
+        .reconnects
+        .fetch_add(n(&json["reconnects"]["reconnected"]), Relaxed);
+    stats
+        .recovered
+        .fetch_add(n(&json["reconnects"]["recovered"]), Relaxed);
+    stats
+        .not_recovered
+        .fetch_add(n(&json["reconnects"]["not_recovered"]), Relaxed);
     let add = |map: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>, from: &Value| {
         if let (Ok(mut map), Some(from)) = (map.lock(), from.as_object()) {
             for (k, v) in from {

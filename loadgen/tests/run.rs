@@ -90,6 +90,21 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
             .is_empty());
     }
 
+    // A reconnect storm: a quarter of the viewers drop and resubscribe with since; everything
+    // they missed is replayed, so nothing is missing and no seq has a gap.
+    let mut argv = vec!["gavel-loadgen".to_string()];
+    argv.extend(args(addr, "delivery.p99<10s"));
+    argv.extend(["--reconnect-fraction", "0.25", "--reconnect-at", "1s"].map(String::from));
+    let storm = gavel_loadgen::run(gavel_loadgen::Scenario::parse_from(&argv))
+        .await
+        .unwrap();
+    let r = &storm.report.json;
+    let reconnected = r["reconnects"]["reconnected"].as_u64().unwrap();
+    assert!(reconnected >= 5, "{r}");
+    assert_eq!(r["reconnects"]["recovered"].as_u64().unwrap(), reconnected);
+    assert_eq!(r["deliveries"]["expected"], r["deliveries"]["received"]);
+    assert_eq!(r["deliveries"]["seq_gaps"], 0);
+
     // The binary: exit 0 with a loose objective, 1 with an impossible one, 2 for a bad one.
     let run = move |slo: &str| {
         let status = Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"))
