@@ -80,7 +80,7 @@ pub struct Scenario {
     )]
     pub api_key: String,
 
-    /// A latency objective such as `delivery.p99<50ms` (metrics: connect, subscribe, bid_ack,
+    /// A latency objective such as `delivery.p99<50ms` (metrics: connect, subscribe, bid_ack, chat,
     /// delivery; statistics: p50, p90, p99, p999, max). Repeatable. A missed one makes the exit
     /// code 1.
     #[arg(long = "slo", default_value = "delivery.p99<50ms")]
@@ -93,6 +93,19 @@ pub struct Scenario {
     /// Serve Prometheus metrics at http://ADDR/metrics while running.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Conversation rooms, each with two chatting users (gavel driver).
+    #[arg(long, default_value_t = 0)]
+    pub conversations: usize,
+
+    /// Chat messages per second over all conversations, on a fixed schedule; each is timed
+    /// from its intended send time to the other member's receipt.
+    #[arg(long, default_value_t = 0.0)]
+    pub chat_rate: f64,
+
+    /// Typing indicators per second over all conversations (delivered, never stored).
+    #[arg(long, default_value_t = 0.0)]
+    pub typing_rate: f64,
 
     /// During the steady state, drop this fraction of the viewers (0 to 1) and have them
     /// reconnect after a jittered backoff (up to 0.5 s) and resubscribe with `since` and
@@ -183,14 +196,17 @@ pub enum Metric {
     Subscribe,
     BidAck,
     Delivery,
+    /// A chat message, from its intended send time to the other member's receipt.
+    Chat,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [
+    pub const ALL: [Metric; 5] = [
         Metric::Connect,
         Metric::Subscribe,
         Metric::BidAck,
         Metric::Delivery,
+        Metric::Chat,
     ];
 
     pub fn name(self) -> &'static str {
@@ -199,6 +215,7 @@ impl Metric {
             Metric::Subscribe => "subscribe",
             Metric::BidAck => "bid_ack",
             Metric::Delivery => "delivery",
+            Metric::Chat => "chat",
         }
     }
 }
@@ -235,7 +252,7 @@ impl FromStr for Slo {
             .find(|m| m.name() == metric)
             .ok_or_else(|| {
                 format!(
-                    "{text:?}: unknown metric {metric:?} (connect, subscribe, bid_ack, delivery)"
+                    "{text:?}: unknown metric {metric:?} (connect, subscribe, bid_ack, delivery, chat)"
                 )
             })?;
         let stat = match stat {

@@ -67,6 +67,12 @@ pub struct Stats {
     pub subscribe: Latency,
     pub bid_ack: Latency,
     pub delivery: Latency,
+    pub chat: Latency,
+    pub chat_sent: AtomicU64,
+    pub chat_published: AtomicU64,
+    pub chat_received: AtomicU64,
+    pub typing_sent: AtomicU64,
+    pub typing_received: AtomicU64,
     pub viewers_connected: AtomicU64,
     pub bidders_connected: AtomicU64,
     pub connect_errors: AtomicU64,
@@ -91,6 +97,12 @@ impl Stats {
             subscribe: Latency::new(),
             bid_ack: Latency::new(),
             delivery: Latency::new(),
+            chat: Latency::new(),
+            chat_sent: AtomicU64::new(0),
+            chat_published: AtomicU64::new(0),
+            chat_received: AtomicU64::new(0),
+            typing_sent: AtomicU64::new(0),
+            typing_received: AtomicU64::new(0),
             viewers_connected: AtomicU64::new(0),
             bidders_connected: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
@@ -115,6 +127,7 @@ impl Stats {
             Metric::Subscribe => &self.subscribe,
             Metric::BidAck => &self.bid_ack,
             Metric::Delivery => &self.delivery,
+            Metric::Chat => &self.chat,
         }
     }
 
@@ -252,6 +265,13 @@ pub fn report(scenario: &Scenario, stats: &Stats, elapsed: Duration, parts: &Par
             "seq_gaps": gaps,
             "per_second": received as f64 / scenario.duration.as_secs_f64().max(0.001),
         },
+        "chat": {
+            "sent": stats.chat_sent.load(Ordering::Relaxed),
+            "published": stats.chat_published.load(Ordering::Relaxed),
+            "received": stats.chat_received.load(Ordering::Relaxed),
+            "typing_sent": stats.typing_sent.load(Ordering::Relaxed),
+            "typing_received": stats.typing_received.load(Ordering::Relaxed),
+        },
         "reconnects": {
             "reconnected": stats.reconnects.load(Ordering::Relaxed),
             "recovered": stats.recovered.load(Ordering::Relaxed),
@@ -299,6 +319,17 @@ pub fn report(scenario: &Scenario, stats: &Stats, elapsed: Duration, parts: &Par
         stats.bids_accepted.load(Ordering::Relaxed),
         received as f64 / scenario.duration.as_secs_f64().max(0.001),
     ));
+    let chat_sent = stats.chat_sent.load(Ordering::Relaxed);
+    let typing_sent = stats.typing_sent.load(Ordering::Relaxed);
+    if chat_sent + typing_sent > 0 {
+        table.push_str(&format!(
+            "chat: {} sent, {} published, {} received by the other member; typing: {typing_sent} sent, {} received\n",
+            chat_sent,
+            stats.chat_published.load(Ordering::Relaxed),
+            stats.chat_received.load(Ordering::Relaxed),
+            stats.typing_received.load(Ordering::Relaxed),
+        ));
+    }
     for result in &slo_results {
         table.push_str(&format!(
             "SLO {}: {} ({})\n",

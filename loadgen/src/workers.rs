@@ -52,6 +52,9 @@ fn worker_args(
     flag("workers", s.workers.to_string());
     flag("source-addrs", s.source_addrs.to_string());
     flag("reconnect-fraction", s.reconnect_fraction.to_string());
+    flag("conversations", s.conversations.to_string());
+    flag("chat-rate", s.chat_rate.to_string());
+    flag("typing-rate", s.typing_rate.to_string());
     if let Some(at) = s.reconnect_at {
         flag("reconnect-at", format!("{}ms", at.as_millis()));
     }
@@ -171,6 +174,15 @@ fn merge(stats: &Stats, parts: &mut Parts, json: &Value) {
     stats
         .not_recovered
         .fetch_add(n(&json["reconnects"]["not_recovered"]), Relaxed);
+    for (counter, key) in [
+        (&stats.chat_sent, "sent"),
+        (&stats.chat_published, "published"),
+        (&stats.chat_received, "received"),
+        (&stats.typing_sent, "typing_sent"),
+        (&stats.typing_received, "typing_received"),
+    ] {
+        counter.fetch_add(n(&json["chat"][key]), Relaxed);
+    }
     let add = |map: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>, from: &Value| {
         if let (Ok(mut map), Some(from)) = (map.lock(), from.as_object()) {
             for (k, v) in from {

@@ -94,7 +94,21 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     // they missed is replayed, so nothing is missing and no seq has a gap.
     let mut argv = vec!["gavel-loadgen".to_string()];
     argv.extend(args(addr, "delivery.p99<10s"));
-    argv.extend(["--reconnect-fraction", "0.25", "--reconnect-at", "1s"].map(String::from));
+    argv.extend(
+        [
+            "--reconnect-fraction",
+            "0.25",
+            "--reconnect-at",
+            "1s",
+            "--conversations",
+            "4",
+            "--chat-rate",
+            "20",
+            "--typing-rate",
+            "10",
+        ]
+        .map(String::from),
+    );
     let storm = gavel_loadgen::run(gavel_loadgen::Scenario::parse_from(&argv))
         .await
         .unwrap();
@@ -104,6 +118,12 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     assert_eq!(r["reconnects"]["recovered"].as_u64().unwrap(), reconnected);
     assert_eq!(r["deliveries"]["expected"], r["deliveries"]["received"]);
     assert_eq!(r["deliveries"]["seq_gaps"], 0);
+    // Chat in four conversations: every published message reached the other member.
+    let published = r["chat"]["published"].as_u64().unwrap();
+    assert!(published > 0);
+    assert_eq!(r["chat"]["received"].as_u64().unwrap(), published);
+    assert!(r["chat"]["typing_received"].as_u64().unwrap() > 0);
+    assert!(r["latency"]["chat"]["p99_ms"].as_f64().is_some());
 
     // The binary: exit 0 with a loose objective, 1 with an impossible one, 2 for a bad one.
     let run = move |slo: &str| {
