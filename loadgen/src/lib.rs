@@ -370,6 +370,10 @@ async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mps
                         let index = request_id.rsplit('-').next().and_then(|i| i.parse().ok());
                         if let Some(at) = index.and_then(|i| ctx.due(i)) {
                             ctx.stats.bid_ack.record(n, at.elapsed());
+                            if ctx.export {
+                                metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "bid_ack")
+                                    .record(at.elapsed().as_secs_f64());
+                            }
                         }
                         if ctx.export {
                             metrics::counter!("gavel_loadgen_bids_accepted_total").increment(1);
@@ -483,6 +487,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
                 };
                 ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
                 ctx.watching[auction].fetch_add(1, Ordering::Relaxed);
+                if ctx.export {
+                    metrics::gauge!("gavel_loadgen_viewers").increment(1.0);
+                }
                 Some(watcher)
             }));
         }
