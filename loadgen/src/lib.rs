@@ -604,8 +604,20 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         watching: load(&ctx.watching),
         accepted: load(&ctx.accepted),
     };
-    let report = stats::report(&scenario, &ctx.stats, started.elapsed(), &parts);
-    if scenario.worker_index.is_none() {
+    let print = scenario.worker_index.is_none();
+    finish(&scenario, &ctx.stats, started.elapsed(), &parts, print)
+}
+
+/// Builds the report, prints its table (unless a worker), writes the JSON file if asked.
+fn finish(
+    scenario: &Scenario,
+    stats: &stats::Stats,
+    elapsed: Duration,
+    parts: &stats::Parts,
+    print: bool,
+) -> Result<Outcome, LoadgenError> {
+    let report = stats::report(scenario, stats, elapsed, parts);
+    if print {
         println!("{}", report.table);
     }
     if let Some(path) = &scenario.report {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::scenario::{Metric, Scenario};
-use crate::stats::{self, Parts, Stats};
-use crate::{create_auctions, LoadgenError, Outcome};
+use crate::stats::{Parts, Stats};
+use crate::{create_auctions, finish, LoadgenError, Outcome};
 
 /// Time given to the workers to ramp up before the shared schedule starts.
 fn ramp_allowance(s: &Scenario) -> Duration {
@@ -125,64 +125,36 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         merge(&stats, &mut parts, &json);
         let _ = std::fs::remove_file(path);
     }
-    let report = stats::report(&scenario, &stats, started.elapsed(), &parts);
-    println!("{}", report.table);
-    if let Some(path) = &scenario.report {
-        std::fs::write(
-            path,
-            serde_json::to_vec_pretty(&report.json).unwrap_or_default(),
-        )?;
-    }
-    let slo_met = report.slo_met;
-    Ok(Outcome { report, slo_met })
+    finish(&scenario, &stats, started.elapsed(), &parts, true)
 }
 
 /// Adds one worker's report to the totals.
 fn merge(stats: &Stats, parts: &mut Parts, json: &Value) {
     use std::sync::atomic::Ordering::Relaxed;
     let n = |v: &Value| v.as_u64().unwrap_or(0);
-    stats
-        .viewers_connected
-        .fetch_add(n(&json["connections"]["viewers"]), Relaxed);
-    stats
-        .bidders_connected
-        .fetch_add(n(&json["connections"]["bidders"]), Relaxed);
-    stats
-        .connect_errors
-        .fetch_add(n(&json["connections"]["connect_errors"]), Relaxed);
-    stats.bids_sent.fetch_add(n(&json["bids"]["sent"]), Relaxed);
-    stats
-        .bids_accepted
-        .fetch_add(n(&json["bids"]["accepted"]), Relaxed);
-    stats
-        .behind_schedule
-        .fetch_add(n(&json["bids"]["behind_schedule"]), Relaxed);
+    let counters = [
+        (&stats.viewers_connected, "connections", "viewers"),
+        (&stats.bidders_connected, "connections", "bidders"),
+        (&stats.connect_errors, "connections", "connect_errors"),
+        (&stats.bids_sent, "bids", "sent"),
+        (&stats.bids_accepted, "bids", "accepted"),
+        (&stats.behind_schedule, "bids", "behind_schedule"),
+        (&stats.deliveries, "deliveries", "received"),
+        (&stats.gaps, "deliveries", "seq_gaps"),
+        (&stats.reconnects, "reconnects", "reconnected"),
+        (&stats.recovered, "reconnects", "recovered"),
+        (&stats.not_recovered, "reconnects", "not_recovered"),
+        (&stats.chat_sent, "chat", "sent"),
+        (&stats.chat_published, "chat", "published"),
+        (&stats.chat_received, "chat", "received"),
+        (&stats.typing_sent, "chat", "typing_sent"),
+        (&stats.typing_received, "chat", "typing_received"),
+    ];
+    for (counter, section, key) in counters {
+        counter.fetch_add(n(&json[section][key]), Relaxed);
+    }
     let lag = (json["bids"]["max_schedule_lag_ms"].as_f64().unwrap_or(0.0) * 1000.0) as u64;
     stats.max_lag_micros.fetch_max(lag, Relaxed);
-    stats
-        .deliveries
-        .fetch_add(n(&json["deliveries"]["received"]), Relaxed);
-    stats
-        .gaps
-        .fetch_add(n(&json["deliveries"]["seq_gaps"]), Relaxed);
-    stats
-        .reconnects
-        .fetch_add(n(&json["reconnects"]["reconnected"]), Relaxed);
-    stats
-        .recovered
-        .fetch_add(n(&json["reconnects"]["recovered"]), Relaxed);
-    stats
-        .not_recovered
-        .fetch_add(n(&json["reconnects"]["not_recovered"]), Relaxed);
-    for (counter, key) in [
-        (&stats.chat_sent, "sent"),
-        (&stats.chat_published, "published"),
-        (&stats.chat_received, "received"),
-        (&stats.typing_sent, "typing_sent"),
-        (&stats.typing_received, "typing_received"),
-    ] {
-        counter.fetch_add(n(&json["chat"][key]), Relaxed);
-    }
     let add = |map: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>, from: &Value| {
         if let (Ok(mut map), Some(from)) = (map.lock(), from.as_object()) {
             for (k, v) in from {
