@@ -727,18 +727,20 @@ impl Batch {
         }
         // Not abandoned when the connection is marked closing meanwhile (a full queue, say):
         // a frame cut in half would corrupt the stream, and the close frame that says why
-        // must follow whole frames. The write timeout bounds the wait.
-        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
-            Err(_) => Err(DisconnectReason::WriteStalled),
-            Ok(Err(_)) => Err(DisconnectReason::ConnectionLost),
-            Ok(Ok(())) => {
-                metrics::counter!(m::BYTES_SENT).increment(self.buf.len() as u64);
-                if let Some(oldest) = self.oldest {
-                    metrics::histogram!(m::DELIVERY_SECONDS).record(oldest.elapsed().as_secs_f64());
-                }
-                self.buf.clear();
-                Ok(())
+        // must follow whole frames. The write timeout bounds each chunk's wait, so a large
+        // replay to a slow but live reader is judged by its progress, not by its size.
+        for chunk in self.buf.chunks(MAX_WRITE_BATCH) {
+            match tokio::time::timeout(timeout, write.write_all(chunk)).await {
+                Err(_) => return Err(DisconnectReason::WriteStalled),
+                Ok(Err(_)) => return Err(DisconnectReason::ConnectionLost),
+                Ok(Ok(())) => {}
             }
         }
+        metrics::counter!(m::BYTES_SENT).increment(self.buf.len() as u64);
+        if let Some(oldest) = self.oldest {
+            metrics::histogram!(m::DELIVERY_SECONDS).record(oldest.elapsed().as_secs_f64());
+        }
+        self.buf.clear();
+        Ok(())
     }
 }
