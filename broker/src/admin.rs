@@ -102,6 +102,12 @@ pub(crate) async fn handle(
                 Err(error) => error_for(&error),
             }
         }
+        // A known path with another method.
+        (_, [] | [_] | [_, "pause" | "resume" | "cancel" | "end" | "bids"]) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed",
+        ),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }

@@ -520,6 +520,23 @@ impl Session {
             user: identity.user.clone(),
             expires_at: identity.expires_at_ms,
         };
+        // A refreshed token may list fewer conversations: leave those it no longer grants.
+        let revoked: Vec<Channel> = self
+            .subscriptions
+            .keys()
+            .filter(|c| c.kind() == ChannelKind::Conversation && identity.lists(c) == Some(false))
+            .cloned()
+            .collect();
+        for channel in revoked {
+            if let Some(room) = self.subscriptions.remove(&channel) {
+                self.shared.rooms.unsubscribe(&self.conn, &room);
+                self.error(
+                    None,
+                    ErrorCode::Forbidden,
+                    format!("your new token does not list {channel}: unsubscribed"),
+                );
+            }
+        }
         self.identity = Some(identity);
         self.grace_until = None;
         Ok(reply)

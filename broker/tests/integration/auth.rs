@@ -643,3 +643,43 @@ async fn unmasked_client_frames_are_closed_with_1002() {
         &received[received.len().saturating_sub(40)..]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_token_that_lists_fewer_conversations_leaves_them() {
+    let b = TestBroker::start(|_| {}).await;
+    let both = vec!["conversation:a".to_string(), "conversation:b".to_string()];
+    let mut c = TestClient::connect_with(
+        b.addr,
+        Some(token_with("rex", None, Some(both), 3600)),
+        Format::MsgPack,
+    )
+    .await;
+    c.subscribe("conversation:a").await;
+    c.subscribe("conversation:b").await;
+    let narrower = token_with("rex", None, Some(vec!["conversation:a".into()]), 3600);
+    assert!(matches!(
+        c.auth(narrower).await.unwrap(),
+        Reply::Authenticated { .. }
+    ));
+    // Told, unsubscribed from b, still in a.
+    let ServerFrame::Error(notice) = c.recv().await else {
+        panic!("expected the notice")
+    };
+    assert_eq!((notice.id, notice.code), (None, ErrorCode::Forbidden));
+    let room_b = b.broker.rooms().get(&channel("conversation:b")).unwrap();
+    assert_eq!(room_b.viewer_counts().connections, 0);
+    let room_a = b.broker.rooms().get(&channel("conversation:a")).unwrap();
+    assert_eq!(room_a.viewer_counts().connections, 1);
+    assert_eq!(
+        http(
+            b.addr,
+            "DELETE",
+            "/api/auctions",
+            &[("x-api-key", API_KEY)],
+            None
+        )
+        .await
+        .0,
+        405
+    );
+}
