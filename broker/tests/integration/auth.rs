@@ -94,15 +94,7 @@ async fn without_anonymous_access_a_connection_must_authenticate_in_time() {
     .await;
     // In time: fine.
     let mut good = b.connect(None).await;
-    let err = good
-        .request(|id| ClientFrame::Subscribe {
-            id,
-            channel: channel("auction:1"),
-            since: None,
-            epoch: None,
-        })
-        .await
-        .unwrap_err();
+    let err = good.request(sub_frame("auction:1")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::Unauthenticated, "nothing before auth");
     good.auth(token("gus")).await.unwrap();
     good.subscribe("auction:1").await;
@@ -512,15 +504,7 @@ async fn a_backend_that_is_down_means_deny() {
         Format::MsgPack,
     )
     .await;
-    let err = ann
-        .request(|id| ClientFrame::Subscribe {
-            id,
-            channel: channel("conversation:x"),
-            since: None,
-            epoch: None,
-        })
-        .await
-        .unwrap_err();
+    let err = ann.request(sub_frame("conversation:x")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::Forbidden);
 }
 

@@ -130,15 +130,7 @@ async fn subscription_limit() {
     let mut c = b.connect(None).await;
     c.subscribe("auction:1").await;
     c.subscribe("auction:2").await;
-    let err = c
-        .request(|id| ClientFrame::Subscribe {
-            id,
-            channel: channel("auction:3"),
-            since: None,
-            epoch: None,
-        })
-        .await
-        .unwrap_err();
+    let err = c.request(sub_frame("auction:3")).await.unwrap_err();
     assert_eq!(err.code, ErrorCode::TooManySubscriptions);
 }
 
