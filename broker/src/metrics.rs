@@ -130,10 +130,9 @@ pub fn spawn_upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::Cancel
     });
 }
 
-/// One fan-out: `delivered` copies of a frame of `size` bytes queued in `took`.
-pub fn record_fan_out(kind: &'static str, delivered: usize, size: usize, took: Duration) {
+/// One fan-out: `delivered` copies of a frame queued in `took`.
+pub fn record_fan_out(kind: &'static str, delivered: usize, took: Duration) {
     metrics::counter!(PUBLISHES, "type" => kind).increment(1);
     metrics::counter!(MESSAGES_SENT, "type" => kind).increment(delivered as u64);
-    let _ = size;
     metrics::histogram!(FAN_OUT_SECONDS).record(took.as_secs_f64());
 }

@@ -36,6 +36,14 @@ impl SharedFrame {
         })
     }
 
+    /// A frame for many recipients: encoded for MessagePack now, once, by the publisher,
+    /// rather than by the first writer to need it (while others wait on it).
+    pub fn for_fan_out(frame: ServerFrame) -> Arc<SharedFrame> {
+        let shared = SharedFrame::new(frame);
+        let _ = shared.bytes(Format::MsgPack);
+        shared
+    }
+
     pub fn frame(&self) -> &ServerFrame {
         &self.frame
     }

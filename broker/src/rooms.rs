@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use gavel_protocol::{
-    Channel, ChannelKind, EventFrame, Format, PresenceReply, Reply, RequestId, RoomSnapshot,
-    ServerFrame, UserId, ViewerCounts,
+    Channel, ChannelKind, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot, ServerFrame,
+    UserId, ViewerCounts,
 };
 use serde_json::Value;
 
@@ -332,7 +332,7 @@ impl Rooms {
             log.last_seq += 1;
             let seq = log.last_seq;
             room.last_seq.store(seq, Ordering::Relaxed);
-            let frame = SharedFrame::new(ServerFrame::Event(EventFrame {
+            let frame = SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
                 channel: channel.clone(),
                 seq,
                 ts: now_ms(),
@@ -340,8 +340,6 @@ impl Rooms {
                 from: from.clone(),
                 data: data.take().unwrap_or(Value::Null),
             }));
-            // Encode for MessagePack now, once, rather than in the first writer to need it.
-            let size = frame.bytes(Format::MsgPack).map_or(0, |b| b.len());
             log.history.push_back(Stored {
                 seq,
                 at: started,
@@ -350,7 +348,7 @@ impl Rooms {
             log.expire(self.limits, started);
             let delivered = room.fan_out(&frame, Skip::Nobody);
             drop(log);
-            m::record_fan_out("event", delivered, size, started.elapsed());
+            m::record_fan_out("event", delivered, started.elapsed());
             return Published { seq, delivered };
         }
     }
@@ -558,10 +556,9 @@ impl Room {
     fn signal(&self, frame: ServerFrame, skip: Skip<'_>) -> usize {
         let started = Instant::now();
         let kind = frame.type_name();
-        let frame = SharedFrame::new(frame);
-        let size = frame.bytes(Format::MsgPack).map_or(0, |b| b.len());
+        let frame = SharedFrame::for_fan_out(frame);
         let delivered = self.fan_out(&frame, skip);
-        m::record_fan_out(kind, delivered, size, started.elapsed());
+        m::record_fan_out(kind, delivered, started.elapsed());
         delivered
     }
 
