@@ -54,6 +54,11 @@ impl Admission {
         self.max_total
     }
 
+    /// WebSocket connections holding a place now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
     /// Takes a place for a connection from `ip` (unknown when embedded behind another server).
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<Slot, Refused> {
         let taken = self

@@ -97,7 +97,6 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     next_conn_id: AtomicU64,
-    pub(crate) open_connections: AtomicU64,
 }
 
 impl Shared {
@@ -106,7 +105,7 @@ impl Shared {
     }
 
     pub(crate) fn connections(&self) -> u64 {
-        self.open_connections.load(Ordering::Relaxed)
+        self.admission.open() as u64
     }
 }
 
@@ -184,7 +183,6 @@ impl Broker {
             tracker: TaskTracker::new(),
             metrics,
             next_conn_id: AtomicU64::new(1),
-            open_connections: AtomicU64::new(0),
             config,
         });
         if let Some(handle) = &shared.metrics {

@@ -3,7 +3,6 @@
 //! coalescing what is queued into one write. They share only the [`ConnHandle`].
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,7 +116,6 @@ enum AuthDeadline {
 
 impl Session {
     fn open(shared: Arc<Shared>, conn: Arc<ConnHandle>, identity: Option<Identity>) -> Session {
-        shared.open_connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
         if let Some(user) = conn.user() {
@@ -598,7 +596,6 @@ impl Drop for Session {
         if let Some(user) = self.conn.user() {
             self.shared.users.disconnected(user);
         }
-        self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
     }
 }
