@@ -89,7 +89,7 @@ pub(crate) async fn handle(
                     )
                 }
             };
-            match shared.auctions.bids(id, after, limit) {
+            match shared.auctions.bids(id, after, limit).await {
                 Ok(bids) => {
                     let next_after = (bids.len() == limit)
                         .then(|| bids.last().map(|b| b.seq))
@@ -150,6 +150,7 @@ fn error_for(error: &AdminError) -> Response<Full<Bytes>> {
             (StatusCode::CONFLICT, "wrong_status")
         }
         AdminError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+        AdminError::Cluster(_) => (StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable"),
     };
     error_response(status, code, &error.to_string())
 }

@@ -185,6 +185,26 @@ pub struct Config {
     #[arg(long, env = "GAVEL_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// Cluster mode: the Redis every node of the cluster shares (e.g. `redis://10.0.0.5:6379/0`).
+    /// Unset: a single node, nothing but local disk. Set: Redis orders room events and bids
+    /// cluster-wide and holds the bid log (run it with `appendonly yes`, `appendfsync always`).
+    #[arg(long, env = "GAVEL_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Cluster mode: prefix of every Redis key and channel, so clusters can share one Redis.
+    #[arg(long, env = "GAVEL_CLUSTER_PREFIX", default_value = "gavel")]
+    pub cluster_prefix: String,
+
+    /// Cluster mode: this node's name in Redis. Default: the listen address plus a random
+    /// suffix, new at every start.
+    #[arg(long, env = "GAVEL_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Cluster mode: a node that has not sent a heartbeat for this long is taken for dead and
+    /// its viewers leave the cluster's counts. Heartbeats go out every third of it.
+    #[arg(long, env = "GAVEL_NODE_TTL", default_value = "10s", value_parser = duration)]
+    pub node_ttl: Duration,
+
     /// Log format.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -258,6 +278,16 @@ impl Config {
         if self.write_timeout.is_zero() {
             return Err(bad("--write-timeout", "above zero", self.write_timeout));
         }
+        if self.node_ttl < Duration::from_millis(300) {
+            return Err(bad("--node-ttl", "at least 300ms", self.node_ttl));
+        }
+        if self.cluster_prefix.is_empty() || self.cluster_prefix.contains(char::is_whitespace) {
+            return Err(bad(
+                "--cluster-prefix",
+                "non-empty, without spaces",
+                &self.cluster_prefix,
+            ));
+        }
         if self.presence_interval.is_zero() {
             return Err(bad(
                 "--presence-interval",
@@ -294,6 +324,16 @@ impl Config {
             return Err(bad("--api-key", "at least 16 characters", "<redacted>"));
         }
         Ok(())
+    }
+}
+
+/// A Redis URL without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}<redacted>{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -336,6 +376,13 @@ impl fmt::Debug for Config {
             .field("client_burst", &self.client_burst)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("allowed_origins", &self.allowed_origins)
+            .field(
+                "redis_url",
+                &self.redis_url.as_ref().map(|url| redact_url(url)),
+            )
+            .field("cluster_prefix", &self.cluster_prefix)
+            .field("node_id", &self.node_id)
+            .field("node_ttl", &self.node_ttl)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

@@ -170,10 +170,16 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
+    let cluster = shared.cluster.as_ref().and_then(|c| c.not_ready_reason());
     if shared.shutdown.is_cancelled() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"ready": false, "reason": "shutting down"}),
+        )
+    } else if let Some(reason) = cluster {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": reason}),
         )
     } else {
         json_response(StatusCode::OK, json!({"ready": true}))
@@ -347,16 +353,33 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
             ),
         );
     }
-    let published: Vec<Value> = channels
-        .iter()
-        .map(|channel| {
-            let Published { seq, delivered } =
-                shared
-                    .rooms
-                    .publish(channel, &request.event, None, request.data.clone());
-            json!({"channel": channel, "seq": seq, "delivered": delivered})
-        })
-        .collect();
+    let mut published: Vec<Value> = Vec::with_capacity(channels.len());
+    for channel in &channels {
+        match shared
+            .publish(channel, &request.event, None, request.data.clone())
+            .await
+        {
+            Ok(Published { seq, delivered }) => {
+                published.push(json!({"channel": channel, "seq": seq, "delivered": delivered}))
+            }
+            Err(error) => {
+                // Earlier channels of a `users` list were published; say which.
+                let mut response = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cluster_unavailable",
+                    &format!(
+                        "{error}; published before the failure: {}",
+                        Value::from(published.clone())
+                    ),
+                );
+                response.headers_mut().insert(
+                    hyper::header::RETRY_AFTER,
+                    hyper::header::HeaderValue::from_static("1"),
+                );
+                return response;
+            }
+        }
+    }
     json_response(StatusCode::OK, json!({ "published": published }))
 }
 

@@ -5,6 +5,7 @@
 //! - `session`: one connection's reader and writer tasks; `wsframe`: RFC 6455 framing.
 //! - [`rooms`]: the room registry: seq, history, fan-out, viewer counts; `subscribers`: a
 //!   room's copy-on-write subscriber set.
+//! - [`cluster`]: the Redis adapter of cluster mode (`--redis-url`) and its auction ledger.
 //! - `users`: who is online. [`outbound`]: a connection's queue and shared encoded frames.
 //! - [`client`]: a small async client (tests, examples, load generation).
 //!
@@ -18,6 +19,7 @@ pub mod auth;
 mod authorize;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 mod http;
 pub mod metrics;
@@ -71,6 +73,8 @@ pub enum Error {
     AuthorizeUrl(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// The client address of a request, as the accept loop saw it (absent when an embedding
@@ -96,6 +100,8 @@ pub(crate) struct Shared {
     /// Every connection's tasks, so shutdown can wait for their queues to drain.
     pub(crate) tracker: TaskTracker,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cluster mode's Redis adapter; `None` on a single node.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
     next_conn_id: AtomicU64,
 }
 
@@ -106,6 +112,48 @@ impl Shared {
 
     pub(crate) fn connections(&self) -> u64 {
         self.admission.open() as u64
+    }
+
+    /// Publishes a sequenced event: into the local room, or in cluster mode through Redis
+    /// (then `delivered` counts the nodes that follow the room).
+    pub(crate) async fn publish(
+        &self,
+        channel: &Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+    ) -> Result<Published, cluster::ClusterError> {
+        match &self.cluster {
+            None => Ok(self.rooms.publish(channel, event, from, data)),
+            Some(cluster) => {
+                let outgoing =
+                    cluster::OutgoingEvent::new(channel.clone(), event, from, data, None);
+                let (seq, nodes) = cluster.publish(outgoing).await?;
+                Ok(Published {
+                    seq,
+                    delivered: nodes as usize,
+                })
+            }
+        }
+    }
+
+    /// Sends an unsequenced frame to a room's subscribers (on every node in cluster mode).
+    pub(crate) fn signal(
+        &self,
+        channel: &Channel,
+        frame: gavel_protocol::ServerFrame,
+        skip_user: Option<UserId>,
+    ) {
+        match &self.cluster {
+            Some(cluster) => cluster.signal(channel, frame, skip_user),
+            None => {
+                let skip = match &skip_user {
+                    Some(user) => rooms::Skip::User(user),
+                    None => rooms::Skip::Nobody,
+                };
+                self.rooms.signal(channel, frame, skip);
+            }
+        }
     }
 }
 
@@ -120,12 +168,21 @@ impl Broker {
     /// metrics upkeep). Must be called inside a Tokio runtime.
     pub fn new(config: Config) -> Result<Broker, Error> {
         config.validate()?;
+        if config.redis_url.is_some() {
+            // Cluster mode keeps bids in Redis: the local log is not used.
+            return Broker::with_store(
+                config,
+                Arc::new(store::MemoryLog::default()),
+                clock::Clock::System,
+            );
+        }
         std::fs::create_dir_all(&config.data_dir)?;
         let log: Arc<dyn store::BidLog> = Arc::new(store::SledLog::open(&config.data_dir)?);
         Broker::with_store(config, log, clock::Clock::System)
     }
 
-    /// [`Broker::new`] with a given bid log (e.g. [`store::MemoryLog`]) and clock.
+    /// [`Broker::new`] with a given bid log (e.g. [`store::MemoryLog`]) and clock. In cluster
+    /// mode (`redis_url` set) the log is not used: Redis holds the bids.
     pub fn with_store(
         config: Config,
         log: Arc<dyn store::BidLog>,
@@ -134,24 +191,61 @@ impl Broker {
         config.validate()?;
         let metrics = metrics::install();
         let shutdown = CancellationToken::new();
-        let rooms = Arc::new(rooms::Rooms::new(rooms::HistoryLimits {
+        let limits = rooms::HistoryLimits {
             size: config.history_size,
             ttl: config.history_ttl,
-        }));
-        let auctions = auction::Auctions::open(
-            log,
-            Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
-            clock,
-            auction::EngineConfig {
-                bid_rate: config.bid_rate,
-                bid_burst: config.bid_burst,
-                group_commit: match config.group_commit {
-                    config::Toggle::On => store::GroupCommit::On,
-                    config::Toggle::Off => store::GroupCommit::Off,
-                },
+        };
+        let engine = auction::EngineConfig {
+            bid_rate: config.bid_rate,
+            bid_burst: config.bid_burst,
+            group_commit: match config.group_commit {
+                config::Toggle::On => store::GroupCommit::On,
+                config::Toggle::Off => store::GroupCommit::Off,
             },
-            shutdown.child_token(),
-        )?;
+        };
+        let (rooms, auctions, cluster, control_rx) = match &config.redis_url {
+            None => {
+                let rooms = Arc::new(rooms::Rooms::new(limits));
+                let auctions = auction::Auctions::open(
+                    log,
+                    Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
+                    clock,
+                    engine,
+                    shutdown.child_token(),
+                )?;
+                (rooms, auctions, None, None)
+            }
+            Some(url) => {
+                let started = cluster::Cluster::start(
+                    cluster::ClusterConfig {
+                        url: url.clone(),
+                        prefix: config.cluster_prefix.clone(),
+                        node_id: config
+                            .node_id
+                            .clone()
+                            .unwrap_or_else(|| cluster::default_node_id(config.listen)),
+                        node_ttl: config.node_ttl,
+                        history_size: config.history_size,
+                        presence_interval: config.presence_interval,
+                    },
+                    limits,
+                    shutdown.child_token(),
+                )?;
+                let auctions = auction::Auctions::cluster(
+                    cluster::ledger::AuctionLedger::new(Arc::clone(&started.cluster)),
+                    Arc::new(cluster::ClusterEvents::new(Arc::clone(&started.cluster))),
+                    clock,
+                    engine,
+                    shutdown.child_token(),
+                );
+                (
+                    started.rooms,
+                    auctions,
+                    Some(started.cluster),
+                    Some(started.control_rx),
+                )
+            }
+        };
         let verifier = verifier(&config)?;
         if verifier.is_none() {
             tracing::warn!("no --jwt-secret or --jwt-public-key: nobody can authenticate");
@@ -182,15 +276,22 @@ impl Broker {
             shutdown,
             tracker: TaskTracker::new(),
             metrics,
+            cluster,
             next_conn_id: AtomicU64::new(1),
             config,
         });
+        if let Some(control_rx) = control_rx {
+            tokio::spawn(cluster::follow_auctions(Arc::clone(&shared), control_rx));
+        }
         if let Some(handle) = &shared.metrics {
             metrics::spawn_upkeep(handle.clone(), shared.shutdown.clone());
         }
-        spawn_every(&shared, shared.config.presence_interval, |s| {
-            s.rooms.flush_presence()
-        });
+        if shared.cluster.is_none() {
+            // In cluster mode the adapter reports presence to Redis instead.
+            spawn_every(&shared, shared.config.presence_interval, |s| {
+                s.rooms.flush_presence()
+            });
+        }
         spawn_every(&shared, SWEEP_INTERVAL, |s| {
             s.rooms.sweep();
             s.auctions.prune();
@@ -278,9 +379,37 @@ impl Broker {
         http::handle(&self.shared, req).await
     }
 
-    /// Publishes an event into `channel`'s room, as `POST /api/publish` does.
+    /// Publishes an event into `channel`'s room, as `POST /api/publish` does. On a single
+    /// node the event is queued for every subscriber before this returns. In cluster mode it
+    /// goes out through Redis in the background and the returned seq is 0: use
+    /// [`Broker::publish_event`] there.
     pub fn publish(&self, channel: &Channel, event: &str, data: Value) -> Published {
-        self.shared.rooms.publish(channel, event, None, data)
+        match &self.shared.cluster {
+            None => self.shared.rooms.publish(channel, event, None, data),
+            Some(cluster) => {
+                cluster.publish_detached(cluster::OutgoingEvent::new(
+                    channel.clone(),
+                    event,
+                    None,
+                    data,
+                    None,
+                ));
+                Published {
+                    seq: 0,
+                    delivered: 0,
+                }
+            }
+        }
+    }
+
+    /// Publishes an event and returns its seq, on a single node or through the cluster.
+    pub async fn publish_event(
+        &self,
+        channel: &Channel,
+        event: &str,
+        data: Value,
+    ) -> Result<Published, Error> {
+        Ok(self.shared.publish(channel, event, None, data).await?)
     }
 
     /// Publishes an event to one user's `user:{id}` channel (every connection of theirs).

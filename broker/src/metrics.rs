@@ -28,6 +28,13 @@ pub const BID_LOG_FLUSH_BATCH: &str = "gavel_bid_log_flush_batch_size";
 pub const BID_LOG_FLUSH_ERRORS: &str = "gavel_bid_log_flush_errors_total";
 pub const BIDS: &str = "gavel_bids_total";
 pub const AUCTIONS: &str = "gavel_auctions";
+pub const CLUSTER_UP: &str = "gavel_cluster_up";
+pub const CLUSTER_DISCONNECTS: &str = "gavel_cluster_disconnects_total";
+pub const CLUSTER_RESUBSCRIBES: &str = "gavel_cluster_resubscribes_total";
+pub const CLUSTER_ERRORS: &str = "gavel_cluster_errors_total";
+pub const CLUSTER_ROOMS: &str = "gavel_cluster_rooms";
+pub const CLUSTER_NODES_REAPED: &str = "gavel_cluster_nodes_reaped_total";
+pub const CLUSTER_LOCK_WAIT_SECONDS: &str = "gavel_cluster_lock_wait_seconds";
 
 /// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -115,6 +122,35 @@ fn describe() {
     describe_counter!(BID_LOG_FLUSH_ERRORS, "Bid-log flushes that failed.");
     describe_counter!(BIDS, "Bids, by outcome (accepted or the rejection reason).");
     describe_gauge!(AUCTIONS, "Auctions known to this node, by status.");
+    describe_gauge!(
+        CLUSTER_UP,
+        "Cluster mode: 1 when the Redis adapter is connected, subscribed and heartbeating."
+    );
+    describe_counter!(
+        CLUSTER_DISCONNECTS,
+        "Cluster mode: pub/sub connections to Redis lost (or failed to set up)."
+    );
+    describe_counter!(
+        CLUSTER_RESUBSCRIBES,
+        "Cluster mode: reconnections after which every followed room was resubscribed and resynced."
+    );
+    describe_counter!(
+        CLUSTER_ERRORS,
+        "Cluster mode: failed Redis operations, by operation."
+    );
+    describe_gauge!(
+        CLUSTER_ROOMS,
+        "Cluster mode: rooms this node follows in Redis."
+    );
+    describe_counter!(
+        CLUSTER_NODES_REAPED,
+        "Cluster mode: dead nodes this node removed from the cluster's presence."
+    );
+    describe_histogram!(
+        CLUSTER_LOCK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Cluster mode: time an auction turn waited for the auction's cluster-wide lock."
+    );
 }
 
 /// Spawns the recorder's upkeep (histogram draining); ends with `shutdown`.

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,12 +46,70 @@ pub struct Rooms {
     /// Source of room epochs: microseconds since the Unix epoch at start, then +1 per room, so
     /// epochs differ across restarts and between incarnations of a room.
     next_epoch: AtomicU64,
+    /// Cluster mode: a room is a replica of its sequence in Redis (see [`SyncState`]), and
+    /// unsequenced signals that start here (joined, left) go out through the relay.
+    clustered: bool,
+    relay: OnceLock<SignalRelay>,
+}
+
+/// Where a clustered registry sends the signals it makes itself (joined, left), so that they
+/// reach the room's subscribers on every node: (channel, frame, user to skip).
+pub type SignalRelay = tokio::sync::mpsc::UnboundedSender<(Channel, ServerFrame, Option<UserId>)>;
+
+/// A sequenced event as the cluster delivers it: seq and epoch assigned by Redis.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub seq: u64,
+    pub epoch: u64,
+    pub ts: u64,
+    pub event: String,
+    pub from: Option<UserId>,
+    pub data: Value,
+    pub state: Option<Value>,
+}
+
+/// A room's sequence as Redis holds it, read after subscribing.
+#[derive(Clone, Debug)]
+pub struct RoomImage {
+    pub epoch: u64,
+    pub seq: u64,
+    pub state: Value,
+    /// The retained events, oldest first.
+    pub history: Vec<Incoming>,
+}
+
+/// What [`Rooms::deliver`] did with an event from the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Appended and queued for the local subscribers.
+    Applied,
+    /// Kept until the room's sync completes.
+    Buffered,
+    /// Already applied, or for a room this node does not follow.
+    Ignored,
+    /// The event skips seqs this node never saw: the room needs a sync from Redis.
+    Gap,
+}
+
+/// How a room's sequence relates to the cluster's.
+enum SyncState {
+    /// Single-node mode: this node assigns the seqs.
+    Local,
+    /// Cluster mode, not followed (no local interest): events are ignored.
+    Unsynced,
+    /// Subscribed in Redis, its image not installed yet: events wait here, in arrival order.
+    Syncing(Vec<Incoming>),
+    /// A faithful replica: events apply in seq order.
+    Synced,
 }
 
 /// A channel's room.
 pub struct Room {
     channel: Channel,
-    epoch: u64,
+    /// Set at creation; in cluster mode replaced (under `log`) by Redis's epoch at each sync.
+    epoch: AtomicU64,
+    /// Cluster mode: the cluster's viewer counts, as last published (local counts otherwise).
+    cluster_viewers: Mutex<Option<ViewerCounts>>,
     /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write,
     /// in chunks) by joins and leaves, so a publish never waits for a join or a leave to copy.
     subscribers: ArcSwap<Snapshot>,
@@ -84,6 +142,7 @@ struct RoomLog {
     /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
     /// Changed only together with an event, so a subscriber's state and stream agree.
     state: Value,
+    sync: SyncState,
 }
 
 struct Stored {
@@ -151,6 +210,17 @@ pub struct RoomInfo {
 
 impl Rooms {
     pub fn new(limits: HistoryLimits) -> Rooms {
+        Rooms::build(limits, false)
+    }
+
+    /// A registry for cluster mode: rooms replicate their sequence from Redis.
+    pub fn clustered(limits: HistoryLimits, relay: SignalRelay) -> Rooms {
+        let rooms = Rooms::build(limits, true);
+        let _ = rooms.relay.set(relay);
+        rooms
+    }
+
+    fn build(limits: HistoryLimits, clustered: bool) -> Rooms {
         let start_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -160,6 +230,8 @@ impl Rooms {
             limits,
             dirty: Mutex::new(Vec::new()),
             next_epoch: AtomicU64::new(start_us),
+            clustered,
+            relay: OnceLock::new(),
         }
     }
 
@@ -177,6 +249,7 @@ impl Rooms {
             Arc::new(Room::new(
                 channel.clone(),
                 self.next_epoch.fetch_add(1, Ordering::Relaxed),
+                self.clustered,
             ))
         });
         Arc::clone(room.value())
@@ -215,7 +288,7 @@ impl Rooms {
             log.expire(self.limits, Instant::now());
             let (recovered, replay) = match since {
                 None => (None, Vec::new()),
-                Some(since) => match log.replay_after(since, epoch, room.epoch) {
+                Some(since) => match log.replay_after(since, epoch, room.epoch()) {
                     Some(frames) => (Some(true), frames),
                     None => (Some(false), Vec::new()),
                 },
@@ -223,7 +296,7 @@ impl Rooms {
             let viewers = room.viewer_counts();
             let snapshot = (recovered == Some(false)).then(|| RoomSnapshot {
                 seq: log.last_seq,
-                epoch: room.epoch,
+                epoch: room.epoch(),
                 viewers,
                 oldest_seq: log.history.front().map(|s| s.seq),
                 state: log.state.clone(),
@@ -234,7 +307,7 @@ impl Rooms {
                 result: Reply::Subscribed {
                     channel: channel.clone(),
                     seq: log.last_seq,
-                    epoch: room.epoch,
+                    epoch: room.epoch(),
                     recovered,
                     replayed,
                     viewers,
@@ -258,7 +331,7 @@ impl Rooms {
             // Still under `members`, so a user's joined and left reach everyone in the order
             // they happened (the offers do not block).
             if first_of_viewer {
-                room.announce(conn, true);
+                room.announce(conn, true, self.relay.get());
             }
             drop(members);
             self.mark_dirty(&room);
@@ -288,7 +361,7 @@ impl Rooms {
             room.subscribers.store(snapshot);
         }
         if last_of_viewer {
-            room.announce(conn, false);
+            room.announce(conn, false, self.relay.get());
         }
         drop(members);
         self.mark_dirty(room);
@@ -326,31 +399,192 @@ impl Rooms {
                 continue;
             }
             let started = Instant::now();
-            if let Some(state) = state.take() {
-                log.state = state;
-            }
-            log.last_seq += 1;
-            let seq = log.last_seq;
-            room.last_seq.store(seq, Ordering::Relaxed);
-            let frame = SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
-                channel: channel.clone(),
-                seq,
-                ts: now_ms(),
-                event: event.to_owned(),
-                from: from.clone(),
-                data: data.take().unwrap_or(Value::Null),
-            }));
-            log.history.push_back(Stored {
-                seq,
-                at: started,
-                frame: Arc::clone(&frame),
-            });
-            log.expire(self.limits, started);
-            let delivered = room.fan_out(&frame, Skip::Nobody);
+            let seq = log.last_seq + 1;
+            let delivered = room.append(
+                &mut log,
+                Incoming {
+                    seq,
+                    epoch: room.epoch(),
+                    ts: now_ms(),
+                    event: event.to_owned(),
+                    from: from.clone(),
+                    data: data.take().unwrap_or(Value::Null),
+                    state: state.take(),
+                },
+                started,
+                self.limits,
+            );
             drop(log);
             m::record_fan_out("event", delivered, started.elapsed());
             return Published { seq, delivered };
         }
+    }
+
+    /// Cluster mode: applies an event sequenced by Redis to this node's replica of the room
+    /// and queues it for the local subscribers. Events arrive in seq order from Redis; a
+    /// missing seq (a pub/sub connection that dropped) is reported as a gap.
+    pub fn deliver(&self, channel: &Channel, event: Incoming) -> Delivery {
+        let Some(room) = self.get(channel) else {
+            return Delivery::Ignored;
+        };
+        let started = Instant::now();
+        let mut log = lock(&room.log);
+        let gap = room.is_gap(&log, &event);
+        let delivery = match &mut log.sync {
+            SyncState::Local | SyncState::Unsynced => Delivery::Ignored,
+            SyncState::Syncing(pending) => {
+                pending.push(event);
+                Delivery::Buffered
+            }
+            SyncState::Synced if gap => {
+                // The event is kept: the sync that fills the gap applies it after.
+                log.sync = SyncState::Syncing(vec![event]);
+                Delivery::Gap
+            }
+            SyncState::Synced => room.apply(&mut log, event, self.limits),
+        };
+        drop(log);
+        if delivery == Delivery::Applied {
+            m::record_fan_out(
+                "event",
+                room.connections.load(Ordering::Relaxed) as usize,
+                started.elapsed(),
+            );
+        }
+        delivery
+    }
+
+    /// Cluster mode: from now on, events for `channel` wait for [`Rooms::install`]. Called
+    /// before subscribing in Redis, so nothing published after the subscription is missed.
+    pub fn begin_sync(&self, channel: &Channel) {
+        loop {
+            let room = self.get_or_create(channel);
+            let mut log = lock(&room.log);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            if !matches!(log.sync, SyncState::Syncing(_)) {
+                log.sync = SyncState::Syncing(Vec::new());
+            }
+            return;
+        }
+    }
+
+    /// Cluster mode: installs the room's sequence as read from Redis (after subscribing), then
+    /// the events that arrived meanwhile. Events the local subscribers had not had yet are
+    /// queued for them. False if the room still has a gap (a concurrent sync will follow).
+    pub fn install(&self, channel: &Channel, image: RoomImage) -> bool {
+        let Some(room) = self.get(channel) else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut log = lock(&room.log);
+        let SyncState::Syncing(pending) = std::mem::replace(&mut log.sync, SyncState::Synced)
+        else {
+            // Unfollowed meanwhile (or already synced by a concurrent sync).
+            return true;
+        };
+        if image.epoch != room.epoch() || image.seq < log.last_seq {
+            // Another incarnation of the room (or the first sync): take Redis's as it is.
+            room.epoch.store(image.epoch, Ordering::Relaxed);
+            log.history.clear();
+            log.last_seq = image.history.first().map_or(image.seq, |e| e.seq - 1);
+        } else if image
+            .history
+            .first()
+            .is_some_and(|first| first.seq > log.last_seq + 1)
+        {
+            // Missed more than Redis retains: continue from Redis's oldest.
+            log.history.clear();
+            log.last_seq = image.history[0].seq - 1;
+        }
+        log.state = image.state;
+        let mut gap = false;
+        for event in image.history.into_iter().chain(pending) {
+            if gap {
+                break;
+            }
+            let at = now
+                .checked_sub(Duration::from_millis(now_ms().saturating_sub(event.ts)))
+                .unwrap_or(now);
+            // Leftovers of an earlier incarnation are dropped; a new one starts at seq 1.
+            let wanted = event.epoch == room.epoch() || event.seq == 1;
+            if wanted && room.apply_at(&mut log, event, self.limits, at) == Delivery::Gap {
+                gap = true;
+            }
+        }
+        if log.last_seq < image.seq {
+            gap = true;
+        }
+        if gap {
+            log.sync = SyncState::Syncing(Vec::new());
+        }
+        room.last_seq.store(log.last_seq, Ordering::Relaxed);
+        !gap
+    }
+
+    /// Cluster mode: the node stopped following `channel` (no local subscriber is left).
+    pub fn unsync(&self, channel: &Channel) {
+        if let Some(room) = self.get(channel) {
+            let mut log = lock(&room.log);
+            if !matches!(log.sync, SyncState::Local) {
+                log.sync = SyncState::Unsynced;
+            }
+            drop(log);
+            *lock(&room.cluster_viewers) = None;
+        }
+    }
+
+    /// Cluster mode: the cluster's viewer counts of a room, sent to its local subscribers.
+    pub fn cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
+        if let Some(room) = self.get(channel) {
+            *lock(&room.cluster_viewers) = Some(viewers);
+            let frame = ServerFrame::Viewers {
+                channel: channel.clone(),
+                ts: now_ms(),
+                viewers,
+            };
+            room.signal(frame, Skip::Nobody);
+        }
+    }
+
+    /// Cluster mode: the rooms whose local viewers changed since the last call, each with its
+    /// connection count and viewer keys (a user id, or `~` and the connection id).
+    pub fn take_dirty_presence(&self) -> Vec<(Channel, u32, Vec<String>)> {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        dirty
+            .into_iter()
+            .map(|room| {
+                room.presence_dirty.store(false, Ordering::Release);
+                let members = lock(&room.members);
+                let keys = members
+                    .viewers
+                    .keys()
+                    .map(|key| match key {
+                        ViewerKey::User(user) => format!("u{user}"),
+                        ViewerKey::Anonymous(conn) => format!("~{conn}"),
+                    })
+                    .collect();
+                (room.channel.clone(), members.set.len() as u32, keys)
+            })
+            .collect()
+    }
+
+    /// Queues a viewer-count report for every room (after the cluster lost this node's share).
+    pub fn mark_all_dirty(&self) {
+        let rooms: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
+        for room in rooms {
+            self.mark_dirty(&room);
+        }
+    }
+
+    /// The channels with local subscribers.
+    pub fn followed(&self) -> Vec<Channel> {
+        self.map
+            .iter()
+            .filter(|r| r.value().connections.load(Ordering::Relaxed) > 0)
+            .map(|r| r.key().clone())
+            .collect()
     }
 
     /// Sets a channel's state without an event (an auction at creation or at start-up), and pins
@@ -452,15 +686,21 @@ impl crate::auction::AuctionEvents for Rooms {
 }
 
 impl Room {
-    fn new(channel: Channel, epoch: u64) -> Room {
+    fn new(channel: Channel, epoch: u64, clustered: bool) -> Room {
         Room {
             channel,
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            cluster_viewers: Mutex::new(None),
             subscribers: ArcSwap::from_pointee(Snapshot::default()),
             log: Mutex::new(RoomLog {
                 last_seq: 0,
                 history: VecDeque::new(),
                 state: Value::Null,
+                sync: if clustered {
+                    SyncState::Unsynced
+                } else {
+                    SyncState::Local
+                },
             }),
             members: Mutex::new(Members {
                 set: SubscriberSet::default(),
@@ -482,7 +722,20 @@ impl Room {
         &self.channel
     }
 
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The viewer counts clients see: the cluster's in cluster mode, else this node's.
     pub fn viewer_counts(&self) -> ViewerCounts {
+        if let Some(counts) = *lock(&self.cluster_viewers) {
+            return counts;
+        }
+        self.local_viewer_counts()
+    }
+
+    /// This node's own viewer counts.
+    pub fn local_viewer_counts(&self) -> ViewerCounts {
         ViewerCounts {
             connections: self.connections.load(Ordering::Relaxed),
             users: self.users.load(Ordering::Relaxed),
@@ -499,7 +752,7 @@ impl Room {
         let log = lock(&self.log);
         RoomInfo {
             channel: self.channel.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch(),
             seq: log.last_seq,
             viewers: self.viewer_counts(),
             history_len: log.history.len(),
@@ -529,6 +782,77 @@ impl Room {
             anonymous,
             truncated,
         }
+    }
+
+    /// Appends the next event (its seq is `last_seq + 1`) and offers it to every subscriber.
+    fn append(
+        &self,
+        log: &mut RoomLog,
+        event: Incoming,
+        at: Instant,
+        limits: HistoryLimits,
+    ) -> usize {
+        debug_assert_eq!(event.seq, log.last_seq + 1);
+        if let Some(state) = event.state {
+            log.state = state;
+        }
+        log.last_seq = event.seq;
+        self.last_seq.store(event.seq, Ordering::Relaxed);
+        let frame = SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
+            channel: self.channel.clone(),
+            seq: event.seq,
+            ts: event.ts,
+            event: event.event,
+            from: event.from,
+            data: event.data,
+        }));
+        log.history.push_back(Stored {
+            seq: event.seq,
+            at,
+            frame: Arc::clone(&frame),
+        });
+        log.expire(limits, at);
+        self.fan_out(&frame, Skip::Nobody)
+    }
+
+    /// Whether `event` skips seqs this replica has not seen.
+    fn is_gap(&self, log: &RoomLog, event: &Incoming) -> bool {
+        if event.epoch != self.epoch() {
+            event.seq != 1
+        } else {
+            event.seq > log.last_seq + 1
+        }
+    }
+
+    /// Applies an event from the cluster in seq order.
+    fn apply(&self, log: &mut RoomLog, event: Incoming, limits: HistoryLimits) -> Delivery {
+        self.apply_at(log, event, limits, Instant::now())
+    }
+
+    fn apply_at(
+        &self,
+        log: &mut RoomLog,
+        event: Incoming,
+        limits: HistoryLimits,
+        at: Instant,
+    ) -> Delivery {
+        if event.epoch != self.epoch() {
+            if event.seq != 1 {
+                return Delivery::Gap;
+            }
+            // The room's keys expired in Redis and it started over: so does the replica.
+            self.epoch.store(event.epoch, Ordering::Relaxed);
+            log.history.clear();
+            log.last_seq = 0;
+        }
+        if event.seq <= log.last_seq {
+            return Delivery::Ignored;
+        }
+        if event.seq > log.last_seq + 1 {
+            return Delivery::Gap;
+        }
+        self.append(log, event, at, limits);
+        Delivery::Applied
     }
 
     /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
@@ -564,17 +888,26 @@ impl Room {
 
     /// `joined` / `left` for a user's first / last connection in a conversation room.
     /// The joining connection itself is skipped: its `subscribed` reply says it all.
-    fn announce(&self, conn: &ConnHandle, joined: bool) {
+    fn announce(&self, conn: &ConnHandle, joined: bool, relay: Option<&SignalRelay>) {
         let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), conn.user()) else {
             return;
         };
+        let user_id = user.clone();
         let (channel, user, ts) = (self.channel.clone(), user.clone(), now_ms());
         let frame = if joined {
             ServerFrame::Joined { channel, user, ts }
         } else {
             ServerFrame::Left { channel, user, ts }
         };
-        self.signal(frame, Skip::Conn(conn.id));
+        match relay {
+            // Every node's subscribers hear it from the cluster (the user's own tabs excepted).
+            Some(relay) => {
+                let _ = relay.send((self.channel.clone(), frame, Some(user_id)));
+            }
+            None => {
+                self.signal(frame, Skip::Conn(conn.id));
+            }
+        }
     }
 
     fn store_counts(&self, members: &Members) {
@@ -593,7 +926,9 @@ impl Room {
             return false;
         }
         let mut log = lock(&self.log);
-        if self.pinned.load(Ordering::Acquire) {
+        if self.pinned.load(Ordering::Acquire)
+            || matches!(log.sync, SyncState::Syncing(_) | SyncState::Synced)
+        {
             return false;
         }
         // Rooms anyone may join (auctions that do not exist, broadcast) that never had an

@@ -21,7 +21,7 @@ use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
 use crate::ratelimit::TokenBucket;
-use crate::rooms::{Room, Skip};
+use crate::rooms::Room;
 use crate::wsframe::{put_frame, FrameReader, Message, OpCode, ReadError};
 use crate::Shared;
 
@@ -312,6 +312,9 @@ impl Session {
                 epoch,
             } => {
                 self.may_subscribe(&channel).await?;
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.join(&channel).await.map_err(cluster_unavailable)?;
+                }
                 let joined = self
                     .shared
                     .rooms
@@ -326,14 +329,18 @@ impl Session {
                     .remove(&channel)
                     .ok_or_else(|| not_subscribed(&channel))?;
                 self.shared.rooms.unsubscribe(&self.conn, &room);
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.leave(&channel);
+                }
                 Ok(Some(Reply::Unsubscribed { channel }))
             }
             ClientFrame::Publish { channel, data, .. } => {
                 let user = self.may_write(&channel)?;
                 let published = self
                     .shared
-                    .rooms
-                    .publish(&channel, "message", Some(user), data);
+                    .publish(&channel, "message", Some(user), data)
+                    .await
+                    .map_err(cluster_unavailable)?;
                 Ok(Some(Reply::Published {
                     channel,
                     seq: published.seq,
@@ -349,7 +356,7 @@ impl Session {
                     typing,
                     ts: now_ms(),
                 };
-                self.shared.rooms.signal(&channel, frame, Skip::User(&user));
+                self.shared.signal(&channel, frame, Some(user));
                 Ok(Some(Reply::Done {}))
             }
             ClientFrame::Read { channel, seq, .. } => {
@@ -364,8 +371,9 @@ impl Session {
                 let data = serde_json::json!({ "seq": seq });
                 let published = self
                     .shared
-                    .rooms
-                    .publish(&channel, "read", Some(user), data);
+                    .publish(&channel, "read", Some(user), data)
+                    .await
+                    .map_err(cluster_unavailable)?;
                 Ok(Some(Reply::Published {
                     channel,
                     seq: published.seq,
@@ -590,14 +598,21 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for room in self.subscriptions.values() {
+        for (channel, room) in &self.subscriptions {
             self.shared.rooms.unsubscribe(&self.conn, room);
+            if let Some(cluster) = &self.shared.cluster {
+                cluster.leave(channel);
+            }
         }
         if let Some(user) = self.conn.user() {
             self.shared.users.disconnected(user);
         }
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
     }
+}
+
+fn cluster_unavailable(error: crate::cluster::ClusterError) -> (ErrorCode, String) {
+    (ErrorCode::ClusterUnavailable, error.to_string())
 }
 
 fn not_subscribed(channel: &Channel) -> (ErrorCode, String) {

@@ -82,6 +82,10 @@ pub enum BidRejection {
     UnknownAuction,
     /// The bid could not be made durable (storage failure); it was not placed. Retry later.
     Unavailable,
+    /// Cluster mode only: the broker cannot reach the Redis that orders bids cluster-wide, so
+    /// it refuses the bid rather than accept it unsafely. Nothing was placed; retry (with the
+    /// same `request_id`) later, or on another node.
+    ClusterUnavailable,
 }
 
 impl BidRejection {
@@ -96,12 +100,18 @@ impl BidRejection {
             BidRejection::InvalidAmount => "invalid_amount",
             BidRejection::UnknownAuction => "unknown_auction",
             BidRejection::Unavailable => "unavailable",
+            BidRejection::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
     /// Transient rejections are not remembered for idempotent retries: a retry gets a new try.
     pub fn is_transient(self) -> bool {
-        matches!(self, BidRejection::RateLimited | BidRejection::Unavailable)
+        matches!(
+            self,
+            BidRejection::RateLimited
+                | BidRejection::Unavailable
+                | BidRejection::ClusterUnavailable
+        )
     }
 }
 

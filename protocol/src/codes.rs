@@ -41,6 +41,11 @@ pub enum ErrorCode {
     /// `rate_limited`: this connection sends faster than the broker allows; the message was
     /// dropped. Sustained, it is closed with 1008.
     RateLimited,
+    /// `cluster_unavailable`: in cluster mode the broker cannot reach its Redis right now, so
+    /// it cannot order this request cluster-wide (a publish, or a subscribe to a room this
+    /// node does not follow yet). Nothing was done; retry later, or reconnect (the load
+    /// balancer drains a node in this state, since its `/readyz` says not ready).
+    ClusterUnavailable,
     /// `internal`: reserved for a failure inside the broker; the request may be retried. This
     /// version has no path that sends it.
     Internal,
@@ -62,12 +67,13 @@ impl ErrorCode {
             ErrorCode::TokenInvalid => "token_invalid",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ClusterUnavailable => "cluster_unavailable",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Unauthenticated,
         ErrorCode::TokenInvalid,
         ErrorCode::TokenExpired,
@@ -81,6 +87,7 @@ impl ErrorCode {
         ErrorCode::NotSubscribed,
         ErrorCode::AlreadySubscribed,
         ErrorCode::TooManySubscriptions,
+        ErrorCode::ClusterUnavailable,
         ErrorCode::Internal,
     ];
 }

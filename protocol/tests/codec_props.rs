@@ -201,6 +201,7 @@ fn reply() -> impl Strategy<Value = Reply> {
                 BidRejection::InvalidAmount,
                 BidRejection::UnknownAuction,
                 BidRejection::Unavailable,
+                BidRejection::ClusterUnavailable,
             ]),
             any::<Option<i64>>(),
             ".{0,20}"

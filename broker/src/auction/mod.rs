@@ -12,13 +12,15 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use gavel_protocol::{
-    AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Outbid, Reply, UserId,
+    AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Channel, Outbid, Reply, UserId,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
+use crate::cluster::ledger::AuctionLedger;
+use crate::cluster::OutgoingEvent;
 use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
 use crate::store::{BidLog, BidRecord, Durability, GroupCommit, StorageError};
@@ -78,6 +80,21 @@ pub enum AdminError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Cluster mode: Redis, which orders every auction change, is unreachable.
+    #[error("cluster unavailable: {0}")]
+    Cluster(String),
+}
+
+/// Where accepted bids and auction records are made durable, and who orders them.
+#[derive(Clone)]
+pub enum Ledger {
+    /// This node alone: the bid log on local disk, flushed by group commit.
+    Local {
+        store: Arc<dyn BidLog>,
+        durability: Durability,
+    },
+    /// Cluster mode: Redis orders and keeps every auction's bids (see `cluster::ledger`).
+    Cluster(AuctionLedger),
 }
 
 /// Settings of the auction engine.
@@ -91,8 +108,7 @@ pub struct EngineConfig {
 /// Every auction of this node.
 pub struct Auctions {
     map: DashMap<String, Handle>,
-    store: Arc<dyn BidLog>,
-    durability: Durability,
+    ledger: Ledger,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
     limiter: RateLimiter,
@@ -118,6 +134,22 @@ enum Command {
         op: AdminOp,
         reply: oneshot::Sender<Result<AuctionSnapshot, AdminError>>,
     },
+    /// Cluster mode: another node changed the auction (now at this version).
+    Refresh(u64),
+}
+
+type AdminReply = oneshot::Sender<Result<AuctionSnapshot, AdminError>>;
+
+/// Cluster mode: what a turn announces and answers, held until its commit.
+#[derive(Default)]
+struct Held {
+    events: Vec<OutgoingEvent>,
+    answers: Vec<Answer>,
+}
+
+enum Answer {
+    Bid(BidReply, Reply),
+    Admin(AdminReply, AuctionSnapshot),
 }
 
 fn encode(auction: &Auction) -> Result<Vec<u8>, StorageError> {
@@ -157,8 +189,10 @@ impl Auctions {
         let durability = Durability::start(Arc::clone(&store), config.group_commit);
         let auctions = Auctions {
             map: DashMap::new(),
-            store,
-            durability,
+            ledger: Ledger::Local {
+                store: Arc::clone(&store),
+                durability,
+            },
             events,
             clock,
             limiter: RateLimiter::new(config.bid_rate, config.bid_burst),
@@ -166,10 +200,10 @@ impl Auctions {
             creating: tokio::sync::Mutex::new(()),
             group_commit: config.group_commit,
         };
-        for (id, bytes) in auctions.store.auctions()? {
+        for (id, bytes) in store.auctions()? {
             let auction: Auction = rmp_serde::from_slice(&bytes)
                 .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
-            let last = auctions.store.last_seq(&id)?;
+            let last = store.last_seq(&id)?;
             if last != auction.state.last_seq {
                 // A bid and its record are one atomic batch, so this means a damaged store.
                 return Err(StorageError::Corrupt(format!(
@@ -177,14 +211,78 @@ impl Auctions {
                     auction.state.last_seq
                 )));
             }
-            let bids = auctions.store.bids(&id, 0, usize::MAX)?;
-            auctions.spawn(auction, &bids);
+            let bids = store.bids(&id, 0, usize::MAX)?;
+            auctions.spawn(auction, &bids, 0);
         }
         tracing::info!(auctions = auctions.map.len(), "auctions loaded");
         Ok(auctions)
     }
 
-    fn spawn(&self, auction: Auction, bids: &[BidRecord]) {
+    /// Cluster mode: an empty registry; [`Auctions::load_cluster`] fills it from Redis.
+    pub fn cluster(
+        ledger: AuctionLedger,
+        events: Arc<dyn AuctionEvents>,
+        clock: Clock,
+        config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Auctions {
+        Auctions {
+            map: DashMap::new(),
+            ledger: Ledger::Cluster(ledger),
+            events,
+            clock,
+            limiter: RateLimiter::new(config.bid_rate, config.bid_burst),
+            shutdown,
+            creating: tokio::sync::Mutex::new(()),
+            group_commit: config.group_commit,
+        }
+    }
+
+    /// Cluster mode: starts an actor for every auction in Redis this node does not run yet.
+    pub async fn load_cluster(&self) -> Result<usize, AdminError> {
+        let Ledger::Cluster(ledger) = &self.ledger else {
+            return Ok(0);
+        };
+        let ids = ledger
+            .ids()
+            .await
+            .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        for id in &ids {
+            self.adopt(id).await?;
+        }
+        Ok(ids.len())
+    }
+
+    /// Cluster mode: starts an actor for an auction another node created.
+    pub async fn adopt(&self, id: &str) -> Result<(), AdminError> {
+        let Ledger::Cluster(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        let _one_at_a_time = self.creating.lock().await;
+        if self.map.contains_key(id) {
+            return Ok(());
+        }
+        let fresh = ledger
+            .read(id, 0)
+            .await
+            .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        if fresh.record.is_empty() {
+            return Err(AdminError::NotFound(id.to_owned()));
+        }
+        let auction: Auction = rmp_serde::from_slice(&fresh.record)
+            .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
+        self.spawn(auction, &fresh.bids, fresh.version);
+        Ok(())
+    }
+
+    /// Cluster mode: tells an auction's actor that another node changed it.
+    pub fn changed(&self, id: &str, version: u64) {
+        if let Some(handle) = self.map.get(id) {
+            let _ = handle.commands_tx.try_send(Command::Refresh(version));
+        }
+    }
+
+    fn spawn(&self, auction: Auction, bids: &[BidRecord], version: u64) {
         let now = self.clock.now_ms();
         let snapshot = auction.snapshot(now);
         self.events
@@ -209,8 +307,11 @@ impl Auctions {
             id: auction.spec.id.clone(),
             auction,
             commands_rx,
-            store: Arc::clone(&self.store),
-            durability: self.durability.clone(),
+            ledger: self.ledger.clone(),
+            version,
+            stale: false,
+            staged: Vec::new(),
+            held: None,
             events: Arc::clone(&self.events),
             clock: self.clock,
             view: Arc::clone(&view),
@@ -240,11 +341,25 @@ impl Auctions {
         let mut auction = Auction::new(spec);
         // One whose start has passed is born active: nobody can have subscribed to it yet.
         auction.advance(now);
-        self.store
-            .put_auction(&auction.spec.id, &encode(&auction)?)?;
-        self.durability.sync().await?;
         let snapshot = auction.snapshot(now);
-        self.spawn(auction, &[]);
+        let version = match &self.ledger {
+            Ledger::Local { store, durability } => {
+                store.put_auction(&auction.spec.id, &encode(&auction)?)?;
+                durability.sync().await?;
+                0
+            }
+            Ledger::Cluster(ledger) => {
+                let created = ledger
+                    .create(&auction.spec.id, &encode(&auction)?, &to_value(&snapshot))
+                    .await
+                    .map_err(|e| AdminError::Cluster(e.to_string()))?;
+                if !created {
+                    return Err(AdminError::Exists(auction.spec.id));
+                }
+                1
+            }
+        };
+        self.spawn(auction, &[], version);
         Ok(snapshot)
     }
 
@@ -289,6 +404,14 @@ impl Auctions {
                 BidRejection::Forbidden,
                 "bidding needs the bidder role",
             ));
+        }
+        if let Ledger::Cluster(ledger) = &self.ledger {
+            if !ledger.ready() {
+                return reply(reject(
+                    BidRejection::ClusterUnavailable,
+                    "the cluster's Redis is unreachable; retry",
+                ));
+            }
         }
         let Some(commands_tx) = self.map.get(&bid.auction_id).map(|h| h.commands_tx.clone()) else {
             return reply(reject(BidRejection::UnknownAuction, "no such auction"));
@@ -336,11 +459,22 @@ impl Auctions {
     }
 
     /// Bid history from the log.
-    pub fn bids(&self, id: &str, after: u64, limit: usize) -> Result<Vec<BidRecord>, AdminError> {
+    pub async fn bids(
+        &self,
+        id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<BidRecord>, AdminError> {
         if !self.map.contains_key(id) {
             return Err(AdminError::NotFound(id.to_owned()));
         }
-        Ok(self.store.bids(id, after, limit)?)
+        match &self.ledger {
+            Ledger::Local { store, .. } => Ok(store.bids(id, after, limit)?),
+            Ledger::Cluster(ledger) => ledger
+                .bids(id, after, limit)
+                .await
+                .map_err(|e| AdminError::Cluster(e.to_string())),
+        }
     }
 
     /// Forgets idle rate-limit buckets.
@@ -348,9 +482,13 @@ impl Auctions {
         self.limiter.prune(self.clock.now_ms());
     }
 
-    /// Makes every write durable (at shutdown).
+    /// Makes every write durable (at shutdown). In cluster mode every acknowledged write is
+    /// already in Redis.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        self.durability.sync().await
+        match &self.ledger {
+            Ledger::Local { durability, .. } => durability.sync().await,
+            Ledger::Cluster(_) => Ok(()),
+        }
     }
 }
 
@@ -394,14 +532,30 @@ enum Announce {
     ),
 }
 
+/// A judged turn, before its writes are durable.
+struct Judged {
+    announce: Vec<Announce>,
+    wrote: bool,
+    /// What to restore if the flush or commit fails (memory must not run ahead of the log).
+    before_turn: Auction,
+    undo_highest: Vec<(UserId, Option<i64>)>,
+}
+
 struct Actor {
     /// Commands per turn (one flush per turn).
     max_turn: usize,
     id: String,
     auction: Auction,
     commands_rx: mpsc::Receiver<Command>,
-    store: Arc<dyn BidLog>,
-    durability: Durability,
+    ledger: Ledger,
+    /// Cluster mode: the auction's version in Redis this actor's state reflects.
+    version: u64,
+    /// Cluster mode: a commit failed; the next turn reloads everything from Redis.
+    stale: bool,
+    /// Cluster mode: this turn's accepted bids, committed together at its end.
+    staged: Vec<BidRecord>,
+    /// Cluster mode: this turn's announcements, held until its commit.
+    held: Option<Held>,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
     view: Arc<ArcSwap<AuctionSnapshot>>,
@@ -435,7 +589,20 @@ impl Actor {
                             Err(_) => break,
                         }
                     }
-                    self.turn(batch).await;
+                    let mut newest = None;
+                    batch.retain(|c| match c {
+                        Command::Refresh(version) => {
+                            newest = newest.max(Some(*version));
+                            false
+                        }
+                        _ => true,
+                    });
+                    if let Some(version) = newest {
+                        self.refresh(version).await;
+                    }
+                    if !batch.is_empty() {
+                        self.turn(batch).await;
+                    }
                 }
                 _ = tokio::time::sleep_until(wake), if deadline.is_some() => self.turn(Vec::new()).await,
                 _ = leaderboard.tick(), if self.leaderboard_dirty => self.send_leaderboard(),
@@ -443,10 +610,208 @@ impl Actor {
         }
     }
 
-    /// One turn: apply what time made due, then each command in order; write; flush once;
-    /// then answer and announce, in order.
+    /// One turn: apply what time made due, then each command in order; make the writes
+    /// durable (one flush, or in cluster mode one commit); then answer and announce, in order.
     async fn turn(&mut self, commands: Vec<Command>) {
+        match self.ledger.clone() {
+            Ledger::Local { durability, .. } => self.local_turn(commands, &durability).await,
+            Ledger::Cluster(ledger) => self.cluster_turn(commands, &ledger).await,
+        }
+    }
+
+    async fn local_turn(&mut self, commands: Vec<Command>, durability: &Durability) {
         let now = self.clock.now_ms();
+        let Judged {
+            announce,
+            wrote,
+            before_turn,
+            undo_highest,
+        } = self.judge(commands, now);
+        if wrote {
+            if let Err(error) = durability.sync().await {
+                self.auction = before_turn;
+                self.undo(undo_highest);
+                self.fail(announce, error);
+                return;
+            }
+            self.durable_seq = self.auction.state.last_seq;
+        }
+        self.announce(announce, now);
+    }
+
+    fn undo(&mut self, undo_highest: Vec<(UserId, Option<i64>)>) {
+        for (user, previous) in undo_highest.into_iter().rev() {
+            match previous {
+                Some(amount) => self.highest.insert(user, amount),
+                None => self.highest.remove(&user),
+            };
+        }
+    }
+
+    /// A cluster turn: take the auction's lock in Redis, catch up with other nodes' changes,
+    /// judge, then commit bids, record and room events in one compare-and-set (which also
+    /// releases the lock) before anything is answered.
+    async fn cluster_turn(&mut self, commands: Vec<Command>, ledger: &AuctionLedger) {
+        let version = match ledger.lock(&self.id).await {
+            Ok(version) => version,
+            Err(error) => return self.refuse(commands, &error.to_string()),
+        };
+        if version != self.version || self.stale {
+            if let Err(error) = self.catch_up(ledger).await {
+                let _ = ledger.unlock(&self.id).await;
+                return self.refuse(commands, &error.to_string());
+            }
+        }
+        let now = self.clock.now_ms();
+        self.staged.clear();
+        let Judged {
+            announce,
+            wrote,
+            before_turn,
+            undo_highest,
+        } = self.judge(commands, now);
+        self.held = Some(Held::default());
+        self.announce(announce, now);
+        let held = self.held.take().unwrap_or_default();
+        if !wrote {
+            if let Err(error) = ledger.unlock(&self.id).await {
+                tracing::warn!(auction = %self.id, %error, "auction unlock failed (it expires)");
+            }
+            return self.release(held, None);
+        }
+        let committed = match encode(&self.auction) {
+            Ok(record) => ledger
+                .commit(&self.id, self.version, &record, &self.staged, &held.events)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match committed {
+            Ok(version) => {
+                self.version = version;
+                self.durable_seq = self.auction.state.last_seq;
+                self.release(held, None);
+            }
+            Err(error) => {
+                tracing::warn!(auction = %self.id, %error, "cluster commit failed: nothing of the turn is acknowledged");
+                self.auction = before_turn;
+                self.undo(undo_highest);
+                self.stale = true;
+                self.view.store(Arc::new(self.auction.snapshot(now)));
+                self.release(held, Some(&error));
+            }
+        }
+        self.staged.clear();
+    }
+
+    /// Sends a cluster turn's held answers; after a failed commit, what the turn accepted is
+    /// refused instead (nothing of it was recorded).
+    fn release(&mut self, held: Held, failed: Option<&str>) {
+        for answer in held.answers {
+            match (answer, failed) {
+                (Answer::Bid(reply, answer), None) => reply(answer),
+                (Answer::Bid(reply, answer), Some(error)) => match &answer {
+                    Reply::BidAccepted {
+                        bid_seq,
+                        request_id,
+                        ..
+                    } if *bid_seq > self.durable_seq => {
+                        metrics::counter!(m::BIDS, "outcome" => "cluster_unavailable").increment(1);
+                        reply(rejected(
+                            &self.id,
+                            request_id,
+                            BidRejection::ClusterUnavailable,
+                            None,
+                            format!("the bid could not be committed: {error}"),
+                        ))
+                    }
+                    _ => reply(answer),
+                },
+                (Answer::Admin(reply, snapshot), None) => {
+                    let _ = reply.send(Ok(snapshot));
+                }
+                (Answer::Admin(reply, _), Some(error)) => {
+                    let _ = reply.send(Err(AdminError::Cluster(error.to_owned())));
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: answers a turn's commands without judging them (Redis unreachable).
+    fn refuse(&mut self, commands: Vec<Command>, error: &str) {
+        for command in commands {
+            match command {
+                Command::Bid {
+                    request_id, reply, ..
+                } => {
+                    metrics::counter!(m::BIDS, "outcome" => "cluster_unavailable").increment(1);
+                    reply(rejected(
+                        &self.id,
+                        &request_id,
+                        BidRejection::ClusterUnavailable,
+                        None,
+                        format!("the cluster cannot order bids now: {error}"),
+                    ));
+                }
+                Command::Admin { reply, .. } => {
+                    let _ = reply.send(Err(AdminError::Cluster(error.to_owned())));
+                }
+                Command::Refresh(_) => {}
+            }
+        }
+    }
+
+    /// Cluster mode: loads what other nodes committed since this actor's state (everything
+    /// after a failed commit).
+    async fn catch_up(&mut self, ledger: &AuctionLedger) -> Result<(), AdminError> {
+        let after = if self.stale {
+            0
+        } else {
+            self.auction.state.last_seq
+        };
+        let fresh = ledger
+            .read(&self.id, after)
+            .await
+            .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        let auction: Auction = rmp_serde::from_slice(&fresh.record)
+            .map_err(|e| StorageError::Corrupt(format!("auction {}: {e}", self.id)))?;
+        if self.stale {
+            self.outcomes.clear();
+            self.highest.clear();
+        }
+        for bid in &fresh.bids {
+            self.highest.insert(bid.user.clone(), bid.amount);
+            self.outcomes.insert(
+                (bid.user.clone(), bid.request_id.clone()),
+                accepted_reply(&self.id, bid, &auction),
+            );
+        }
+        self.auction = auction;
+        self.version = fresh.version;
+        self.durable_seq = self.auction.state.last_seq;
+        self.stale = false;
+        self.view
+            .store(Arc::new(self.auction.snapshot(self.clock.now_ms())));
+        Ok(())
+    }
+
+    /// Cluster mode: another node committed a change; catch up without the lock, so this
+    /// node's view and timers follow.
+    async fn refresh(&mut self, version: u64) {
+        let Ledger::Cluster(ledger) = self.ledger.clone() else {
+            return;
+        };
+        if version <= self.version && !self.stale {
+            return;
+        }
+        if let Err(error) = self.catch_up(&ledger).await {
+            tracing::debug!(auction = %self.id, %error, "refresh failed; the next turn catches up");
+        }
+    }
+
+    /// Judges a turn's commands against the auction, writing (local) or staging (cluster)
+    /// what they change.
+    fn judge(&mut self, commands: Vec<Command>, now: u64) -> Judged {
         let mut announce = Vec::new();
         let mut wrote = false;
         // What to restore if this turn's flush fails (memory must not run ahead of the disk).
@@ -497,9 +862,7 @@ impl Actor {
                                 ts: now,
                                 ends_at: self.auction.state.ends_at,
                             };
-                            let written = encode(&self.auction)
-                                .and_then(|bytes| self.store.append(&self.id, &record, &bytes));
-                            if let Err(error) = written {
+                            if let Err(error) = self.write_bid(&record) {
                                 tracing::error!(auction = %self.id, %error, "bid log write failed");
                                 self.auction = before;
                                 self.failed = true;
@@ -584,23 +947,15 @@ impl Actor {
                         }
                     }
                 }
+                Command::Refresh(_) => {}
             }
         }
-        if wrote {
-            if let Err(error) = self.durability.sync().await {
-                self.auction = before_turn;
-                for (user, previous) in undo_highest.into_iter().rev() {
-                    match previous {
-                        Some(amount) => self.highest.insert(user, amount),
-                        None => self.highest.remove(&user),
-                    };
-                }
-                self.fail(announce, error);
-                return;
-            }
-            self.durable_seq = self.auction.state.last_seq;
+        Judged {
+            announce,
+            wrote,
+            before_turn,
+            undo_highest,
         }
-        self.announce(announce, now);
     }
 
     fn apply(&mut self, op: AdminOp, now: u64) -> Result<Vec<Change>, AdminError> {
@@ -626,10 +981,29 @@ impl Actor {
         })
     }
 
-    /// Writes the auction's record; false if the write failed.
+    /// Writes a bid with the auction's record after it (cluster mode: stages it for the
+    /// turn's commit).
+    fn write_bid(&mut self, record: &BidRecord) -> Result<(), StorageError> {
+        match &self.ledger {
+            Ledger::Local { store, .. } => {
+                encode(&self.auction).and_then(|bytes| store.append(&self.id, record, &bytes))
+            }
+            Ledger::Cluster(_) => {
+                self.staged.push(record.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the auction's record; false if the write failed. In cluster mode the record
+    /// goes with the turn's commit.
     fn persist(&mut self) -> bool {
-        let written =
-            encode(&self.auction).and_then(|bytes| self.store.put_auction(&self.id, &bytes));
+        let written = match &self.ledger {
+            Ledger::Local { store, .. } => {
+                encode(&self.auction).and_then(|bytes| store.put_auction(&self.id, &bytes))
+            }
+            Ledger::Cluster(_) => Ok(()),
+        };
         if let Err(error) = written {
             tracing::error!(auction = %self.id, %error, "auction record write failed");
             self.failed = true;
@@ -701,8 +1075,7 @@ impl Actor {
                     let state = to_value(&snapshot);
                     for change in changes {
                         match change {
-                            Change::Status { from, to } => self.events.auction_event(
-                                &self.id,
+                            Change::Status { from, to } => self.emit_auction(
                                 "status_changed",
                                 json!({
                                     "auction_id": self.id,
@@ -713,8 +1086,7 @@ impl Actor {
                                 }),
                                 Some(state.clone()),
                             ),
-                            Change::Updated => self.events.auction_event(
-                                &self.id,
+                            Change::Updated => self.emit_auction(
                                 "updated",
                                 json!({
                                     "auction_id": self.id,
@@ -728,12 +1100,7 @@ impl Actor {
                                 if self.leaderboard_dirty {
                                     self.send_leaderboard();
                                 }
-                                self.events.auction_event(
-                                    &self.id,
-                                    "ended",
-                                    to_value(&ended),
-                                    Some(state.clone()),
-                                );
+                                self.emit_auction("ended", to_value(&ended), Some(state.clone()));
                             }
                         }
                     }
@@ -757,15 +1124,9 @@ impl Actor {
                         server_ts: record.ts,
                     };
                     let state = to_value(&snapshot);
-                    self.events.auction_event(
-                        &self.id,
-                        "bid_placed",
-                        to_value(&placed),
-                        Some(state.clone()),
-                    );
+                    self.emit_auction("bid_placed", to_value(&placed), Some(state.clone()));
                     if let Some(previous_end) = accepted.extended_from {
-                        self.events.auction_event(
-                            &self.id,
+                        self.emit_auction(
                             "extended",
                             json!({
                                 "auction_id": self.id,
@@ -785,20 +1146,23 @@ impl Actor {
                             ends_at: snapshot.ends_at,
                             server_ts: record.ts,
                         };
-                        self.events.user_event(&leader, "outbid", to_value(&notice));
+                        self.emit_user(&leader, "outbid", to_value(&notice));
                     }
-                    reply(answer);
+                    self.answer(reply, answer);
                 }
-                Announce::Answer(reply, answer) => reply(answer),
+                Announce::Answer(reply, answer) => self.answer(reply, answer),
                 Announce::Rejected(reply, answer, key) => {
                     if let Some(key) = key {
                         self.outcomes.insert(key, answer.clone());
                     }
-                    reply(answer);
+                    self.answer(reply, answer);
                 }
-                Announce::Admin(reply, snapshot) => {
-                    let _ = reply.send(Ok(snapshot));
-                }
+                Announce::Admin(reply, snapshot) => match &mut self.held {
+                    Some(held) => held.answers.push(Answer::Admin(reply, snapshot)),
+                    None => {
+                        let _ = reply.send(Ok(snapshot));
+                    }
+                },
             }
         }
         self.view.store(Arc::new(self.auction.snapshot(now)));
@@ -807,6 +1171,42 @@ impl Actor {
             AuctionStatus::Ended | AuctionStatus::Cancelled
         ) {
             self.leaderboard_dirty = false;
+        }
+    }
+
+    /// An event in the auction's room: published now, or (cluster turn) with the commit.
+    fn emit_auction(&mut self, event: &str, data: Value, state: Option<Value>) {
+        let auction_id = self.id.as_str();
+        match &mut self.held {
+            Some(held) => match Channel::auction(auction_id) {
+                Ok(channel) => held
+                    .events
+                    .push(OutgoingEvent::new(channel, event, None, data, state)),
+                Err(error) => tracing::error!(auction_id, %error, "auction id is not a channel id"),
+            },
+            None => self.events.auction_event(auction_id, event, data, state),
+        }
+    }
+
+    /// A notice on a user's channel: published now, or (cluster turn) with the commit.
+    fn emit_user(&mut self, user: &UserId, event: &str, data: Value) {
+        match &mut self.held {
+            Some(held) => held.events.push(OutgoingEvent::new(
+                Channel::user(user),
+                event,
+                None,
+                data,
+                None,
+            )),
+            None => self.events.user_event(user, event, data),
+        }
+    }
+
+    /// A bid's answer: sent now, or (cluster turn) once the commit succeeded.
+    fn answer(&mut self, reply: BidReply, answer: Reply) {
+        match &mut self.held {
+            Some(held) => held.answers.push(Answer::Bid(reply, answer)),
+            None => reply(answer),
         }
     }
 
@@ -819,8 +1219,7 @@ impl Actor {
             .into_iter()
             .map(|(user, amount)| json!({"user": user, "amount": amount}))
             .collect();
-        self.events.auction_event(
-            &self.id,
+        self.emit_auction(
             "leaderboard",
             json!({
                 "auction_id": self.id,

@@ -10,16 +10,22 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-fn fast_bidding(c: &mut gavel_broker::Config) {
+pub(crate) fn fast_bidding(c: &mut gavel_broker::Config) {
     c.bid_rate = 1_000_000.0;
     c.bid_burst = 1_000_000;
 }
 
 /// What one bidder saw acknowledged: bid seq -> amount.
-type Acks = BTreeMap<u64, i64>;
+pub(crate) type Acks = BTreeMap<u64, i64>;
 
 /// `bids` bids by one user, each just above the last known minimum.
-async fn bidder(mut c: TestClient, auction: String, user: String, bids: usize, seed: u64) -> Acks {
+pub(crate) async fn bidder(
+    mut c: TestClient,
+    auction: String,
+    user: String,
+    bids: usize,
+    seed: u64,
+) -> Acks {
     let mut acks = Acks::new();
     let mut next_min = 1000;
     for i in 0..bids {
@@ -50,7 +56,7 @@ async fn bidder(mut c: TestClient, auction: String, user: String, bids: usize, s
 
 /// The log is gap-free from 1 with strictly increasing amounts, every acknowledgement is in it,
 /// and the auction's state is its last bid.
-async fn check_log(
+pub(crate) async fn check_log(
     addr: std::net::SocketAddr,
     auction: &str,
     acks: &HashMap<String, Acks>,

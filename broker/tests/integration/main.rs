@@ -5,6 +5,7 @@ mod common;
 
 mod auctions;
 mod auth;
+mod cluster;
 mod conversation;
 mod docs;
 mod errors;

@@ -1,0 +1,939 @@
+//! The cluster adapter (`--redis-url`): makes nodes that share one Redis act as one broker.
+//! It owns this node's Redis connections, which rooms the node follows in Redis (only those
+//! with local subscribers), the replication of their events into the local room registry,
+//! cluster presence (heartbeats, per-node shares, dead-node reaping) and the node's readiness.
+//! The auction ledger that orders bids cluster-wide is in [`ledger`].
+
+pub mod ledger;
+mod scripts;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gavel_protocol::{Channel, ServerFrame, UserId, ViewerCounts};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, OnceCell};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::metrics as m;
+use crate::rooms::{Delivery, Incoming, RoomImage, Rooms, SignalRelay, Skip};
+
+/// How long a Redis command may take before the adapter counts Redis as unreachable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the pub/sub connection is pinged, to find a connection that died silently.
+const PUBSUB_PING: Duration = Duration::from_secs(1);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A room's sequence keys live this long in Redis after its last event or sync.
+const ROOM_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A cluster failure as callers see it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the cluster's Redis is unreachable: {0}")]
+    Unavailable(String),
+    #[error("invalid --redis-url: {0}")]
+    Url(String),
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+}
+
+impl From<redis::RedisError> for ClusterError {
+    fn from(error: redis::RedisError) -> ClusterError {
+        ClusterError::Unavailable(error.to_string())
+    }
+}
+
+/// Settings of the adapter.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub url: String,
+    pub prefix: String,
+    pub node_id: String,
+    pub node_ttl: Duration,
+    pub history_size: usize,
+    pub presence_interval: Duration,
+}
+
+/// Auction notices from other nodes, for the auction registry.
+#[derive(Debug)]
+pub enum Control {
+    /// An auction was created.
+    Created(String),
+    /// An auction's record changed: now at this version.
+    Changed(String, u64),
+    /// The pub/sub connection came back: notices may have been missed.
+    Resubscribed,
+}
+
+/// An unsequenced frame relayed to every node following its room.
+#[derive(Serialize, Deserialize)]
+struct Signal {
+    frame: ServerFrame,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    skip_user: Option<UserId>,
+}
+
+/// A sequenced event's body as Redis stores and relays it (seq and epoch come from Redis).
+#[derive(Serialize, Deserialize)]
+struct EventBody {
+    ts: u64,
+    event: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<UserId>,
+    data: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<Value>,
+}
+
+/// A room event ready for Redis: (channel, body json, state json or empty).
+#[derive(Clone, Debug)]
+pub struct OutgoingEvent {
+    pub channel: Channel,
+    body: String,
+    state: String,
+}
+
+impl OutgoingEvent {
+    pub fn new(
+        channel: Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+        state: Option<Value>,
+    ) -> OutgoingEvent {
+        let state_json = state.as_ref().map(Value::to_string).unwrap_or_default();
+        let body = EventBody {
+            ts: now_ms(),
+            event: event.to_owned(),
+            from,
+            data,
+            state,
+        };
+        OutgoingEvent {
+            channel,
+            body: serde_json::to_string(&body).unwrap_or_default(),
+            state: state_json,
+        }
+    }
+}
+
+struct Scripts {
+    publish: Script,
+    sync_room: Script,
+    presence: Script,
+    heartbeat: Script,
+    reap: Script,
+    lock: Script,
+    unlock: Script,
+    read_auction: Script,
+    commit: Script,
+    create_auction: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        use scripts::*;
+        Scripts {
+            publish: Script::new(&with_helpers(PUBLISH)),
+            sync_room: Script::new(SYNC_ROOM),
+            presence: Script::new(&with_helpers(PRESENCE)),
+            heartbeat: Script::new(HEARTBEAT),
+            reap: Script::new(&with_helpers(REAP)),
+            lock: Script::new(LOCK),
+            unlock: Script::new(UNLOCK),
+            read_auction: Script::new(READ_AUCTION),
+            commit: Script::new(&with_helpers(COMMIT)),
+            create_auction: Script::new(CREATE_AUCTION),
+        }
+    }
+}
+
+/// Whether this node follows a room in Redis, for how many local subscriptions.
+struct Interest {
+    refs: u32,
+    /// Set once the room is subscribed in Redis and its image installed.
+    followed: Arc<OnceCell<()>>,
+}
+
+enum SubCommand {
+    Subscribe(String, oneshot::Sender<Result<(), ClusterError>>),
+    Unsubscribe(Channel),
+}
+
+/// The adapter. One per broker in cluster mode.
+pub struct Cluster {
+    config: ClusterConfig,
+    client: redis::Client,
+    conn: ConnectionManager,
+    scripts: Scripts,
+    rooms: Arc<Rooms>,
+    interest: Mutex<HashMap<Channel, Interest>>,
+    subs_tx: mpsc::UnboundedSender<SubCommand>,
+    signals_tx: mpsc::UnboundedSender<(Channel, ServerFrame, Option<UserId>)>,
+    control_tx: mpsc::UnboundedSender<Control>,
+    pubsub_up: AtomicBool,
+    heartbeat_up: AtomicBool,
+    auctions_loaded: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the adapter hands the broker at start.
+pub struct Started {
+    pub cluster: Arc<Cluster>,
+    pub rooms: Arc<Rooms>,
+    pub control_rx: mpsc::UnboundedReceiver<Control>,
+}
+
+impl Cluster {
+    /// Builds the adapter and its room registry and starts its tasks (pub/sub, heartbeats,
+    /// presence, signal relay). Connects lazily: a Redis that is down at start only keeps the
+    /// node unready until it is up.
+    pub fn start(
+        config: ClusterConfig,
+        limits: crate::rooms::HistoryLimits,
+        shutdown: CancellationToken,
+    ) -> Result<Started, ClusterError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| ClusterError::Url(e.to_string()))?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(|e| ClusterError::Url(e.to_string()))?;
+        let (relay_tx, relay_rx): (SignalRelay, _) = mpsc::unbounded_channel();
+        let rooms = Arc::new(Rooms::clustered(limits, relay_tx.clone()));
+        let (subs_tx, subs_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(Cluster {
+            config,
+            client,
+            conn,
+            scripts: Scripts::load(),
+            rooms: Arc::clone(&rooms),
+            interest: Mutex::new(HashMap::new()),
+            subs_tx,
+            signals_tx: relay_tx,
+            control_tx,
+            pubsub_up: AtomicBool::new(false),
+            heartbeat_up: AtomicBool::new(false),
+            auctions_loaded: AtomicBool::new(false),
+        });
+        metrics::gauge!(m::CLUSTER_UP).set(0.0);
+        tracing::info!(node = %cluster.config.node_id, prefix = %cluster.config.prefix, "cluster mode");
+        tokio::spawn(Arc::clone(&cluster).pubsub_task(subs_rx, shutdown.clone()));
+        tokio::spawn(Arc::clone(&cluster).heartbeat_task(shutdown.clone()));
+        tokio::spawn(Arc::clone(&cluster).presence_task(shutdown.clone()));
+        tokio::spawn(Arc::clone(&cluster).relay_task(relay_rx, shutdown));
+        Ok(Started {
+            cluster,
+            rooms,
+            control_rx,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    /// Whether the node can serve: pub/sub subscribed (every followed room resynced),
+    /// heartbeats reaching Redis, auctions loaded. `/readyz` says not ready otherwise.
+    pub fn ready(&self) -> bool {
+        self.pubsub_up.load(Ordering::Acquire)
+            && self.heartbeat_up.load(Ordering::Acquire)
+            && self.auctions_loaded.load(Ordering::Acquire)
+    }
+
+    /// Why the node is not ready, for `/readyz`.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.pubsub_up.load(Ordering::Acquire) {
+            Some("cluster pub/sub connection down")
+        } else if !self.heartbeat_up.load(Ordering::Acquire) {
+            Some("cluster heartbeats failing")
+        } else if !self.auctions_loaded.load(Ordering::Acquire) {
+            Some("auctions not loaded from the cluster yet")
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn set_auctions_loaded(&self) {
+        self.auctions_loaded.store(true, Ordering::Release);
+        self.update_up_metric();
+    }
+
+    fn update_up_metric(&self) {
+        metrics::gauge!(m::CLUSTER_UP).set(if self.ready() { 1.0 } else { 0.0 });
+    }
+
+    pub(crate) fn key(&self, rest: &str) -> String {
+        format!("{}:{}", self.config.prefix, rest)
+    }
+
+    fn room_channel(&self, channel: &Channel) -> String {
+        self.key(&format!("ch:{channel}"))
+    }
+
+    fn control_channel(&self) -> String {
+        self.key("control")
+    }
+
+    fn new_epoch() -> String {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1)
+            .to_string()
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Follows `channel` for one more local subscription: subscribes in Redis and installs
+    /// the room's image the first time. Must be paired with [`Cluster::leave`].
+    pub async fn join(&self, channel: &Channel) -> Result<(), ClusterError> {
+        let followed = {
+            let mut interest = lock(&self.interest);
+            let entry = interest.entry(channel.clone()).or_insert_with(|| Interest {
+                refs: 0,
+                followed: Arc::new(OnceCell::new()),
+            });
+            entry.refs += 1;
+            Arc::clone(&entry.followed)
+        };
+        let result = followed
+            .get_or_try_init(|| self.follow(channel))
+            .await
+            .map(|_| ());
+        if result.is_err() {
+            self.leave(channel);
+        }
+        result
+    }
+
+    async fn follow(&self, channel: &Channel) -> Result<(), ClusterError> {
+        if !self.pubsub_up.load(Ordering::Acquire) {
+            return Err(ClusterError::Unavailable("pub/sub connection down".into()));
+        }
+        self.rooms.begin_sync(channel);
+        let (done_tx, done_rx) = oneshot::channel();
+        self.subs_tx
+            .send(SubCommand::Subscribe(self.room_channel(channel), done_tx))
+            .map_err(|_| ClusterError::Unavailable("adapter stopped".into()))?;
+        done_rx
+            .await
+            .map_err(|_| ClusterError::Unavailable("adapter stopped".into()))??;
+        self.sync_room(channel).await
+    }
+
+    /// One local subscription of `channel` ended; the last one unsubscribes in Redis.
+    pub fn leave(&self, channel: &Channel) {
+        let mut interest = lock(&self.interest);
+        let Some(entry) = interest.get_mut(channel) else {
+            return;
+        };
+        entry.refs = entry.refs.saturating_sub(1);
+        if entry.refs == 0 {
+            interest.remove(channel);
+            // Under the interest lock, so a join that follows re-syncs after this.
+            self.rooms.unsync(channel);
+            let _ = self.subs_tx.send(SubCommand::Unsubscribe(channel.clone()));
+        }
+    }
+
+    /// Reads the room's sequence from Redis and installs it (repeating while a gap remains).
+    async fn sync_room(&self, channel: &Channel) -> Result<(), ClusterError> {
+        for _ in 0..5 {
+            let mut conn = self.conn();
+            let reply: Vec<Vec<u8>> = self
+                .scripts
+                .sync_room
+                .arg(&self.config.prefix)
+                .arg(channel.as_str())
+                .arg(Cluster::new_epoch())
+                .arg(ROOM_KEY_TTL.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await?;
+            let image = parse_image(channel, reply)?;
+            if self.rooms.install(channel, image) {
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Protocol(format!(
+            "{channel}: could not close a gap in the room's events"
+        )))
+    }
+
+    /// Publishes a sequenced event through Redis: every node following the room (this one
+    /// included) delivers it, in seq order. Returns the seq and how many nodes follow it.
+    pub async fn publish(&self, event: OutgoingEvent) -> Result<(u64, u64), ClusterError> {
+        let mut conn = self.conn();
+        let reply: (u64, u64) = self
+            .scripts
+            .publish
+            .arg(&self.config.prefix)
+            .arg(event.channel.as_str())
+            .arg(&event.body)
+            .arg(&event.state)
+            .arg(Cluster::new_epoch())
+            .arg(ROOM_KEY_TTL.as_millis() as u64)
+            .arg(self.config.history_size.max(1))
+            .invoke_async(&mut conn)
+            .await
+            .inspect_err(|e| self.command_failed("publish", e))?;
+        Ok(reply)
+    }
+
+    /// Publishes without waiting (leaderboards): failures are logged and counted.
+    pub fn publish_detached(self: &Arc<Self>, event: OutgoingEvent) {
+        let cluster = Arc::clone(self);
+        tokio::spawn(async move {
+            let _ = cluster.publish(event).await;
+        });
+    }
+
+    /// Sends an unsequenced frame (typing) to the room's subscribers on every node. With the
+    /// pub/sub connection down it reaches this node's subscribers only.
+    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip_user: Option<UserId>) {
+        let _ = self.signals_tx.send((channel.clone(), frame, skip_user));
+    }
+
+    fn command_failed(&self, op: &'static str, error: &redis::RedisError) {
+        metrics::counter!(m::CLUSTER_ERRORS, "op" => op).increment(1);
+        tracing::warn!(op, %error, "cluster command failed");
+    }
+
+    /// Relays signals in order; falls back to local delivery when Redis cannot take them.
+    async fn relay_task(
+        self: Arc<Self>,
+        mut relay_rx: mpsc::UnboundedReceiver<(Channel, ServerFrame, Option<UserId>)>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let (channel, frame, skip_user) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                item = relay_rx.recv() => match item { Some(item) => item, None => return },
+            };
+            let mut sent = false;
+            if self.pubsub_up.load(Ordering::Acquire) {
+                let message = Signal {
+                    frame: frame.clone(),
+                    skip_user: skip_user.clone(),
+                };
+                let payload = format!("S{}", serde_json::to_string(&message).unwrap_or_default());
+                let mut conn = self.conn();
+                let result: Result<u64, _> =
+                    conn.publish(self.room_channel(&channel), payload).await;
+                match result {
+                    Ok(_) => sent = true,
+                    Err(error) => self.command_failed("signal", &error),
+                }
+            }
+            if !sent {
+                let skip = match &skip_user {
+                    Some(user) => Skip::User(user),
+                    None => Skip::Nobody,
+                };
+                self.rooms.signal(&channel, frame, skip);
+            }
+        }
+    }
+
+    /// Reports the viewer counts of rooms whose local viewers changed; Redis sums the nodes'
+    /// shares and publishes the totals to every node following the room.
+    async fn presence_task(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.presence_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (channel, connections, keys) in self.rooms.take_dirty_presence() {
+                let node = &self.config.node_id;
+                let mut invocation = self.scripts.presence.prepare_invoke();
+                invocation
+                    .arg(&self.config.prefix)
+                    .arg(channel.as_str())
+                    .arg(node)
+                    .arg(connections);
+                for key in keys {
+                    // Anonymous connections are unique per node.
+                    if let Some(conn) = key.strip_prefix('~') {
+                        invocation.arg(format!("~{node}:{conn}"));
+                    } else {
+                        invocation.arg(key);
+                    }
+                }
+                let mut conn = self.conn();
+                let result: Result<(u64, u64), _> = invocation.invoke_async(&mut conn).await;
+                if let Err(error) = result {
+                    self.command_failed("presence", &error);
+                    // Reported again once Redis is back (the heartbeat re-marks every room).
+                }
+            }
+        }
+    }
+
+    /// Heartbeats with a TTL, and reaping of nodes that stopped sending theirs.
+    async fn heartbeat_task(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = self.config.node_ttl / 3;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut conn = self.conn();
+            let now = now_ms();
+            let beat: Result<u64, _> = self
+                .scripts
+                .heartbeat
+                .arg(&self.config.prefix)
+                .arg(&self.config.node_id)
+                .arg(now)
+                .invoke_async(&mut conn)
+                .await;
+            match beat {
+                Ok(added) => {
+                    if added == 1 {
+                        // New to the cluster, or reaped while cut off, or Redis lost its
+                        // data: report every room's viewers afresh.
+                        self.rooms.mark_all_dirty();
+                    }
+                    if !self.heartbeat_up.swap(true, Ordering::AcqRel) {
+                        tracing::info!(node = %self.config.node_id, "cluster heartbeats reach Redis");
+                    }
+                }
+                Err(error) => {
+                    if self.heartbeat_up.swap(false, Ordering::AcqRel) {
+                        tracing::warn!(%error, "cluster heartbeat failed: not ready");
+                    }
+                    self.command_failed("heartbeat", &error);
+                }
+            }
+            self.update_up_metric();
+            let reaped: Result<Vec<String>, _> = self
+                .scripts
+                .reap
+                .arg(&self.config.prefix)
+                .arg(now)
+                .arg(self.config.node_ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await;
+            match reaped {
+                Ok(dead) if !dead.is_empty() => {
+                    metrics::counter!(m::CLUSTER_NODES_REAPED).increment(dead.len() as u64);
+                    tracing::warn!(
+                        ?dead,
+                        "cluster nodes missed their heartbeats: removed from presence"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => self.command_failed("reap", &error),
+            }
+        }
+        // Leave the cluster's counts at once on a clean shutdown.
+        let mut conn = self.conn();
+        let _: Result<u64, _> = conn.zrem(self.key("nodes"), &self.config.node_id).await;
+        let _: Result<Vec<String>, _> = self
+            .scripts
+            .reap
+            .arg(&self.config.prefix)
+            .arg(u64::MAX / 4)
+            .arg(0)
+            .invoke_async(&mut conn)
+            .await;
+    }
+
+    /// Owns the pub/sub connection: (re)connects with backoff, subscribes to the control
+    /// channel and every followed room, resyncs those rooms, then relays messages until the
+    /// connection fails. Every loss and every resubscription is logged and counted.
+    async fn pubsub_task(
+        self: Arc<Self>,
+        mut subs_rx: mpsc::UnboundedReceiver<SubCommand>,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        let mut connected_before = false;
+        loop {
+            let pubsub = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub()) => r,
+            };
+            let pubsub = match pubsub {
+                Ok(Ok(pubsub)) => pubsub,
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "cluster pub/sub cannot connect");
+                    self.wait_backoff(&mut subs_rx, &mut backoff, &shutdown)
+                        .await;
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(retry_in = ?backoff, "cluster pub/sub connect timed out");
+                    self.wait_backoff(&mut subs_rx, &mut backoff, &shutdown)
+                        .await;
+                    continue;
+                }
+            };
+            let (mut sink, mut stream) = pubsub.split();
+            let followed: Vec<Channel> = lock(&self.interest).keys().cloned().collect();
+            let mut names: Vec<String> = followed.iter().map(|c| self.room_channel(c)).collect();
+            names.push(self.control_channel());
+            for channel in &followed {
+                self.rooms.begin_sync(channel);
+            }
+            let mut subscribed = true;
+            for chunk in names.chunks(1000) {
+                if let Err(error) = sink.subscribe(chunk).await {
+                    tracing::warn!(%error, "cluster pub/sub subscribe failed");
+                    subscribed = false;
+                    break;
+                }
+            }
+            if subscribed {
+                let mut synced = 0usize;
+                for channel in &followed {
+                    match self.sync_room(channel).await {
+                        Ok(()) => synced += 1,
+                        Err(error) => {
+                            tracing::warn!(%channel, %error, "cluster room resync failed");
+                            subscribed = false;
+                            break;
+                        }
+                    }
+                }
+                if subscribed && connected_before {
+                    metrics::counter!(m::CLUSTER_RESUBSCRIBES).increment(1);
+                    let _ = self.control_tx.send(Control::Resubscribed);
+                    tracing::info!(rooms = synced, "cluster pub/sub reconnected: resubscribed and resynced every followed room");
+                }
+            }
+            if subscribed {
+                connected_before = true;
+                backoff = BACKOFF_MIN;
+                self.pubsub_up.store(true, Ordering::Release);
+                self.update_up_metric();
+                metrics::gauge!(m::CLUSTER_ROOMS).set(followed.len() as f64);
+                let mut ping = tokio::time::interval(PUBSUB_PING);
+                ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let reason = loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        message = stream.next() => match message {
+                            Some(message) => self.on_message(&message),
+                            None => break "connection closed".to_owned(),
+                        },
+                        command = subs_rx.recv() => match command {
+                            None => return,
+                            Some(SubCommand::Subscribe(name, done)) => {
+                                let result = sink.subscribe(&name).await;
+                                let failed = result.is_err();
+                                let _ = done.send(result.map_err(ClusterError::from));
+                                if failed { break "subscribe failed".to_owned(); }
+                                metrics::gauge!(m::CLUSTER_ROOMS).increment(1.0);
+                            }
+                            Some(SubCommand::Unsubscribe(channel)) => {
+                                // A join that came after the leave keeps it.
+                                if lock(&self.interest).contains_key(&channel) { continue; }
+                                if sink.unsubscribe(self.room_channel(&channel)).await.is_err() {
+                                    break "unsubscribe failed".to_owned();
+                                }
+                                metrics::gauge!(m::CLUSTER_ROOMS).decrement(1.0);
+                            }
+                        },
+                        _ = ping.tick() => {
+                            let pong: Result<Result<redis::Value, _>, _> =
+                                tokio::time::timeout(COMMAND_TIMEOUT, sink.ping()).await;
+                            match pong {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(error)) => break format!("ping failed: {error}"),
+                                Err(_) => break "ping timed out".to_owned(),
+                            }
+                        }
+                    }
+                };
+                self.pubsub_up.store(false, Ordering::Release);
+                self.update_up_metric();
+                metrics::counter!(m::CLUSTER_DISCONNECTS).increment(1);
+                tracing::warn!(%reason, "cluster pub/sub connection lost: not ready; reconnecting");
+            } else {
+                metrics::counter!(m::CLUSTER_DISCONNECTS).increment(1);
+            }
+            self.wait_backoff(&mut subs_rx, &mut backoff, &shutdown)
+                .await;
+        }
+    }
+
+    /// Sleeps the backoff (doubling it), refusing follow requests meanwhile.
+    async fn wait_backoff(
+        &self,
+        subs_rx: &mut mpsc::UnboundedReceiver<SubCommand>,
+        backoff: &mut Duration,
+        shutdown: &CancellationToken,
+    ) {
+        let until = tokio::time::Instant::now() + *backoff;
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => return,
+                command = subs_rx.recv() => {
+                    if let Some(SubCommand::Subscribe(_, done)) = command {
+                        let _ = done.send(Err(ClusterError::Unavailable("pub/sub connection down".into())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, message: &redis::Msg) {
+        let name = message.get_channel_name();
+        let payload = message.get_payload_bytes();
+        if name == self.control_channel() {
+            self.on_control(payload);
+            return;
+        }
+        let prefix = self.room_channel_prefix();
+        let Some(channel) = name
+            .strip_prefix(prefix.as_str())
+            .and_then(|c| Channel::parse(c).ok())
+        else {
+            return;
+        };
+        match payload.first() {
+            Some(b'E') => match parse_event(&payload[1..]) {
+                Some(event) => {
+                    if self.rooms.deliver(&channel, event) == Delivery::Gap {
+                        tracing::warn!(%channel, "cluster event gap: resyncing the room");
+                        metrics::counter!(m::CLUSTER_ERRORS, "op" => "gap").increment(1);
+                        self.spawn_resync(channel);
+                    }
+                }
+                None => tracing::warn!(%channel, "unreadable cluster event"),
+            },
+            Some(b'S') => match serde_json::from_slice::<Signal>(&payload[1..]) {
+                Ok(signal) => {
+                    let skip = match &signal.skip_user {
+                        Some(user) => Skip::User(user),
+                        None => Skip::Nobody,
+                    };
+                    self.rooms.signal(&channel, signal.frame, skip);
+                }
+                Err(error) => tracing::warn!(%channel, %error, "unreadable cluster signal"),
+            },
+            Some(b'V') => {
+                let numbers: Vec<u32> = std::str::from_utf8(&payload[1..])
+                    .unwrap_or("")
+                    .split(' ')
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                if let [connections, users, peak_connections, peak_users] = numbers[..] {
+                    self.rooms.cluster_viewers(
+                        &channel,
+                        ViewerCounts {
+                            connections,
+                            users,
+                            peak_connections,
+                            peak_users,
+                        },
+                    );
+                }
+            }
+            _ => tracing::warn!(%channel, "unknown cluster message"),
+        }
+    }
+
+    fn room_channel_prefix(&self) -> String {
+        self.key("ch:")
+    }
+
+    fn on_control(&self, payload: &[u8]) {
+        let text = String::from_utf8_lossy(payload);
+        let control = match text.split_at_checked(1) {
+            Some(("A", id)) => Control::Created(id.to_owned()),
+            Some(("C", rest)) => {
+                let mut parts = rest.rsplitn(2, ' ');
+                let version = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                let id = parts.next().unwrap_or("").to_owned();
+                Control::Changed(id, version)
+            }
+            _ => return,
+        };
+        let _ = self.control_tx.send(control);
+    }
+
+    fn spawn_resync(self: &Arc<Self>, channel: Channel) {
+        let cluster = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(error) = cluster.sync_room(&channel).await {
+                tracing::warn!(%channel, %error, "cluster room resync failed");
+            }
+        });
+    }
+}
+
+/// Parses `<seq> <epoch> <json>`.
+fn parse_event(bytes: &[u8]) -> Option<Incoming> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let (seq, rest) = text.split_once(' ')?;
+    let (epoch, body) = rest.split_once(' ')?;
+    let body: EventBody = serde_json::from_str(body).ok()?;
+    Some(Incoming {
+        seq: seq.parse().ok()?,
+        epoch: epoch.parse().ok()?,
+        ts: body.ts,
+        event: body.event,
+        from: body.from,
+        data: body.data,
+        state: body.state,
+    })
+}
+
+fn parse_image(channel: &Channel, reply: Vec<Vec<u8>>) -> Result<RoomImage, ClusterError> {
+    let bad = || ClusterError::Protocol(format!("room image of {channel}"));
+    let mut items = reply.into_iter();
+    let number =
+        |v: Option<Vec<u8>>| -> Option<u64> { std::str::from_utf8(&v?).ok()?.parse().ok() };
+    let seq = number(items.next()).ok_or_else(bad)?;
+    let epoch = number(items.next()).ok_or_else(bad)?;
+    let state = items.next().ok_or_else(bad)?;
+    let state = if state.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&state).map_err(|_| bad())?
+    };
+    let mut history = Vec::new();
+    for entry in items {
+        let event = entry
+            .strip_prefix(b"E")
+            .and_then(parse_event)
+            .ok_or_else(bad)?;
+        history.push(event);
+    }
+    Ok(RoomImage {
+        epoch,
+        seq,
+        state,
+        history,
+    })
+}
+
+/// The default node id: the listen address and a random suffix (new at every start, so a
+/// restarted node is never mistaken for its dead predecessor).
+pub fn default_node_id(listen: std::net::SocketAddr) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{listen}-{:08x}",
+        nanos ^ std::process::id().rotate_left(16)
+    )
+}
+
+/// Auction events of cluster mode outside a commit (leaderboards): published through Redis.
+/// Everything an auction turn announces goes with its commit instead (see `ledger`).
+pub struct ClusterEvents {
+    cluster: Arc<Cluster>,
+}
+
+impl ClusterEvents {
+    pub fn new(cluster: Arc<Cluster>) -> ClusterEvents {
+        ClusterEvents { cluster }
+    }
+}
+
+impl crate::auction::AuctionEvents for ClusterEvents {
+    fn auction_event(&self, auction_id: &str, event: &str, data: Value, state: Option<Value>) {
+        if let Ok(channel) = Channel::auction(auction_id) {
+            self.cluster
+                .publish_detached(OutgoingEvent::new(channel, event, None, data, state));
+        }
+    }
+
+    /// The state lives in Redis (set at creation and by every commit).
+    fn auction_state(&self, _auction_id: &str, _state: Value) {}
+
+    fn user_event(&self, user: &UserId, event: &str, data: Value) {
+        self.cluster.publish_detached(OutgoingEvent::new(
+            Channel::user(user),
+            event,
+            None,
+            data,
+            None,
+        ));
+    }
+}
+
+/// Keeps the auction registry in step with the cluster: loads every auction once Redis is
+/// reachable (and again after each pub/sub reconnection, for auctions created meanwhile),
+/// then adopts auctions other nodes create and refreshes those they change.
+pub(crate) async fn follow_auctions(
+    shared: Arc<crate::Shared>,
+    mut control_rx: mpsc::UnboundedReceiver<Control>,
+) {
+    let Some(cluster) = shared.cluster.clone() else {
+        return;
+    };
+    let shutdown = shared.shutdown.clone();
+    let load = |shared: Arc<crate::Shared>, cluster: Arc<Cluster>| async move {
+        loop {
+            match shared.auctions.load_cluster().await {
+                Ok(count) => {
+                    tracing::info!(auctions = count, "auctions loaded from the cluster");
+                    cluster.set_auctions_loaded();
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "loading auctions from the cluster failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = load(Arc::clone(&shared), Arc::clone(&cluster)) => {}
+    }
+    loop {
+        let control = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            control = control_rx.recv() => match control { Some(c) => c, None => return },
+        };
+        match control {
+            Control::Created(id) => {
+                if let Err(error) = shared.auctions.adopt(&id).await {
+                    tracing::warn!(auction = %id, %error, "could not load an auction another node created");
+                }
+            }
+            Control::Changed(id, version) => {
+                if shared.auctions.get(&id).is_none() {
+                    let _ = shared.auctions.adopt(&id).await;
+                } else {
+                    shared.auctions.changed(&id, version);
+                }
+            }
+            Control::Resubscribed => {
+                if let Err(error) = shared.auctions.load_cluster().await {
+                    tracing::warn!(%error, "reloading auctions after a reconnection failed");
+                }
+            }
+        }
+    }
+}

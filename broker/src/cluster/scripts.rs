@@ -1,0 +1,222 @@
+//! The Lua scripts that make Redis the cluster's single sequencer. Each runs atomically in
+//! Redis, so a room's seq, its history and the PUBLISH that carries an event to every node
+//! happen as one step, and an auction's bids are checked and appended as one step.
+//!
+//! Keys (prefix `P`, room channel `C`, auction `A`, node `N`):
+//! - `P:room:C:seq` / `:epoch` / `:h` (history list) / `:s` (state): a room's sequence.
+//! - `P:pres:C:conns` (hash node → connections), `:u:N` (set of viewer keys of node N),
+//!   `:nodes` (nodes counted), `:peak` (hash c/u): presence.
+//! - `P:nodes` (sorted set node → last heartbeat ms), `P:node:N:rooms`: liveness.
+//! - `P:auction:A:r` (record), `:v` (version), `:bids` (list, index = seq - 1), `:lock`;
+//!   `P:auctions` (set of ids).
+//!
+//! Pub/sub channels: `P:ch:C` per room, `P:control` for auction notices.
+//! Messages: `E<seq> <epoch> <json>` (an event), `S<json>` (a signal),
+//! `V<conns> <users> <peak conns> <peak users>` (cluster viewer counts), and on the control
+//! channel `A<id>` (created) and `C<id> <version>` (changed).
+
+/// Shared Lua: publish one sequenced event in a room. Room keys live for `room_ttl_ms` after
+/// the room's last event or sync (state keys do not expire: an auction's state outlives its
+/// room's quiet days).
+const ROOM_PUBLISH: &str = r#"
+local function room_publish(P, ch, body, state, epoch_new, ttl, hist)
+  local base = P .. ':room:' .. ch
+  local seq = redis.call('INCR', base .. ':seq')
+  local epoch = redis.call('GET', base .. ':epoch')
+  if (not epoch) or seq == 1 then
+    epoch = epoch_new
+    redis.call('SET', base .. ':epoch', epoch)
+  end
+  local msg = 'E' .. seq .. ' ' .. epoch .. ' ' .. body
+  redis.call('RPUSH', base .. ':h', msg)
+  redis.call('LTRIM', base .. ':h', -hist, -1)
+  if state ~= '' then redis.call('SET', base .. ':s', state) end
+  redis.call('PEXPIRE', base .. ':seq', ttl)
+  redis.call('PEXPIRE', base .. ':epoch', ttl)
+  redis.call('PEXPIRE', base .. ':h', ttl)
+  local nodes = redis.call('PUBLISH', P .. ':ch:' .. ch, msg)
+  return {seq, nodes}
+end
+"#;
+
+/// Shared Lua: recompute a room's cluster viewer counts and publish them to every node.
+const PRESENCE_TOTALS: &str = r#"
+local function presence_totals(P, ch)
+  local base = P .. ':pres:' .. ch
+  local nodes = redis.call('SMEMBERS', base .. ':nodes')
+  local conns = 0
+  local keys = {}
+  for _, n in ipairs(nodes) do
+    conns = conns + tonumber(redis.call('HGET', base .. ':conns', n) or '0')
+    keys[#keys + 1] = base .. ':u:' .. n
+  end
+  local users = 0
+  if #keys > 0 then
+    users = redis.call('SUNIONSTORE', base .. ':tmp', unpack(keys))
+    redis.call('DEL', base .. ':tmp')
+  end
+  local pc = math.max(tonumber(redis.call('HGET', base .. ':peak', 'c') or '0'), conns)
+  local pu = math.max(tonumber(redis.call('HGET', base .. ':peak', 'u') or '0'), users)
+  if conns == 0 then
+    redis.call('DEL', base .. ':peak')
+  else
+    redis.call('HSET', base .. ':peak', 'c', pc, 'u', pu)
+  end
+  redis.call('PUBLISH', P .. ':ch:' .. ch, 'V' .. conns .. ' ' .. users .. ' ' .. pc .. ' ' .. pu)
+  return {conns, users}
+end
+"#;
+
+/// ARGV: prefix, channel, body json, state json or '', new epoch, room ttl ms, history size.
+/// Returns {seq, nodes that received it}.
+pub const PUBLISH: &str = r#"
+return room_publish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
+"#;
+
+/// ARGV: prefix, channel, new epoch, room ttl ms. Creates the room's epoch if it has none, and
+/// returns {seq, epoch, state or '', history entries...}.
+pub const SYNC_ROOM: &str = r#"
+local base = ARGV[1] .. ':room:' .. ARGV[2]
+local ttl = tonumber(ARGV[4])
+local epoch = redis.call('GET', base .. ':epoch')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', base .. ':epoch', epoch)
+  redis.call('DEL', base .. ':seq', base .. ':h')
+end
+redis.call('PEXPIRE', base .. ':epoch', ttl)
+redis.call('PEXPIRE', base .. ':seq', ttl)
+redis.call('PEXPIRE', base .. ':h', ttl)
+local seq = redis.call('GET', base .. ':seq') or '0'
+local state = redis.call('GET', base .. ':s') or ''
+local out = {seq, epoch, state}
+for _, e in ipairs(redis.call('LRANGE', base .. ':h', 0, -1)) do out[#out + 1] = e end
+return out
+"#;
+
+/// ARGV: prefix, channel, node, connections, viewer keys... Replaces this node's share of a
+/// room's presence and publishes the new cluster totals. Returns {connections, users}.
+pub const PRESENCE: &str = r#"
+local P, ch, node, conns = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local base = P .. ':pres:' .. ch
+local ukey = base .. ':u:' .. node
+redis.call('DEL', ukey)
+if conns == 0 then
+  redis.call('HDEL', base .. ':conns', node)
+  redis.call('SREM', base .. ':nodes', node)
+  redis.call('SREM', P .. ':node:' .. node .. ':rooms', ch)
+else
+  redis.call('HSET', base .. ':conns', node, conns)
+  redis.call('SADD', base .. ':nodes', node)
+  redis.call('SADD', P .. ':node:' .. node .. ':rooms', ch)
+  local i = 5
+  while i <= #ARGV do
+    local last = math.min(i + 4999, #ARGV)
+    redis.call('SADD', ukey, unpack(ARGV, i, last))
+    i = last + 1
+  end
+end
+return presence_totals(P, ch)
+"#;
+
+/// ARGV: prefix, node, now ms. Records a heartbeat. Returns 1 if the node was not listed
+/// (new, or reaped as dead, or Redis lost its data): it must report its presence again.
+pub const HEARTBEAT: &str = r#"
+return redis.call('ZADD', ARGV[1] .. ':nodes', ARGV[3], ARGV[2])
+"#;
+
+/// ARGV: prefix, now ms, ttl ms. Removes nodes whose last heartbeat is older than the ttl,
+/// with their presence, and publishes the corrected counts. Returns the nodes removed.
+pub const REAP: &str = r#"
+local P = ARGV[1]
+local dead = redis.call('ZRANGEBYSCORE', P .. ':nodes', '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+for _, d in ipairs(dead) do
+  redis.call('ZREM', P .. ':nodes', d)
+  local rooms = redis.call('SMEMBERS', P .. ':node:' .. d .. ':rooms')
+  for _, ch in ipairs(rooms) do
+    local base = P .. ':pres:' .. ch
+    redis.call('HDEL', base .. ':conns', d)
+    redis.call('DEL', base .. ':u:' .. d)
+    redis.call('SREM', base .. ':nodes', d)
+    presence_totals(P, ch)
+  end
+  redis.call('DEL', P .. ':node:' .. d .. ':rooms')
+end
+return dead
+"#;
+
+/// ARGV: prefix, auction, node token, lock ttl ms. Takes (or extends) the auction's lock.
+/// Returns {1, version} when this node holds it, {0, version} when another node does.
+pub const LOCK: &str = r#"
+local base = ARGV[1] .. ':auction:' .. ARGV[2]
+local holder = redis.call('GET', base .. ':lock')
+local version = tonumber(redis.call('GET', base .. ':v') or '0')
+if holder and holder ~= ARGV[3] then return {0, version} end
+redis.call('SET', base .. ':lock', ARGV[3], 'PX', tonumber(ARGV[4]))
+return {1, version}
+"#;
+
+/// ARGV: prefix, auction, node token. Releases the lock if this node holds it.
+pub const UNLOCK: &str = r#"
+local key = ARGV[1] .. ':auction:' .. ARGV[2] .. ':lock'
+if redis.call('GET', key) == ARGV[3] then redis.call('DEL', key) end
+return 1
+"#;
+
+/// ARGV: prefix, auction, after seq. Returns {version, record or '', bids after `after`...}.
+pub const READ_AUCTION: &str = r#"
+local base = ARGV[1] .. ':auction:' .. ARGV[2]
+local out = {tonumber(redis.call('GET', base .. ':v') or '0'), redis.call('GET', base .. ':r') or ''}
+for _, b in ipairs(redis.call('LRANGE', base .. ':bids', tonumber(ARGV[3]), -1)) do out[#out + 1] = b end
+return out
+"#;
+
+/// ARGV: prefix, auction, node token, expected version, record, new epoch, room ttl ms,
+/// history size, bid count n, n bids, event count m, m × (channel, body, state).
+/// The compare-and-set at the heart of cluster bidding: only the lock holder whose view is
+/// the current version may append. Bids, record, version and the room events are one atomic
+/// step; then the lock is released and the other nodes are told. Returns {new version}, or
+/// {-1} (lock lost) or {-2} (version moved).
+pub const COMMIT: &str = r#"
+local P, A, token = ARGV[1], ARGV[2], ARGV[3]
+local base = P .. ':auction:' .. A
+if redis.call('GET', base .. ':lock') ~= token then return {-1} end
+if tonumber(redis.call('GET', base .. ':v') or '0') ~= tonumber(ARGV[4]) then return {-2} end
+local epoch_new, ttl, hist = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
+local i = 10
+for _ = 1, n do
+  redis.call('RPUSH', base .. ':bids', ARGV[i])
+  i = i + 1
+end
+redis.call('SET', base .. ':r', ARGV[5])
+local version = redis.call('INCR', base .. ':v')
+local m = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, m do
+  room_publish(P, ARGV[i], ARGV[i + 1], ARGV[i + 2], epoch_new, ttl, hist)
+  i = i + 3
+end
+redis.call('DEL', base .. ':lock')
+redis.call('PUBLISH', P .. ':control', 'C' .. A .. ' ' .. version)
+return {version}
+"#;
+
+/// ARGV: prefix, auction, record, room state json. Creates an auction unless it exists.
+/// Returns 1 if created, 0 if the id is taken.
+pub const CREATE_AUCTION: &str = r#"
+local P, A = ARGV[1], ARGV[2]
+local base = P .. ':auction:' .. A
+if redis.call('EXISTS', base .. ':r') == 1 then return 0 end
+redis.call('SET', base .. ':r', ARGV[3])
+redis.call('SET', base .. ':v', 1)
+redis.call('SADD', P .. ':auctions', A)
+redis.call('SET', P .. ':room:auction:' .. A .. ':s', ARGV[4])
+redis.call('PUBLISH', P .. ':control', 'A' .. A)
+return 1
+"#;
+
+/// The full source of a script that uses the shared functions.
+pub fn with_helpers(body: &str) -> String {
+    format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{body}")
+}

@@ -1,0 +1,470 @@
+//! Cluster mode over real processes: one real `redis-server` on a free loopback port and three
+//! broker processes sharing it. Events reach every node's subscribers once, in one order; bids
+//! placed on all three nodes keep every single-node invariant; a killed node leaves the viewer
+//! counts within its TTL; a Redis outage refuses bids and unreadies the nodes until it is back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use gavel_broker::protocol::{BidRejection, ClientFrame, Format, Reply, ServerFrame};
+use serde_json::{json, Value};
+
+use crate::auctions::{bidder, check_log, Acks};
+use crate::common::*;
+
+const NODE_TTL_MS: u64 = 1500;
+
+struct Cluster {
+    redis: RedisServer,
+    nodes: Vec<(KillOnDrop, SocketAddr)>,
+    _dirs: Vec<std::path::PathBuf>,
+}
+
+impl Cluster {
+    async fn start(nodes: usize) -> Cluster {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        let ttl = format!("{NODE_TTL_MS}ms");
+        let mut started = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..nodes {
+            let dir = temp_dir("cluster-node");
+            started.push(spawn_broker_process(
+                &[
+                    "--redis-url",
+                    &url,
+                    "--api-key",
+                    API_KEY,
+                    "--node-ttl",
+                    &ttl,
+                    "--history-size",
+                    "50",
+                    "--bid-rate",
+                    "1000000",
+                    "--bid-burst",
+                    "1000000",
+                ],
+                &dir,
+            ));
+            dirs.push(dir);
+        }
+        let cluster = Cluster {
+            redis,
+            nodes: started,
+            _dirs: dirs,
+        };
+        for i in 0..nodes {
+            cluster.wait_ready(i, true).await;
+        }
+        cluster
+    }
+
+    fn addr(&self, node: usize) -> SocketAddr {
+        self.nodes[node].1
+    }
+
+    async fn ready(&self, node: usize) -> bool {
+        let (status, _) = http(self.addr(node), "GET", "/readyz", &[], None).await;
+        status == 200
+    }
+
+    async fn wait_ready(&self, node: usize, want: bool) {
+        eventually(&format!("node {node} ready = {want}"), || async {
+            self.ready(node).await == want
+        })
+        .await;
+    }
+
+    async fn publish(&self, node: usize, channel: &str, event: &str, data: Value) -> (u16, Value) {
+        let (status, body) = api(
+            self.addr(node),
+            "POST",
+            "/api/publish",
+            Some(json!({"channel": channel, "event": event, "data": data})),
+        )
+        .await;
+        (status.as_u16(), body)
+    }
+
+    async fn connect(&self, node: usize, user: Option<&str>) -> TestClient {
+        TestClient::connect(self.addr(node), user, Format::MsgPack).await
+    }
+
+    async fn room(&self, node: usize, channel: &str) -> Value {
+        api(
+            self.addr(node),
+            "GET",
+            &format!("/api/rooms/{channel}"),
+            None,
+        )
+        .await
+        .1
+    }
+}
+
+/// Reads events of `channel` until `count` have arrived: (seq, data["n"]) in arrival order.
+async fn events(client: &mut TestClient, count: usize) -> Vec<(u64, i64)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let event = client.next_event().await;
+        got.push((event.seq, event.data["n"].as_i64().unwrap_or(-1)));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_on_every_node_reach_every_node_once_in_one_order() {
+    let cluster = Cluster::start(3).await;
+    let mut subscribers = Vec::new();
+    for node in 0..3 {
+        for _ in 0..2 {
+            let mut c = cluster.connect(node, None).await;
+            c.subscribe("auction:stream").await;
+            subscribers.push(c);
+        }
+    }
+    // A room followed by one node only: the others do not subscribe to it in Redis.
+    let mut lonely = cluster.connect(1, None).await;
+    lonely.subscribe("auction:lonely").await;
+    let numsub = |channel: &str| {
+        let out = cluster
+            .redis
+            .cli(&["PUBSUB", "NUMSUB", &format!("gavel:ch:{channel}")]);
+        out.lines()
+            .nth(1)
+            .unwrap_or("0")
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        numsub("auction:stream"),
+        3,
+        "every node follows the busy room"
+    );
+    assert_eq!(
+        numsub("auction:lonely"),
+        1,
+        "only node 1 follows the lonely room"
+    );
+
+    // Three publishers, one per node, at once.
+    let per_node = 40;
+    let mut publishers = Vec::new();
+    for node in 0..3 {
+        let addr = cluster.addr(node);
+        publishers.push(tokio::spawn(async move {
+            for i in 0..per_node {
+                let n = (node * 1000 + i) as i64;
+                let (status, body) = api(
+                    addr,
+                    "POST",
+                    "/api/publish",
+                    Some(json!({"channel": "auction:stream", "event": "note", "data": {"n": n}})),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let total = 3 * per_node;
+    let first = events(&mut subscribers[0], total).await;
+    let seqs: Vec<u64> = first.iter().map(|e| e.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "gap-free, in order"
+    );
+    for (i, c) in subscribers.iter_mut().enumerate().skip(1) {
+        assert_eq!(
+            events(c, total).await,
+            first,
+            "subscriber {i} saw the same stream"
+        );
+    }
+    // Exactly once: nothing more arrives after one last marker.
+    cluster
+        .publish(2, "auction:stream", "note", json!({"n": -7}))
+        .await;
+    for c in subscribers.iter_mut() {
+        assert_eq!(events(c, 1).await, vec![(total as u64 + 1, -7)]);
+    }
+
+    // Recovery across nodes: a client of node 0 reconnects to node 2 with `since`.
+    let mut roamer = cluster.connect(0, None).await;
+    let Reply::Subscribed { seq, epoch, .. } = roamer.subscribe("auction:stream").await else {
+        panic!()
+    };
+    drop(roamer);
+    for i in 0..5 {
+        cluster
+            .publish(1, "auction:stream", "note", json!({"n": 5000 + i}))
+            .await;
+    }
+    let mut back = cluster.connect(2, None).await;
+    let Reply::Subscribed {
+        recovered,
+        replayed,
+        ..
+    } = back
+        .subscribe_since("auction:stream", Some(seq), Some(epoch))
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!((recovered, replayed), (Some(true), 5));
+    let missed = events(&mut back, 5).await;
+    assert_eq!(
+        missed,
+        (0..5)
+            .map(|i| (seq + 1 + i as u64, 5000 + i))
+            .collect::<Vec<_>>()
+    );
+    // Further back than the history (50 events) holds: recovered false, with the snapshot.
+    let mut late = cluster.connect(1, None).await;
+    let Reply::Subscribed {
+        recovered,
+        snapshot,
+        ..
+    } = late
+        .subscribe_since("auction:stream", Some(3), Some(epoch))
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!(recovered, Some(false));
+    assert_eq!(snapshot.expect("snapshot").seq, seq + 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_bidders_on_three_nodes_bid_in_one_cluster_wide_order() {
+    let cluster = Cluster::start(3).await;
+    let (status, body) = api(
+        cluster.addr(0),
+        "POST",
+        "/api/auctions",
+        Some(open_auction("shared", 600_000)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // Every node knows it (created on node 0).
+    for node in 1..3 {
+        eventually("the auction reaches every node", || async {
+            api(cluster.addr(node), "GET", "/api/auctions/shared", None)
+                .await
+                .0
+                == 200
+        })
+        .await;
+    }
+    let mut viewers = Vec::new();
+    for node in 0..3 {
+        let mut v = cluster.connect(node, None).await;
+        v.subscribe("auction:shared").await;
+        viewers.push(v);
+    }
+    let mut tasks = Vec::new();
+    for n in 0..30 {
+        let user = format!("b{n}");
+        let c = cluster.connect(n % 3, Some(&user)).await;
+        tasks.push((
+            user.clone(),
+            tokio::spawn(bidder(c, "shared".to_owned(), user, 8, n as u64)),
+        ));
+    }
+    let mut acks: HashMap<String, Acks> = HashMap::new();
+    for (user, task) in tasks {
+        acks.insert(user, task.await.unwrap());
+    }
+    // The log (read through any node) is gap-free and strictly increasing, every ack is in it.
+    let accepted = check_log(cluster.addr(1), "shared", &acks).await;
+    assert!(accepted >= 30, "bids were accepted: {accepted}");
+    assert_eq!(all_bids(cluster.addr(2), "shared").await.len(), accepted);
+    // Every node's viewers saw the same bids, in seq order, with rising amounts.
+    let mut streams = Vec::new();
+    for v in viewers.iter_mut() {
+        let mut bids = Vec::new();
+        while bids.len() < accepted {
+            let e = v.next_event().await;
+            if e.event == "bid_placed" {
+                bids.push((
+                    e.data["bid_seq"].as_u64().unwrap(),
+                    e.data["amount"].as_i64().unwrap(),
+                ));
+            }
+        }
+        assert!(bids
+            .windows(2)
+            .all(|w| w[0].0 + 1 == w[1].0 && w[0].1 < w[1].1));
+        streams.push(bids);
+    }
+    assert!(streams.iter().all(|s| *s == streams[0]));
+    // An idempotent retry on another node gets exactly the first answer.
+    let (user, user_acks) = acks.iter().find(|(_, a)| !a.is_empty()).unwrap();
+    let (seq, amount) = user_acks.iter().next().map(|(s, a)| (*s, *a)).unwrap();
+    let n: usize = user[1..].parse().unwrap();
+    let log = all_bids(cluster.addr(0), "shared").await;
+    let request_id = log[seq as usize - 1]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut retry = cluster.connect((n + 1) % 3, Some(user)).await;
+    match retry.bid("shared", amount, &request_id).await {
+        Reply::BidAccepted {
+            bid_seq,
+            amount: got,
+            ..
+        } => assert_eq!((bid_seq, got), (seq, amount)),
+        other => panic!("a retry got {other:?}"),
+    }
+    assert_eq!(
+        all_bids(cluster.addr(0), "shared").await.len(),
+        accepted,
+        "the retry added nothing"
+    );
+    // One winner, the same on every node.
+    api(cluster.addr(2), "POST", "/api/auctions/shared/end", None).await;
+    let last = log.last().unwrap();
+    for node in 0..3 {
+        eventually("the end reaches every node", || async {
+            let (_, state) = api(cluster.addr(node), "GET", "/api/auctions/shared", None).await;
+            state["status"] == "ended" && state["leader"] == last["user"]
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_cluster_viewer_count_within_its_ttl() {
+    let mut cluster = Cluster::start(3).await;
+    let mut clients = Vec::new();
+    // Node 0: 3 connections, node 1: 4, node 2: 5, anonymous; plus one user with a tab on
+    // node 0 and one on node 1, counted once among the users.
+    for (node, count) in [(0, 3), (1, 4), (2, 5)] {
+        for _ in 0..count {
+            let mut c = cluster.connect(node, None).await;
+            c.subscribe("auction:watched").await;
+            clients.push(c);
+        }
+    }
+    for node in [0, 1] {
+        let mut c = cluster.connect(node, Some("twotabs")).await;
+        c.subscribe("auction:watched").await;
+        clients.push(c);
+    }
+    let counts = |v: Value| (v["connections"].as_u64(), v["users"].as_u64());
+    for node in 0..3 {
+        eventually("every node shows the cluster's counts", || async {
+            counts(cluster.room(node, "auction:watched").await) == (Some(14), Some(13))
+        })
+        .await;
+    }
+    // The viewers frame carries the totals too.
+    let mut observer = cluster.connect(0, None).await;
+    observer.subscribe("auction:watched").await;
+    loop {
+        if let ServerFrame::Viewers { viewers, .. } = observer.recv().await {
+            if viewers.connections == 15 {
+                break;
+            }
+        }
+    }
+    let killed_at = std::time::Instant::now();
+    let (mut node2, _) = cluster.nodes.remove(2);
+    node2.kill().unwrap();
+    node2.wait().unwrap();
+    loop {
+        if let ServerFrame::Viewers { viewers, .. } = observer.recv().await {
+            if viewers.connections == 10 {
+                assert_eq!(viewers.users, 9, "node 2's five anonymous viewers left");
+                break;
+            }
+            assert!(
+                viewers.connections >= 10,
+                "never below the survivors: {viewers:?}"
+            );
+        }
+    }
+    // Within the TTL plus one heartbeat period (plus slack for a loaded machine).
+    let took = killed_at.elapsed().as_millis() as u64;
+    assert!(took < NODE_TTL_MS * 4, "took {took} ms");
+    assert_eq!(
+        counts(cluster.room(1, "auction:watched").await),
+        (Some(10), Some(9))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_bids_are_refused_and_nodes_unready_until_it_returns() {
+    let mut cluster = Cluster::start(3).await;
+    let (status, _) = api(
+        cluster.addr(0),
+        "POST",
+        "/api/auctions",
+        Some(open_auction("outage", 600_000)),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for node in 1..3 {
+        eventually("the auction reaches every node", || async {
+            api(cluster.addr(node), "GET", "/api/auctions/outage", None)
+                .await
+                .0
+                == 200
+        })
+        .await;
+    }
+    let mut viewer = cluster.connect(2, None).await;
+    viewer.subscribe("auction:outage").await;
+    let mut bidder = cluster.connect(1, Some("steady")).await;
+    let Reply::BidAccepted { bid_seq: 1, .. } = bidder.bid("outage", 1000, "r1").await else {
+        panic!("first bid")
+    };
+
+    cluster.redis.kill();
+    for node in 0..3 {
+        cluster.wait_ready(node, false).await;
+    }
+    match bidder.bid("outage", 1100, "r2").await {
+        Reply::BidRejected {
+            reason: BidRejection::ClusterUnavailable,
+            ..
+        } => {}
+        other => panic!("a bid without Redis got {other:?}"),
+    }
+    let (status, body) = cluster
+        .publish(0, "auction:outage", "note", json!({"n": 1}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("cluster_unavailable"))
+    );
+    // Local operations still work: the connection answers pings.
+    let reply = bidder
+        .request(|id| ClientFrame::Ping { id })
+        .await
+        .expect("pong");
+    assert!(matches!(reply, Reply::Pong { .. }));
+
+    cluster.redis.restart();
+    for node in 0..3 {
+        cluster.wait_ready(node, true).await;
+    }
+    // The bid acknowledged before the outage survived (Redis's append-only file).
+    let log = all_bids(cluster.addr(0), "outage").await;
+    assert_eq!(log.len(), 1);
+    // Bidding works again, without restarting a broker, and the viewer (resubscribed by its
+    // node) sees it.
+    let Reply::BidAccepted { bid_seq: 2, .. } = bidder.bid("outage", 1100, "r3").await else {
+        panic!("a bid after the outage")
+    };
+    loop {
+        let e = viewer.next_event().await;
+        if e.event == "bid_placed" && e.data["bid_seq"] == 2 {
+            break;
+        }
+    }
+}
