@@ -578,13 +578,11 @@ impl Rooms {
         }
     }
 
-    /// The channels with local subscribers.
-    pub fn followed(&self) -> Vec<Channel> {
-        self.map
-            .iter()
-            .filter(|r| r.value().connections.load(Ordering::Relaxed) > 0)
-            .map(|r| r.key().clone())
-            .collect()
+    /// Queues a viewer-count report for one room (its last one failed).
+    pub fn mark_presence_dirty(&self, channel: &Channel) {
+        if let Some(room) = self.get(channel) {
+            self.mark_dirty(&room);
+        }
     }
 
     /// Sets a channel's state without an event (an auction at creation or at start-up), and pins

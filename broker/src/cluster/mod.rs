@@ -483,7 +483,8 @@ impl Cluster {
                 let result: Result<(u64, u64), _> = invocation.invoke_async(&mut conn).await;
                 if let Err(error) = result {
                     self.command_failed("presence", &error);
-                    // Reported again once Redis is back (the heartbeat re-marks every room).
+                    // Reported again at the next tick (Redis may be back by then).
+                    self.rooms.mark_presence_dirty(&channel);
                 }
             }
         }
@@ -548,15 +549,16 @@ impl Cluster {
                 Err(error) => self.command_failed("reap", &error),
             }
         }
-        // Leave the cluster's counts at once on a clean shutdown.
+        // Leave the cluster's counts at once on a clean shutdown: date this node's heartbeat
+        // back to 0 and reap (which removes it, and only nodes that are dead anyway).
         let mut conn = self.conn();
-        let _: Result<u64, _> = conn.zrem(self.key("nodes"), &self.config.node_id).await;
+        let _: Result<u64, _> = conn.zadd(self.key("nodes"), &self.config.node_id, 0).await;
         let _: Result<Vec<String>, _> = self
             .scripts
             .reap
             .arg(&self.config.prefix)
-            .arg(u64::MAX / 4)
-            .arg(0)
+            .arg(now_ms())
+            .arg(self.config.node_ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await;
     }

@@ -468,3 +468,59 @@ async fn without_redis_bids_are_refused_and_nodes_unready_until_it_returns() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_span_nodes_messages_typing_and_receipts() {
+    let cluster = Cluster::start(2).await;
+    let mut ann = cluster.connect(0, Some("ann")).await;
+    let mut bob = cluster.connect(1, Some("bob")).await;
+    ann.subscribe("conversation:c1").await;
+    bob.subscribe("conversation:c1").await;
+    // Bob (node 1) hears that Ann is typing on node 0; Ann does not hear herself.
+    ann.request(|id| ClientFrame::Typing {
+        id,
+        channel: channel("conversation:c1"),
+        typing: true,
+    })
+    .await
+    .expect("typing accepted");
+    loop {
+        if let ServerFrame::Typing { user, typing, .. } = bob.recv().await {
+            assert_eq!((user.as_str(), typing), ("ann", true));
+            break;
+        }
+    }
+    // A message from node 0 reaches node 1 with the cluster's seq, and a receipt comes back.
+    let reply = ann
+        .request(|id| ClientFrame::Publish {
+            id,
+            channel: channel("conversation:c1"),
+            data: json!({"text": "hello"}),
+        })
+        .await
+        .expect("publish accepted");
+    let Reply::Published { seq, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    let event = bob.next_event().await;
+    assert_eq!(
+        (event.seq, event.from.as_ref().map(|u| u.as_str())),
+        (seq, Some("ann"))
+    );
+    assert_eq!(event.data["text"], "hello");
+    bob.request(|id| ClientFrame::Read {
+        id,
+        channel: channel("conversation:c1"),
+        seq,
+    })
+    .await
+    .expect("receipt accepted");
+    loop {
+        let event = ann.next_event().await;
+        if event.event == "read" {
+            assert_eq!(event.from.as_ref().map(|u| u.as_str()), Some("bob"));
+            assert_eq!(event.data["seq"], seq);
+            break;
+        }
+    }
+}
