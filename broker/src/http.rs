@@ -170,13 +170,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn readyz(shared: &Shared) -> Response<Full<Bytes>> {
-    let cluster = shared.cluster.as_ref().and_then(|c| c.not_ready_reason());
-    if shared.shutdown.is_cancelled() {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"ready": false, "reason": "shutting down"}),
-        )
-    } else if let Some(reason) = cluster {
+    if let Some(reason) = shared.not_ready_reason() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"ready": false, "reason": reason}),

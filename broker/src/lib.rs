@@ -29,6 +29,7 @@ pub mod rooms;
 mod session;
 pub mod store;
 mod subscribers;
+pub mod testing;
 pub mod tls;
 mod users;
 mod ws;
@@ -112,6 +113,14 @@ impl Shared {
 
     pub(crate) fn connections(&self) -> u64 {
         self.admission.open() as u64
+    }
+
+    /// Why `/readyz` says not ready, if it does.
+    pub(crate) fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.shutdown.is_cancelled() {
+            return Some("shutting down");
+        }
+        self.cluster.as_ref().and_then(|c| c.not_ready_reason())
     }
 
     /// Publishes a sequenced event: into the local room, or in cluster mode through Redis
@@ -295,6 +304,9 @@ impl Broker {
         spawn_every(&shared, SWEEP_INTERVAL, |s| {
             s.rooms.sweep();
             s.auctions.prune();
+            s.auctions.record_counts();
+            let ready = s.not_ready_reason().is_none();
+            ::metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
         });
         Ok(Broker { shared })
     }

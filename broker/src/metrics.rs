@@ -28,6 +28,8 @@ pub const BID_LOG_FLUSH_BATCH: &str = "gavel_bid_log_flush_batch_size";
 pub const BID_LOG_FLUSH_ERRORS: &str = "gavel_bid_log_flush_errors_total";
 pub const BIDS: &str = "gavel_bids_total";
 pub const AUCTIONS: &str = "gavel_auctions";
+pub const READY: &str = "gavel_ready";
+pub const CLUSTER_COMMIT_SECONDS: &str = "gavel_cluster_commit_duration_seconds";
 pub const CLUSTER_UP: &str = "gavel_cluster_up";
 pub const CLUSTER_DISCONNECTS: &str = "gavel_cluster_disconnects_total";
 pub const CLUSTER_RESUBSCRIBES: &str = "gavel_cluster_resubscribes_total";
@@ -37,6 +39,12 @@ pub const CLUSTER_NODES_REAPED: &str = "gavel_cluster_nodes_reaped_total";
 pub const CLUSTER_LOCK_WAIT_SECONDS: &str = "gavel_cluster_lock_wait_seconds";
 
 /// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
+/// Bids per group-commit flush: 1 up to the 512 of a full actor turn (and more when the
+/// flusher merges turns of several auctions).
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5,
@@ -51,6 +59,8 @@ pub fn install() -> Option<PrometheusHandle> {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .ok()?
+                .set_buckets_for_metric(Matcher::Full(BID_LOG_FLUSH_BATCH.into()), BATCH_BUCKETS)
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
@@ -123,6 +133,11 @@ fn describe() {
     describe_counter!(BIDS, "Bids, by outcome (accepted or the rejection reason).");
     describe_gauge!(AUCTIONS, "Auctions known to this node, by status.");
     describe_gauge!(
+        READY,
+        "1 while /readyz answers 200 (serving; in cluster mode, connected to Redis), else 0."
+    );
+    zero();
+    describe_gauge!(
         CLUSTER_UP,
         "Cluster mode: 1 when the Redis adapter is connected, subscribed and heartbeating."
     );
@@ -147,10 +162,94 @@ fn describe() {
         "Cluster mode: dead nodes this node removed from the cluster's presence."
     );
     describe_histogram!(
+        CLUSTER_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Cluster mode: time of one auction commit in Redis (its bids, record and events)."
+    );
+    describe_histogram!(
         CLUSTER_LOCK_WAIT_SECONDS,
         Unit::Seconds,
         "Cluster mode: time an auction turn waited for the auction's cluster-wide lock."
     );
+}
+
+/// The `reason` values of `gavel_upgrades_refused_total` (the `code`s of `ws::upgrade`'s
+/// refusals).
+pub const UPGRADE_REFUSALS: [&str; 9] = [
+    "not_websocket",
+    "shutting_down",
+    "unsupported_subprotocol",
+    "origin_not_allowed",
+    "token_invalid",
+    "token_expired",
+    "too_many_connections",
+    "too_many_connections_from_address",
+    "bad_handshake",
+];
+
+/// Starts every counter and gauge at 0 with each of its (bounded) label values, so rates,
+/// alerts and dashboards work from the first scrape, before the first event of each kind.
+fn zero() {
+    use gavel_protocol::{AuctionStatus, BidRejection, ErrorCode};
+    for name in [
+        CONNECTIONS_OPENED,
+        BYTES_RECEIVED,
+        BYTES_SENT,
+        SLOW_CONSUMERS,
+        BID_LOG_FLUSH_ERRORS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for name in [CONNECTIONS, USERS_ONLINE, ROOMS] {
+        metrics::gauge!(name).set(0.0);
+    }
+    for reason in crate::outbound::DisconnectReason::ALL {
+        metrics::counter!(DISCONNECTS, "reason" => reason.as_str()).absolute(0);
+    }
+    for reason in UPGRADE_REFUSALS {
+        metrics::counter!(UPGRADES_REFUSED, "reason" => reason).absolute(0);
+    }
+    for code in ErrorCode::ALL {
+        metrics::counter!(ERRORS_SENT, "code" => code.as_str()).absolute(0);
+    }
+    metrics::counter!(BIDS, "outcome" => "accepted").absolute(0);
+    for reason in BidRejection::ALL {
+        metrics::counter!(BIDS, "outcome" => reason.as_str()).absolute(0);
+    }
+    for status in AuctionStatus::ALL {
+        metrics::gauge!(AUCTIONS, "status" => status.as_str()).set(0.0);
+    }
+    metrics::gauge!(READY).set(0.0);
+}
+
+/// Cluster mode's metrics, at 0 (only cluster nodes export them).
+pub fn zero_cluster() {
+    for name in [
+        CLUSTER_DISCONNECTS,
+        CLUSTER_RESUBSCRIBES,
+        CLUSTER_NODES_REAPED,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for op in [
+        "publish",
+        "signal",
+        "presence",
+        "heartbeat",
+        "reap",
+        "lock",
+        "unlock",
+        "read_auction",
+        "commit",
+        "create_auction",
+        "list_auctions",
+        "bids",
+        "gap",
+    ] {
+        metrics::counter!(CLUSTER_ERRORS, "op" => op).absolute(0);
+    }
+    metrics::gauge!(CLUSTER_UP).set(0.0);
+    metrics::gauge!(CLUSTER_ROOMS).set(0.0);
 }
 
 /// Spawns the recorder's upkeep (histogram draining); ends with `shutdown`.

@@ -106,6 +106,22 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
+    /// Every reason, for metric initialisation and documentation.
+    pub const ALL: [DisconnectReason; 12] = [
+        DisconnectReason::ClientClosed,
+        DisconnectReason::Shutdown,
+        DisconnectReason::IdleTimeout,
+        DisconnectReason::QueueFull,
+        DisconnectReason::WriteStalled,
+        DisconnectReason::MessageTooBig,
+        DisconnectReason::InvalidUtf8,
+        DisconnectReason::ProtocolError,
+        DisconnectReason::ConnectionLost,
+        DisconnectReason::AuthenticationRequired,
+        DisconnectReason::TokenExpired,
+        DisconnectReason::RateLimited,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DisconnectReason::ClientClosed => "client_closed",

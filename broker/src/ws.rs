@@ -24,6 +24,7 @@ use crate::Shared;
 
 pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     let refuse = |status: StatusCode, reason: &'static str, message: String| {
+        debug_assert!(m::UPGRADE_REFUSALS.contains(&reason), "{reason} is listed");
         metrics::counter!(m::UPGRADES_REFUSED, "reason" => reason).increment(1);
         error_response(status, reason, &message)
     };

@@ -58,6 +58,23 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Counts an error for the report, and (with `--metrics-listen`) in
+    /// `gavel_loadgen_errors_total{kind}`.
+    fn error(&self, kind: &'static str, detail: String) {
+        stats::Stats::count(&self.stats.errors, detail);
+        if self.export {
+            metrics::counter!("gavel_loadgen_errors_total", "kind" => kind).increment(1);
+        }
+    }
+
+    /// Counts a connection that failed (connect, handshake or hello).
+    fn connect_failed(&self) {
+        self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        if self.export {
+            metrics::counter!("gavel_loadgen_errors_total", "kind" => "connect").increment(1);
+        }
+    }
+
     /// The intended send time of bid `i`.
     fn due(&self, i: u64) -> Option<Instant> {
         let start = self.start.get()?;
@@ -186,7 +203,7 @@ async fn open_resuming(
     let mut client = match Client::connect(addr, options).await {
         Ok(c) => c,
         Err(error) => {
-            ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+            ctx.connect_failed();
             stats::Stats::count(&ctx.stats.errors, format!("connect: {error}"));
             return None;
         }
@@ -195,7 +212,7 @@ async fn open_resuming(
         client.next().await,
         Ok(Incoming::Frame(ServerFrame::Hello { .. }))
     ) {
-        ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        ctx.connect_failed();
         return None;
     }
     ctx.stats.connect.record(n, started.elapsed());
@@ -227,7 +244,7 @@ async fn open_resuming(
                     break;
                 }
                 Ok(Incoming::Frame(ServerFrame::Error(e))) => {
-                    stats::Stats::count(&ctx.stats.errors, format!("subscribe: {:?}", e.code));
+                    ctx.error("subscribe", format!("subscribe: {:?}", e.code));
                     return None;
                 }
                 Ok(Incoming::Frame(_)) => continue,
@@ -300,7 +317,7 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client, mut 
         match read {
             Ok(Ok(bytes)) => {
                 let Ok(probe) = rmp_serde::from_slice::<Probe<'_>>(&bytes) else {
-                    stats::Stats::count(&ctx.stats.errors, "undecodable frame".to_owned());
+                    ctx.error("undecodable", "undecodable frame".to_owned());
                     continue;
                 };
                 if probe.kind != "event" {
@@ -310,6 +327,9 @@ async fn watch(ctx: Arc<Ctx>, n: usize, auction: usize, mut client: Client, mut 
                 if let Some(last) = resume.seq {
                     if seq != last + 1 {
                         ctx.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                        if ctx.export {
+                            metrics::counter!("gavel_loadgen_seq_gaps_total").increment(1);
+                        }
                     }
                 }
                 resume.seq = Some(seq);
@@ -366,6 +386,11 @@ async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mps
                         ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
                         if let Some(index) = ctx.auction_ids.iter().position(|a| *a == auction_id) {
                             ctx.accepted[index].fetch_add(1, Ordering::Relaxed);
+                            if ctx.export {
+                                // Every viewer of the auction is due this bid.
+                                metrics::counter!("gavel_loadgen_deliveries_expected_total")
+                                    .increment(ctx.watching[index].load(Ordering::Relaxed));
+                            }
                         }
                         let index = request_id.rsplit('-').next().and_then(|i| i.parse().ok());
                         if let Some(at) = index.and_then(|i| ctx.due(i)) {
@@ -381,6 +406,10 @@ async fn bid(ctx: Arc<Ctx>, n: usize, client: Client, mut bids: tokio::sync::mps
                     }
                     Reply::BidRejected { reason, .. } => {
                         stats::Stats::count(&ctx.stats.rejections, reason.as_str().to_owned());
+                        if ctx.export {
+                            metrics::counter!("gavel_loadgen_bids_rejected_total", "reason" => reason.as_str())
+                                .increment(1);
+                        }
                     }
                     _ => {}
                 }
@@ -510,7 +539,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             let addr = scenario.urls[n % scenario.urls.len()];
             let connected = socketio::connect(addr, ctx.source(n), &format!("lgb{b}")).await;
             let Ok((reader, writer)) = connected else {
-                ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                ctx.connect_failed();
                 continue;
             };
             bidders.push(tokio::spawn(sio_bid(
@@ -585,7 +614,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             request_id,
         };
         if queue.try_send(bid).is_err() {
-            stats::Stats::count(&ctx.stats.errors, "loadgen bidder queue full".to_owned());
+            ctx.error("queue_full", "loadgen bidder queue full".to_owned());
         }
     }
     drop(queues);
@@ -764,7 +793,7 @@ async fn sio_join(ctx: &Ctx, n: usize, auction: usize) -> Option<socketio::Reade
     let started = Instant::now();
     let Ok((mut reader, writer)) = socketio::connect(addr, ctx.source(n), &format!("lgv{n}")).await
     else {
-        ctx.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+        ctx.connect_failed();
         return None;
     };
     ctx.stats.connect.record(n, started.elapsed());

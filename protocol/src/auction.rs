@@ -23,6 +23,15 @@ pub enum AuctionStatus {
 }
 
 impl AuctionStatus {
+    /// Every status, for metrics and documentation.
+    pub const ALL: [AuctionStatus; 5] = [
+        AuctionStatus::Scheduled,
+        AuctionStatus::Active,
+        AuctionStatus::Paused,
+        AuctionStatus::Ended,
+        AuctionStatus::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuctionStatus::Scheduled => "scheduled",
@@ -89,6 +98,20 @@ pub enum BidRejection {
 }
 
 impl BidRejection {
+    /// Every reason, for metric initialisation and documentation.
+    pub const ALL: [BidRejection; 10] = [
+        BidRejection::TooLow,
+        BidRejection::NotActive,
+        BidRejection::Ended,
+        BidRejection::RateLimited,
+        BidRejection::Unauthenticated,
+        BidRejection::Forbidden,
+        BidRejection::InvalidAmount,
+        BidRejection::UnknownAuction,
+        BidRejection::Unavailable,
+        BidRejection::ClusterUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BidRejection::TooLow => "too_low",

@@ -477,6 +477,20 @@ impl Auctions {
         }
     }
 
+    /// Sets the `gavel_auctions{status}` gauge.
+    pub fn record_counts(&self) {
+        let mut counts = [0u32; AuctionStatus::ALL.len()];
+        for handle in self.map.iter() {
+            let status = handle.view.load().status;
+            if let Some(i) = AuctionStatus::ALL.iter().position(|s| *s == status) {
+                counts[i] += 1;
+            }
+        }
+        for (status, count) in AuctionStatus::ALL.iter().zip(counts) {
+            metrics::gauge!(m::AUCTIONS, "status" => status.as_str()).set(count as f64);
+        }
+    }
+
     /// Forgets idle rate-limit buckets.
     pub fn prune(&self) {
         self.limiter.prune(self.clock.now_ms());

@@ -182,11 +182,13 @@ impl AuctionLedger {
                 .arg(&event.state);
         }
         let mut conn = self.cluster.conn();
+        let started = Instant::now();
         let reply: Vec<i64> = invocation
             .invoke_async(&mut conn)
             .await
             .inspect_err(|e| self.cluster.command_failed("commit", e))
             .map_err(ClusterError::from)?;
+        metrics::histogram!(m::CLUSTER_COMMIT_SECONDS).record(started.elapsed());
         match reply.first() {
             Some(-1) => Err(CommitError::LostLock),
             Some(-2) => Err(CommitError::Conflict),

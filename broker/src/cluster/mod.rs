@@ -232,7 +232,7 @@ impl Cluster {
             heartbeat_up: AtomicBool::new(false),
             auctions_loaded: AtomicBool::new(false),
         });
-        metrics::gauge!(m::CLUSTER_UP).set(0.0);
+        m::zero_cluster();
         tracing::info!(node = %cluster.config.node_id, prefix = %cluster.config.prefix, "cluster mode");
         tokio::spawn(Arc::clone(&cluster).pubsub_task(subs_rx, shutdown.clone()));
         tokio::spawn(Arc::clone(&cluster).heartbeat_task(shutdown.clone()));
