@@ -143,6 +143,8 @@ struct RoomLog {
     /// Changed only together with an event, so a subscriber's state and stream agree.
     state: Value,
     sync: SyncState,
+    /// Bumped each time the room starts waiting for a sync.
+    sync_gen: u64,
 }
 
 struct Stored {
@@ -433,12 +435,17 @@ impl Rooms {
         let delivery = match &mut log.sync {
             SyncState::Local | SyncState::Unsynced => Delivery::Ignored,
             SyncState::Syncing(pending) => {
+                if pending.len() >= self.limits.size.max(1024) * 4 {
+                    // A sync that takes this long reads these from Redis's history anyway
+                    // (or finds it cannot, and says so).
+                    pending.clear();
+                }
                 pending.push(event);
                 Delivery::Buffered
             }
             SyncState::Synced if gap => {
                 // The event is kept: the sync that fills the gap applies it after.
-                log.sync = SyncState::Syncing(vec![event]);
+                log.start_syncing(vec![event]);
                 Delivery::Gap
             }
             SyncState::Synced => room.apply(&mut log, event, self.limits),
@@ -463,61 +470,93 @@ impl Rooms {
             if room.retired.load(Ordering::Acquire) {
                 continue;
             }
-            if !matches!(log.sync, SyncState::Syncing(_)) {
-                log.sync = SyncState::Syncing(Vec::new());
-            }
+            log.start_syncing(Vec::new());
             return;
         }
     }
 
+    /// Cluster mode: the generation of the room's current sync, `None` when it is not waiting
+    /// for one. Read before reading the room's image: [`Rooms::install`] takes the image only
+    /// if no newer sync started meanwhile (which would have a newer image).
+    pub fn sync_generation(&self, channel: &Channel) -> Option<u64> {
+        let room = self.get(channel)?;
+        let log = lock(&room.log);
+        matches!(log.sync, SyncState::Syncing(_)).then_some(log.sync_gen)
+    }
+
     /// Cluster mode: installs the room's sequence as read from Redis (after subscribing), then
     /// the events that arrived meanwhile. Events the local subscribers had not had yet are
-    /// queued for them. False if the room still has a gap (a concurrent sync will follow).
-    pub fn install(&self, channel: &Channel, image: RoomImage) -> bool {
+    /// queued for them. False if the room still has a gap (the caller reads a new image).
+    pub fn install(&self, channel: &Channel, generation: u64, image: RoomImage) -> bool {
         let Some(room) = self.get(channel) else {
             return true;
         };
         let now = Instant::now();
         let mut log = lock(&room.log);
+        if !matches!(log.sync, SyncState::Syncing(_)) || log.sync_gen != generation {
+            // Unfollowed meanwhile, or a newer sync owns the room now.
+            return true;
+        }
         let SyncState::Syncing(pending) = std::mem::replace(&mut log.sync, SyncState::Synced)
         else {
-            // Unfollowed meanwhile (or already synced by a concurrent sync).
             return true;
         };
+        let at = |ts: u64| {
+            now.checked_sub(Duration::from_millis(now_ms().saturating_sub(ts)))
+                .unwrap_or(now)
+        };
+        // The image's own run of seqs (a history can hold the tail of an earlier epoch).
+        let history: Vec<Incoming> = image
+            .history
+            .into_iter()
+            .filter(|e| e.epoch == image.epoch)
+            .collect();
+        log.state = image.state;
         if image.epoch != room.epoch() || image.seq < log.last_seq {
-            // Another incarnation of the room (or the first sync): take Redis's as it is.
+            // First sync, or another incarnation of the room: take Redis's as it is. Its
+            // history is not sent to current subscribers: they had events of the old run, and
+            // seqs they already saw must not come again with other contents.
             room.epoch.store(image.epoch, Ordering::Relaxed);
             log.history.clear();
-            log.last_seq = image.history.first().map_or(image.seq, |e| e.seq - 1);
-        } else if image
-            .history
-            .first()
-            .is_some_and(|first| first.seq > log.last_seq + 1)
-        {
-            // Missed more than Redis retains: continue from Redis's oldest.
-            log.history.clear();
-            log.last_seq = image.history[0].seq - 1;
-        }
-        log.state = image.state;
-        let mut gap = false;
-        for event in image.history.into_iter().chain(pending) {
-            if gap {
-                break;
+            log.last_seq = history.first().map_or(image.seq, |e| e.seq - 1);
+            for event in history {
+                let at = at(event.ts);
+                room.store(&mut log, event, at, self.limits);
             }
-            let at = now
-                .checked_sub(Duration::from_millis(now_ms().saturating_sub(event.ts)))
-                .unwrap_or(now);
+        } else {
+            if history
+                .first()
+                .is_some_and(|first| first.seq > log.last_seq + 1)
+            {
+                // Missed more than Redis retains: continue from Redis's oldest.
+                tracing::warn!(%channel, from = log.last_seq, to = history[0].seq, "cluster room missed more events than Redis retains");
+                log.history.clear();
+                log.last_seq = history[0].seq - 1;
+            }
+            for event in history {
+                let at = at(event.ts);
+                room.apply_at(&mut log, event, self.limits, at);
+            }
+        }
+        let mut gap = log.last_seq < image.seq;
+        let mut leftover = Vec::new();
+        for event in pending {
+            if gap {
+                leftover.push(event);
+                continue;
+            }
             // Leftovers of an earlier incarnation are dropped; a new one starts at seq 1.
             let wanted = event.epoch == room.epoch() || event.seq == 1;
-            if wanted && room.apply_at(&mut log, event, self.limits, at) == Delivery::Gap {
+            if wanted && room.is_gap(&log, &event) {
                 gap = true;
+                leftover.push(event);
+            } else if wanted {
+                let at = at(event.ts);
+                room.apply_at(&mut log, event, self.limits, at);
             }
         }
-        if log.last_seq < image.seq {
-            gap = true;
-        }
         if gap {
-            log.sync = SyncState::Syncing(Vec::new());
+            log.sync = SyncState::Syncing(leftover);
         }
         room.last_seq.store(log.last_seq, Ordering::Relaxed);
         !gap
@@ -699,6 +738,7 @@ impl Room {
                 } else {
                     SyncState::Local
                 },
+                sync_gen: 0,
             }),
             members: Mutex::new(Members {
                 set: SubscriberSet::default(),
@@ -790,6 +830,19 @@ impl Room {
         at: Instant,
         limits: HistoryLimits,
     ) -> usize {
+        let frame = self.store(log, event, at, limits);
+        self.fan_out(&frame, Skip::Nobody)
+    }
+
+    /// Appends the next event to the history (and its state) without offering it to anyone;
+    /// returns its frame, encoded once.
+    fn store(
+        &self,
+        log: &mut RoomLog,
+        event: Incoming,
+        at: Instant,
+        limits: HistoryLimits,
+    ) -> Arc<SharedFrame> {
         debug_assert_eq!(event.seq, log.last_seq + 1);
         if let Some(state) = event.state {
             log.state = state;
@@ -810,7 +863,7 @@ impl Room {
             frame: Arc::clone(&frame),
         });
         log.expire(limits, at);
-        self.fan_out(&frame, Skip::Nobody)
+        frame
     }
 
     /// Whether `event` skips seqs this replica has not seen.
@@ -983,6 +1036,17 @@ impl Members {
 }
 
 impl RoomLog {
+    /// Starts waiting for a sync (a new generation), unless already waiting.
+    fn start_syncing(&mut self, pending: Vec<Incoming>) {
+        match &mut self.sync {
+            SyncState::Syncing(waiting) => waiting.extend(pending),
+            _ => {
+                self.sync = SyncState::Syncing(pending);
+                self.sync_gen += 1;
+            }
+        }
+    }
+
     fn expire(&mut self, limits: HistoryLimits, now: Instant) {
         while self.history.len() > limits.size {
             self.history.pop_front();

@@ -102,6 +102,9 @@ struct Session {
     inbound: TokenBucket,
     /// Messages dropped in a row for the rate limit; past the burst size, the connection closes.
     strikes: u32,
+    /// Cluster mode: the seq of this connection's latest publish per conversation, which can
+    /// be ahead of the local replica for a moment (so a read receipt for it is valid).
+    own_seq: Vec<(Channel, u64)>,
 }
 
 /// What a deadline of the authentication state means when it passes.
@@ -131,6 +134,27 @@ impl Session {
             grace_until: None,
             inbound,
             strikes: 0,
+            own_seq: Vec::new(),
+        }
+    }
+
+    /// Ends one subscription: the room, and in cluster mode the node's interest in it.
+    fn leave(&mut self, channel: &Channel, room: &Arc<Room>) {
+        self.shared.rooms.unsubscribe(&self.conn, room);
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.leave(channel);
+        }
+        self.own_seq.retain(|(c, _)| c != channel);
+    }
+
+    /// Remembers the seq of this connection's publish (cluster mode only: see `own_seq`).
+    fn published(&mut self, channel: &Channel, seq: u64) {
+        if self.shared.cluster.is_none() {
+            return;
+        }
+        match self.own_seq.iter_mut().find(|(c, _)| c == channel) {
+            Some((_, last)) => *last = (*last).max(seq),
+            None => self.own_seq.push((channel.clone(), seq)),
         }
     }
 
@@ -328,10 +352,7 @@ impl Session {
                     .subscriptions
                     .remove(&channel)
                     .ok_or_else(|| not_subscribed(&channel))?;
-                self.shared.rooms.unsubscribe(&self.conn, &room);
-                if let Some(cluster) = &self.shared.cluster {
-                    cluster.leave(&channel);
-                }
+                self.leave(&channel, &room);
                 Ok(Some(Reply::Unsubscribed { channel }))
             }
             ClientFrame::Publish { channel, data, .. } => {
@@ -341,6 +362,7 @@ impl Session {
                     .publish(&channel, "message", Some(user), data)
                     .await
                     .map_err(cluster_unavailable)?;
+                self.published(&channel, published.seq);
                 Ok(Some(Reply::Published {
                     channel,
                     seq: published.seq,
@@ -361,7 +383,16 @@ impl Session {
             }
             ClientFrame::Read { channel, seq, .. } => {
                 let user = self.may_write(&channel)?;
-                let last = self.subscriptions.get(&channel).map_or(0, |r| r.last_seq());
+                let own = self
+                    .own_seq
+                    .iter()
+                    .find(|(c, _)| *c == channel)
+                    .map_or(0, |(_, seq)| *seq);
+                let last = self
+                    .subscriptions
+                    .get(&channel)
+                    .map_or(0, |r| r.last_seq())
+                    .max(own);
                 if seq == 0 || seq > last {
                     return Err((
                         ErrorCode::InvalidRequest,
@@ -374,6 +405,7 @@ impl Session {
                     .publish(&channel, "read", Some(user), data)
                     .await
                     .map_err(cluster_unavailable)?;
+                self.published(&channel, published.seq);
                 Ok(Some(Reply::Published {
                     channel,
                     seq: published.seq,
@@ -535,7 +567,7 @@ impl Session {
             .collect();
         for channel in revoked {
             if let Some(room) = self.subscriptions.remove(&channel) {
-                self.shared.rooms.unsubscribe(&self.conn, &room);
+                self.leave(&channel, &room);
                 self.error(
                     None,
                     ErrorCode::Forbidden,
@@ -598,11 +630,8 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for (channel, room) in &self.subscriptions {
-            self.shared.rooms.unsubscribe(&self.conn, room);
-            if let Some(cluster) = &self.shared.cluster {
-                cluster.leave(channel);
-            }
+        for (channel, room) in std::mem::take(&mut self.subscriptions) {
+            self.leave(&channel, &room);
         }
         if let Some(user) = self.conn.user() {
             self.shared.users.disconnected(user);

@@ -247,10 +247,18 @@ impl Auctions {
             .ids()
             .await
             .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        let mut loaded = 0;
         for id in &ids {
-            self.adopt(id).await?;
+            match self.adopt(id).await {
+                Ok(()) => loaded += 1,
+                // One unreadable auction must not keep the others (and the node) down.
+                Err(AdminError::Cluster(error)) => return Err(AdminError::Cluster(error)),
+                Err(error) => {
+                    tracing::error!(auction = %id, %error, "auction in Redis cannot be loaded; skipped")
+                }
+            }
         }
-        Ok(ids.len())
+        Ok(loaded)
     }
 
     /// Cluster mode: starts an actor for an auction another node created.
@@ -273,6 +281,13 @@ impl Auctions {
             .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
         self.spawn(auction, &fresh.bids, fresh.version);
         Ok(())
+    }
+
+    /// Cluster mode: makes every actor catch up with Redis (after a reconnection).
+    pub fn refresh_all(&self) {
+        for handle in self.map.iter() {
+            let _ = handle.commands_tx.try_send(Command::Refresh(u64::MAX));
+        }
     }
 
     /// Cluster mode: tells an auction's actor that another node changed it.
@@ -312,6 +327,8 @@ impl Auctions {
             stale: false,
             staged: Vec::new(),
             held: None,
+            retry_at: None,
+            retry_backoff_ms: 0,
             events: Arc::clone(&self.events),
             clock: self.clock,
             view: Arc::clone(&view),
@@ -570,6 +587,10 @@ struct Actor {
     staged: Vec<BidRecord>,
     /// Cluster mode: this turn's announcements, held until its commit.
     held: Option<Held>,
+    /// Cluster mode: after a failed turn, when timers may try again (clock ms), and the
+    /// current backoff.
+    retry_at: Option<u64>,
+    retry_backoff_ms: u64,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
     view: Arc<ArcSwap<AuctionSnapshot>>,
@@ -590,7 +611,12 @@ impl Actor {
         let mut leaderboard = tokio::time::interval(LEADERBOARD_INTERVAL);
         leaderboard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.auction.next_deadline();
+            // After a failed cluster turn, a deadline already due waits for the backoff (or
+            // the actor would retry at Redis's round-trip speed).
+            let deadline = self
+                .auction
+                .next_deadline()
+                .map(|d| d.max(self.retry_at.unwrap_or(0)));
             let wake = self.clock.instant_at(deadline.unwrap_or(u64::MAX / 2));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -704,9 +730,12 @@ impl Actor {
             Ok(version) => {
                 self.version = version;
                 self.durable_seq = self.auction.state.last_seq;
+                self.retry_at = None;
+                self.retry_backoff_ms = 0;
                 self.release(held, None);
             }
             Err(error) => {
+                self.back_off();
                 tracing::warn!(auction = %self.id, %error, "cluster commit failed: nothing of the turn is acknowledged");
                 self.auction = before_turn;
                 self.undo(undo_highest);
@@ -725,6 +754,8 @@ impl Actor {
             match (answer, failed) {
                 (Answer::Bid(reply, answer), None) => reply(answer),
                 (Answer::Bid(reply, answer), Some(error)) => match &answer {
+                    // Accepted in this turn, or rejected against this turn's bids: neither
+                    // stands, since nothing of the turn was recorded.
                     Reply::BidAccepted {
                         bid_seq,
                         request_id,
@@ -739,6 +770,13 @@ impl Actor {
                             format!("the bid could not be committed: {error}"),
                         ))
                     }
+                    Reply::BidRejected { request_id, .. } => reply(rejected(
+                        &self.id,
+                        request_id,
+                        BidRejection::ClusterUnavailable,
+                        None,
+                        format!("the turn could not be committed: {error}"),
+                    )),
                     _ => reply(answer),
                 },
                 (Answer::Admin(reply, snapshot), None) => {
@@ -752,7 +790,14 @@ impl Actor {
     }
 
     /// Cluster mode: answers a turn's commands without judging them (Redis unreachable).
+    /// Cluster mode: a turn failed; timers wait a growing backoff before the next try.
+    fn back_off(&mut self) {
+        self.retry_backoff_ms = (self.retry_backoff_ms * 2).clamp(100, 5_000);
+        self.retry_at = Some(self.clock.now_ms() + self.retry_backoff_ms);
+    }
+
     fn refuse(&mut self, commands: Vec<Command>, error: &str) {
+        self.back_off();
         for command in commands {
             match command {
                 Command::Bid {

@@ -236,13 +236,20 @@ impl AuctionLedger {
         after: u64,
         limit: usize,
     ) -> Result<Vec<BidRecord>, ClusterError> {
+        // LRANGE takes signed indexes: a page past the end of any possible list is empty.
+        let Ok(start) = isize::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let stop = start.saturating_add(limit.min(1 << 40) as isize) - 1;
         let mut conn = self.cluster.conn();
-        let stop = after.saturating_add(limit.min(1 << 40) as u64) as i64 - 1;
         let raw: Vec<Vec<u8>> = conn
             .lrange(
                 self.cluster.key(&format!("auction:{auction}:bids")),
-                after as isize,
-                stop as isize,
+                start,
+                stop,
             )
             .await
             .inspect_err(|e| self.cluster.command_failed("bids", e))?;

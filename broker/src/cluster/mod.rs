@@ -32,6 +32,8 @@ const PUBSUB_PING: Duration = Duration::from_secs(1);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a room may fail to resync before the whole pub/sub connection is redone.
+const RESYNC_GIVE_UP: Duration = Duration::from_secs(10);
 /// A room's sequence keys live this long in Redis after its last event or sync.
 const ROOM_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -146,7 +148,7 @@ impl Scripts {
             publish: Script::new(&with_helpers(PUBLISH)),
             sync_room: Script::new(SYNC_ROOM),
             presence: Script::new(&with_helpers(PRESENCE)),
-            heartbeat: Script::new(HEARTBEAT),
+            heartbeat: Script::new(&with_helpers(HEARTBEAT)),
             reap: Script::new(&with_helpers(REAP)),
             lock: Script::new(LOCK),
             unlock: Script::new(UNLOCK),
@@ -167,6 +169,8 @@ struct Interest {
 enum SubCommand {
     Subscribe(String, oneshot::Sender<Result<(), ClusterError>>),
     Unsubscribe(Channel),
+    /// Drop the connection and start over (a room could not be resynced).
+    Reconnect,
 }
 
 /// The adapter. One per broker in cluster mode.
@@ -179,6 +183,7 @@ pub struct Cluster {
     interest: Mutex<HashMap<Channel, Interest>>,
     subs_tx: mpsc::UnboundedSender<SubCommand>,
     signals_tx: mpsc::UnboundedSender<(Channel, ServerFrame, Option<UserId>)>,
+    detached_tx: mpsc::UnboundedSender<OutgoingEvent>,
     control_tx: mpsc::UnboundedSender<Control>,
     pubsub_up: AtomicBool,
     heartbeat_up: AtomicBool,
@@ -218,6 +223,7 @@ impl Cluster {
         let rooms = Arc::new(Rooms::clustered(limits, relay_tx.clone()));
         let (subs_tx, subs_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (detached_tx, detached_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             config,
             client,
@@ -227,6 +233,7 @@ impl Cluster {
             interest: Mutex::new(HashMap::new()),
             subs_tx,
             signals_tx: relay_tx,
+            detached_tx,
             control_tx,
             pubsub_up: AtomicBool::new(false),
             heartbeat_up: AtomicBool::new(false),
@@ -237,6 +244,7 @@ impl Cluster {
         tokio::spawn(Arc::clone(&cluster).pubsub_task(subs_rx, shutdown.clone()));
         tokio::spawn(Arc::clone(&cluster).heartbeat_task(shutdown.clone()));
         tokio::spawn(Arc::clone(&cluster).presence_task(shutdown.clone()));
+        tokio::spawn(Arc::clone(&cluster).detached_task(detached_rx, shutdown.clone()));
         tokio::spawn(Arc::clone(&cluster).relay_task(relay_rx, shutdown));
         Ok(Started {
             cluster,
@@ -334,8 +342,9 @@ impl Cluster {
         self.subs_tx
             .send(SubCommand::Subscribe(self.room_channel(channel), done_tx))
             .map_err(|_| ClusterError::Unavailable("adapter stopped".into()))?;
-        done_rx
+        tokio::time::timeout(COMMAND_TIMEOUT * 2, done_rx)
             .await
+            .map_err(|_| ClusterError::Unavailable("subscribe timed out".into()))?
             .map_err(|_| ClusterError::Unavailable("adapter stopped".into()))??;
         self.sync_room(channel).await
     }
@@ -358,6 +367,10 @@ impl Cluster {
     /// Reads the room's sequence from Redis and installs it (repeating while a gap remains).
     async fn sync_room(&self, channel: &Channel) -> Result<(), ClusterError> {
         for _ in 0..5 {
+            let Some(generation) = self.rooms.sync_generation(channel) else {
+                // Not waiting for a sync (unfollowed, or synced by another).
+                return Ok(());
+            };
             let mut conn = self.conn();
             let reply: Vec<Vec<u8>> = self
                 .scripts
@@ -369,7 +382,7 @@ impl Cluster {
                 .invoke_async(&mut conn)
                 .await?;
             let image = parse_image(channel, reply)?;
-            if self.rooms.install(channel, image) {
+            if self.rooms.install(channel, generation, image) {
                 return Ok(());
             }
         }
@@ -399,11 +412,24 @@ impl Cluster {
     }
 
     /// Publishes without waiting (leaderboards): failures are logged and counted.
-    pub fn publish_detached(self: &Arc<Self>, event: OutgoingEvent) {
-        let cluster = Arc::clone(self);
-        tokio::spawn(async move {
-            let _ = cluster.publish(event).await;
-        });
+    /// Publishes without waiting (leaderboards, `Broker::publish`), in call order: one task
+    /// sends them one after the other. Failures are logged and counted.
+    pub fn publish_detached(&self, event: OutgoingEvent) {
+        let _ = self.detached_tx.send(event);
+    }
+
+    async fn detached_task(
+        self: Arc<Self>,
+        mut detached_rx: mpsc::UnboundedReceiver<OutgoingEvent>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = detached_rx.recv() => match event { Some(e) => e, None => return },
+            };
+            let _ = self.publish(event).await;
+        }
     }
 
     /// Sends an unsequenced frame (typing) to the room's subscribers on every node. With the
@@ -501,13 +527,11 @@ impl Cluster {
                 _ = tick.tick() => {}
             }
             let mut conn = self.conn();
-            let now = now_ms();
             let beat: Result<u64, _> = self
                 .scripts
                 .heartbeat
                 .arg(&self.config.prefix)
                 .arg(&self.config.node_id)
-                .arg(now)
                 .invoke_async(&mut conn)
                 .await;
             match beat {
@@ -533,7 +557,6 @@ impl Cluster {
                 .scripts
                 .reap
                 .arg(&self.config.prefix)
-                .arg(now)
                 .arg(self.config.node_ttl.as_millis() as u64)
                 .invoke_async(&mut conn)
                 .await;
@@ -557,7 +580,6 @@ impl Cluster {
             .scripts
             .reap
             .arg(&self.config.prefix)
-            .arg(now_ms())
             .arg(self.config.node_ttl.as_millis() as u64)
             .invoke_async(&mut conn)
             .await;
@@ -602,10 +624,18 @@ impl Cluster {
             }
             let mut subscribed = true;
             for chunk in names.chunks(1000) {
-                if let Err(error) = sink.subscribe(chunk).await {
-                    tracing::warn!(%error, "cluster pub/sub subscribe failed");
-                    subscribed = false;
-                    break;
+                match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(chunk)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cluster pub/sub subscribe failed");
+                        subscribed = false;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!("cluster pub/sub subscribe timed out");
+                        subscribed = false;
+                        break;
+                    }
                 }
             }
             if subscribed {
@@ -620,9 +650,13 @@ impl Cluster {
                         }
                     }
                 }
+                if subscribed {
+                    // Auction notices sent before the control channel was subscribed (or while
+                    // disconnected) may be missed: reload and refresh the auctions.
+                    let _ = self.control_tx.send(Control::Resubscribed);
+                }
                 if subscribed && connected_before {
                     metrics::counter!(m::CLUSTER_RESUBSCRIBES).increment(1);
-                    let _ = self.control_tx.send(Control::Resubscribed);
                     tracing::info!(rooms = synced, "cluster pub/sub reconnected: resubscribed and resynced every followed room");
                 }
             }
@@ -644,20 +678,26 @@ impl Cluster {
                         command = subs_rx.recv() => match command {
                             None => return,
                             Some(SubCommand::Subscribe(name, done)) => {
-                                let result = sink.subscribe(&name).await;
+                                let result = match tokio::time::timeout(COMMAND_TIMEOUT, sink.subscribe(&name)).await {
+                                    Ok(result) => result.map_err(ClusterError::from),
+                                    Err(_) => Err(ClusterError::Unavailable("subscribe timed out".into())),
+                                };
                                 let failed = result.is_err();
-                                let _ = done.send(result.map_err(ClusterError::from));
+                                let _ = done.send(result);
                                 if failed { break "subscribe failed".to_owned(); }
                                 metrics::gauge!(m::CLUSTER_ROOMS).increment(1.0);
                             }
                             Some(SubCommand::Unsubscribe(channel)) => {
                                 // A join that came after the leave keeps it.
                                 if lock(&self.interest).contains_key(&channel) { continue; }
-                                if sink.unsubscribe(self.room_channel(&channel)).await.is_err() {
-                                    break "unsubscribe failed".to_owned();
+                                let name = self.room_channel(&channel);
+                                match tokio::time::timeout(COMMAND_TIMEOUT, sink.unsubscribe(name)).await {
+                                    Ok(Ok(())) => {}
+                                    _ => break "unsubscribe failed".to_owned(),
                                 }
                                 metrics::gauge!(m::CLUSTER_ROOMS).decrement(1.0);
                             }
+                            Some(SubCommand::Reconnect) => break "a room could not be resynced".to_owned(),
                         },
                         _ = ping.tick() => {
                             let pong: Result<Result<redis::Value, _>, _> =
@@ -780,11 +820,31 @@ impl Cluster {
         let _ = self.control_tx.send(control);
     }
 
+    /// Resyncs a room after a gap, retrying with backoff for as long as the node follows it.
+    /// A room that cannot be resynced for `RESYNC_GIVE_UP` forces a pub/sub reconnection
+    /// (which resyncs everything, with the node unready meanwhile).
     fn spawn_resync(self: &Arc<Self>, channel: Channel) {
         let cluster = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(error) = cluster.sync_room(&channel).await {
-                tracing::warn!(%channel, %error, "cluster room resync failed");
+            let started = tokio::time::Instant::now();
+            let mut pause = BACKOFF_MIN;
+            loop {
+                if !lock(&cluster.interest).contains_key(&channel) {
+                    return;
+                }
+                match cluster.sync_room(&channel).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%channel, %error, retry_in = ?pause, "cluster room resync failed");
+                    }
+                }
+                if started.elapsed() > RESYNC_GIVE_UP {
+                    tracing::error!(%channel, "cluster room still out of sync: reconnecting pub/sub");
+                    let _ = cluster.subs_tx.send(SubCommand::Reconnect);
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF_MAX);
             }
         });
     }
@@ -935,6 +995,8 @@ pub(crate) async fn follow_auctions(
                 if let Err(error) = shared.auctions.load_cluster().await {
                     tracing::warn!(%error, "reloading auctions after a reconnection failed");
                 }
+                // Changes announced while disconnected were missed: every actor catches up.
+                shared.auctions.refresh_all();
             }
         }
     }

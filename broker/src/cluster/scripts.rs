@@ -21,12 +21,15 @@
 const ROOM_PUBLISH: &str = r#"
 local function room_publish(P, ch, body, state, epoch_new, ttl, hist)
   local base = P .. ':room:' .. ch
-  local seq = redis.call('INCR', base .. ':seq')
+  -- The epoch names one run of seqs: without it (new room, or its keys expired or were
+  -- evicted) a new run starts at 1. With it, seqs continue, whoever created it (a sync).
   local epoch = redis.call('GET', base .. ':epoch')
-  if (not epoch) or seq == 1 then
+  if not epoch then
     epoch = epoch_new
     redis.call('SET', base .. ':epoch', epoch)
+    redis.call('DEL', base .. ':seq', base .. ':h')
   end
+  local seq = redis.call('INCR', base .. ':seq')
   local msg = 'E' .. seq .. ' ' .. epoch .. ' ' .. body
   redis.call('RPUSH', base .. ':h', msg)
   redis.call('LTRIM', base .. ':h', -hist, -1)
@@ -119,17 +122,25 @@ end
 return presence_totals(P, ch)
 "#;
 
-/// ARGV: prefix, node, now ms. Records a heartbeat. Returns 1 if the node was not listed
-/// (new, or reaped as dead, or Redis lost its data): it must report its presence again.
-pub const HEARTBEAT: &str = r#"
-return redis.call('ZADD', ARGV[1] .. ':nodes', ARGV[3], ARGV[2])
+/// Shared Lua: Redis's own clock in ms, so nodes' clocks need not agree for heartbeats.
+const REDIS_NOW: &str = r#"
+local function redis_now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 "#;
 
-/// ARGV: prefix, now ms, ttl ms. Removes nodes whose last heartbeat is older than the ttl,
-/// with their presence, and publishes the corrected counts. Returns the nodes removed.
+/// ARGV: prefix, node. Records a heartbeat at Redis's time. Returns 1 if the node was not
+/// listed (new, or reaped as dead, or Redis lost its data): it must report its presence again.
+pub const HEARTBEAT: &str = r#"
+return redis.call('ZADD', ARGV[1] .. ':nodes', redis_now_ms(), ARGV[2])
+"#;
+
+/// ARGV: prefix, ttl ms. Removes nodes whose last heartbeat (Redis time) is older than the
+/// ttl, with their presence, and publishes the corrected counts. Returns the nodes removed.
 pub const REAP: &str = r#"
 local P = ARGV[1]
-local dead = redis.call('ZRANGEBYSCORE', P .. ':nodes', '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+local dead = redis.call('ZRANGEBYSCORE', P .. ':nodes', '-inf', redis_now_ms() - tonumber(ARGV[2]))
 for _, d in ipairs(dead) do
   redis.call('ZREM', P .. ':nodes', d)
   local rooms = redis.call('SMEMBERS', P .. ':node:' .. d .. ':rooms')
@@ -218,5 +229,5 @@ return 1
 
 /// The full source of a script that uses the shared functions.
 pub fn with_helpers(body: &str) -> String {
-    format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{body}")
+    format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{REDIS_NOW}\n{body}")
 }
