@@ -200,8 +200,8 @@ pub struct Config {
     #[arg(long, env = "GAVEL_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// Cluster mode: a node that has not sent a heartbeat for this long is taken for dead and
-    /// its viewers leave the cluster's counts. Heartbeats go out every third of it.
+    /// Cluster mode: a node that dies leaves the cluster's viewer counts within this time.
+    /// Nodes heartbeat every quarter of it; one silent for three quarters is taken for dead.
     #[arg(long, env = "GAVEL_NODE_TTL", default_value = "10s", value_parser = duration)]
     pub node_ttl: Duration,
 

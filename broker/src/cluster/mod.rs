@@ -518,7 +518,11 @@ impl Cluster {
 
     /// Heartbeats with a TTL, and reaping of nodes that stopped sending theirs.
     async fn heartbeat_task(self: Arc<Self>, shutdown: CancellationToken) {
-        let period = self.config.node_ttl / 3;
+        // Beat and reap every quarter of the TTL, and take a node for dead after three quarters
+        // without a beat: a dead node leaves the counts within the TTL, and a live one may
+        // miss two beats in a row before it is taken for dead.
+        let period = self.config.node_ttl / 4;
+        let dead_after = (self.config.node_ttl * 3 / 4).as_millis() as u64;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -557,7 +561,7 @@ impl Cluster {
                 .scripts
                 .reap
                 .arg(&self.config.prefix)
-                .arg(self.config.node_ttl.as_millis() as u64)
+                .arg(dead_after)
                 .invoke_async(&mut conn)
                 .await;
             match reaped {
@@ -580,7 +584,7 @@ impl Cluster {
             .scripts
             .reap
             .arg(&self.config.prefix)
-            .arg(self.config.node_ttl.as_millis() as u64)
+            .arg(dead_after)
             .invoke_async(&mut conn)
             .await;
     }
