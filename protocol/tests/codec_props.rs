@@ -191,18 +191,7 @@ fn reply() -> impl Strategy<Value = Reply> {
         (
             id_string(),
             id_string(),
-            prop::sample::select(vec![
-                BidRejection::TooLow,
-                BidRejection::NotActive,
-                BidRejection::Ended,
-                BidRejection::RateLimited,
-                BidRejection::Unauthenticated,
-                BidRejection::Forbidden,
-                BidRejection::InvalidAmount,
-                BidRejection::UnknownAuction,
-                BidRejection::Unavailable,
-                BidRejection::ClusterUnavailable,
-            ]),
+            prop::sample::select(BidRejection::ALL.to_vec()),
             any::<Option<i64>>(),
             ".{0,20}"
         )

@@ -187,19 +187,16 @@ impl Auctions {
         shutdown: CancellationToken,
     ) -> Result<Auctions, StorageError> {
         let durability = Durability::start(Arc::clone(&store), config.group_commit);
-        let auctions = Auctions {
-            map: DashMap::new(),
-            ledger: Ledger::Local {
+        let auctions = Auctions::empty(
+            Ledger::Local {
                 store: Arc::clone(&store),
                 durability,
             },
             events,
             clock,
-            limiter: RateLimiter::new(config.bid_rate, config.bid_burst),
+            config,
             shutdown,
-            creating: tokio::sync::Mutex::new(()),
-            group_commit: config.group_commit,
-        };
+        );
         for (id, bytes) in store.auctions()? {
             let auction: Auction = rmp_serde::from_slice(&bytes)
                 .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
@@ -226,9 +223,19 @@ impl Auctions {
         config: EngineConfig,
         shutdown: CancellationToken,
     ) -> Auctions {
+        Auctions::empty(Ledger::Cluster(ledger), events, clock, config, shutdown)
+    }
+
+    fn empty(
+        ledger: Ledger,
+        events: Arc<dyn AuctionEvents>,
+        clock: Clock,
+        config: EngineConfig,
+        shutdown: CancellationToken,
+    ) -> Auctions {
         Auctions {
             map: DashMap::new(),
-            ledger: Ledger::Cluster(ledger),
+            ledger,
             events,
             clock,
             limiter: RateLimiter::new(config.bid_rate, config.bid_burst),

@@ -557,14 +557,7 @@ impl Cluster {
                 }
             }
             self.update_up_metric();
-            let reaped: Result<Vec<String>, _> = self
-                .scripts
-                .reap
-                .arg(&self.config.prefix)
-                .arg(dead_after)
-                .invoke_async(&mut conn)
-                .await;
-            match reaped {
+            match self.reap(dead_after).await {
                 Ok(dead) if !dead.is_empty() => {
                     metrics::counter!(m::CLUSTER_NODES_REAPED).increment(dead.len() as u64);
                     tracing::warn!(
@@ -580,13 +573,18 @@ impl Cluster {
         // back to 0 and reap (which removes it, and only nodes that are dead anyway).
         let mut conn = self.conn();
         let _: Result<u64, _> = conn.zadd(self.key("nodes"), &self.config.node_id, 0).await;
-        let _: Result<Vec<String>, _> = self
-            .scripts
+        let _ = self.reap(dead_after).await;
+    }
+
+    /// Removes the nodes silent for `dead_after` ms, with their presence; returns them.
+    async fn reap(&self, dead_after: u64) -> Result<Vec<String>, redis::RedisError> {
+        let mut conn = self.conn();
+        self.scripts
             .reap
             .arg(&self.config.prefix)
             .arg(dead_after)
             .invoke_async(&mut conn)
-            .await;
+            .await
     }
 
     /// Owns the pub/sub connection: (re)connects with backoff, subscribes to the control

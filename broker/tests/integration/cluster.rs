@@ -86,6 +86,31 @@ impl Cluster {
         (status.as_u16(), body)
     }
 
+    /// Creates an open auction through `node` and waits until every node runs it.
+    async fn create_auction(&self, node: usize, id: &str) {
+        let (status, body) = api(
+            self.addr(node),
+            "POST",
+            "/api/auctions",
+            Some(open_auction(id, 600_000)),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        for other in 0..self.nodes.len() {
+            eventually("the auction reaches every node", || async {
+                api(
+                    self.addr(other),
+                    "GET",
+                    &format!("/api/auctions/{id}"),
+                    None,
+                )
+                .await
+                .0 == 200
+            })
+            .await;
+        }
+    }
+
     async fn connect(&self, node: usize, user: Option<&str>) -> TestClient {
         TestClient::connect(self.addr(node), user, Format::MsgPack).await
     }
@@ -242,24 +267,8 @@ async fn events_published_on_every_node_reach_every_node_once_in_one_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_bidders_on_three_nodes_bid_in_one_cluster_wide_order() {
     let cluster = Cluster::start(3).await;
-    let (status, body) = api(
-        cluster.addr(0),
-        "POST",
-        "/api/auctions",
-        Some(open_auction("shared", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    // Every node knows it (created on node 0).
-    for node in 1..3 {
-        eventually("the auction reaches every node", || async {
-            api(cluster.addr(node), "GET", "/api/auctions/shared", None)
-                .await
-                .0
-                == 200
-        })
-        .await;
-    }
+    // Created on node 0; every node knows it.
+    cluster.create_auction(0, "shared").await;
     let mut viewers = Vec::new();
     for node in 0..3 {
         let mut v = cluster.connect(node, None).await;
@@ -401,23 +410,7 @@ async fn a_killed_node_leaves_the_cluster_viewer_count_within_its_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_bids_are_refused_and_nodes_unready_until_it_returns() {
     let mut cluster = Cluster::start(3).await;
-    let (status, _) = api(
-        cluster.addr(0),
-        "POST",
-        "/api/auctions",
-        Some(open_auction("outage", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201);
-    for node in 1..3 {
-        eventually("the auction reaches every node", || async {
-            api(cluster.addr(node), "GET", "/api/auctions/outage", None)
-                .await
-                .0
-                == 200
-        })
-        .await;
-    }
+    cluster.create_auction(0, "outage").await;
     let mut viewer = cluster.connect(2, None).await;
     viewer.subscribe("auction:outage").await;
     let mut bidder = cluster.connect(1, Some("steady")).await;
