@@ -518,3 +518,60 @@ async fn conversations_span_nodes_messages_typing_and_receipts() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pubsub_connection_is_counted_resubscribed_and_its_gap_filled() {
+    let cluster = Cluster::start(2).await;
+    let mut watcher = cluster.connect(1, None).await;
+    watcher.subscribe("auction:steady").await;
+    // Events before, during and after Redis drops every pub/sub connection (node 1 misses
+    // what is published while it reconnects, and must fill the gap from Redis's history).
+    let publisher = {
+        let addr = cluster.addr(0);
+        tokio::spawn(async move {
+            let mut n = 0;
+            while n < 40 {
+                let (status, _) = api(
+                    addr,
+                    "POST",
+                    "/api/publish",
+                    Some(json!({"channel": "auction:steady", "event": "note", "data": {"n": n}})),
+                )
+                .await;
+                if status == 200 {
+                    n += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let killed = cluster.redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed.parse::<u32>().unwrap_or(0) >= 2, "killed {killed}");
+    publisher.await.unwrap();
+    let got = events(&mut watcher, 40).await;
+    assert_eq!(
+        got,
+        (0..40).map(|n| (n as u64 + 1, n)).collect::<Vec<_>>(),
+        "every event once, in order, across the reconnection"
+    );
+    // The loss and the resubscription are visible in the metrics (and the log).
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    eventually(
+        "the node counts the loss and the resubscription",
+        || async {
+            let (_, body) = http(cluster.addr(1), "GET", "/metrics", &[], None).await;
+            let text = body.as_str().unwrap_or_default().to_owned();
+            metric(&text, "gavel_cluster_disconnects_total") >= 1.0
+                && metric(&text, "gavel_cluster_resubscribes_total") >= 1.0
+        },
+    )
+    .await;
+    cluster.wait_ready(1, true).await;
+}
