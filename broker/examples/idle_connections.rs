@@ -1,9 +1,10 @@
-//! Opens N WebSocket connections to a running broker, subscribes each to one room, lets them
-//! sit idle, and reports the broker's resident memory per connection (read from
-//! `/proc/PID/status`). Loopback only.
+//! Opens N WebSocket connections to a running broker, subscribes each to one room (checking
+//! that every subscription succeeded), lets them sit idle, and reports the broker's resident
+//! memory per connection (read from `/proc/PID/status`). Loopback only. The broker must accept
+//! anonymous connections (`--allow-anonymous`), or give `--token`.
 //!
 //! ```sh
-//! cargo run --release -p gavel-broker &                       # the broker
+//! cargo run --release -p gavel-broker -- --allow-anonymous &   # the broker
 //! cargo run --release -p gavel-broker --example idle_connections -- --pid $(pgrep -n gavel-broker) --count 10000
 //! ```
 
@@ -11,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use gavel_broker::client::{Client, ConnectOptions};
-use gavel_broker::protocol::{Channel, ClientFrame};
+use gavel_broker::client::{Client, ConnectOptions, Incoming};
+use gavel_broker::protocol::{Channel, ClientFrame, ServerFrame};
 
 #[derive(Parser)]
 struct Args {
@@ -23,6 +24,12 @@ struct Args {
     pid: u32,
     #[arg(long, default_value_t = 10_000)]
     count: usize,
+    /// A token to connect with (default: anonymous).
+    #[arg(long)]
+    token: Option<String>,
+    /// Open the connections without subscribing them.
+    #[arg(long)]
+    no_subscribe: bool,
     /// How long to hold the connections after the last one is open.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     hold: Duration,
@@ -44,15 +51,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let channel = Channel::parse("auction:idle")?;
     let mut clients = Vec::with_capacity(args.count);
     for i in 0..args.count {
-        let mut client = Client::connect(args.addr, ConnectOptions::default()).await?;
-        client
-            .send(&ClientFrame::Subscribe {
-                id: 1,
-                channel: channel.clone(),
-                since: None,
-                epoch: None,
-            })
-            .await?;
+        let options = ConnectOptions {
+            token: args.token.clone(),
+            ..ConnectOptions::default()
+        };
+        let mut client = Client::connect(args.addr, options).await?;
+        if !args.no_subscribe {
+            client
+                .send(&ClientFrame::Subscribe {
+                    id: 1,
+                    channel: channel.clone(),
+                    since: None,
+                    epoch: None,
+                })
+                .await?;
+            // The reply to request 1 must be `subscribed`, or the number means nothing.
+            loop {
+                match client.next().await? {
+                    Incoming::Frame(ServerFrame::Ok { id: 1, .. }) => break,
+                    Incoming::Frame(ServerFrame::Error(e)) => {
+                        return Err(format!("subscribe refused: {:?} {}", e.code, e.message).into())
+                    }
+                    Incoming::Frame(_) => continue,
+                    other => return Err(format!("connection ended: {other:?}").into()),
+                }
+            }
+        }
         clients.push(client);
         if (i + 1) % 2000 == 0 {
             eprintln!("{} connections open", i + 1);
@@ -66,8 +90,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(args.hold).await;
     let after = rss_kib(args.pid);
     println!(
-        "{} idle subscribed connections: broker RSS {before} KiB -> {after} KiB, {:.2} KiB per connection",
+        "{} idle {} connections: broker RSS {before} KiB -> {after} KiB, {:.2} KiB per connection",
         args.count,
+        if args.no_subscribe {
+            "unsubscribed"
+        } else {
+            "subscribed"
+        },
         (after.saturating_sub(before)) as f64 / args.count as f64
     );
     for r in readers {

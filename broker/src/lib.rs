@@ -137,7 +137,9 @@ impl Shared {
             Some(cluster) => {
                 let outgoing =
                     cluster::OutgoingEvent::new(channel.clone(), event, from, data, None);
-                let (seq, nodes) = cluster.publish(outgoing).await?;
+                // Boxed, so that callers' futures (a session's, alive per connection) do not
+                // carry the Redis call's state.
+                let (seq, nodes) = Box::pin(cluster.publish(outgoing)).await?;
                 Ok(Published {
                     seq,
                     delivered: nodes as usize,

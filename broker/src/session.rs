@@ -337,7 +337,11 @@ impl Session {
             } => {
                 self.may_subscribe(&channel).await?;
                 if let Some(cluster) = &self.shared.cluster {
-                    cluster.join(&channel).await.map_err(cluster_unavailable)?;
+                    // Boxed: the session future (alive for every idle connection) then holds a
+                    // pointer here, not the Redis round trips' state.
+                    Box::pin(cluster.join(&channel))
+                        .await
+                        .map_err(cluster_unavailable)?;
                 }
                 let joined = self
                     .shared
