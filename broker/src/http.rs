@@ -363,7 +363,7 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
                     "cluster_unavailable",
                     &format!(
                         "{error}; published before the failure: {}",
-                        Value::from(published.clone())
+                        Value::from(published)
                     ),
                 );
                 response.headers_mut().insert(

@@ -147,25 +147,6 @@ impl Shared {
             }
         }
     }
-
-    /// Sends an unsequenced frame to a room's subscribers (on every node in cluster mode).
-    pub(crate) fn signal(
-        &self,
-        channel: &Channel,
-        frame: gavel_protocol::ServerFrame,
-        skip_user: Option<UserId>,
-    ) {
-        match &self.cluster {
-            Some(cluster) => cluster.signal(channel, frame, skip_user),
-            None => {
-                let skip = match &skip_user {
-                    Some(user) => rooms::Skip::User(user),
-                    None => rooms::Skip::Nobody,
-                };
-                self.rooms.signal(channel, frame, skip);
-            }
-        }
-    }
 }
 
 /// A running broker. Cheap to clone; every clone is the same broker.

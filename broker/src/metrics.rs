@@ -38,13 +38,13 @@ pub const CLUSTER_ROOMS: &str = "gavel_cluster_rooms";
 pub const CLUSTER_NODES_REAPED: &str = "gavel_cluster_nodes_reaped_total";
 pub const CLUSTER_LOCK_WAIT_SECONDS: &str = "gavel_cluster_lock_wait_seconds";
 
-/// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
 /// Bids per group-commit flush: 1 up to the 512 of a full actor turn (and more when the
 /// flusher merges turns of several auctions).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
+/// Histogram buckets from 50 µs to 2.5 s: fine enough around the 1–50 ms that matter.
 const LATENCY_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5,

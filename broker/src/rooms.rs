@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -48,8 +48,7 @@ pub struct Rooms {
     next_epoch: AtomicU64,
     /// Cluster mode: a room is a replica of its sequence in Redis (see [`SyncState`]), and
     /// unsequenced signals that start here (joined, left) go out through the relay.
-    clustered: bool,
-    relay: OnceLock<SignalRelay>,
+    relay: Option<SignalRelay>,
 }
 
 /// Where a clustered registry sends the signals it makes itself (joined, left), so that they
@@ -81,8 +80,8 @@ pub struct RoomImage {
 /// What [`Rooms::deliver`] did with an event from the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// Appended and queued for the local subscribers.
-    Applied,
+    /// Appended and queued for this many local subscribers.
+    Applied(usize),
     /// Kept until the room's sync completes.
     Buffered,
     /// Already applied, or for a room this node does not follow.
@@ -180,6 +179,16 @@ pub enum Skip<'a> {
     User(&'a UserId),
 }
 
+impl<'a> From<Option<&'a UserId>> for Skip<'a> {
+    /// Nobody, or every connection of the user.
+    fn from(user: Option<&'a UserId>) -> Skip<'a> {
+        match user {
+            Some(user) => Skip::User(user),
+            None => Skip::Nobody,
+        }
+    }
+}
+
 impl Skip<'_> {
     fn skips(&self, conn: &ConnHandle) -> bool {
         match self {
@@ -212,17 +221,15 @@ pub struct RoomInfo {
 
 impl Rooms {
     pub fn new(limits: HistoryLimits) -> Rooms {
-        Rooms::build(limits, false)
+        Rooms::build(limits, None)
     }
 
     /// A registry for cluster mode: rooms replicate their sequence from Redis.
     pub fn clustered(limits: HistoryLimits, relay: SignalRelay) -> Rooms {
-        let rooms = Rooms::build(limits, true);
-        let _ = rooms.relay.set(relay);
-        rooms
+        Rooms::build(limits, Some(relay))
     }
 
-    fn build(limits: HistoryLimits, clustered: bool) -> Rooms {
+    fn build(limits: HistoryLimits, relay: Option<SignalRelay>) -> Rooms {
         let start_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -232,8 +239,7 @@ impl Rooms {
             limits,
             dirty: Mutex::new(Vec::new()),
             next_epoch: AtomicU64::new(start_us),
-            clustered,
-            relay: OnceLock::new(),
+            relay,
         }
     }
 
@@ -251,7 +257,7 @@ impl Rooms {
             Arc::new(Room::new(
                 channel.clone(),
                 self.next_epoch.fetch_add(1, Ordering::Relaxed),
-                self.clustered,
+                self.relay.is_some(),
             ))
         });
         Arc::clone(room.value())
@@ -333,7 +339,7 @@ impl Rooms {
             // Still under `members`, so a user's joined and left reach everyone in the order
             // they happened (the offers do not block).
             if first_of_viewer {
-                room.announce(conn, true, self.relay.get());
+                room.announce(conn, true, self.relay.as_ref());
             }
             drop(members);
             self.mark_dirty(&room);
@@ -363,7 +369,7 @@ impl Rooms {
             room.subscribers.store(snapshot);
         }
         if last_of_viewer {
-            room.announce(conn, false, self.relay.get());
+            room.announce(conn, false, self.relay.as_ref());
         }
         drop(members);
         self.mark_dirty(room);
@@ -448,15 +454,11 @@ impl Rooms {
                 log.start_syncing(vec![event]);
                 Delivery::Gap
             }
-            SyncState::Synced => room.apply(&mut log, event, self.limits),
+            SyncState::Synced => room.apply_at(&mut log, event, self.limits, started),
         };
         drop(log);
-        if delivery == Delivery::Applied {
-            m::record_fan_out(
-                "event",
-                room.connections.load(Ordering::Relaxed) as usize,
-                started.elapsed(),
-            );
+        if let Delivery::Applied(delivered) = delivery {
+            m::record_fan_out("event", delivered, started.elapsed());
         }
         delivery
     }
@@ -578,35 +580,30 @@ impl Rooms {
     pub fn cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
         if let Some(room) = self.get(channel) {
             *lock(&room.cluster_viewers) = Some(viewers);
-            let frame = ServerFrame::Viewers {
-                channel: channel.clone(),
-                ts: now_ms(),
-                viewers,
-            };
-            room.signal(frame, Skip::Nobody);
+            room.send_viewers(viewers);
         }
     }
 
     /// Cluster mode: the rooms whose local viewers changed since the last call, each with its
-    /// connection count and viewer keys (a user id, or `~` and the connection id).
-    pub fn take_dirty_presence(&self) -> Vec<(Channel, u32, Vec<String>)> {
-        let dirty = std::mem::take(&mut *lock(&self.dirty));
-        dirty
+    /// connection count and viewers.
+    pub fn take_dirty_presence(&self) -> Vec<(Channel, u32, Vec<ViewerKey>)> {
+        self.take_dirty()
             .into_iter()
             .map(|room| {
-                room.presence_dirty.store(false, Ordering::Release);
                 let members = lock(&room.members);
-                let keys = members
-                    .viewers
-                    .keys()
-                    .map(|key| match key {
-                        ViewerKey::User(user) => format!("u{user}"),
-                        ViewerKey::Anonymous(conn) => format!("~{conn}"),
-                    })
-                    .collect();
+                let keys = members.viewers.keys().cloned().collect();
                 (room.channel.clone(), members.set.len() as u32, keys)
             })
             .collect()
+    }
+
+    /// The rooms queued for a viewer-count update since the last call.
+    fn take_dirty(&self) -> Vec<Arc<Room>> {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        for room in &dirty {
+            room.presence_dirty.store(false, Ordering::Release);
+        }
+        dirty
     }
 
     /// Queues a viewer-count report for every room (after the cluster lost this node's share).
@@ -649,6 +646,24 @@ impl Rooms {
         }
     }
 
+    /// Sends an unsequenced frame (typing) to the room's subscribers: in cluster mode through
+    /// the relay to every node's (the relay falls back to this node's when Redis is down).
+    pub fn signal_everywhere(
+        &self,
+        channel: &Channel,
+        frame: ServerFrame,
+        skip_user: Option<UserId>,
+    ) {
+        match &self.relay {
+            Some(relay) => {
+                let _ = relay.send((channel.clone(), frame, skip_user));
+            }
+            None => {
+                self.signal(channel, frame, Skip::from(skip_user.as_ref()));
+            }
+        }
+    }
+
     /// Queues a viewer-count update. A `user:{id}` room gets none: its only viewers are that
     /// user's own tabs.
     fn mark_dirty(&self, room: &Arc<Room>) {
@@ -663,18 +678,10 @@ impl Rooms {
     /// Sends one coalesced `viewers` update to each room whose counts changed since the last
     /// call. Called every presence interval.
     pub fn flush_presence(&self) {
-        let dirty = std::mem::take(&mut *lock(&self.dirty));
-        for room in dirty {
-            room.presence_dirty.store(false, Ordering::Release);
-            if room.retired.load(Ordering::Acquire) {
-                continue;
+        for room in self.take_dirty() {
+            if !room.retired.load(Ordering::Acquire) {
+                room.send_viewers(room.viewer_counts());
             }
-            let frame = ServerFrame::Viewers {
-                channel: room.channel.clone(),
-                ts: now_ms(),
-                viewers: room.viewer_counts(),
-            };
-            room.signal(frame, Skip::Nobody);
         }
     }
 
@@ -773,7 +780,7 @@ impl Room {
     }
 
     /// This node's own viewer counts.
-    pub fn local_viewer_counts(&self) -> ViewerCounts {
+    fn local_viewer_counts(&self) -> ViewerCounts {
         ViewerCounts {
             connections: self.connections.load(Ordering::Relaxed),
             users: self.users.load(Ordering::Relaxed),
@@ -876,10 +883,6 @@ impl Room {
     }
 
     /// Applies an event from the cluster in seq order.
-    fn apply(&self, log: &mut RoomLog, event: Incoming, limits: HistoryLimits) -> Delivery {
-        self.apply_at(log, event, limits, Instant::now())
-    }
-
     fn apply_at(
         &self,
         log: &mut RoomLog,
@@ -887,11 +890,12 @@ impl Room {
         limits: HistoryLimits,
         at: Instant,
     ) -> Delivery {
+        if self.is_gap(log, &event) {
+            return Delivery::Gap;
+        }
         if event.epoch != self.epoch() {
-            if event.seq != 1 {
-                return Delivery::Gap;
-            }
-            // The room's keys expired in Redis and it started over: so does the replica.
+            // Seq 1 of a new epoch: the room's keys expired in Redis and it started over, so
+            // does the replica.
             self.epoch.store(event.epoch, Ordering::Relaxed);
             log.history.clear();
             log.last_seq = 0;
@@ -899,11 +903,7 @@ impl Room {
         if event.seq <= log.last_seq {
             return Delivery::Ignored;
         }
-        if event.seq > log.last_seq + 1 {
-            return Delivery::Gap;
-        }
-        self.append(log, event, at, limits);
-        Delivery::Applied
+        Delivery::Applied(self.append(log, event, at, limits))
     }
 
     /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
@@ -926,6 +926,16 @@ impl Room {
             tracing::warn!(channel = %self.channel, slow, "slow consumers disconnected");
         }
         queued
+    }
+
+    /// A `viewers` frame to every subscriber.
+    fn send_viewers(&self, viewers: ViewerCounts) {
+        let frame = ServerFrame::Viewers {
+            channel: self.channel.clone(),
+            ts: now_ms(),
+            viewers,
+        };
+        self.signal(frame, Skip::Nobody);
     }
 
     fn signal(&self, frame: ServerFrame, skip: Skip<'_>) -> usize {

@@ -91,7 +91,7 @@ pub(crate) async fn serve(
 struct Session {
     shared: Arc<Shared>,
     conn: Arc<ConnHandle>,
-    subscriptions: HashMap<Channel, Arc<Room>>,
+    subscriptions: HashMap<Channel, Subscription>,
     /// `None` until the connection authenticates (or for good, when anonymous).
     identity: Option<Identity>,
     /// When the connection was opened (for the authentication timeout).
@@ -102,9 +102,14 @@ struct Session {
     inbound: TokenBucket,
     /// Messages dropped in a row for the rate limit; past the burst size, the connection closes.
     strikes: u32,
-    /// Cluster mode: the seq of this connection's latest publish per conversation, which can
-    /// be ahead of the local replica for a moment (so a read receipt for it is valid).
-    own_seq: Vec<(Channel, u64)>,
+}
+
+/// One of the connection's subscriptions.
+struct Subscription {
+    room: Arc<Room>,
+    /// The seq of this connection's latest publish here. In cluster mode it can be ahead of
+    /// the local replica for a moment, and a read receipt for it is still valid.
+    own_seq: u64,
 }
 
 /// What a deadline of the authentication state means when it passes.
@@ -134,27 +139,21 @@ impl Session {
             grace_until: None,
             inbound,
             strikes: 0,
-            own_seq: Vec::new(),
         }
     }
 
     /// Ends one subscription: the room, and in cluster mode the node's interest in it.
-    fn leave(&mut self, channel: &Channel, room: &Arc<Room>) {
+    fn leave(&self, channel: &Channel, room: &Arc<Room>) {
         self.shared.rooms.unsubscribe(&self.conn, room);
         if let Some(cluster) = &self.shared.cluster {
             cluster.leave(channel);
         }
-        self.own_seq.retain(|(c, _)| c != channel);
     }
 
-    /// Remembers the seq of this connection's publish (cluster mode only: see `own_seq`).
+    /// Remembers the seq of this connection's publish (see `Subscription::own_seq`).
     fn published(&mut self, channel: &Channel, seq: u64) {
-        if self.shared.cluster.is_none() {
-            return;
-        }
-        match self.own_seq.iter_mut().find(|(c, _)| c == channel) {
-            Some((_, last)) => *last = (*last).max(seq),
-            None => self.own_seq.push((channel.clone(), seq)),
+        if let Some(subscription) = self.subscriptions.get_mut(channel) {
+            subscription.own_seq = subscription.own_seq.max(seq);
         }
     }
 
@@ -348,7 +347,13 @@ impl Session {
                     .rooms
                     .subscribe(&self.conn, &channel, id, since, epoch);
                 tracing::debug!(%channel, ?since, recovered = ?joined.recovered, replayed = joined.replayed, "subscribed");
-                self.subscriptions.insert(channel, joined.room);
+                self.subscriptions.insert(
+                    channel,
+                    Subscription {
+                        room: joined.room,
+                        own_seq: 0,
+                    },
+                );
                 Ok(None)
             }
             ClientFrame::Unsubscribe { channel, .. } => {
@@ -356,7 +361,7 @@ impl Session {
                     .subscriptions
                     .remove(&channel)
                     .ok_or_else(|| not_subscribed(&channel))?;
-                self.leave(&channel, &room);
+                self.leave(&channel, &room.room);
                 Ok(Some(Reply::Unsubscribed { channel }))
             }
             ClientFrame::Publish { channel, data, .. } => {
@@ -382,21 +387,17 @@ impl Session {
                     typing,
                     ts: now_ms(),
                 };
-                self.shared.signal(&channel, frame, Some(user));
+                self.shared
+                    .rooms
+                    .signal_everywhere(&channel, frame, Some(user));
                 Ok(Some(Reply::Done {}))
             }
             ClientFrame::Read { channel, seq, .. } => {
                 let user = self.may_write(&channel)?;
-                let own = self
-                    .own_seq
-                    .iter()
-                    .find(|(c, _)| *c == channel)
-                    .map_or(0, |(_, seq)| *seq);
                 let last = self
                     .subscriptions
                     .get(&channel)
-                    .map_or(0, |r| r.last_seq())
-                    .max(own);
+                    .map_or(0, |s| s.room.last_seq().max(s.own_seq));
                 if seq == 0 || seq > last {
                     return Err((
                         ErrorCode::InvalidRequest,
@@ -423,7 +424,7 @@ impl Session {
                 let limit = limit
                     .map_or(PRESENCE_DEFAULT_LIMIT, |l| l as usize)
                     .min(PRESENCE_MAX_LIMIT);
-                let reply = room.presence(limit);
+                let reply = room.room.presence(limit);
                 Ok(Some(Reply::Presence(reply)))
             }
             ClientFrame::Ping { .. } => Ok(Some(Reply::Pong {
@@ -571,7 +572,7 @@ impl Session {
             .collect();
         for channel in revoked {
             if let Some(room) = self.subscriptions.remove(&channel) {
-                self.leave(&channel, &room);
+                self.leave(&channel, &room.room);
                 self.error(
                     None,
                     ErrorCode::Forbidden,
@@ -635,7 +636,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         for (channel, room) in std::mem::take(&mut self.subscriptions) {
-            self.leave(&channel, &room);
+            self.leave(&channel, &room.room);
         }
         if let Some(user) = self.conn.user() {
             self.shared.users.disconnected(user);

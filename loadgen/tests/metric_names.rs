@@ -9,33 +9,23 @@ use std::path::Path;
 use std::time::Duration;
 
 use gavel_broker::testing::RedisServer;
-use gavel_broker::{Broker, Config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SECRET: &str = "metric-names-secret-0123";
-const KEY: &str = "metric-names-api-key-0123";
+mod common;
+
+use common::{KEY, SECRET};
 
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 async fn broker(redis_url: Option<String>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut config = Config::defaults();
-    config.api_key = Some(KEY.into());
-    config.jwt_secret = Some(SECRET.into());
-    config.bid_rate = 1000.0;
-    config.data_dir = std::env::temp_dir().join(format!(
-        "gavel-metric-names-{}-{}",
-        std::process::id(),
-        addr.port()
-    ));
-    config.redis_url = redis_url;
-    config.node_ttl = Duration::from_secs(2);
-    let broker = Broker::new(config).unwrap();
-    tokio::spawn(async move { broker.serve(listener).await });
-    addr
+    common::broker(|config| {
+        config.redis_url = redis_url;
+        config.node_ttl = Duration::from_secs(2);
+    })
+    .await
+    .0
 }
 
 /// GET over HTTP/1.0; the body, or `None` when nothing answers.

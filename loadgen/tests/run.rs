@@ -3,28 +3,9 @@
 
 use std::process::Command;
 
-use gavel_broker::{Broker, Config};
+mod common;
 
-const SECRET: &str = "loadgen-test-secret-0123";
-const KEY: &str = "loadgen-test-api-key-0123";
-
-async fn broker() -> (std::net::SocketAddr, std::path::PathBuf) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "gavel-loadgen-test-{}-{}",
-        std::process::id(),
-        addr.port()
-    ));
-    let mut config = Config::defaults();
-    config.api_key = Some(KEY.into());
-    config.jwt_secret = Some(SECRET.into());
-    config.bid_rate = 1000.0;
-    config.data_dir = dir.clone();
-    let broker = Broker::new(config).unwrap();
-    tokio::spawn(async move { broker.serve(listener).await });
-    (addr, dir)
-}
+use common::{broker, KEY, SECRET};
 
 fn args(addr: std::net::SocketAddr, slo: &str) -> Vec<String> {
     [
@@ -60,7 +41,7 @@ fn args(addr: std::net::SocketAddr, slo: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     use clap::Parser;
-    let (addr, dir) = broker().await;
+    let (addr, dir) = broker(|_| {}).await;
     std::fs::create_dir_all(&dir).unwrap();
     let mut argv = vec!["gavel-loadgen".to_string()];
     argv.extend(args(addr, "delivery.p99<10s"));

@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use gavel_protocol::{
-    AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Channel, Outbid, Reply, UserId,
+    AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Outbid, Reply, UserId,
 };
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::cluster::ledger::AuctionLedger;
-use crate::cluster::OutgoingEvent;
+use crate::cluster::{ClusterError, OutgoingEvent};
 use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
 use crate::store::{BidLog, BidRecord, Durability, GroupCommit, StorageError};
@@ -83,6 +83,12 @@ pub enum AdminError {
     /// Cluster mode: Redis, which orders every auction change, is unreachable.
     #[error("cluster unavailable: {0}")]
     Cluster(String),
+}
+
+impl From<ClusterError> for AdminError {
+    fn from(error: ClusterError) -> AdminError {
+        AdminError::Cluster(error.to_string())
+    }
 }
 
 /// Where accepted bids and auction records are made durable, and who orders them.
@@ -156,6 +162,10 @@ fn encode(auction: &Auction) -> Result<Vec<u8>, StorageError> {
     rmp_serde::to_vec_named(auction).map_err(|e| StorageError::Corrupt(e.to_string()))
 }
 
+fn decode(id: &str, bytes: &[u8]) -> Result<Auction, StorageError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
@@ -198,8 +208,7 @@ impl Auctions {
             shutdown,
         );
         for (id, bytes) in store.auctions()? {
-            let auction: Auction = rmp_serde::from_slice(&bytes)
-                .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
+            let auction = decode(&id, &bytes)?;
             let last = store.last_seq(&id)?;
             if last != auction.state.last_seq {
                 // A bid and its record are one atomic batch, so this means a damaged store.
@@ -250,10 +259,7 @@ impl Auctions {
         let Ledger::Cluster(ledger) = &self.ledger else {
             return Ok(0);
         };
-        let ids = ledger
-            .ids()
-            .await
-            .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        let ids = ledger.ids().await?;
         let mut loaded = 0;
         for id in &ids {
             match self.adopt(id).await {
@@ -277,15 +283,11 @@ impl Auctions {
         if self.map.contains_key(id) {
             return Ok(());
         }
-        let fresh = ledger
-            .read(id, 0)
-            .await
-            .map_err(|e| AdminError::Cluster(e.to_string()))?;
+        let fresh = ledger.read(id, 0).await?;
         if fresh.record.is_empty() {
             return Err(AdminError::NotFound(id.to_owned()));
         }
-        let auction: Auction = rmp_serde::from_slice(&fresh.record)
-            .map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))?;
+        let auction = decode(id, &fresh.record)?;
         self.spawn(auction, &fresh.bids, fresh.version);
         Ok(())
     }
@@ -311,17 +313,8 @@ impl Auctions {
             .auction_state(&auction.spec.id, to_value(&snapshot));
         let view = Arc::new(ArcSwap::from_pointee(snapshot));
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let mut outcomes = HashMap::new();
-        let mut highest = HashMap::new();
-        for bid in bids {
-            highest.insert(bid.user.clone(), bid.amount);
-            outcomes.insert(
-                (bid.user.clone(), bid.request_id.clone()),
-                accepted_reply(&auction.spec.id, bid, &auction),
-            );
-        }
         let durable_seq = auction.state.last_seq;
-        let actor = Actor {
+        let mut actor = Actor {
             max_turn: match self.group_commit {
                 GroupCommit::On => MAX_TURN,
                 GroupCommit::Off => 1,
@@ -332,19 +325,19 @@ impl Auctions {
             ledger: self.ledger.clone(),
             version,
             stale: false,
-            staged: Vec::new(),
             held: None,
             retry_at: None,
             retry_backoff_ms: 0,
             events: Arc::clone(&self.events),
             clock: self.clock,
             view: Arc::clone(&view),
-            outcomes,
-            highest,
+            outcomes: HashMap::new(),
+            highest: HashMap::new(),
             leaderboard_dirty: false,
             failed: false,
             durable_seq,
         };
+        actor.learn_bids(bids);
         self.map
             .insert(actor.id.clone(), Handle { commands_tx, view });
         tokio::spawn(actor.run(self.shutdown.clone()));
@@ -375,8 +368,7 @@ impl Auctions {
             Ledger::Cluster(ledger) => {
                 let created = ledger
                     .create(&auction.spec.id, &encode(&auction)?, &to_value(&snapshot))
-                    .await
-                    .map_err(|e| AdminError::Cluster(e.to_string()))?;
+                    .await?;
                 if !created {
                     return Err(AdminError::Exists(auction.spec.id));
                 }
@@ -497,7 +489,7 @@ impl Auctions {
             Ledger::Cluster(ledger) => ledger
                 .bids(id, after, limit)
                 .await
-                .map_err(|e| AdminError::Cluster(e.to_string())),
+                .map_err(AdminError::from),
         }
     }
 
@@ -590,8 +582,6 @@ struct Actor {
     version: u64,
     /// Cluster mode: a commit failed; the next turn reloads everything from Redis.
     stale: bool,
-    /// Cluster mode: this turn's accepted bids, committed together at its end.
-    staged: Vec<BidRecord>,
     /// Cluster mode: this turn's announcements, held until its commit.
     held: Option<Held>,
     /// Cluster mode: after a failed turn, when timers may try again (clock ms), and the
@@ -710,13 +700,20 @@ impl Actor {
             }
         }
         let now = self.clock.now_ms();
-        self.staged.clear();
         let Judged {
             announce,
             wrote,
             before_turn,
             undo_highest,
         } = self.judge(commands, now);
+        // The turn's accepted bids, in seq order, for the commit.
+        let bids: Vec<BidRecord> = announce
+            .iter()
+            .filter_map(|a| match a {
+                Announce::Bid { record, .. } => Some(record.clone()),
+                _ => None,
+            })
+            .collect();
         self.held = Some(Held::default());
         self.announce(announce, now);
         let held = self.held.take().unwrap_or_default();
@@ -728,7 +725,7 @@ impl Actor {
         }
         let committed = match encode(&self.auction) {
             Ok(record) => ledger
-                .commit(&self.id, self.version, &record, &self.staged, &held.events)
+                .commit(&self.id, self.version, &record, &bids, &held.events)
                 .await
                 .map_err(|e| e.to_string()),
             Err(error) => Err(error.to_string()),
@@ -751,7 +748,6 @@ impl Actor {
                 self.release(held, Some(&error));
             }
         }
-        self.staged.clear();
     }
 
     /// Sends a cluster turn's held answers; after a failed commit, what the turn accepted is
@@ -769,19 +765,13 @@ impl Actor {
                         ..
                     } if *bid_seq > self.durable_seq => {
                         metrics::counter!(m::BIDS, "outcome" => "cluster_unavailable").increment(1);
-                        reply(rejected(
-                            &self.id,
+                        reply(self.cluster_refusal(
                             request_id,
-                            BidRejection::ClusterUnavailable,
-                            None,
                             format!("the bid could not be committed: {error}"),
                         ))
                     }
-                    Reply::BidRejected { request_id, .. } => reply(rejected(
-                        &self.id,
+                    Reply::BidRejected { request_id, .. } => reply(self.cluster_refusal(
                         request_id,
-                        BidRejection::ClusterUnavailable,
-                        None,
                         format!("the turn could not be committed: {error}"),
                     )),
                     _ => reply(answer),
@@ -796,13 +786,24 @@ impl Actor {
         }
     }
 
-    /// Cluster mode: answers a turn's commands without judging them (Redis unreachable).
     /// Cluster mode: a turn failed; timers wait a growing backoff before the next try.
     fn back_off(&mut self) {
         self.retry_backoff_ms = (self.retry_backoff_ms * 2).clamp(100, 5_000);
         self.retry_at = Some(self.clock.now_ms() + self.retry_backoff_ms);
     }
 
+    /// A `bid_rejected` with `cluster_unavailable`.
+    fn cluster_refusal(&self, request_id: &str, message: String) -> Reply {
+        rejected(
+            &self.id,
+            request_id,
+            BidRejection::ClusterUnavailable,
+            None,
+            message,
+        )
+    }
+
+    /// Cluster mode: answers a turn's commands without judging them (Redis unreachable).
     fn refuse(&mut self, commands: Vec<Command>, error: &str) {
         self.back_off();
         for command in commands {
@@ -811,11 +812,8 @@ impl Actor {
                     request_id, reply, ..
                 } => {
                     metrics::counter!(m::BIDS, "outcome" => "cluster_unavailable").increment(1);
-                    reply(rejected(
-                        &self.id,
+                    reply(self.cluster_refusal(
                         &request_id,
-                        BidRejection::ClusterUnavailable,
-                        None,
                         format!("the cluster cannot order bids now: {error}"),
                     ));
                 }
@@ -835,30 +833,32 @@ impl Actor {
         } else {
             self.auction.state.last_seq
         };
-        let fresh = ledger
-            .read(&self.id, after)
-            .await
-            .map_err(|e| AdminError::Cluster(e.to_string()))?;
-        let auction: Auction = rmp_serde::from_slice(&fresh.record)
-            .map_err(|e| StorageError::Corrupt(format!("auction {}: {e}", self.id)))?;
+        let fresh = ledger.read(&self.id, after).await?;
+        let auction = decode(&self.id, &fresh.record)?;
         if self.stale {
             self.outcomes.clear();
             self.highest.clear();
         }
-        for bid in &fresh.bids {
-            self.highest.insert(bid.user.clone(), bid.amount);
-            self.outcomes.insert(
-                (bid.user.clone(), bid.request_id.clone()),
-                accepted_reply(&self.id, bid, &auction),
-            );
-        }
         self.auction = auction;
+        self.learn_bids(&fresh.bids);
         self.version = fresh.version;
         self.durable_seq = self.auction.state.last_seq;
         self.stale = false;
         self.view
             .store(Arc::new(self.auction.snapshot(self.clock.now_ms())));
         Ok(())
+    }
+
+    /// Takes logged bids into the idempotency table (a retry gets the first answer) and the
+    /// leaderboard.
+    fn learn_bids(&mut self, bids: &[BidRecord]) {
+        for bid in bids {
+            self.highest.insert(bid.user.clone(), bid.amount);
+            self.outcomes.insert(
+                (bid.user.clone(), bid.request_id.clone()),
+                accepted_reply(&self.id, bid, &self.auction),
+            );
+        }
     }
 
     /// Cluster mode: another node committed a change; catch up without the lock, so this
@@ -1054,10 +1054,8 @@ impl Actor {
             Ledger::Local { store, .. } => {
                 encode(&self.auction).and_then(|bytes| store.append(&self.id, record, &bytes))
             }
-            Ledger::Cluster(_) => {
-                self.staged.push(record.clone());
-                Ok(())
-            }
+            // Committed with the turn (the records are in its announcements).
+            Ledger::Cluster(_) => Ok(()),
         }
     }
 
@@ -1190,7 +1188,7 @@ impl Actor {
                         server_ts: record.ts,
                     };
                     let state = to_value(&snapshot);
-                    self.emit_auction("bid_placed", to_value(&placed), Some(state.clone()));
+                    self.emit_auction("bid_placed", to_value(&placed), Some(state));
                     if let Some(previous_end) = accepted.extended_from {
                         self.emit_auction(
                             "extended",
@@ -1223,12 +1221,7 @@ impl Actor {
                     }
                     self.answer(reply, answer);
                 }
-                Announce::Admin(reply, snapshot) => match &mut self.held {
-                    Some(held) => held.answers.push(Answer::Admin(reply, snapshot)),
-                    None => {
-                        let _ = reply.send(Ok(snapshot));
-                    }
-                },
+                Announce::Admin(reply, snapshot) => self.answer_admin(reply, snapshot),
             }
         }
         self.view.store(Arc::new(self.auction.snapshot(now)));
@@ -1242,29 +1235,29 @@ impl Actor {
 
     /// An event in the auction's room: published now, or (cluster turn) with the commit.
     fn emit_auction(&mut self, event: &str, data: Value, state: Option<Value>) {
-        let auction_id = self.id.as_str();
         match &mut self.held {
-            Some(held) => match Channel::auction(auction_id) {
-                Ok(channel) => held
-                    .events
-                    .push(OutgoingEvent::new(channel, event, None, data, state)),
-                Err(error) => tracing::error!(auction_id, %error, "auction id is not a channel id"),
-            },
-            None => self.events.auction_event(auction_id, event, data, state),
+            Some(held) => held
+                .events
+                .extend(OutgoingEvent::auction(&self.id, event, data, state)),
+            None => self.events.auction_event(&self.id, event, data, state),
         }
     }
 
     /// A notice on a user's channel: published now, or (cluster turn) with the commit.
     fn emit_user(&mut self, user: &UserId, event: &str, data: Value) {
         match &mut self.held {
-            Some(held) => held.events.push(OutgoingEvent::new(
-                Channel::user(user),
-                event,
-                None,
-                data,
-                None,
-            )),
+            Some(held) => held.events.push(OutgoingEvent::user(user, event, data)),
             None => self.events.user_event(user, event, data),
+        }
+    }
+
+    /// An admin change's answer: sent now, or (cluster turn) once the commit succeeded.
+    fn answer_admin(&mut self, reply: AdminReply, snapshot: AuctionSnapshot) {
+        match &mut self.held {
+            Some(held) => held.answers.push(Answer::Admin(reply, snapshot)),
+            None => {
+                let _ = reply.send(Ok(snapshot));
+            }
         }
     }
 

@@ -122,22 +122,15 @@ impl AuctionLedger {
             .await
             .inspect_err(|e| self.cluster.command_failed("read_auction", e))?;
         let mut items = reply.into_iter();
-        let version: u64 = match items.next() {
-            Some(v) => {
-                redis::from_redis_value(v).map_err(|e| ClusterError::Protocol(e.to_string()))?
-            }
-            None => return Err(ClusterError::Protocol("empty auction read".into())),
-        };
-        let record: Vec<u8> = match items.next() {
-            Some(v) => {
-                redis::from_redis_value(v).map_err(|e| ClusterError::Protocol(e.to_string()))?
-            }
-            None => return Err(ClusterError::Protocol("auction read without record".into())),
-        };
+        fn value<T: redis::FromRedisValue>(v: Option<redis::Value>) -> Result<T, ClusterError> {
+            let v = v.ok_or_else(|| ClusterError::Protocol("short auction read".into()))?;
+            redis::from_redis_value(v).map_err(|e| ClusterError::Protocol(e.to_string()))
+        }
+        let version: u64 = value(items.next())?;
+        let record: Vec<u8> = value(items.next())?;
         let mut bids = Vec::new();
         for item in items {
-            let bytes: Vec<u8> =
-                redis::from_redis_value(item).map_err(|e| ClusterError::Protocol(e.to_string()))?;
+            let bytes: Vec<u8> = value(Some(item))?;
             bids.push(decode_bid(&bytes)?);
         }
         Ok(Fresh {

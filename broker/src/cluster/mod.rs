@@ -17,12 +17,14 @@ use gavel_protocol::{Channel, ServerFrame, UserId, ViewerCounts};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::metrics as m;
+use crate::outbound::ViewerKey;
 use crate::rooms::{Delivery, Incoming, RoomImage, Rooms, SignalRelay, Skip};
 
 /// How long a Redis command may take before the adapter counts Redis as unreachable.
@@ -72,7 +74,7 @@ pub enum Control {
     Created(String),
     /// An auction's record changed: now at this version.
     Changed(String, u64),
-    /// The pub/sub connection came back: notices may have been missed.
+    /// The pub/sub connection is (again) subscribed: notices may have been missed.
     Resubscribed,
 }
 
@@ -85,7 +87,7 @@ struct Signal {
 }
 
 /// A sequenced event's body as Redis stores and relays it (seq and epoch come from Redis).
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EventBody {
     ts: u64,
     event: String,
@@ -94,6 +96,18 @@ struct EventBody {
     data: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     state: Option<Value>,
+}
+
+/// [`EventBody`] as a publisher writes it: borrowed, with the state already in JSON.
+#[derive(Serialize)]
+struct EventBodyOut<'a> {
+    ts: u64,
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a UserId>,
+    data: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'a RawValue>,
 }
 
 /// A room event ready for Redis: (channel, body json, state json or empty).
@@ -105,6 +119,27 @@ pub struct OutgoingEvent {
 }
 
 impl OutgoingEvent {
+    /// An event in `auction:{id}`; `None` (logged) for an id that is no channel id.
+    pub fn auction(
+        auction_id: &str,
+        event: &str,
+        data: Value,
+        state: Option<Value>,
+    ) -> Option<OutgoingEvent> {
+        match Channel::auction(auction_id) {
+            Ok(channel) => Some(OutgoingEvent::new(channel, event, None, data, state)),
+            Err(error) => {
+                tracing::error!(auction_id, %error, "auction id is not a channel id");
+                None
+            }
+        }
+    }
+
+    /// A notice on `user:{id}`.
+    pub fn user(user: &UserId, event: &str, data: Value) -> OutgoingEvent {
+        OutgoingEvent::new(Channel::user(user), event, None, data, None)
+    }
+
     pub fn new(
         channel: Channel,
         event: &str,
@@ -112,18 +147,19 @@ impl OutgoingEvent {
         data: Value,
         state: Option<Value>,
     ) -> OutgoingEvent {
-        let state_json = state.as_ref().map(Value::to_string).unwrap_or_default();
-        let body = EventBody {
+        // The state is serialized once: Redis stores it on its own and in the body.
+        let state = state.and_then(|s| serde_json::value::to_raw_value(&s).ok());
+        let body = EventBodyOut {
             ts: now_ms(),
-            event: event.to_owned(),
-            from,
-            data,
-            state,
+            event,
+            from: from.as_ref(),
+            data: &data,
+            state: state.as_deref(),
         };
         OutgoingEvent {
             channel,
             body: serde_json::to_string(&body).unwrap_or_default(),
-            state: state_json,
+            state: state.map(|s| s.get().to_owned()).unwrap_or_default(),
         }
     }
 }
@@ -182,7 +218,6 @@ pub struct Cluster {
     rooms: Arc<Rooms>,
     interest: Mutex<HashMap<Channel, Interest>>,
     subs_tx: mpsc::UnboundedSender<SubCommand>,
-    signals_tx: mpsc::UnboundedSender<(Channel, ServerFrame, Option<UserId>)>,
     detached_tx: mpsc::UnboundedSender<OutgoingEvent>,
     control_tx: mpsc::UnboundedSender<Control>,
     pubsub_up: AtomicBool,
@@ -220,7 +255,7 @@ impl Cluster {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| ClusterError::Url(e.to_string()))?;
         let (relay_tx, relay_rx): (SignalRelay, _) = mpsc::unbounded_channel();
-        let rooms = Arc::new(Rooms::clustered(limits, relay_tx.clone()));
+        let rooms = Arc::new(Rooms::clustered(limits, relay_tx));
         let (subs_tx, subs_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (detached_tx, detached_rx) = mpsc::unbounded_channel();
@@ -232,7 +267,6 @@ impl Cluster {
             rooms: Arc::clone(&rooms),
             interest: Mutex::new(HashMap::new()),
             subs_tx,
-            signals_tx: relay_tx,
             detached_tx,
             control_tx,
             pubsub_up: AtomicBool::new(false),
@@ -260,9 +294,7 @@ impl Cluster {
     /// Whether the node can serve: pub/sub subscribed (every followed room resynced),
     /// heartbeats reaching Redis, auctions loaded. `/readyz` says not ready otherwise.
     pub fn ready(&self) -> bool {
-        self.pubsub_up.load(Ordering::Acquire)
-            && self.heartbeat_up.load(Ordering::Acquire)
-            && self.auctions_loaded.load(Ordering::Acquire)
+        self.not_ready_reason().is_none()
     }
 
     /// Why the node is not ready, for `/readyz`.
@@ -411,7 +443,6 @@ impl Cluster {
         Ok(reply)
     }
 
-    /// Publishes without waiting (leaderboards): failures are logged and counted.
     /// Publishes without waiting (leaderboards, `Broker::publish`), in call order: one task
     /// sends them one after the other. Failures are logged and counted.
     pub fn publish_detached(&self, event: OutgoingEvent) {
@@ -430,12 +461,6 @@ impl Cluster {
             };
             let _ = self.publish(event).await;
         }
-    }
-
-    /// Sends an unsequenced frame (typing) to the room's subscribers on every node. With the
-    /// pub/sub connection down it reaches this node's subscribers only.
-    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip_user: Option<UserId>) {
-        let _ = self.signals_tx.send((channel.clone(), frame, skip_user));
     }
 
     fn command_failed(&self, op: &'static str, error: &redis::RedisError) {
@@ -470,11 +495,8 @@ impl Cluster {
                 }
             }
             if !sent {
-                let skip = match &skip_user {
-                    Some(user) => Skip::User(user),
-                    None => Skip::Nobody,
-                };
-                self.rooms.signal(&channel, frame, skip);
+                self.rooms
+                    .signal(&channel, frame, Skip::from(skip_user.as_ref()));
             }
         }
     }
@@ -498,12 +520,11 @@ impl Cluster {
                     .arg(node)
                     .arg(connections);
                 for key in keys {
-                    // Anonymous connections are unique per node.
-                    if let Some(conn) = key.strip_prefix('~') {
-                        invocation.arg(format!("~{node}:{conn}"));
-                    } else {
-                        invocation.arg(key);
-                    }
+                    invocation.arg(match key {
+                        ViewerKey::User(user) => format!("u{user}"),
+                        // Anonymous connections are unique per node.
+                        ViewerKey::Anonymous(conn) => format!("~{node}:{conn}"),
+                    });
                 }
                 let mut conn = self.conn();
                 let result: Result<(u64, u64), _> = invocation.invoke_async(&mut conn).await;
@@ -654,7 +675,7 @@ impl Cluster {
                 }
                 if subscribed {
                     // Auction notices sent before the control channel was subscribed (or while
-                    // disconnected) may be missed: reload and refresh the auctions.
+                    // disconnected) may be missed: (re)load and refresh the auctions.
                     let _ = self.control_tx.send(Control::Resubscribed);
                 }
                 if subscribed && connected_before {
@@ -773,10 +794,7 @@ impl Cluster {
             },
             Some(b'S') => match serde_json::from_slice::<Signal>(&payload[1..]) {
                 Ok(signal) => {
-                    let skip = match &signal.skip_user {
-                        Some(user) => Skip::User(user),
-                        None => Skip::Nobody,
-                    };
+                    let skip = Skip::from(signal.skip_user.as_ref());
                     self.rooms.signal(&channel, signal.frame, skip);
                 }
                 Err(error) => tracing::warn!(%channel, %error, "unreadable cluster signal"),
@@ -925,9 +943,8 @@ impl ClusterEvents {
 
 impl crate::auction::AuctionEvents for ClusterEvents {
     fn auction_event(&self, auction_id: &str, event: &str, data: Value, state: Option<Value>) {
-        if let Ok(channel) = Channel::auction(auction_id) {
-            self.cluster
-                .publish_detached(OutgoingEvent::new(channel, event, None, data, state));
+        if let Some(event) = OutgoingEvent::auction(auction_id, event, data, state) {
+            self.cluster.publish_detached(event);
         }
     }
 
@@ -935,19 +952,15 @@ impl crate::auction::AuctionEvents for ClusterEvents {
     fn auction_state(&self, _auction_id: &str, _state: Value) {}
 
     fn user_event(&self, user: &UserId, event: &str, data: Value) {
-        self.cluster.publish_detached(OutgoingEvent::new(
-            Channel::user(user),
-            event,
-            None,
-            data,
-            None,
-        ));
+        self.cluster
+            .publish_detached(OutgoingEvent::user(user, event, data));
     }
 }
 
-/// Keeps the auction registry in step with the cluster: loads every auction once Redis is
-/// reachable (and again after each pub/sub reconnection, for auctions created meanwhile),
-/// then adopts auctions other nodes create and refreshes those they change.
+/// Keeps the auction registry in step with the cluster: after each pub/sub (re)connection,
+/// once the control channel is subscribed (so no notice falls between), loads every auction,
+/// retrying until Redis answers, and makes every actor catch up; in between, adopts auctions
+/// other nodes create and refreshes those they change.
 pub(crate) async fn follow_auctions(
     shared: Arc<crate::Shared>,
     mut control_rx: mpsc::UnboundedReceiver<Control>,
@@ -956,25 +969,6 @@ pub(crate) async fn follow_auctions(
         return;
     };
     let shutdown = shared.shutdown.clone();
-    let load = |shared: Arc<crate::Shared>, cluster: Arc<Cluster>| async move {
-        loop {
-            match shared.auctions.load_cluster().await {
-                Ok(count) => {
-                    tracing::info!(auctions = count, "auctions loaded from the cluster");
-                    cluster.set_auctions_loaded();
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "loading auctions from the cluster failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => return,
-        _ = load(Arc::clone(&shared), Arc::clone(&cluster)) => {}
-    }
     loop {
         let control = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -994,8 +988,21 @@ pub(crate) async fn follow_auctions(
                 }
             }
             Control::Resubscribed => {
-                if let Err(error) = shared.auctions.load_cluster().await {
-                    tracing::warn!(%error, "reloading auctions after a reconnection failed");
+                loop {
+                    match shared.auctions.load_cluster().await {
+                        Ok(count) => {
+                            tracing::info!(auctions = count, "auctions loaded from the cluster");
+                            cluster.set_auctions_loaded();
+                            break;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "loading auctions from the cluster failed; retrying");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            }
+                        }
+                    }
                 }
                 // Changes announced while disconnected were missed: every actor catches up.
                 shared.auctions.refresh_all();
