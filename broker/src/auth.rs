@@ -86,6 +86,9 @@ pub enum KeyError {
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Claims a token must carry: `exp` and `sub` always, `iss` and `aud` once configured
+    /// (jsonwebtoken checks a configured issuer or audience only when the token has one).
+    required: Vec<&'static str>,
 }
 
 impl Verifier {
@@ -114,23 +117,33 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
         // Audience and issuer are checked only when configured.
         validation.validate_aud = false;
-        Verifier { key, validation }
+        Verifier {
+            key,
+            validation,
+            required: Vec::new(),
+        }
+        .requiring(&["exp", "sub"])
     }
 
-    /// Requires `iss` to be `issuer`.
-    pub fn with_issuer(mut self, issuer: &str) -> Verifier {
-        self.validation.set_issuer(&[issuer]);
+    fn requiring(mut self, claims: &[&'static str]) -> Verifier {
+        self.required.extend_from_slice(claims);
+        self.validation.set_required_spec_claims(&self.required);
         self
     }
 
-    /// Requires `aud` to contain `audience`.
+    /// Requires `iss` to be present and to be `issuer`.
+    pub fn with_issuer(mut self, issuer: &str) -> Verifier {
+        self.validation.set_issuer(&[issuer]);
+        self.requiring(&["iss"])
+    }
+
+    /// Requires `aud` to be present and to contain `audience`.
     pub fn with_audience(mut self, audience: &str) -> Verifier {
         self.validation.set_audience(&[audience]);
         self.validation.validate_aud = true;
-        self
+        self.requiring(&["aud"])
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
@@ -216,6 +229,52 @@ mod tests {
         bad_sub.sub = "a b".into();
         let token = sign_hs256(b"secret-secret-secret", &bad_sub).unwrap();
         assert!(matches!(v.verify(&token), Err(AuthError::Invalid(_))));
+    }
+
+    /// Signs arbitrary claims (to leave out or add `iss` / `aud`).
+    fn sign_json(secret: &[u8], claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_are_required_claims() {
+        let v = Verifier::hs256(b"k")
+            .with_issuer("https://shop.example")
+            .with_audience("gavel");
+        let exp = now() + 60;
+        let token = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": exp, "roles": ["admin"]});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            sign_json(b"k", claims)
+        };
+        let both = serde_json::json!({"iss": "https://shop.example", "aud": "gavel"});
+        assert!(v.verify(&token(both)).is_ok());
+        for (what, extra) in [
+            ("no aud", serde_json::json!({"iss": "https://shop.example"})),
+            ("no iss", serde_json::json!({"aud": "gavel"})),
+            ("neither", serde_json::json!({})),
+            (
+                "wrong aud",
+                serde_json::json!({"iss": "https://shop.example", "aud": "other"}),
+            ),
+        ] {
+            assert!(
+                matches!(v.verify(&token(extra)), Err(AuthError::Invalid(_))),
+                "{what} must be refused"
+            );
+        }
+        // Without the flags, neither claim is needed.
+        assert!(Verifier::hs256(b"k")
+            .verify(&token(serde_json::json!({})))
+            .is_ok());
     }
 
     #[test]

@@ -124,11 +124,11 @@ pub struct Config {
     #[arg(long, env = "GAVEL_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
 
-    /// Required `iss` claim, if set.
+    /// Required `iss` claim, if set: tokens without it, or with another value, are refused.
     #[arg(long, env = "GAVEL_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
 
-    /// Required `aud` claim, if set.
+    /// Required `aud` claim, if set: tokens without it, or without this value, are refused.
     #[arg(long, env = "GAVEL_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 

@@ -27,15 +27,31 @@ impl TokenBucket {
 
     /// Refills for the time since the last call, then takes a token if there is one.
     pub fn take(&mut self, now_ms: u64, per_second: f64, burst: f64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
-        self.tokens = (self.tokens + elapsed * per_second).min(burst);
-        self.at_ms = now_ms;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        self.take_n(now_ms, per_second, burst, 1)
+    }
+
+    /// Refills, then takes `n` tokens (at most `burst`) if there are that many.
+    pub fn take_n(&mut self, now_ms: u64, per_second: f64, burst: f64, n: u32) -> bool {
+        self.refill(now_ms, per_second, burst);
+        let n = f64::from(n.max(1)).min(burst);
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
         }
+    }
+
+    /// Tokens left after refilling to `now_ms`.
+    pub fn available(&mut self, now_ms: u64, per_second: f64, burst: f64) -> f64 {
+        self.refill(now_ms, per_second, burst);
+        self.tokens
+    }
+
+    fn refill(&mut self, now_ms: u64, per_second: f64, burst: f64) {
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f64 / 1000.0;
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        self.at_ms = now_ms;
     }
 }
 

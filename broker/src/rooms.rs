@@ -911,20 +911,17 @@ impl Room {
     fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
         let subscribers = self.subscribers.load();
         let mut queued = 0;
-        let mut slow = 0;
         for conn in subscribers.iter() {
             if skip.skips(conn) {
                 continue;
             }
             match conn.offer_frame(Arc::clone(frame)) {
                 Offer::Queued => queued += 1,
-                Offer::SlowConsumer => slow += 1,
-                Offer::Closed => {}
+                Offer::SlowConsumer | Offer::Closed => {}
             }
         }
-        if slow > 0 {
-            tracing::warn!(channel = %self.channel, slow, "slow consumers disconnected");
-        }
+        // No log line here (the room's lock may be held): each slow consumer's writer logs
+        // its own disconnection, and `gavel_slow_consumers_total` counts them.
         queued
     }
 

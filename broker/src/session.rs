@@ -100,7 +100,9 @@ struct Session {
     grace_until: Option<Instant>,
     /// Inbound messages, on a clock of milliseconds since `opened`.
     inbound: TokenBucket,
-    /// Messages dropped in a row for the rate limit; past the burst size, the connection closes.
+    /// Messages dropped for the rate limit since the bucket was last at least half full; past
+    /// the burst size, the connection closes (a sustained flood, even one that a trickle of
+    /// refilled tokens lets through now and then).
     strikes: u32,
 }
 
@@ -197,12 +199,26 @@ impl Session {
         }
     }
 
-    /// Takes one message's worth from the inbound bucket.
-    fn within_rate(&mut self) -> bool {
+    /// Charges `frames` WebSocket frames (a message's fragments, pings and pongs included) to
+    /// the inbound bucket. `Ok(false)`: over the limit, drop the message; `Err`: a sustained
+    /// flood, close with 1008.
+    fn charge(&mut self, frames: u32) -> Result<bool, DisconnectReason> {
         let config = &self.shared.config;
+        let (rate, burst) = (config.client_rate, f64::from(config.client_burst));
         let now_ms = self.opened.elapsed().as_millis() as u64;
-        self.inbound
-            .take(now_ms, config.client_rate, f64::from(config.client_burst))
+        // Only a client that paused long enough for the bucket to refill halfway is forgiven:
+        // one token trickling in between dropped messages is no pause.
+        if self.inbound.available(now_ms, rate, burst) >= burst / 2.0 {
+            self.strikes = 0;
+        }
+        if self.inbound.take_n(now_ms, rate, burst, frames) {
+            return Ok(true);
+        }
+        self.strikes += 1;
+        if self.strikes > config.client_burst {
+            return Err(DisconnectReason::RateLimited);
+        }
+        Ok(false)
     }
 
     async fn read_loop(&mut self, read: BoxRead) {
@@ -211,30 +227,48 @@ impl Session {
         loop {
             // One read lives across authentication deadlines: the reader is not cancel-safe
             // in the middle of a frame, so only closing the connection may drop it.
-            let next = tokio::time::timeout(idle_timeout, reader.next());
-            tokio::pin!(next);
-            let message = loop {
-                let deadline = self.auth_deadline();
-                let wake = deadline
-                    .as_ref()
-                    .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
-                tokio::select! {
-                    biased;
-                    _ = self.conn.closing().cancelled() => return,
-                    _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
-                        let Some((_, what)) = deadline else { continue };
-                        if let Err(reason) = self.on_auth_deadline(what) {
-                            return self.conn.close(reason);
+            let message = {
+                let next = tokio::time::timeout(idle_timeout, reader.next());
+                tokio::pin!(next);
+                loop {
+                    let deadline = self.auth_deadline();
+                    let wake = deadline
+                        .as_ref()
+                        .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
+                    tokio::select! {
+                        biased;
+                        _ = self.conn.closing().cancelled() => return,
+                        _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
+                            let Some((_, what)) = deadline else { continue };
+                            if let Err(reason) = self.on_auth_deadline(what) {
+                                return self.conn.close(reason);
+                            }
                         }
+                        read = &mut next => match read {
+                            Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
+                            Ok(Err(error)) => return self.conn.close(reason_for(&error)),
+                            Ok(Ok(message)) => break message,
+                        },
                     }
-                    read = &mut next => match read {
-                        Err(_) => return self.conn.close(DisconnectReason::IdleTimeout),
-                        Ok(Err(error)) => return self.conn.close(reason_for(&error)),
-                        Ok(Ok(message)) => break message,
-                    },
                 }
             };
+            // Every frame counts against the rate, good or bad, before any work on it.
+            let within_rate = match self.charge(reader.take_frames()) {
+                Ok(within_rate) => within_rate,
+                Err(reason) => return self.conn.close(reason),
+            };
             let result = match message {
+                Message::Close(_) => Err(DisconnectReason::ClientClosed),
+                Message::Binary(_) | Message::Text(_) if !within_rate => {
+                    self.error(
+                        None,
+                        ErrorCode::RateLimited,
+                        "too many messages; slow down".into(),
+                    );
+                    Ok(())
+                }
+                // Over the limit: no pong (a flood of pings is not answered).
+                Message::Ping(_) | Message::Pong if !within_rate => Ok(()),
                 Message::Binary(bytes) => self.on_message(OpCode::Binary, &bytes).await,
                 Message::Text(bytes) => self.on_message(OpCode::Text, &bytes).await,
                 Message::Ping(payload) => {
@@ -243,7 +277,6 @@ impl Session {
                     Ok(())
                 }
                 Message::Pong => Ok(()),
-                Message::Close(_) => Err(DisconnectReason::ClientClosed),
             };
             if let Err(reason) = result {
                 return self.conn.close(reason);
@@ -255,20 +288,6 @@ impl Session {
     /// connection; everything else is answered with a reply or an error frame.
     async fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
         metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
-        // Every message counts against the rate, good or bad, before any work on it.
-        if !self.within_rate() {
-            self.strikes += 1;
-            if self.strikes > self.shared.config.client_burst {
-                return Err(DisconnectReason::RateLimited);
-            }
-            self.error(
-                None,
-                ErrorCode::RateLimited,
-                "too many messages; slow down".into(),
-            );
-            return Ok(());
-        }
-        self.strikes = 0;
         let format = self.conn.format;
         let expected = match format {
             Format::MsgPack => OpCode::Binary,

@@ -70,6 +70,10 @@ impl From<std::io::Error> for ReadError {
     }
 }
 
+/// Most frames one fragmented message may have: every frame costs the sender a token of its
+/// rate limit, and this bounds how many a reader takes before it returns to be charged.
+pub const MAX_FRAGMENTS: u32 = 64;
+
 /// Frames this small are read through the inline buffer without touching the heap.
 const INLINE: usize = 256;
 /// Longest frame header: 2 + 8 (length) + 4 (mask).
@@ -85,6 +89,11 @@ pub struct FrameReader<R> {
     max_message: usize,
     /// A fragmented message in progress: its opcode and bytes so far.
     partial: Option<(OpCode, BytesMut)>,
+    /// Frames read since the last [`FrameReader::take_frames`] (fragments and control frames
+    /// included), so the session charges every frame to the rate limit, not only messages.
+    frames: u32,
+    /// Frames of the fragmented message in progress.
+    fragments: u32,
 }
 
 struct Header {
@@ -103,7 +112,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             end: 0,
             max_message,
             partial: None,
+            frames: 0,
+            fragments: 0,
         }
+    }
+
+    /// How many frames were read since the last call (at least one per message returned).
+    pub fn take_frames(&mut self) -> u32 {
+        std::mem::take(&mut self.frames)
     }
 
     /// The next complete message. Cancel-safe between messages only: dropping the future in the
@@ -111,6 +127,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next(&mut self) -> Result<Message, ReadError> {
         loop {
             let header = self.header().await?;
+            self.frames = self.frames.saturating_add(1);
             if header.opcode.is_control() {
                 if !header.fin {
                     return Err(ReadError::Protocol("fragmented control frame"));
@@ -136,6 +153,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     if header.fin {
                         return finish(header.opcode, payload);
                     }
+                    self.fragments = 1;
                     self.partial = Some((header.opcode, payload));
                 }
                 OpCode::Continuation => {
@@ -143,6 +161,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         return Err(ReadError::Protocol("continuation without a message"));
                     };
                     buf.extend_from_slice(&payload);
+                    self.fragments += 1;
+                    if self.fragments > MAX_FRAGMENTS {
+                        return Err(ReadError::Protocol("a message of too many fragments"));
+                    }
                     if header.fin {
                         return finish(opcode, buf);
                     }
@@ -343,6 +365,36 @@ mod tests {
             ]
         );
         assert_eq!(end, ReadError::Eof);
+    }
+
+    #[test]
+    fn every_frame_is_counted_and_fragments_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // A ping, then a message in three fragments: four frames.
+        let mut wire = client_frame(true, 9, [1, 1, 1, 1], b"");
+        wire.extend(client_frame(false, 2, [1, 2, 3, 4], b"a"));
+        wire.extend(client_frame(false, 0, [1, 2, 3, 4], b""));
+        wire.extend(client_frame(true, 0, [1, 2, 3, 4], b"b"));
+        rt.block_on(async {
+            let mut reader = FrameReader::new(&wire[..], 64);
+            assert_eq!(reader.next().await, Ok(Message::Ping(Bytes::new())));
+            assert_eq!(reader.take_frames(), 1);
+            assert_eq!(
+                reader.next().await,
+                Ok(Message::Binary(Bytes::from_static(b"ab")))
+            );
+            assert_eq!(reader.take_frames(), 3);
+        });
+        // Empty continuation frames without end: refused after MAX_FRAGMENTS.
+        let mut wire = client_frame(false, 2, [1, 2, 3, 4], b"a");
+        for _ in 0..MAX_FRAGMENTS + 10 {
+            wire.extend(client_frame(false, 0, [1, 2, 3, 4], b""));
+        }
+        let (messages, end) = read_all(&wire, 1024);
+        assert!(messages.is_empty());
+        assert_eq!(end, ReadError::Protocol("a message of too many fragments"));
     }
 
     #[test]

@@ -114,9 +114,42 @@ pub fn decode<T: DeserializeOwned>(
             max: max_size,
         });
     }
+    if let Some(found) = not_a_map(format, bytes) {
+        return Err(DecodeError::Malformed {
+            reason: format!("a frame is one {}, not {found}", format.container()),
+        });
+    }
     match parse::<T>(format, bytes) {
         Ok(frame) => Ok(frame),
         Err(reason) => Err(classify(format, bytes, reason)),
+    }
+}
+
+impl Format {
+    /// What one frame is in this encoding.
+    fn container(self) -> &'static str {
+        match self {
+            Format::MsgPack => "MessagePack map",
+            Format::Json => "JSON object",
+        }
+    }
+}
+
+/// What the message is when it is not a map (MessagePack) or an object (JSON): serde would
+/// otherwise read a struct from an array of its fields in order, which the protocol does not
+/// allow (§1.1: one frame is one map/object).
+fn not_a_map(format: Format, bytes: &[u8]) -> Option<&'static str> {
+    match format {
+        Format::MsgPack => match bytes.first()? {
+            0x80..=0x8f | 0xde | 0xdf => None,
+            0x90..=0x9f | 0xdc | 0xdd => Some("an array"),
+            _ => Some("another value"),
+        },
+        Format::Json => match bytes.iter().find(|b| !b.is_ascii_whitespace())? {
+            b'{' => None,
+            b'[' => Some("an array"),
+            _ => Some("another value"),
+        },
     }
 }
 
@@ -227,6 +260,21 @@ mod tests {
             matches!(err, DecodeError::Invalid { id: Some(4), .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn arrays_are_not_frames() {
+        // serde would read `["ping", 3]` as a struct from its fields in order.
+        for (format, bytes) in [
+            (Format::Json, br#"["ping", 3]"#.to_vec()),
+            (Format::Json, br#" [{"type":"ping","id":3}]"#.to_vec()),
+            (Format::MsgPack, b"\x92\xa4ping\x03".to_vec()),
+            (Format::MsgPack, b"\x03".to_vec()),
+            (Format::Json, b"3".to_vec()),
+        ] {
+            let err = decode::<ClientFrame>(format, &bytes, 1024).unwrap_err();
+            assert!(matches!(err, DecodeError::Malformed { .. }), "{err:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use gavel_broker::protocol::{BidRejection, ClientFrame, ErrorCode, Format, Reply, ServerFrame};
+use fastwebsockets::OpCode;
+use gavel_broker::protocol::{
+    encode, BidRejection, ClientFrame, ErrorCode, Format, Reply, ServerFrame,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -359,6 +362,65 @@ async fn a_flooding_client_gets_rate_limited_then_closed_with_1008() {
     b.broker
         .publish(&channel("auction:calm"), "still", json!(null));
     assert_eq!(bystander.next_event().await.event, "still");
+}
+
+/// What a flooding client sends: requests, WebSocket pings, or empty pongs.
+#[derive(Clone, Copy, Debug)]
+enum Flood {
+    Requests,
+    Pings,
+    Pongs,
+}
+
+/// A client that keeps sending at 40 times `--client-rate` is closed with 1008, even though a
+/// token trickles in now and then; so is one that floods with pings or pongs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_flood_of_any_frame_is_closed_with_1008() {
+    let b = TestBroker::start(|c| {
+        c.client_rate = 5.0;
+        c.client_burst = 50;
+    })
+    .await;
+    for kind in [Flood::Requests, Flood::Pings, Flood::Pongs] {
+        let mut flood = b.connect(None).await;
+        // At most 6 s of sending at about 200 messages a second; the broker must cut it off.
+        for id in 0..1200 {
+            let sent = match kind {
+                Flood::Requests => flood.client.send(&ClientFrame::Ping { id }).await,
+                Flood::Pings => flood.client.send_raw(OpCode::Ping, Vec::new()).await,
+                Flood::Pongs => flood.client.send_raw(OpCode::Pong, Vec::new()).await,
+            };
+            if sent.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(flood.closed().await, Some(1008), "{kind:?}");
+    }
+}
+
+/// A message may not be spread over endless (empty) continuation frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_continuation_frames_close_the_connection() {
+    let b = TestBroker::start(|_| {}).await;
+    let mut flood = b.connect(None).await;
+    let ping = encode(Format::MsgPack, &ClientFrame::Ping { id: 1 }).unwrap();
+    flood
+        .client
+        .send_fragment(false, OpCode::Binary, ping[..2].to_vec())
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if flood
+            .client
+            .send_fragment(false, OpCode::Continuation, Vec::new())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(flood.closed().await, Some(1002));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
