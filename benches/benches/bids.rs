@@ -51,6 +51,7 @@ fn engine(rt: &tokio::runtime::Runtime, mode: GroupCommit) -> Engine {
             bid_rate: 1e12,
             bid_burst: u32::MAX,
             group_commit: mode,
+            archive_after: Duration::from_secs(3600),
         };
         let events: Arc<dyn AuctionEvents> = rooms;
         let auctions =

@@ -36,9 +36,10 @@ pub(crate) async fn handle(
             Ok(spec) => answer(shared.auctions.create(spec).await, StatusCode::CREATED),
             Err(response) => response,
         },
-        (&Method::GET, [id]) => match shared.auctions.get(id) {
-            Some(snapshot) => json_response(StatusCode::OK, json!(snapshot)),
-            None => error_for(&AdminError::NotFound((*id).to_owned())),
+        (&Method::GET, [id]) => match shared.auctions.find(id).await {
+            Ok(Some(snapshot)) => json_response(StatusCode::OK, json!(snapshot)),
+            Ok(None) => error_for(&AdminError::NotFound((*id).to_owned())),
+            Err(error) => error_for(&error),
         },
         (&Method::PUT, [id]) => {
             let id = (*id).to_owned();
@@ -56,6 +57,7 @@ pub(crate) async fn handle(
                 "resume" => AdminOp::Resume,
                 "cancel" => AdminOp::Cancel,
                 "end" => AdminOp::EndNow,
+                "bids" => return crate::http::method_not_allowed_response("GET"),
                 _ => {
                     return error_response(
                         StatusCode::NOT_FOUND,
@@ -102,12 +104,13 @@ pub(crate) async fn handle(
                 Err(error) => error_for(&error),
             }
         }
-        // A known path with another method.
-        (_, [] | [_] | [_, "pause" | "resume" | "cancel" | "end" | "bids"]) => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed",
-        ),
+        // A known route with another method.
+        (_, []) => crate::http::method_not_allowed_response("GET, POST"),
+        (_, [_]) => crate::http::method_not_allowed_response("GET, PUT"),
+        (_, [_, "pause" | "resume" | "cancel" | "end"]) => {
+            crate::http::method_not_allowed_response("POST")
+        }
+        (_, [_, "bids"]) => crate::http::method_not_allowed_response("GET"),
         _ => error_response(StatusCode::NOT_FOUND, "not_found", "no such route"),
     }
 }

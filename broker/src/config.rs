@@ -107,6 +107,12 @@ pub struct Config {
     #[arg(long, env = "GAVEL_GROUP_COMMIT", value_enum, default_value_t = Toggle::On)]
     pub group_commit: Toggle,
 
+    /// How long an ended or cancelled auction stays live (its task, room and state in memory)
+    /// before it is archived: its record and bids stay on disk, and retries and reads are
+    /// answered from there.
+    #[arg(long, env = "GAVEL_ARCHIVE_AFTER", default_value = "10m", value_parser = duration)]
+    pub archive_after: Duration,
+
     /// Serve HTTPS and `wss://` with this PEM certificate chain (with --tls-key).
     #[arg(long, env = "GAVEL_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -356,6 +362,7 @@ impl fmt::Debug for Config {
             .field("bid_rate", &self.bid_rate)
             .field("bid_burst", &self.bid_burst)
             .field("group_commit", &self.group_commit)
+            .field("archive_after", &self.archive_after)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field(

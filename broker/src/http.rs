@@ -61,7 +61,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
         ),
         (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
         (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed(),
+        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
         _ => not_found(),
     };
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
@@ -88,18 +88,31 @@ async fn api(
             let rest = p["/api/auctions".len()..].to_owned();
             ("auctions", crate::admin::handle(shared, req, &rest).await)
         }
-        (_, "/api/stats" | "/api/publish") => method_not_allowed(),
+        (_, "/api/stats") => method_not_allowed("GET"),
+        (_, "/api/publish") => method_not_allowed("POST"),
+        (_, p) if p.starts_with("/api/rooms/") || p.starts_with("/api/users/") => {
+            method_not_allowed("GET")
+        }
         _ => not_found(),
     }
 }
 
-fn method_not_allowed() -> (&'static str, Response<Full<Bytes>>) {
-    let response = error_response(
+fn method_not_allowed(allow: &'static str) -> (&'static str, Response<Full<Bytes>>) {
+    ("method_not_allowed", method_not_allowed_response(allow))
+}
+
+/// 405 `method_not_allowed` for a known route, with the `Allow` header naming its methods.
+pub(crate) fn method_not_allowed_response(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error_response(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "method not allowed",
+        &format!("method not allowed; this route takes {allow}"),
     );
-    ("method_not_allowed", response)
+    response.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    response
 }
 
 fn not_found() -> (&'static str, Response<Full<Bytes>>) {

@@ -194,7 +194,11 @@ impl Broker {
                 config::Toggle::On => store::GroupCommit::On,
                 config::Toggle::Off => store::GroupCommit::Off,
             },
+            archive_after: config.archive_after,
         };
+        // Stopped first at shutdown, so every queued bid is answered while its connection
+        // can still carry the answer.
+        let auctions_stop = CancellationToken::new();
         let (rooms, auctions, cluster, control_rx) = match &config.redis_url {
             None => {
                 let rooms = Arc::new(rooms::Rooms::new(limits));
@@ -203,7 +207,7 @@ impl Broker {
                     Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
                     clock,
                     engine,
-                    shutdown.child_token(),
+                    auctions_stop,
                 )?;
                 (rooms, auctions, None, None)
             }
@@ -223,12 +227,13 @@ impl Broker {
                     limits,
                     shutdown.child_token(),
                 )?;
-                let auctions = auction::Auctions::cluster(
-                    cluster::ledger::AuctionLedger::new(Arc::clone(&started.cluster)),
-                    Arc::new(cluster::ClusterEvents::new(Arc::clone(&started.cluster))),
+                let auctions = auction::Auctions::new(
+                    Arc::new(cluster::ledger::RedisLedger::new(Arc::clone(
+                        &started.cluster,
+                    ))),
                     clock,
                     engine,
-                    shutdown.child_token(),
+                    auctions_stop,
                 );
                 (
                     started.rooms,
@@ -436,6 +441,9 @@ impl Broker {
     /// and waits (at most the configured shutdown timeout) for every connection to finish.
     pub async fn shutdown(&self) {
         tracing::info!("shutting down");
+        // Auctions first: each answers the bids already queued and makes them durable, while
+        // the connections that wait for those answers are still open.
+        self.shared.auctions.shut_down().await;
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
         let timeout = self.shared.config.shutdown_timeout;
@@ -444,9 +452,6 @@ impl Broker {
             .is_err()
         {
             tracing::warn!(?timeout, "connections still open at the shutdown deadline");
-        }
-        if let Err(error) = self.shared.auctions.sync().await {
-            tracing::error!(%error, "final bid log flush failed");
         }
         tracing::info!("shut down");
     }

@@ -709,23 +709,26 @@ impl Rooms {
 
 /// Auction events go to `auction:{id}` rooms and `user:{id}` rooms.
 impl crate::auction::AuctionEvents for Rooms {
-    fn auction_event(&self, auction_id: &str, event: &str, data: Value, state: Option<Value>) {
-        match Channel::auction(auction_id) {
-            Ok(channel) => {
-                self.publish_with_state(&channel, event, None, data, state);
-            }
-            Err(error) => tracing::error!(auction_id, %error, "auction id is not a channel id"),
-        }
+    fn publish(&self, announcement: crate::auction::Announcement) {
+        let crate::auction::Announcement {
+            channel,
+            event,
+            data,
+            state,
+        } = announcement;
+        self.publish_with_state(&channel, event, None, data, state);
     }
 
-    fn auction_state(&self, auction_id: &str, state: Value) {
-        if let Ok(channel) = Channel::auction(auction_id) {
-            self.set_state(&channel, state);
-        }
+    fn show_state(&self, channel: &Channel, state: Value) {
+        self.set_state(channel, state);
     }
 
-    fn user_event(&self, user: &UserId, event: &str, data: Value) {
-        self.publish(&Channel::user(user), event, None, data);
+    fn release(&self, channel: &Channel) {
+        if let Some(room) = self.get(channel) {
+            // Under `log`, like `set_state`: `try_retire` decides under it.
+            let _log = lock(&room.log);
+            room.pinned.store(false, Ordering::Release);
+        }
     }
 }
 

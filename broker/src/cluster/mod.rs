@@ -119,27 +119,6 @@ pub struct OutgoingEvent {
 }
 
 impl OutgoingEvent {
-    /// An event in `auction:{id}`; `None` (logged) for an id that is no channel id.
-    pub fn auction(
-        auction_id: &str,
-        event: &str,
-        data: Value,
-        state: Option<Value>,
-    ) -> Option<OutgoingEvent> {
-        match Channel::auction(auction_id) {
-            Ok(channel) => Some(OutgoingEvent::new(channel, event, None, data, state)),
-            Err(error) => {
-                tracing::error!(auction_id, %error, "auction id is not a channel id");
-                None
-            }
-        }
-    }
-
-    /// A notice on `user:{id}`.
-    pub fn user(user: &UserId, event: &str, data: Value) -> OutgoingEvent {
-        OutgoingEvent::new(Channel::user(user), event, None, data, None)
-    }
-
     pub fn new(
         channel: Channel,
         event: &str,
@@ -175,6 +154,7 @@ struct Scripts {
     read_auction: Script,
     commit: Script,
     create_auction: Script,
+    find_bids: Script,
 }
 
 impl Scripts {
@@ -186,11 +166,12 @@ impl Scripts {
             presence: Script::new(&with_helpers(PRESENCE)),
             heartbeat: Script::new(&with_helpers(HEARTBEAT)),
             reap: Script::new(&with_helpers(REAP)),
-            lock: Script::new(LOCK),
+            lock: Script::new(&with_helpers(LOCK)),
             unlock: Script::new(UNLOCK),
             read_auction: Script::new(READ_AUCTION),
             commit: Script::new(&with_helpers(COMMIT)),
             create_auction: Script::new(CREATE_AUCTION),
+            find_bids: Script::new(FIND_BIDS),
         }
     }
 }
@@ -929,34 +910,6 @@ pub fn default_node_id(listen: std::net::SocketAddr) -> String {
     )
 }
 
-/// Auction events of cluster mode outside a commit (leaderboards): published through Redis.
-/// Everything an auction turn announces goes with its commit instead (see `ledger`).
-pub struct ClusterEvents {
-    cluster: Arc<Cluster>,
-}
-
-impl ClusterEvents {
-    pub fn new(cluster: Arc<Cluster>) -> ClusterEvents {
-        ClusterEvents { cluster }
-    }
-}
-
-impl crate::auction::AuctionEvents for ClusterEvents {
-    fn auction_event(&self, auction_id: &str, event: &str, data: Value, state: Option<Value>) {
-        if let Some(event) = OutgoingEvent::auction(auction_id, event, data, state) {
-            self.cluster.publish_detached(event);
-        }
-    }
-
-    /// The state lives in Redis (set at creation and by every commit).
-    fn auction_state(&self, _auction_id: &str, _state: Value) {}
-
-    fn user_event(&self, user: &UserId, event: &str, data: Value) {
-        self.cluster
-            .publish_detached(OutgoingEvent::user(user, event, data));
-    }
-}
-
 /// Keeps the auction registry in step with the cluster: after each pub/sub (re)connection,
 /// once the control channel is subscribed (so no notice falls between), loads every auction,
 /// retrying until Redis answers, and makes every actor catch up; in between, adopts auctions
@@ -981,7 +934,7 @@ pub(crate) async fn follow_auctions(
                 }
             }
             Control::Changed(id, version) => {
-                if shared.auctions.get(&id).is_none() {
+                if !shared.auctions.is_live(&id) {
                     let _ = shared.auctions.adopt(&id).await;
                 } else {
                     shared.auctions.changed(&id, version);
@@ -989,7 +942,7 @@ pub(crate) async fn follow_auctions(
             }
             Control::Resubscribed => {
                 loop {
-                    match shared.auctions.load_cluster().await {
+                    match shared.auctions.load().await {
                         Ok(count) => {
                             tracing::info!(auctions = count, "auctions loaded from the cluster");
                             cluster.set_auctions_loaded();

@@ -7,8 +7,9 @@
 //! - `P:pres:C:conns` (hash node → connections), `:u:N` (set of viewer keys of node N),
 //!   `:nodes` (nodes counted), `:peak` (hash c/u): presence.
 //! - `P:nodes` (sorted set node → last heartbeat ms), `P:node:N:rooms`: liveness.
-//! - `P:auction:A:r` (record), `:v` (version), `:bids` (list, index = seq - 1), `:lock`;
-//!   `P:auctions` (set of ids).
+//! - `P:auction:A:r` (record), `:v` (version), `:bids` (list, index = seq - 1), `:req` (hash
+//!   `user\0request id` → seq, the idempotency index), `:lock`; `P:auctions` (set of live
+//!   ids), `P:archived` (set of archived ids).
 //!
 //! Pub/sub channels: `P:ch:C` per room, `P:control` for auction notices.
 //! Messages: `E<seq> <epoch> <json>` (an event), `S<json>` (a signal),
@@ -157,14 +158,15 @@ return dead
 "#;
 
 /// ARGV: prefix, auction, node token, lock ttl ms. Takes (or extends) the auction's lock.
-/// Returns {1, version} when this node holds it, {0, version} when another node does.
+/// Returns {1, version, now ms} when this node holds it, {0, version, now ms} when another node
+/// does. The time is Redis's: every node judges an auction's deadlines on this one clock.
 pub const LOCK: &str = r#"
 local base = ARGV[1] .. ':auction:' .. ARGV[2]
 local holder = redis.call('GET', base .. ':lock')
 local version = tonumber(redis.call('GET', base .. ':v') or '0')
-if holder and holder ~= ARGV[3] then return {0, version} end
+if holder and holder ~= ARGV[3] then return {0, version, redis_now_ms()} end
 redis.call('SET', base .. ':lock', ARGV[3], 'PX', tonumber(ARGV[4]))
-return {1, version}
+return {1, version, redis_now_ms()}
 "#;
 
 /// ARGV: prefix, auction, node token. Releases the lock if this node holds it.
@@ -183,7 +185,8 @@ return out
 "#;
 
 /// ARGV: prefix, auction, node token, expected version, record, new epoch, room ttl ms,
-/// history size, bid count n, n bids, event count m, m × (channel, body, state).
+/// history size, bid count n, n × (bid, idempotency key), event count m,
+/// m × (channel, body, state).
 /// The compare-and-set at the heart of cluster bidding: only the lock holder whose view is
 /// the current version may append. Bids, record, version and the room events are one atomic
 /// step; then the lock is released and the other nodes are told. Returns {new version}, or
@@ -197,8 +200,9 @@ local epoch_new, ttl, hist = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local n = tonumber(ARGV[9])
 local i = 10
 for _ = 1, n do
-  redis.call('RPUSH', base .. ':bids', ARGV[i])
-  i = i + 1
+  local seq = redis.call('RPUSH', base .. ':bids', ARGV[i])
+  redis.call('HSET', base .. ':req', ARGV[i + 1], seq)
+  i = i + 2
 end
 redis.call('SET', base .. ':r', ARGV[5])
 local version = redis.call('INCR', base .. ':v')
@@ -225,6 +229,21 @@ redis.call('SADD', P .. ':auctions', A)
 redis.call('SET', P .. ':room:auction:' .. A .. ':s', ARGV[4])
 redis.call('PUBLISH', P .. ':control', 'A' .. A)
 return 1
+"#;
+
+/// ARGV: prefix, auction, idempotency keys... Returns, per key, the bid placed under it or ''.
+pub const FIND_BIDS: &str = r#"
+local base = ARGV[1] .. ':auction:' .. ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local seq = redis.call('HGET', base .. ':req', ARGV[i])
+  if seq then
+    out[#out + 1] = redis.call('LINDEX', base .. ':bids', tonumber(seq) - 1) or ''
+  else
+    out[#out + 1] = ''
+  end
+end
+return out
 "#;
 
 /// The full source of a script that uses the shared functions.

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use gavel_protocol::UserId;
+
 use super::{BidLog, BidRecord, StorageError};
 
 #[derive(Default)]
@@ -14,8 +16,12 @@ pub struct MemoryLog {
 
 #[derive(Default)]
 struct Inner {
+    /// Live auctions' records.
     auctions: BTreeMap<String, Vec<u8>>,
+    archived: BTreeMap<String, Vec<u8>>,
     bids: BTreeMap<(String, u64), BidRecord>,
+    /// (auction, user, request id) → seq.
+    requests: BTreeMap<(String, UserId, String), u64>,
 }
 
 impl MemoryLog {
@@ -25,11 +31,17 @@ impl MemoryLog {
 }
 
 impl BidLog for MemoryLog {
-    fn append(&self, auction: &str, bid: &BidRecord, record: &[u8]) -> Result<(), StorageError> {
+    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
         let mut inner = self.inner();
-        inner
-            .bids
-            .insert((auction.to_owned(), bid.seq), bid.clone());
+        for bid in bids {
+            inner.requests.insert(
+                (auction.to_owned(), bid.user.clone(), bid.request_id.clone()),
+                bid.seq,
+            );
+            inner
+                .bids
+                .insert((auction.to_owned(), bid.seq), bid.clone());
+        }
         inner.auctions.insert(auction.to_owned(), record.to_vec());
         Ok(())
     }
@@ -84,5 +96,56 @@ impl BidLog for MemoryLog {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
+    }
+
+    fn auction(&self, auction: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let inner = self.inner();
+        Ok(inner
+            .auctions
+            .get(auction)
+            .or_else(|| inner.archived.get(auction))
+            .cloned())
+    }
+
+    fn find_bid(
+        &self,
+        auction: &str,
+        user: &UserId,
+        request_id: &str,
+    ) -> Result<Option<BidRecord>, StorageError> {
+        let inner = self.inner();
+        let key = (auction.to_owned(), user.clone(), request_id.to_owned());
+        Ok(inner
+            .requests
+            .get(&key)
+            .and_then(|seq| inner.bids.get(&(auction.to_owned(), *seq)))
+            .cloned())
+    }
+
+    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError> {
+        let mut inner = self.inner();
+        let from = (auction.to_owned(), last_seq.saturating_add(1));
+        let to = (auction.to_owned(), u64::MAX);
+        let dropped: Vec<BidRecord> = inner
+            .bids
+            .range(from..=to)
+            .map(|(_, b)| b.clone())
+            .collect();
+        for bid in dropped {
+            inner.bids.remove(&(auction.to_owned(), bid.seq));
+            inner
+                .requests
+                .remove(&(auction.to_owned(), bid.user, bid.request_id));
+        }
+        inner.auctions.insert(auction.to_owned(), record.to_vec());
+        Ok(())
+    }
+
+    fn archive(&self, auction: &str) -> Result<(), StorageError> {
+        let mut inner = self.inner();
+        if let Some(record) = inner.auctions.remove(auction) {
+            inner.archived.insert(auction.to_owned(), record);
+        }
+        Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! flusher ([`Durability`]) that makes writes durable before anything is acknowledged.
 //! It knows records and bytes, not auction rules.
 
+mod faulty;
 mod memory;
 mod sled_log;
 
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics as m;
 
+pub use faulty::FaultyLog;
 pub use memory::MemoryLog;
 pub use sled_log::SledLog;
 
@@ -49,8 +51,9 @@ pub enum StorageError {
 /// The operations the auction engine needs from storage. Writes become durable only after
 /// [`BidLog::sync`]; callers go through [`Durability`] for that.
 pub trait BidLog: Send + Sync + 'static {
-    /// Writes a bid and the auction's record after it, atomically.
-    fn append(&self, auction: &str, bid: &BidRecord, record: &[u8]) -> Result<(), StorageError>;
+    /// Writes bids (with their idempotency index entries) and the auction's record after them,
+    /// in one atomic batch.
+    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError>;
     /// Writes an auction's record (definition and state) on its own.
     fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError>;
     /// Makes every write so far durable. Blocking.
@@ -65,8 +68,25 @@ pub trait BidLog: Send + Sync + 'static {
         -> Result<Vec<BidRecord>, StorageError>;
     /// The highest bid seq of `auction` (0 without bids).
     fn last_seq(&self, auction: &str) -> Result<u64, StorageError>;
-    /// Every auction record, by id.
+    /// Every live (not archived) auction record, by id.
     fn auctions(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+    /// One auction's record, live or archived.
+    fn auction(&self, auction: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// The bid `user` placed with `request_id` in `auction`, if any (the idempotency index,
+    /// written by `append` in the same batch as the bid).
+    fn find_bid(
+        &self,
+        auction: &str,
+        user: &UserId,
+        request_id: &str,
+    ) -> Result<Option<BidRecord>, StorageError>;
+    /// Undoes unflushed writes: removes the bids after `last_seq` (and their index entries)
+    /// and puts `record` back, atomically. Used after a failed flush, so that no later flush
+    /// makes durable what was answered as not placed.
+    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError>;
+    /// Moves an ended auction out of the live set: [`BidLog::auctions`] no longer lists it; its
+    /// record and bids stay readable.
+    fn archive(&self, auction: &str) -> Result<(), StorageError>;
 }
 
 /// Whether bids that arrive while a flush runs share the next flush.
@@ -161,12 +181,12 @@ mod tests {
         for seq in 1..=5 {
             log.append(
                 "a1",
-                &bid(seq, 100 * seq as i64),
+                &[bid(seq, 100 * seq as i64)],
                 format!("after {seq}").as_bytes(),
             )
             .unwrap();
         }
-        log.append("a10", &bid(1, 7), b"a10 after 1").unwrap();
+        log.append("a10", &[bid(1, 7)], b"a10 after 1").unwrap();
         log.sync().unwrap();
         assert_eq!(log.last_seq("a1").unwrap(), 5);
         assert_eq!(log.last_seq("a10").unwrap(), 1);
@@ -192,11 +212,46 @@ mod tests {
                 ("a10".to_owned(), b"a10 after 1".to_vec())
             ]
         );
+
+        // The idempotency index finds a bid by its user and request id.
+        let u1 = UserId::parse("u1").unwrap();
+        assert_eq!(log.find_bid("a1", &u1, "r3").unwrap(), Some(bid(3, 300)));
+        assert_eq!(log.find_bid("a10", &u1, "r3").unwrap(), None);
+        assert_eq!(
+            log.find_bid("a1", &UserId::parse("u2").unwrap(), "r3")
+                .unwrap(),
+            None
+        );
+
+        // A revert drops the bids after a seq, their index entries, and restores the record.
+        log.revert("a1", 3, b"after 3").unwrap();
+        assert_eq!(log.last_seq("a1").unwrap(), 3);
+        assert_eq!(log.find_bid("a1", &u1, "r4").unwrap(), None);
+        assert_eq!(log.auction("a1").unwrap(), Some(b"after 3".to_vec()));
+
+        // An archived auction is no longer live, and still readable.
+        log.archive("a10").unwrap();
+        let live: Vec<String> = log.auctions().unwrap().into_iter().map(|a| a.0).collect();
+        assert_eq!(live, ["a1"]);
+        assert_eq!(log.auction("a10").unwrap(), Some(b"a10 after 1".to_vec()));
+        assert_eq!(log.bids("a10", 0, 10).unwrap().len(), 1);
+        assert_eq!(log.find_bid("a10", &u1, "r1").unwrap(), Some(bid(1, 7)));
+        assert_eq!(log.auction("nope").unwrap(), None);
     }
 
     #[test]
     fn memory_log() {
         behaves_like_a_bid_log(&MemoryLog::default());
+    }
+
+    #[test]
+    fn faulty_log_passes_through_until_told_to_fail() {
+        let log = FaultyLog::new(Arc::new(MemoryLog::default()));
+        behaves_like_a_bid_log(&log);
+        log.fail_syncs(true);
+        assert!(log.sync().is_err());
+        log.fail_syncs(false);
+        assert!(log.sync().is_ok());
     }
 
     #[test]
@@ -209,9 +264,13 @@ mod tests {
         let log = SledLog::open(&dir).unwrap();
         assert_eq!(
             log.last_seq("a1").unwrap(),
-            5,
-            "what was synced is there after reopening"
+            3,
+            "what was written is there after reopening (the body reverted a1 to bid 3)"
         );
+        let u1 = UserId::parse("u1").unwrap();
+        assert!(log.find_bid("a1", &u1, "r3").unwrap().is_some());
+        assert!(log.find_bid("a1", &u1, "r4").unwrap().is_none());
+        assert_eq!(log.auctions().unwrap().len(), 1, "a10 stays archived");
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -1,9 +1,12 @@
-//! The sled [`BidLog`]: one tree; `a\0{auction}` holds an auction's record, `b\0{auction}\0{seq}`
-//! (seq big-endian, so keys sort by seq) holds its bids. A bid and the auction record after it
-//! are written in one atomic batch. Durable once `sync` (sled's `flush`) returns; see the README
+//! The sled [`BidLog`]: one tree; `a\0{auction}` holds a live auction's record (`x\0{auction}`
+//! once archived), `b\0{auction}\0{seq}` (seq big-endian, so keys sort by seq) holds its bids,
+//! and `r\0{auction}\0{user}\0{request id}` maps a bid's idempotency key to its seq. A bid, its
+//! index entry and the auction record after it are written in one atomic batch. Durable once `sync` (sled's `flush`) returns; see the README
 //! for exactly what that survives.
 
 use std::path::Path;
+
+use gavel_protocol::UserId;
 
 use super::{BidLog, BidRecord, StorageError};
 
@@ -21,6 +24,23 @@ fn io(e: sled::Error) -> StorageError {
 fn auction_key(auction: &str) -> Vec<u8> {
     let mut key = b"a\0".to_vec();
     key.extend_from_slice(auction.as_bytes());
+    key
+}
+
+fn archived_key(auction: &str) -> Vec<u8> {
+    let mut key = b"x\0".to_vec();
+    key.extend_from_slice(auction.as_bytes());
+    key
+}
+
+/// User ids cannot hold a NUL, so the request id after the second NUL is unambiguous.
+fn request_key(auction: &str, user: &UserId, request_id: &str) -> Vec<u8> {
+    let mut key = b"r\0".to_vec();
+    key.extend_from_slice(auction.as_bytes());
+    key.push(0);
+    key.extend_from_slice(user.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(request_id.as_bytes());
     key
 }
 
@@ -56,11 +76,17 @@ impl SledLog {
 }
 
 impl BidLog for SledLog {
-    fn append(&self, auction: &str, bid: &BidRecord, record: &[u8]) -> Result<(), StorageError> {
-        let encoded =
-            rmp_serde::to_vec_named(bid).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
-        batch.insert(bid_key(auction, bid.seq), encoded);
+        for bid in bids {
+            let encoded =
+                rmp_serde::to_vec_named(bid).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            batch.insert(bid_key(auction, bid.seq), encoded);
+            batch.insert(
+                request_key(auction, &bid.user, &bid.request_id),
+                &bid.seq.to_be_bytes(),
+            );
+        }
         batch.insert(auction_key(auction), record);
         self.db.apply_batch(batch).map_err(io)
     }
@@ -116,5 +142,62 @@ impl BidLog for SledLog {
                 Ok((id, value.to_vec()))
             })
             .collect()
+    }
+
+    fn auction(&self, auction: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        if let Some(record) = self.db.get(auction_key(auction)).map_err(io)? {
+            return Ok(Some(record.to_vec()));
+        }
+        Ok(self
+            .db
+            .get(archived_key(auction))
+            .map_err(io)?
+            .map(|r| r.to_vec()))
+    }
+
+    fn find_bid(
+        &self,
+        auction: &str,
+        user: &UserId,
+        request_id: &str,
+    ) -> Result<Option<BidRecord>, StorageError> {
+        let Some(seq) = self
+            .db
+            .get(request_key(auction, user, request_id))
+            .map_err(io)?
+        else {
+            return Ok(None);
+        };
+        let seq: [u8; 8] = seq[..]
+            .try_into()
+            .map_err(|_| StorageError::Corrupt("short request index entry".into()))?;
+        match self
+            .db
+            .get(bid_key(auction, u64::from_be_bytes(seq)))
+            .map_err(io)?
+        {
+            Some(bytes) => SledLog::decode_bid(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError> {
+        let mut batch = sled::Batch::default();
+        for bid in self.bids(auction, last_seq, usize::MAX)? {
+            batch.remove(bid_key(auction, bid.seq));
+            batch.remove(request_key(auction, &bid.user, &bid.request_id));
+        }
+        batch.insert(auction_key(auction), record);
+        self.db.apply_batch(batch).map_err(io)
+    }
+
+    fn archive(&self, auction: &str) -> Result<(), StorageError> {
+        let Some(record) = self.db.get(auction_key(auction)).map_err(io)? else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(auction_key(auction));
+        batch.insert(archived_key(auction), record);
+        self.db.apply_batch(batch).map_err(io)
     }
 }

@@ -150,3 +150,43 @@ async fn health_stats_rooms_and_users() {
     assert_eq!(status, 200);
     assert!(metrics.as_str().unwrap().contains("gavel_connections"));
 }
+
+/// Every route answers another method with 405 and an `Allow` header naming its methods,
+/// as docs/protocol.md §11 says (DELETE on an auction included); unknown paths get 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_a_wrong_method_with_405_and_allow() {
+    let b = TestBroker::start(|_| {}).await;
+    let key = ("x-api-key", API_KEY);
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET"),
+        ("POST", "/readyz", "GET"),
+        ("DELETE", "/metrics", "GET"),
+        ("POST", "/ws", "GET"),
+        ("POST", "/api/stats", "GET"),
+        ("GET", "/api/publish", "POST"),
+        ("DELETE", "/api/rooms/broadcast", "GET"),
+        ("POST", "/api/users/u1", "GET"),
+        ("DELETE", "/api/auctions", "GET, POST"),
+        ("DELETE", "/api/auctions/a1", "GET, PUT"),
+        ("POST", "/api/auctions/a1", "GET, PUT"),
+        ("GET", "/api/auctions/a1/pause", "POST"),
+        ("PUT", "/api/auctions/a1/end", "POST"),
+        ("POST", "/api/auctions/a1/bids", "GET"),
+    ] {
+        let (status, body, headers) = http_with_headers(b.addr, method, path, &[key]).await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method} {path}"
+        );
+        assert_eq!(headers.get("allow").unwrap(), allow, "{method} {path}");
+    }
+    for (method, path) in [
+        ("GET", "/nope"),
+        ("GET", "/api/nope"),
+        ("POST", "/api/auctions/a1/frobnicate"),
+    ] {
+        let (status, _, _) = http_with_headers(b.addr, method, path, &[key]).await;
+        assert_eq!(status, 404, "{method} {path}");
+    }
+}

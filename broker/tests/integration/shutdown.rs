@@ -2,7 +2,8 @@
 
 use std::process::Command;
 
-use gavel_broker::protocol::Format;
+use gavel_broker::client::Incoming;
+use gavel_broker::protocol::{ClientFrame, Format, ServerFrame};
 use serde_json::json;
 
 use crate::common::*;
@@ -59,4 +60,57 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Bids queued when shutdown begins are all answered before the connection closes with 1001:
+/// the auctions drain first, while the connections that wait for the answers are open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_every_queued_bid_before_closing() {
+    let b = TestBroker::start(|c| {
+        c.bid_rate = 1e6;
+        c.bid_burst = 1_000_000;
+        c.client_rate = 1e6;
+        c.client_burst = 10_000;
+    })
+    .await;
+    let (status, body) = api(
+        b.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("last", 600_000)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut bidder = b.connect(Some("ann")).await;
+    const BIDS: u64 = 300;
+    for i in 0..BIDS {
+        bidder
+            .send(ClientFrame::PlaceBid {
+                id: i,
+                auction_id: "last".into(),
+                amount: 1000 + 10 * i as i64,
+                request_id: format!("r{i}"),
+            })
+            .await;
+    }
+    b.broker.shutdown().await;
+    let mut answered = 0;
+    loop {
+        match tokio::time::timeout(HANG, bidder.client.next())
+            .await
+            .expect("hang")
+        {
+            Ok(Incoming::Frame(ServerFrame::Ok { .. })) => answered += 1,
+            Ok(Incoming::Frame(_)) => {}
+            Ok(Incoming::Closed { code, .. }) => {
+                assert_eq!(code, 1001);
+                break;
+            }
+            Err(error) => panic!("connection lost without a close: {error}"),
+        }
+    }
+    assert_eq!(
+        answered, BIDS,
+        "every bid sent before shutdown was answered"
+    );
 }

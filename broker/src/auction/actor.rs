@@ -1,0 +1,810 @@
+//! One auction's actor: the task that owns the auction's state and judges its commands in
+//! arrival order, each at the time it arrived. A turn takes what is queued, judges it, makes it
+//! durable through the [`Ledger`] (one commit), and only then answers. A store that fails parks
+//! the actor (no timers, bids refused) until a probe finds it working again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Reply, UserId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::announce;
+use super::idempotency::{Key, Outcomes};
+use super::ledger::{Announcement, CommitError, LedgerError, Turn};
+use super::rules::{Auction, Change, SpecError};
+use super::{
+    accepted_reply, decode, encode, rejected, AdminError, AdminOp, AdminReply, BidReply, Engine,
+};
+use crate::metrics as m;
+use crate::store::BidRecord;
+
+/// The leaderboard is sent at most this often per auction.
+pub const LEADERBOARD_INTERVAL: Duration = Duration::from_millis(500);
+/// First and longest wait between probes of a failed store.
+const PROBE_MIN: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// A bid as it reached the auction.
+pub struct Bid {
+    pub user: UserId,
+    pub amount: i64,
+    pub request_id: String,
+    /// When the broker received it (this node's clock, ms): the time it is judged at.
+    pub at_ms: u64,
+}
+
+pub enum Command {
+    Bid(Bid, BidReply),
+    Admin {
+        op: AdminOp,
+        at_ms: u64,
+        reply: AdminReply,
+    },
+    /// Cluster mode: another node changed the auction (now at this version).
+    Refresh(u64),
+}
+
+/// An answer, sent once the turn is settled.
+enum Answer {
+    Bid {
+        reply: BidReply,
+        answer: Reply,
+        /// Judged after one of the turn's writes (it depends on them).
+        after_write: bool,
+    },
+    Admin {
+        reply: AdminReply,
+        result: Result<AuctionSnapshot, AdminError>,
+    },
+}
+
+/// A judged turn, before its writes are durable.
+struct Judged {
+    answers: Vec<Answer>,
+    announcements: Vec<Announcement>,
+    bids: Vec<BidRecord>,
+    wrote: bool,
+    /// What to restore if the commit fails (memory must not run ahead of the ledger).
+    before: Auction,
+    undo_highest: Vec<(UserId, Option<i64>)>,
+    /// Outcomes remembered in this turn, forgotten if it fails.
+    new_keys: Vec<Key>,
+    leaderboard_dirty_before: bool,
+}
+
+/// A store failure the actor waits out.
+struct Parked {
+    probe_at: tokio::time::Instant,
+    backoff: Duration,
+    /// The failed turn's writes may still reach the disk: undo them before anything else.
+    unsettled: bool,
+    /// Answers held until the undo is durable (so none says "not placed" while it may be).
+    held: Vec<Answer>,
+}
+
+pub struct Actor {
+    engine: Arc<Engine>,
+    id: String,
+    auction: Auction,
+    /// The auction's version in the ledger this state reflects (cluster mode).
+    version: u64,
+    commands_rx: mpsc::Receiver<Command>,
+    view: Arc<ArcSwap<AuctionSnapshot>>,
+    /// The last bid seq known durable, shared with the registry (the bids API reads up to it).
+    durable_seq: Arc<AtomicU64>,
+    /// Each bidder's highest accepted bid, for the leaderboard.
+    highest: HashMap<UserId, i64>,
+    outcomes: Outcomes,
+    leaderboard_dirty: bool,
+    /// Cluster mode: a commit failed; the next turn reloads the auction first.
+    stale: bool,
+    /// The stamp of the last command judged: stamps never go back.
+    last_stamp: u64,
+    /// The ledger's clock minus this node's, at the last turn (0 on one node).
+    offset_ms: i64,
+    /// Cluster mode: after a failed turn, when timers may try again (ledger ms), and the backoff.
+    retry_at: Option<u64>,
+    backoff_ms: u64,
+    parked: Option<Parked>,
+    /// Since when (ledger ms) the auction is over; it is archived `archive_after` later.
+    over_since: Option<u64>,
+    archived: bool,
+}
+
+impl Actor {
+    /// An actor for `auction`, at `version` in the ledger, with its bidders' highest bids.
+    pub fn new(
+        engine: Arc<Engine>,
+        auction: Auction,
+        version: u64,
+        commands_rx: mpsc::Receiver<Command>,
+        view: Arc<ArcSwap<AuctionSnapshot>>,
+        durable_seq: Arc<AtomicU64>,
+        highest: HashMap<UserId, i64>,
+    ) -> Actor {
+        let now = engine.clock.now_ms();
+        Actor {
+            engine,
+            id: auction.spec.id.clone(),
+            version,
+            commands_rx,
+            view,
+            durable_seq,
+            highest,
+            outcomes: Outcomes::default(),
+            leaderboard_dirty: false,
+            stale: false,
+            last_stamp: 0,
+            offset_ms: 0,
+            retry_at: None,
+            backoff_ms: 0,
+            parked: None,
+            over_since: auction.next_deadline().is_none().then_some(now),
+            archived: false,
+            auction,
+        }
+    }
+
+    pub async fn run(mut self, stop: CancellationToken) {
+        self.turn(Vec::new()).await;
+        let mut leaderboard = tokio::time::interval(LEADERBOARD_INTERVAL);
+        leaderboard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.archived {
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    // Shutdown: take no more, answer what is queued, then stop.
+                    self.commands_rx.close();
+                    let mut rest = Vec::new();
+                    while let Some(command) = self.commands_rx.recv().await {
+                        rest.push(command);
+                    }
+                    self.turn(rest).await;
+                    break;
+                }
+                command = self.commands_rx.recv() => {
+                    let Some(command) = command else { break };
+                    let batch = self.take_batch(vec![command]);
+                    self.turn(batch).await;
+                }
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(far_future)), if wake.is_some() => {
+                    let batch = self.take_batch(Vec::new());
+                    if self.parked.is_some() {
+                        self.probe().await;
+                        self.turn(batch).await;
+                    } else if batch.is_empty() && self.archive_due() {
+                        self.archive().await;
+                    } else {
+                        self.turn(batch).await;
+                    }
+                }
+                _ = leaderboard.tick(), if self.leaderboard_dirty && self.parked.is_none() => {
+                    self.send_leaderboard();
+                }
+            }
+        }
+    }
+
+    /// Adds what is queued (up to a turn's worth) to `batch`.
+    fn take_batch(&mut self, mut batch: Vec<Command>) -> Vec<Command> {
+        while batch.len() < self.engine.max_turn {
+            match self.commands_rx.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// When the actor must wake without a command: a probe while parked, else the auction's
+    /// next deadline (after a cluster backoff), else its archiving.
+    fn next_wake(&self) -> Option<tokio::time::Instant> {
+        if let Some(parked) = &self.parked {
+            return Some(parked.probe_at);
+        }
+        let ledger_ms = match self.auction.next_deadline() {
+            Some(deadline) => deadline.max(self.retry_at.unwrap_or(0)),
+            None => {
+                let over = self.over_since?;
+                over.saturating_add(self.engine.archive_after.as_millis() as u64)
+                    .max(self.retry_at.unwrap_or(0))
+            }
+        };
+        let local_ms = (ledger_ms as i64).saturating_sub(self.offset_ms).max(0) as u64;
+        Some(self.engine.clock.instant_at(local_ms))
+    }
+
+    fn ledger_now(&self) -> u64 {
+        (self.engine.clock.now_ms() as i64 + self.offset_ms).max(0) as u64
+    }
+
+    fn archive_due(&self) -> bool {
+        self.auction.next_deadline().is_none()
+            && self.over_since.is_some_and(|over| {
+                self.ledger_now()
+                    >= over.saturating_add(self.engine.archive_after.as_millis() as u64)
+            })
+    }
+
+    /// One turn: catch up (cluster), look up retries, judge every command at its arrival time
+    /// and time up to now, commit, answer.
+    async fn turn(&mut self, commands: Vec<Command>) {
+        let mut newest = None;
+        let mut commands: Vec<Command> = commands
+            .into_iter()
+            .filter(|c| match c {
+                Command::Refresh(version) => {
+                    newest = newest.max(Some(*version));
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        if let Some(version) = newest {
+            self.refresh(version).await;
+        }
+        if self.parked.is_some() {
+            if commands.iter().any(|c| matches!(c, Command::Admin { .. })) {
+                // An admin acts: try the store now rather than at the next probe.
+                self.probe().await;
+            }
+            if self.parked.is_some() {
+                return self.answer_parked(commands);
+            }
+        }
+        let ledger = Arc::clone(&self.engine.ledger);
+        let start = match ledger.begin(&self.id).await {
+            Ok(start) => start,
+            Err(error) => return self.refuse(commands, &error),
+        };
+        self.offset_ms = start.now_ms as i64 - self.engine.clock.now_ms() as i64;
+        if start.version != self.version || self.stale {
+            if let Err(error) = self.catch_up().await {
+                self.end_turn().await;
+                return self.refuse(commands, &error);
+            }
+        }
+        let keys: Vec<Key> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::Bid(bid, _) => Some((bid.user.clone(), bid.request_id.clone())),
+                _ => None,
+            })
+            .collect();
+        if let Err(error) = self.look_up(keys).await {
+            self.end_turn().await;
+            return self.refuse(std::mem::take(&mut commands), &error);
+        }
+        let now = start.now_ms;
+        let judged = self.judge(commands, now);
+        if !judged.wrote {
+            self.end_turn().await;
+            self.view.store(Arc::new(self.auction.snapshot(now)));
+            return self.send(judged.answers);
+        }
+        let encoded = encode(&self.auction).and_then(|r| encode(&judged.before).map(|p| (r, p)));
+        let (record, previous) = match encoded {
+            Ok(pair) => pair,
+            Err(error) => {
+                self.end_turn().await;
+                return self.failed(judged, CommitError::NotRecorded(error.into()));
+            }
+        };
+        let turn = Turn {
+            auction: &self.id,
+            version: self.version,
+            record: &record,
+            previous: &previous,
+            previous_seq: judged.before.state.last_seq,
+            bids: &judged.bids,
+            announcements: judged.announcements.clone(),
+        };
+        match ledger.commit(turn).await {
+            Ok(version) => {
+                self.version = version;
+                self.durable_seq
+                    .store(self.auction.state.last_seq, Ordering::Release);
+                self.retry_at = None;
+                self.backoff_ms = 0;
+                if self.auction.next_deadline().is_none() && self.over_since.is_none() {
+                    self.over_since = Some(now);
+                }
+                self.view.store(Arc::new(self.auction.snapshot(now)));
+                self.send(judged.answers);
+            }
+            Err(error) => self.failed(judged, error),
+        }
+    }
+
+    async fn end_turn(&mut self) {
+        if let Err(error) = self.engine.ledger.end_turn(&self.id).await {
+            tracing::warn!(auction = %self.id, %error, "ending a turn failed (the lock expires)");
+        }
+    }
+
+    /// Finds in the ledger the bids behind retries this actor does not remember, so a retry of
+    /// an old bid gets its first answer.
+    async fn look_up(&mut self, mut keys: Vec<Key>) -> Result<(), LedgerError> {
+        keys.retain(|key| !self.outcomes.contains(key));
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let found = self.engine.ledger.find_bids(&self.id, &keys).await?;
+        for (key, bid) in keys.into_iter().zip(found) {
+            if let Some(bid) = bid {
+                let reply = accepted_reply(&self.id, &bid, &self.auction);
+                self.outcomes.remember(key, reply);
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges the commands in order, each at its arrival time, then lets time run to `now`.
+    fn judge(&mut self, commands: Vec<Command>, now: u64) -> Judged {
+        let mut judged = Judged {
+            answers: Vec::with_capacity(commands.len()),
+            announcements: Vec::new(),
+            bids: Vec::new(),
+            wrote: false,
+            before: self.auction.clone(),
+            undo_highest: Vec::new(),
+            new_keys: Vec::new(),
+            leaderboard_dirty_before: self.leaderboard_dirty,
+        };
+        let mut last = self.last_stamp.min(now);
+        for command in commands {
+            let arrived = match &command {
+                Command::Bid(bid, _) => bid.at_ms,
+                Command::Admin { at_ms, .. } => *at_ms,
+                Command::Refresh(_) => continue,
+            };
+            // On the ledger's clock, never before the previous command, never after now.
+            let stamp = ((arrived as i64 + self.offset_ms).max(0) as u64)
+                .max(last)
+                .min(now);
+            last = stamp;
+            self.advance_to(stamp, &mut judged);
+            match command {
+                Command::Bid(bid, reply) => self.judge_bid(bid, stamp, reply, &mut judged),
+                Command::Admin { op, reply, .. } => {
+                    let result = self.apply(op, stamp);
+                    let result = match result {
+                        Ok(changes) => {
+                            self.push_changes(changes, stamp, &mut judged);
+                            judged.wrote = true;
+                            Ok(self.auction.snapshot(stamp))
+                        }
+                        Err(error) => Err(error),
+                    };
+                    judged.answers.push(Answer::Admin { reply, result });
+                }
+                Command::Refresh(_) => {}
+            }
+        }
+        self.last_stamp = last;
+        self.advance_to(now, &mut judged);
+        judged
+    }
+
+    fn advance_to(&mut self, at: u64, judged: &mut Judged) {
+        let changes = self.auction.advance(at);
+        if !changes.is_empty() {
+            self.push_changes(changes, at, judged);
+            judged.wrote = true;
+        }
+    }
+
+    fn push_changes(&mut self, changes: Vec<Change>, at: u64, judged: &mut Judged) {
+        if self.leaderboard_dirty && changes.iter().any(|c| matches!(c, Change::Ended(_))) {
+            // The final leaderboard comes before the end.
+            judged.announcements.extend(self.leaderboard(at));
+        }
+        let snapshot = self.auction.snapshot(at);
+        judged
+            .announcements
+            .extend(announce::changes(&self.id, changes, &snapshot, at));
+    }
+
+    fn judge_bid(&mut self, bid: Bid, at: u64, reply: BidReply, judged: &mut Judged) {
+        let key: Key = (bid.user, bid.request_id);
+        if let Some(first) = self.outcomes.get(&key) {
+            judged.answers.push(Answer::Bid {
+                reply,
+                answer: first.clone(),
+                after_write: judged.wrote,
+            });
+            return;
+        }
+        let (user, request_id) = key;
+        // Charged only now, after the retry check: a retry of an answered bid costs nothing.
+        if !self.engine.limiter.allow(&user, self.engine.clock.now_ms()) {
+            let answer = rejected(
+                &self.id,
+                &request_id,
+                BidRejection::RateLimited,
+                None,
+                "too many bids; slow down".into(),
+            );
+            judged.answers.push(Answer::Bid {
+                reply,
+                answer,
+                after_write: false,
+            });
+            return;
+        }
+        match self.auction.place_bid(&user, bid.amount, at) {
+            Ok(accepted) => {
+                let record = BidRecord {
+                    seq: accepted.seq,
+                    user: user.clone(),
+                    amount: bid.amount,
+                    request_id: request_id.clone(),
+                    ts: at,
+                    ends_at: self.auction.state.ends_at,
+                };
+                let answer = accepted_reply(&self.id, &record, &self.auction);
+                let key = (user.clone(), request_id);
+                self.outcomes.remember(key.clone(), answer.clone());
+                judged.new_keys.push(key);
+                let previous = self.highest.insert(user.clone(), bid.amount);
+                judged.undo_highest.push((user, previous));
+                self.leaderboard_dirty = true;
+                let snapshot = self.auction.snapshot(at);
+                judged
+                    .announcements
+                    .extend(announce::bid(&self.id, &accepted, &record, &snapshot));
+                judged.bids.push(record);
+                judged.wrote = true;
+                judged.answers.push(Answer::Bid {
+                    reply,
+                    answer,
+                    after_write: true,
+                });
+            }
+            Err(rejection) => {
+                let answer = rejected(
+                    &self.id,
+                    &request_id,
+                    rejection.reason,
+                    rejection.min_amount,
+                    rejection.message,
+                );
+                // The rules' rejections are final for this request id (docs/protocol.md §4.10).
+                let key = (user, request_id);
+                self.outcomes.remember(key.clone(), answer.clone());
+                judged.new_keys.push(key);
+                judged.answers.push(Answer::Bid {
+                    reply,
+                    answer,
+                    after_write: judged.wrote,
+                });
+            }
+        }
+    }
+
+    fn apply(&mut self, op: AdminOp, now: u64) -> Result<Vec<Change>, AdminError> {
+        Ok(match op {
+            AdminOp::Update(spec) => {
+                if self.auction.state.status != AuctionStatus::Scheduled {
+                    return Err(SpecError::WrongStatus(
+                        self.auction.state.status.as_str(),
+                        "only a scheduled auction can be changed",
+                    )
+                    .into());
+                }
+                if spec.ends_at <= now {
+                    return Err(SpecError::Invalid("ends_at is in the past".into()).into());
+                }
+                self.auction.update(spec)?;
+                vec![Change::Updated]
+            }
+            AdminOp::Pause => self.auction.pause(now)?,
+            AdminOp::Resume => self.auction.resume(now)?,
+            AdminOp::Cancel => self.auction.cancel()?,
+            AdminOp::EndNow => self.auction.end_now(now)?,
+        })
+    }
+
+    /// Sends answers, counting each bid's outcome.
+    fn send(&self, answers: Vec<Answer>) {
+        for answer in answers {
+            match answer {
+                Answer::Bid { reply, answer, .. } => {
+                    let outcome = match &answer {
+                        Reply::BidRejected { reason, .. } => reason.as_str(),
+                        _ => "accepted",
+                    };
+                    metrics::counter!(m::BIDS, "outcome" => outcome).increment(1);
+                    reply(answer);
+                }
+                Answer::Admin { reply, result } => {
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    /// A commit failed: memory goes back to the turn's start, and nothing the turn did is
+    /// acknowledged. A store failure parks the actor; a cluster failure backs off.
+    fn failed(&mut self, judged: Judged, error: CommitError) {
+        let (error, unsettled) = match error {
+            CommitError::NotRecorded(error) => (error, false),
+            CommitError::Unsettled(error) => (error, true),
+        };
+        let now = self.ledger_now();
+        self.auction = judged.before;
+        for (user, previous) in judged.undo_highest.into_iter().rev() {
+            match previous {
+                Some(amount) => self.highest.insert(user, amount),
+                None => self.highest.remove(&user),
+            };
+        }
+        for key in &judged.new_keys {
+            self.outcomes.forget(key);
+        }
+        self.leaderboard_dirty = judged.leaderboard_dirty_before;
+        self.view.store(Arc::new(self.auction.snapshot(now)));
+        let durable = self.durable_seq.load(Ordering::Acquire);
+        let (reason, message) = refusal(&error);
+        let answers: Vec<Answer> = judged
+            .answers
+            .into_iter()
+            .map(|answer| match answer {
+                Answer::Bid {
+                    reply,
+                    answer,
+                    after_write,
+                } => {
+                    let void = after_write
+                        || matches!(&answer, Reply::BidAccepted { bid_seq, .. } if *bid_seq > durable);
+                    let answer = if void {
+                        rejected(&self.id, request_id(&answer), reason, None, message.clone())
+                    } else {
+                        answer
+                    };
+                    Answer::Bid {
+                        reply,
+                        answer,
+                        after_write,
+                    }
+                }
+                Answer::Admin { reply, result } => Answer::Admin {
+                    reply,
+                    result: result.and_then(|_| Err(admin_error(&error))),
+                },
+            })
+            .collect();
+        match error {
+            LedgerError::Storage(_) => {
+                tracing::error!(auction = %self.id, %error, unsettled, "bid log failed: refusing bids until it works again");
+                let mut parked = Parked {
+                    probe_at: tokio::time::Instant::now() + PROBE_MIN,
+                    backoff: PROBE_MIN,
+                    unsettled,
+                    held: Vec::new(),
+                };
+                if unsettled {
+                    parked.held = answers;
+                } else {
+                    self.send(answers);
+                }
+                self.parked = Some(parked);
+            }
+            LedgerError::Unavailable(_) => {
+                tracing::warn!(auction = %self.id, %error, "cluster commit failed: nothing of the turn is acknowledged");
+                self.stale = true;
+                self.back_off();
+                self.send(answers);
+            }
+        }
+    }
+
+    /// Answers commands without judging them: the ledger could not start the turn.
+    fn refuse(&mut self, commands: Vec<Command>, error: &LedgerError) {
+        if matches!(error, LedgerError::Unavailable(_)) {
+            self.back_off();
+        }
+        let (reason, message) = refusal(error);
+        let answers = commands
+            .into_iter()
+            .filter_map(|command| match command {
+                Command::Bid(bid, reply) => Some(Answer::Bid {
+                    answer: rejected(&self.id, &bid.request_id, reason, None, message.clone()),
+                    reply,
+                    after_write: false,
+                }),
+                Command::Admin { reply, .. } => Some(Answer::Admin {
+                    reply,
+                    result: Err(admin_error(error)),
+                }),
+                Command::Refresh(_) => None,
+            })
+            .collect();
+        self.send(answers);
+    }
+
+    /// While parked: retries of remembered bids get their answer, everything else is refused.
+    fn answer_parked(&mut self, commands: Vec<Command>) {
+        let error = LedgerError::Storage(crate::store::StorageError::Io(
+            "the bid log is failing; retry later".into(),
+        ));
+        let (reason, message) = refusal(&error);
+        let answers = commands
+            .into_iter()
+            .filter_map(|command| match command {
+                Command::Bid(bid, reply) => {
+                    let key = (bid.user, bid.request_id);
+                    let answer = match self.outcomes.get(&key) {
+                        Some(first) => first.clone(),
+                        None => rejected(&self.id, &key.1, reason, None, message.clone()),
+                    };
+                    Some(Answer::Bid {
+                        reply,
+                        answer,
+                        after_write: false,
+                    })
+                }
+                Command::Admin { reply, .. } => Some(Answer::Admin {
+                    reply,
+                    result: Err(admin_error(&error)),
+                }),
+                Command::Refresh(_) => None,
+            })
+            .collect();
+        self.send(answers);
+    }
+
+    /// Parked: checks whether the store works again (undoing a failed turn first if needed);
+    /// if so, sends the held answers and unparks.
+    async fn probe(&mut self) {
+        let Some(parked) = self.parked.as_mut() else {
+            return;
+        };
+        let ledger = Arc::clone(&self.engine.ledger);
+        let result = if parked.unsettled {
+            match encode(&self.auction) {
+                Ok(record) => {
+                    ledger
+                        .repair(&self.id, self.auction.state.last_seq, &record)
+                        .await
+                }
+                Err(error) => Err(error.into()),
+            }
+        } else {
+            ledger.probe().await
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(auction = %self.id, "bid log works again: taking bids");
+                if let Some(parked) = self.parked.take() {
+                    self.send(parked.held);
+                }
+            }
+            Err(error) => {
+                parked.backoff = (parked.backoff * 2).min(PROBE_MAX);
+                parked.probe_at = tokio::time::Instant::now() + parked.backoff;
+                tracing::debug!(auction = %self.id, %error, retry_in = ?parked.backoff, "bid log still failing");
+            }
+        }
+    }
+
+    /// Cluster mode: a turn failed; timers wait a growing backoff before the next try.
+    fn back_off(&mut self) {
+        self.backoff_ms = (self.backoff_ms * 2).clamp(100, 5_000);
+        self.retry_at = Some(self.ledger_now() + self.backoff_ms);
+    }
+
+    /// Reloads the auction from the ledger: everything after a failed commit, else what other
+    /// nodes committed since this actor's state.
+    async fn catch_up(&mut self) -> Result<(), LedgerError> {
+        let ledger = Arc::clone(&self.engine.ledger);
+        let stored = ledger
+            .load(&self.id)
+            .await?
+            .ok_or_else(|| LedgerError::Unavailable(format!("auction {} vanished", self.id)))?;
+        let auction = decode(&self.id, &stored.record)?;
+        let after = if self.stale {
+            self.highest.clear();
+            self.outcomes = Outcomes::default();
+            0
+        } else {
+            self.auction.state.last_seq
+        };
+        for bid in ledger.bids(&self.id, after, usize::MAX).await? {
+            self.highest.insert(bid.user, bid.amount);
+        }
+        self.auction = auction;
+        self.version = stored.version;
+        self.durable_seq
+            .store(self.auction.state.last_seq, Ordering::Release);
+        self.stale = false;
+        if self.auction.next_deadline().is_none() && self.over_since.is_none() {
+            self.over_since = Some(self.ledger_now());
+        }
+        self.view
+            .store(Arc::new(self.auction.snapshot(self.ledger_now())));
+        Ok(())
+    }
+
+    /// Cluster mode: another node committed a change; catch up without the lock, so this
+    /// node's view and timers follow.
+    async fn refresh(&mut self, version: u64) {
+        if version <= self.version && !self.stale {
+            return;
+        }
+        if let Err(error) = self.catch_up().await {
+            tracing::debug!(auction = %self.id, %error, "refresh failed; the next turn catches up");
+        }
+    }
+
+    /// Archives the auction: its record and bids stay in the ledger, its task, queue and room
+    /// go. Later bids and retries are answered from the ledger by the registry.
+    async fn archive(&mut self) {
+        if let Err(error) = self.engine.ledger.archive(&self.id).await {
+            tracing::warn!(auction = %self.id, %error, "archiving failed; retrying later");
+            self.back_off();
+            return;
+        }
+        self.engine.map.remove(&self.id);
+        self.commands_rx.close();
+        let mut rest = Vec::new();
+        while let Ok(command) = self.commands_rx.try_recv() {
+            rest.push(command);
+        }
+        if !rest.is_empty() {
+            self.turn(rest).await;
+        }
+        tracing::debug!(auction = %self.id, "archived");
+        self.archived = true;
+    }
+
+    fn leaderboard(&mut self, now: u64) -> Option<Announcement> {
+        self.leaderboard_dirty = false;
+        announce::leaderboard(&self.id, &self.highest, self.auction.state.ends_at, now)
+    }
+
+    fn send_leaderboard(&mut self) {
+        let now = self.ledger_now();
+        let board = self.leaderboard(now);
+        self.engine.ledger.announce(board.into_iter().collect());
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// The rejection a ledger failure gives a bid.
+fn refusal(error: &LedgerError) -> (BidRejection, String) {
+    match error {
+        LedgerError::Storage(error) => (
+            BidRejection::Unavailable,
+            format!("the bid could not be recorded ({error}); retry later"),
+        ),
+        LedgerError::Unavailable(error) => (
+            BidRejection::ClusterUnavailable,
+            format!("the bid could not be committed: {error}"),
+        ),
+    }
+}
+
+fn admin_error(error: &LedgerError) -> AdminError {
+    match error {
+        LedgerError::Storage(error) => AdminError::Storage(error.clone()),
+        LedgerError::Unavailable(error) => AdminError::Cluster(error.clone()),
+    }
+}
+
+fn request_id(reply: &Reply) -> &str {
+    match reply {
+        Reply::BidAccepted { request_id, .. } | Reply::BidRejected { request_id, .. } => request_id,
+        _ => "",
+    }
+}

@@ -1,0 +1,168 @@
+//! What an auction tells its room and its bidders: the [`Announcement`]s for status changes, an
+//! accepted bid (`bid_placed`, `extended`, `outbid`) and the leaderboard. Pure: building them
+//! publishes nothing; the ledger does that once the turn is durable.
+
+use std::collections::HashMap;
+
+use gavel_protocol::{AuctionSnapshot, BidPlaced, Channel, Outbid, UserId};
+use serde_json::{json, Value};
+
+use super::ledger::Announcement;
+use super::rules::{Accepted, Change};
+use crate::store::BidRecord;
+
+/// Bidders on the leaderboard.
+pub const LEADERBOARD_SIZE: usize = 10;
+
+pub fn to_value<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The channel of auction `id` (ids are checked at creation, so this does not fail in practice).
+fn room(id: &str) -> Option<Channel> {
+    match Channel::auction(id) {
+        Ok(channel) => Some(channel),
+        Err(error) => {
+            tracing::error!(auction_id = id, %error, "auction id is not a channel id");
+            None
+        }
+    }
+}
+
+fn in_room(
+    id: &str,
+    event: &'static str,
+    data: Value,
+    state: Option<Value>,
+) -> Option<Announcement> {
+    room(id).map(|channel| Announcement {
+        channel,
+        event,
+        data,
+        state,
+    })
+}
+
+/// Status changes and definition updates, each with the snapshot right after them.
+pub fn changes(
+    id: &str,
+    changes: Vec<Change>,
+    snapshot: &AuctionSnapshot,
+    now: u64,
+) -> Vec<Announcement> {
+    let state = to_value(snapshot);
+    changes
+        .into_iter()
+        .filter_map(|change| match change {
+            Change::Status { from, to } => in_room(
+                id,
+                "status_changed",
+                json!({
+                    "auction_id": id,
+                    "status": to,
+                    "previous": from,
+                    "ends_at": snapshot.ends_at,
+                    "server_ts": now,
+                }),
+                Some(state.clone()),
+            ),
+            Change::Updated => in_room(
+                id,
+                "updated",
+                json!({
+                    "auction_id": id,
+                    "starts_at": snapshot.starts_at,
+                    "ends_at": snapshot.ends_at,
+                    "server_ts": now,
+                }),
+                Some(state.clone()),
+            ),
+            Change::Ended(ended) => in_room(id, "ended", to_value(&ended), Some(state.clone())),
+        })
+        .collect()
+}
+
+/// An accepted bid: `bid_placed`, then `extended` if it moved the end, then `outbid` to the
+/// leader it displaced.
+pub fn bid(
+    id: &str,
+    accepted: &Accepted,
+    record: &BidRecord,
+    snapshot: &AuctionSnapshot,
+) -> Vec<Announcement> {
+    let placed = BidPlaced {
+        auction_id: id.to_owned(),
+        bid_seq: record.seq,
+        amount: record.amount,
+        bidder: record.user.clone(),
+        bid_count: snapshot.bid_count,
+        next_min_bid: snapshot.next_min_bid,
+        ends_at: snapshot.ends_at,
+        server_ts: record.ts,
+    };
+    let mut out: Vec<Announcement> = in_room(
+        id,
+        "bid_placed",
+        to_value(&placed),
+        Some(to_value(snapshot)),
+    )
+    .into_iter()
+    .collect();
+    if let Some(previous_end) = accepted.extended_from {
+        out.extend(in_room(
+            id,
+            "extended",
+            json!({
+                "auction_id": id,
+                "ends_at": snapshot.ends_at,
+                "previous_ends_at": previous_end,
+                "server_ts": record.ts,
+            }),
+            None,
+        ));
+    }
+    if let Some((leader, their_amount)) = &accepted.outbid {
+        let notice = Outbid {
+            auction_id: id.to_owned(),
+            amount: record.amount,
+            your_amount: *their_amount,
+            next_min_bid: snapshot.next_min_bid,
+            ends_at: snapshot.ends_at,
+            server_ts: record.ts,
+        };
+        out.push(Announcement {
+            channel: Channel::user(leader),
+            event: "outbid",
+            data: to_value(&notice),
+            state: None,
+        });
+    }
+    out
+}
+
+/// The leaderboard: each bidder's highest bid, best first, at most [`LEADERBOARD_SIZE`].
+pub fn leaderboard(
+    id: &str,
+    highest: &HashMap<UserId, i64>,
+    ends_at: u64,
+    now: u64,
+) -> Option<Announcement> {
+    let mut top: Vec<(&UserId, &i64)> = highest.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    top.truncate(LEADERBOARD_SIZE);
+    let top: Vec<Value> = top
+        .into_iter()
+        .map(|(user, amount)| json!({"user": user, "amount": amount}))
+        .collect();
+    in_room(
+        id,
+        "leaderboard",
+        json!({
+            "auction_id": id,
+            "top": top,
+            "ends_at": ends_at,
+            "server_ts": now,
+        }),
+        None,
+    )
+}

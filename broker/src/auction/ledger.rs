@@ -1,0 +1,353 @@
+//! Where an auction's turns become durable and how their events get out: the [`Ledger`] trait,
+//! and [`LocalLedger`], this node's bid log with group commit. The cluster's Redis ledger
+//! implements the same trait in `cluster::ledger`. The actor calls one of them, chosen once at
+//! start-up; it never asks which.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use gavel_protocol::{Channel, UserId};
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::store::{BidLog, BidRecord, Durability, GroupCommit, StorageError};
+
+/// A ledger call in flight. Boxed: the ledger is a trait object, and there is one call per
+/// turn (not per bid), so the allocation does not matter.
+pub type LedgerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
+
+/// Why a ledger call failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The local bid log failed: bids are refused as `unavailable`, and the auction parks until
+    /// the store works again.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Cluster mode: Redis (which orders every auction) is unreachable, another node held the
+    /// lock too long, or another node committed first. Bids are refused as
+    /// `cluster_unavailable`; the next turn catches up.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An event an auction announces, published once the turn that made it is durable.
+#[derive(Clone, Debug)]
+pub struct Announcement {
+    /// `auction:{id}`, or `user:{id}` for a notice to one user.
+    pub channel: Channel,
+    pub event: &'static str,
+    pub data: Value,
+    /// The auction's snapshot right after the event (`None`: unchanged).
+    pub state: Option<Value>,
+}
+
+/// Where announcements are published on this node: the room registry (a recorder in tests).
+pub trait AuctionEvents: Send + Sync + 'static {
+    /// Publishes an event (and the room's new state, if any) in its room.
+    fn publish(&self, announcement: Announcement);
+    /// Sets an auction room's state without an event (creation, start-up), and keeps the room
+    /// while the auction lives.
+    fn show_state(&self, channel: &Channel, state: Value);
+    /// The auction was archived: its room may go like any other.
+    fn release(&self, channel: &Channel);
+}
+
+/// What a turn starts from.
+#[derive(Clone, Copy, Debug)]
+pub struct TurnStart {
+    /// The ledger's time (ms since the Unix epoch): this node's clock, or Redis's `TIME` in
+    /// cluster mode, so every node judges an auction's deadlines on one clock.
+    pub now_ms: u64,
+    /// The auction's version in the ledger: a version other than the actor's means another
+    /// node changed it, and the actor catches up first.
+    pub version: u64,
+}
+
+/// A judged turn, to be made durable.
+pub struct Turn<'a> {
+    pub auction: &'a str,
+    /// The version the turn was judged on (compare-and-set in cluster mode).
+    pub version: u64,
+    /// The auction's record after the turn.
+    pub record: &'a [u8],
+    /// The record before the turn, and its last bid seq: what a failed commit reverts to.
+    pub previous: &'a [u8],
+    pub previous_seq: u64,
+    /// The accepted bids, in seq order.
+    pub bids: &'a [BidRecord],
+    /// The turn's events, published only once the turn is durable.
+    pub announcements: Vec<Announcement>,
+}
+
+/// How a commit failed.
+#[derive(Debug)]
+pub enum CommitError {
+    /// Nothing of the turn is recorded (or its undo is durable): answer its bids as not placed.
+    NotRecorded(LedgerError),
+    /// The turn's writes may still become durable (the flush failed and so did their undo):
+    /// hold the answers and [`Ledger::repair`] until it succeeds.
+    Unsettled(LedgerError),
+}
+
+/// An auction as the ledger holds it.
+pub struct Stored {
+    pub version: u64,
+    pub record: Vec<u8>,
+}
+
+/// Where bids become durable, and who orders them. One per broker, chosen at start-up.
+pub trait Ledger: Send + Sync + 'static {
+    /// Whether turns can run now (cluster mode: Redis reachable and the node ready).
+    fn ready(&self) -> bool {
+        true
+    }
+    /// Whether [`Ledger::bids`] may return writes not yet durable (a local store between a
+    /// write and its flush); then readers stop at the last seq known durable.
+    fn reads_unflushed(&self) -> bool {
+        false
+    }
+    /// Starts a turn (cluster mode: takes the auction's lock).
+    fn begin<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, TurnStart>;
+    /// Makes a turn durable and publishes its announcements (releasing the lock).
+    fn commit<'a>(
+        &'a self,
+        turn: Turn<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, CommitError>> + Send + 'a>>;
+    /// Ends a turn that wrote nothing (releases the lock).
+    fn end_turn<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, ()>;
+    /// After a failed commit: makes durable that the auction ends at `last_seq` with `record`.
+    fn repair<'a>(
+        &'a self,
+        auction: &'a str,
+        last_seq: u64,
+        record: &'a [u8],
+    ) -> LedgerFuture<'a, ()>;
+    /// Checks that the store works (a flush), after a failure.
+    fn probe(&self) -> LedgerFuture<'_, ()>;
+    /// Publishes events that need no turn (leaderboards).
+    fn announce(&self, announcements: Vec<Announcement>);
+    /// Shows an auction's state in its room without an event (creation, start-up).
+    fn show_state(&self, auction: &str, state: Value);
+    /// Creates an auction, durably; its version, or `None` if the id is taken (archived ids
+    /// included).
+    fn create<'a>(
+        &'a self,
+        auction: &'a str,
+        record: &'a [u8],
+        state: &'a Value,
+    ) -> LedgerFuture<'a, Option<u64>>;
+    /// Ids of the live (not archived) auctions.
+    fn live(&self) -> LedgerFuture<'_, Vec<String>>;
+    /// An auction's record, live or archived.
+    fn load<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, Option<Stored>>;
+    /// The bids placed under these (user, request id) keys, where there are any.
+    fn find_bids<'a>(
+        &'a self,
+        auction: &'a str,
+        keys: &'a [(UserId, String)],
+    ) -> LedgerFuture<'a, Vec<Option<BidRecord>>>;
+    /// Bids with seq > `after`, at most `limit`.
+    fn bids<'a>(
+        &'a self,
+        auction: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> LedgerFuture<'a, Vec<BidRecord>>;
+    /// Moves an ended auction out of the live set (its record and bids stay readable).
+    fn archive<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, ()>;
+    /// Makes every write durable (shutdown).
+    fn sync(&self) -> LedgerFuture<'_, ()>;
+}
+
+/// This node's bid log: writes go to the [`BidLog`] at commit, one group-commit flush makes them
+/// durable, and only then are the turn's events published in the local rooms.
+pub struct LocalLedger {
+    store: Arc<dyn BidLog>,
+    durability: Durability,
+    events: Arc<dyn AuctionEvents>,
+    clock: Clock,
+}
+
+impl LocalLedger {
+    pub fn new(
+        store: Arc<dyn BidLog>,
+        events: Arc<dyn AuctionEvents>,
+        clock: Clock,
+        group_commit: GroupCommit,
+    ) -> LocalLedger {
+        let durability = Durability::start(Arc::clone(&store), group_commit);
+        LocalLedger {
+            store,
+            durability,
+            events,
+            clock,
+        }
+    }
+
+    /// The bid log itself (start-up reads it synchronously).
+    pub fn store(&self) -> &Arc<dyn BidLog> {
+        &self.store
+    }
+
+    /// The turn's bids and record, in one atomic batch.
+    fn write(&self, turn: &Turn<'_>) -> Result<(), StorageError> {
+        if turn.bids.is_empty() {
+            self.store.put_auction(turn.auction, turn.record)
+        } else {
+            self.store.append(turn.auction, turn.bids, turn.record)
+        }
+    }
+}
+
+fn ready<'a, T: Send + 'a>(value: Result<T, LedgerError>) -> LedgerFuture<'a, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Ledger for LocalLedger {
+    fn reads_unflushed(&self) -> bool {
+        true
+    }
+
+    fn begin<'a>(&'a self, _auction: &'a str) -> LedgerFuture<'a, TurnStart> {
+        ready(Ok(TurnStart {
+            now_ms: self.clock.now_ms(),
+            version: 0,
+        }))
+    }
+
+    fn commit<'a>(
+        &'a self,
+        turn: Turn<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<u64, CommitError>> + Send + 'a>> {
+        Box::pin(async move {
+            if let Err(error) = self.write(&turn) {
+                // One atomic batch that failed: nothing of it is in the store.
+                return Err(CommitError::NotRecorded(error.into()));
+            }
+            if let Err(error) = self.durability.sync().await {
+                // The writes are in the store's memory: a later flush (of any auction) would
+                // make them durable. Undo them first, durably, so the disk never holds a bid
+                // that was answered as not placed.
+                let undone = self
+                    .repair(turn.auction, turn.previous_seq, turn.previous)
+                    .await;
+                return Err(match undone {
+                    Ok(()) => CommitError::NotRecorded(error.into()),
+                    Err(_) => CommitError::Unsettled(error.into()),
+                });
+            }
+            for announcement in turn.announcements {
+                self.events.publish(announcement);
+            }
+            Ok(0)
+        })
+    }
+
+    fn end_turn<'a>(&'a self, _auction: &'a str) -> LedgerFuture<'a, ()> {
+        ready(Ok(()))
+    }
+
+    fn repair<'a>(
+        &'a self,
+        auction: &'a str,
+        last_seq: u64,
+        record: &'a [u8],
+    ) -> LedgerFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.revert(auction, last_seq, record)?;
+            Ok(self.durability.sync().await?)
+        })
+    }
+
+    fn probe(&self) -> LedgerFuture<'_, ()> {
+        Box::pin(async move { Ok(self.durability.sync().await?) })
+    }
+
+    fn announce(&self, announcements: Vec<Announcement>) {
+        for announcement in announcements {
+            self.events.publish(announcement);
+        }
+    }
+
+    fn show_state(&self, auction: &str, state: Value) {
+        if let Ok(channel) = Channel::auction(auction) {
+            self.events.show_state(&channel, state);
+        }
+    }
+
+    fn create<'a>(
+        &'a self,
+        auction: &'a str,
+        record: &'a [u8],
+        _state: &'a Value,
+    ) -> LedgerFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            if self.store.auction(auction)?.is_some() {
+                return Ok(None);
+            }
+            self.store.put_auction(auction, record)?;
+            self.durability.sync().await?;
+            Ok(Some(0))
+        })
+    }
+
+    fn live(&self) -> LedgerFuture<'_, Vec<String>> {
+        ready(
+            self.store
+                .auctions()
+                .map(|all| all.into_iter().map(|(id, _)| id).collect())
+                .map_err(LedgerError::from),
+        )
+    }
+
+    fn load<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, Option<Stored>> {
+        ready(
+            self.store
+                .auction(auction)
+                .map(|r| r.map(|record| Stored { version: 0, record }))
+                .map_err(LedgerError::from),
+        )
+    }
+
+    fn find_bids<'a>(
+        &'a self,
+        auction: &'a str,
+        keys: &'a [(UserId, String)],
+    ) -> LedgerFuture<'a, Vec<Option<BidRecord>>> {
+        ready(
+            keys.iter()
+                .map(|(user, request_id)| self.store.find_bid(auction, user, request_id))
+                .collect::<Result<_, _>>()
+                .map_err(LedgerError::from),
+        )
+    }
+
+    fn bids<'a>(
+        &'a self,
+        auction: &'a str,
+        after: u64,
+        limit: usize,
+    ) -> LedgerFuture<'a, Vec<BidRecord>> {
+        ready(
+            self.store
+                .bids(auction, after, limit)
+                .map_err(LedgerError::from),
+        )
+    }
+
+    fn archive<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, ()> {
+        Box::pin(async move {
+            self.store.archive(auction)?;
+            self.durability.sync().await?;
+            if let Ok(channel) = Channel::auction(auction) {
+                self.events.release(&channel);
+            }
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> LedgerFuture<'_, ()> {
+        Box::pin(async move { Ok(self.durability.sync().await?) })
+    }
+}
