@@ -285,9 +285,9 @@ async fn bad_bids_get_their_documented_outcome_and_write_nothing() {
         reason(anon.bid("x", 3000, "a").await),
         BidRejection::Unauthenticated
     );
-    // The bucket held 12; carol's eight bids on `x` above took eight (bids for an unknown
-    // auction or from anonymous connections take none). Four more pass the limiter (the auction
-    // is over), then the limiter says no.
+    // The bucket held 12: carol's seven judged bids on `x` and the one on the unknown auction
+    // took eight (the retry of `dup` took none, nor does an anonymous bid). Four more pass the
+    // limiter (the auction is over), then the limiter says no.
     for i in 0..4 {
         assert_eq!(
             reason(c.bid("x", 4000, &format!("r{i}")).await),
@@ -561,4 +561,55 @@ async fn acknowledged_bids_survive_kill_9() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// A retry gets the first answer whatever happened since: a `not_active` from a paused auction
+/// stays `not_active` after it resumes (no bid is placed), and retries take no token of the
+/// bidder's rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_resume_gets_the_same_rejection_and_costs_no_token() {
+    let b = TestBroker::start(|c| {
+        c.bid_rate = 0.001;
+        c.bid_burst = 3;
+    })
+    .await;
+    let (status, _) = api(
+        b.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("y", 600_000)),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut c = b.connect(Some("dan")).await;
+    api(b.addr, "POST", "/api/auctions/y/pause", None).await;
+    let paused = c.bid("y", 1000, "while-paused").await;
+    assert!(matches!(
+        paused,
+        Reply::BidRejected {
+            reason: BidRejection::NotActive,
+            ..
+        }
+    ));
+    api(b.addr, "POST", "/api/auctions/y/resume", None).await;
+    for _ in 0..5 {
+        assert_eq!(c.bid("y", 1000, "while-paused").await, paused);
+    }
+    // Two tokens are left of three: the retries took none.
+    assert!(matches!(
+        c.bid("y", 1000, "a").await,
+        Reply::BidAccepted { bid_seq: 1, .. }
+    ));
+    assert!(matches!(
+        c.bid("y", 1100, "b").await,
+        Reply::BidAccepted { bid_seq: 2, .. }
+    ));
+    assert!(matches!(
+        c.bid("y", 1200, "c").await,
+        Reply::BidRejected {
+            reason: BidRejection::RateLimited,
+            ..
+        }
+    ));
+    assert_eq!(all_bids(b.addr, "y").await.len(), 2);
 }
