@@ -39,7 +39,7 @@ fn subscribers(n: usize, first_id: u64) -> Subscribers {
         .map(|i| {
             let (tx, rx) = mpsc::channel(QUEUE);
             queues.push(rx);
-            ConnHandle::new(first_id + i, None, Format::MsgPack, tx)
+            ConnHandle::new(first_id + i, None, Format::MsgPack, tx, usize::MAX)
         })
         .collect();
     Subscribers { conns, queues }

@@ -29,7 +29,7 @@ fn main() {
             .map(|id| {
                 let (tx, rx) = tokio::sync::mpsc::channel(1024);
                 receivers.push(rx);
-                ConnHandle::new(id, None, Format::MsgPack, tx)
+                ConnHandle::new(id, None, Format::MsgPack, tx, usize::MAX)
             })
             .collect();
         let started = Instant::now();

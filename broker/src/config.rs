@@ -58,6 +58,12 @@ pub struct Config {
     #[arg(long, env = "GAVEL_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
+    /// Bytes queued for one connection (encoded frames not yet written) before it counts as a
+    /// slow consumer and is closed (4001). A `since` replay larger than this is not sent: the
+    /// subscribe answers `recovered: false` with a snapshot instead.
+    #[arg(long, env = "GAVEL_OUTBOUND_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub outbound_bytes: usize,
+
     /// A socket write that does not finish within this time marks a slow consumer; the socket
     /// is dropped without a close frame (it may have stopped mid-frame).
     #[arg(long, env = "GAVEL_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -264,6 +270,13 @@ impl Config {
         if self.outbound_queue == 0 {
             return Err(bad("--outbound-queue", "at least 1", self.outbound_queue));
         }
+        if self.outbound_bytes < 64 * 1024 {
+            return Err(bad(
+                "--outbound-bytes",
+                "at least 65536",
+                self.outbound_bytes,
+            ));
+        }
         if self.max_message_size < 256 {
             return Err(bad(
                 "--max-message-size",
@@ -351,6 +364,7 @@ impl fmt::Debug for Config {
             .field("ping_interval", &self.ping_interval)
             .field("idle_timeout", &self.idle_timeout)
             .field("outbound_queue", &self.outbound_queue)
+            .field("outbound_bytes", &self.outbound_bytes)
             .field("write_timeout", &self.write_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("max_subscriptions", &self.max_subscriptions)

@@ -2,6 +2,7 @@
 //! bounded outbound queue plus a way to close it with a reason; and [`SharedFrame`], a server
 //! frame encoded once and shared by every connection it is delivered to.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -74,6 +75,22 @@ pub enum Outbound {
     /// A control frame the reader owes the peer (a pong). Boxed: rare, and it keeps every
     /// queue slot small.
     Control(Box<(OpCode, Bytes)>),
+}
+
+/// Bytes a frame takes on the wire: payload plus the largest server frame header.
+pub fn wire_size(frame: &SharedFrame, format: Format) -> usize {
+    frame.bytes(format).map_or(0, |b| b.len() + 10)
+}
+
+impl Outbound {
+    /// Bytes the item takes on the wire in `format` (what counts against the pending bound).
+    pub fn wire_size(&self, format: Format) -> usize {
+        match self {
+            Outbound::Frame(frame) => wire_size(frame, format),
+            Outbound::Batch(frames) => frames.iter().map(|f| wire_size(f, format)).sum(),
+            Outbound::Control(control) => control.1.len() + 2,
+        }
+    }
 }
 
 /// Why a connection ended; labels logs and the `gavel_disconnects_total` metric.
@@ -180,6 +197,10 @@ pub struct ConnHandle {
     user: OnceLock<UserId>,
     pub format: Format,
     outbound_tx: mpsc::Sender<Outbound>,
+    /// Bytes queued and not yet handed to the socket, and their bound: past it the connection
+    /// is a slow consumer, whatever the number of items (one item can be a long replay).
+    pending: AtomicUsize,
+    max_pending: usize,
     /// Set once, by whoever ends the connection first.
     reason: OnceLock<DisconnectReason>,
     /// Cancelled when the connection must end; both of its tasks watch it.
@@ -202,6 +223,7 @@ impl ConnHandle {
         user: Option<UserId>,
         format: Format,
         outbound_tx: mpsc::Sender<Outbound>,
+        max_pending: usize,
     ) -> Arc<ConnHandle> {
         let cell = OnceLock::new();
         if let Some(user) = user {
@@ -212,6 +234,8 @@ impl ConnHandle {
             user: cell,
             format,
             outbound_tx,
+            pending: AtomicUsize::new(0),
+            max_pending,
             reason: OnceLock::new(),
             closing: CancellationToken::new(),
         })
@@ -242,14 +266,35 @@ impl ConnHandle {
         if self.closing.is_cancelled() {
             return Offer::Closed;
         }
+        let size = item.wire_size(self.format);
+        let before = self.pending.fetch_add(size, Ordering::AcqRel);
+        if before.saturating_add(size) > self.max_pending {
+            self.pending.fetch_sub(size, Ordering::AcqRel);
+            self.close(DisconnectReason::QueueFull);
+            return Offer::SlowConsumer;
+        }
         match self.outbound_tx.try_send(item) {
             Ok(()) => Offer::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.pending.fetch_sub(size, Ordering::AcqRel);
                 self.close(DisconnectReason::QueueFull);
                 Offer::SlowConsumer
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Closed,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.pending.fetch_sub(size, Ordering::AcqRel);
+                Offer::Closed
+            }
         }
+    }
+
+    /// The writer took `bytes` of queued output into a socket write.
+    pub fn written(&self, bytes: usize) {
+        self.pending.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Whether `bytes` more would fit under the bound right now (a replay is sized up front).
+    pub fn fits(&self, bytes: usize) -> bool {
+        self.pending.load(Ordering::Acquire).saturating_add(bytes) <= self.max_pending
     }
 
     pub fn offer_frame(&self, frame: Arc<SharedFrame>) -> Offer {

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::clock::now_ms;
 use crate::metrics as m;
-use crate::outbound::{ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
+use crate::outbound::{wire_size, ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
 use crate::subscribers::{Snapshot, SubscriberSet};
 
 /// Limits of every room's history.
@@ -33,6 +33,10 @@ pub struct HistoryLimits {
 /// below leaves the data consistent at each step, so the data is still good.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn replay_size(frames: &[Arc<SharedFrame>], format: gavel_protocol::Format) -> usize {
+    frames.iter().map(|f| wire_size(f, format)).sum()
 }
 
 /// Every room of this node.
@@ -297,8 +301,12 @@ impl Rooms {
             let (recovered, replay) = match since {
                 None => (None, Vec::new()),
                 Some(since) => match log.replay_after(since, epoch, room.epoch()) {
-                    Some(frames) => (Some(true), frames),
-                    None => (Some(false), Vec::new()),
+                    // A replay must fit the connection's pending-bytes bound; a larger one is
+                    // answered like an aged-out history: a snapshot to reload from.
+                    Some(frames) if conn.fits(replay_size(&frames, conn.format)) => {
+                        (Some(true), frames)
+                    }
+                    _ => (Some(false), Vec::new()),
                 },
             };
             let viewers = room.viewer_counts();

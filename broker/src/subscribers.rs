@@ -108,7 +108,7 @@ mod tests {
 
     fn conn(id: ConnId) -> Arc<ConnHandle> {
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        ConnHandle::new(id, None, Format::MsgPack, tx)
+        ConnHandle::new(id, None, Format::MsgPack, tx, usize::MAX)
     }
 
     proptest! {

@@ -56,6 +56,8 @@ enum Answer {
         answer: Reply,
         /// Judged after one of the turn's writes (it depends on them).
         after_write: bool,
+        /// A retry answered from the remembered outcomes (not counted again in metrics).
+        retry: bool,
     },
     Admin {
         reply: AdminReply,
@@ -72,8 +74,9 @@ struct Judged {
     /// What to restore if the commit fails (memory must not run ahead of the ledger).
     before: Auction,
     undo_highest: Vec<(UserId, Option<i64>)>,
-    /// Outcomes remembered in this turn, forgotten if it fails.
-    new_keys: Vec<Key>,
+    /// Outcomes remembered in this turn whose answers a failed commit voids (accepted bids,
+    /// and rejections judged after a write): forgotten if it fails.
+    voidable_keys: Vec<Key>,
     leaderboard_dirty_before: bool,
 }
 
@@ -81,8 +84,6 @@ struct Judged {
 struct Parked {
     probe_at: tokio::time::Instant,
     backoff: Duration,
-    /// The failed turn's writes may still reach the disk: undo them before anything else.
-    unsettled: bool,
     /// Answers held until the undo is durable (so none says "not placed" while it may be).
     held: Vec<Answer>,
 }
@@ -111,6 +112,8 @@ pub struct Actor {
     retry_at: Option<u64>,
     backoff_ms: u64,
     parked: Option<Parked>,
+    /// The pause before the next probe of a failed store; reset by a successful commit.
+    probe_backoff: Duration,
     /// Since when (ledger ms) the auction is over; it is archived `archive_after` later.
     over_since: Option<u64>,
     archived: bool,
@@ -144,7 +147,8 @@ impl Actor {
             retry_at: None,
             backoff_ms: 0,
             parked: None,
-            over_since: auction.next_deadline().is_none().then_some(now),
+            probe_backoff: PROBE_MIN,
+            over_since: is_over(&auction).then_some(now),
             archived: false,
             auction,
         }
@@ -210,12 +214,12 @@ impl Actor {
         let ledger_ms = match self.auction.next_deadline() {
             Some(deadline) => deadline.max(self.retry_at.unwrap_or(0)),
             None => {
-                let over = self.over_since?;
+                let over = self.over_since.filter(|_| is_over(&self.auction))?;
                 over.saturating_add(self.engine.archive_after.as_millis() as u64)
                     .max(self.retry_at.unwrap_or(0))
             }
         };
-        let local_ms = (ledger_ms as i64).saturating_sub(self.offset_ms).max(0) as u64;
+        let local_ms = ledger_ms.saturating_add_signed(-self.offset_ms);
         Some(self.engine.clock.instant_at(local_ms))
     }
 
@@ -223,8 +227,18 @@ impl Actor {
         (self.engine.clock.now_ms() as i64 + self.offset_ms).max(0) as u64
     }
 
+    /// Keeps `over_since` in step with the status: set when the auction is over (ended or
+    /// cancelled), cleared otherwise.
+    fn note_over(&mut self, now: u64) {
+        if !is_over(&self.auction) {
+            self.over_since = None;
+        } else if self.over_since.is_none() {
+            self.over_since = Some(now);
+        }
+    }
+
     fn archive_due(&self) -> bool {
-        self.auction.next_deadline().is_none()
+        is_over(&self.auction)
             && self.over_since.is_some_and(|over| {
                 self.ledger_now()
                     >= over.saturating_add(self.engine.archive_after.as_millis() as u64)
@@ -247,6 +261,10 @@ impl Actor {
             .collect();
         if let Some(version) = newest {
             self.refresh(version).await;
+            if commands.is_empty() {
+                // Another node's change: nothing to judge, no turn (and no lock) needed.
+                return;
+            }
         }
         if self.parked.is_some() {
             if commands.iter().any(|c| matches!(c, Command::Admin { .. })) {
@@ -311,13 +329,22 @@ impl Actor {
                     .store(self.auction.state.last_seq, Ordering::Release);
                 self.retry_at = None;
                 self.backoff_ms = 0;
-                if self.auction.next_deadline().is_none() && self.over_since.is_none() {
-                    self.over_since = Some(now);
-                }
+                self.probe_backoff = PROBE_MIN;
+                self.note_over(now);
                 self.view.store(Arc::new(self.auction.snapshot(now)));
                 self.send(judged.answers);
             }
-            Err(error) => self.failed(judged, error),
+            Err(error) => {
+                if matches!(
+                    &error,
+                    CommitError::NotRecorded(LedgerError::Unavailable(_))
+                ) {
+                    // The script did not run to its end: release the lock rather than make
+                    // other nodes wait out its TTL.
+                    self.end_turn().await;
+                }
+                self.failed(judged, error)
+            }
         }
     }
 
@@ -355,7 +382,7 @@ impl Actor {
             wrote: false,
             before: self.auction.clone(),
             undo_highest: Vec::new(),
-            new_keys: Vec::new(),
+            voidable_keys: Vec::new(),
             leaderboard_dirty_before: self.leaderboard_dirty,
         };
         let mut last = self.last_stamp.min(now);
@@ -366,7 +393,8 @@ impl Actor {
                 Command::Refresh(_) => continue,
             };
             // On the ledger's clock, never before the previous command, never after now.
-            let stamp = ((arrived as i64 + self.offset_ms).max(0) as u64)
+            let stamp = arrived
+                .saturating_add_signed(self.offset_ms)
                 .max(last)
                 .min(now);
             last = stamp;
@@ -388,8 +416,9 @@ impl Actor {
                 Command::Refresh(_) => {}
             }
         }
-        self.last_stamp = last;
         self.advance_to(now, &mut judged);
+        // Whatever comes later is judged after everything this turn let happen.
+        self.last_stamp = last.max(now);
         judged
     }
 
@@ -419,6 +448,7 @@ impl Actor {
                 reply,
                 answer: first.clone(),
                 after_write: judged.wrote,
+                retry: true,
             });
             return;
         }
@@ -436,9 +466,17 @@ impl Actor {
                 reply,
                 answer,
                 after_write: false,
+                retry: false,
             });
             return;
         }
+        // In cluster mode another node may have opened the auction on Redis's clock after
+        // this bid's stamp: a bid of an open auction is never older than its opening.
+        let at = if self.auction.state.status == AuctionStatus::Active {
+            at.max(self.auction.spec.starts_at)
+        } else {
+            at
+        };
         match self.auction.place_bid(&user, bid.amount, at) {
             Ok(accepted) => {
                 let record = BidRecord {
@@ -452,7 +490,7 @@ impl Actor {
                 let answer = accepted_reply(&self.id, &record, &self.auction);
                 let key = (user.clone(), request_id);
                 self.outcomes.remember(key.clone(), answer.clone());
-                judged.new_keys.push(key);
+                judged.voidable_keys.push(key);
                 let previous = self.highest.insert(user.clone(), bid.amount);
                 judged.undo_highest.push((user, previous));
                 self.leaderboard_dirty = true;
@@ -466,6 +504,7 @@ impl Actor {
                     reply,
                     answer,
                     after_write: true,
+                    retry: false,
                 });
             }
             Err(rejection) => {
@@ -479,11 +518,14 @@ impl Actor {
                 // The rules' rejections are final for this request id (docs/protocol.md §4.10).
                 let key = (user, request_id);
                 self.outcomes.remember(key.clone(), answer.clone());
-                judged.new_keys.push(key);
+                if judged.wrote {
+                    judged.voidable_keys.push(key);
+                }
                 judged.answers.push(Answer::Bid {
                     reply,
                     answer,
                     after_write: judged.wrote,
+                    retry: false,
                 });
             }
         }
@@ -516,12 +558,19 @@ impl Actor {
     fn send(&self, answers: Vec<Answer>) {
         for answer in answers {
             match answer {
-                Answer::Bid { reply, answer, .. } => {
-                    let outcome = match &answer {
-                        Reply::BidRejected { reason, .. } => reason.as_str(),
-                        _ => "accepted",
-                    };
-                    metrics::counter!(m::BIDS, "outcome" => outcome).increment(1);
+                Answer::Bid {
+                    reply,
+                    answer,
+                    retry,
+                    ..
+                } => {
+                    if !retry {
+                        let outcome = match &answer {
+                            Reply::BidRejected { reason, .. } => reason.as_str(),
+                            _ => "accepted",
+                        };
+                        metrics::counter!(m::BIDS, "outcome" => outcome).increment(1);
+                    }
                     reply(answer);
                 }
                 Answer::Admin { reply, result } => {
@@ -546,7 +595,7 @@ impl Actor {
                 None => self.highest.remove(&user),
             };
         }
-        for key in &judged.new_keys {
+        for key in &judged.voidable_keys {
             self.outcomes.forget(key);
         }
         self.leaderboard_dirty = judged.leaderboard_dirty_before;
@@ -561,18 +610,22 @@ impl Actor {
                     reply,
                     answer,
                     after_write,
+                    retry,
                 } => {
                     let void = after_write
                         || matches!(&answer, Reply::BidAccepted { bid_seq, .. } if *bid_seq > durable);
-                    let answer = if void {
-                        rejected(&self.id, request_id(&answer), reason, None, message.clone())
+                    let (answer, retry) = if void {
+                        let refused =
+                            rejected(&self.id, request_id(&answer), reason, None, message.clone());
+                        (refused, false)
                     } else {
-                        answer
+                        (answer, retry)
                     };
                     Answer::Bid {
                         reply,
                         answer,
                         after_write,
+                        retry,
                     }
                 }
                 Answer::Admin { reply, result } => Answer::Admin {
@@ -584,10 +637,11 @@ impl Actor {
         match error {
             LedgerError::Storage(_) => {
                 tracing::error!(auction = %self.id, %error, unsettled, "bid log failed: refusing bids until it works again");
+                // The pause grows across failures until a commit succeeds, so a store that
+                // passes probes but fails turns is not retried every 100 ms.
                 let mut parked = Parked {
-                    probe_at: tokio::time::Instant::now() + PROBE_MIN,
-                    backoff: PROBE_MIN,
-                    unsettled,
+                    probe_at: tokio::time::Instant::now() + self.probe_backoff,
+                    backoff: self.probe_backoff,
                     held: Vec::new(),
                 };
                 if unsettled {
@@ -608,9 +662,9 @@ impl Actor {
 
     /// Answers commands without judging them: the ledger could not start the turn.
     fn refuse(&mut self, commands: Vec<Command>, error: &LedgerError) {
-        if matches!(error, LedgerError::Unavailable(_)) {
-            self.back_off();
-        }
+        // Whatever the failure, timers wait before the next try (no hot loop on a deadline
+        // that has passed).
+        self.back_off();
         let (reason, message) = refusal(error);
         let answers = commands
             .into_iter()
@@ -619,6 +673,7 @@ impl Actor {
                     answer: rejected(&self.id, &bid.request_id, reason, None, message.clone()),
                     reply,
                     after_write: false,
+                    retry: false,
                 }),
                 Command::Admin { reply, .. } => Some(Answer::Admin {
                     reply,
@@ -641,14 +696,18 @@ impl Actor {
             .filter_map(|command| match command {
                 Command::Bid(bid, reply) => {
                     let key = (bid.user, bid.request_id);
-                    let answer = match self.outcomes.get(&key) {
-                        Some(first) => first.clone(),
-                        None => rejected(&self.id, &key.1, reason, None, message.clone()),
+                    let (answer, retry) = match self.outcomes.get(&key) {
+                        Some(first) => (first.clone(), true),
+                        None => (
+                            rejected(&self.id, &key.1, reason, None, message.clone()),
+                            false,
+                        ),
                     };
                     Some(Answer::Bid {
                         reply,
                         answer,
                         after_write: false,
+                        retry,
                     })
                 }
                 Command::Admin { reply, .. } => Some(Answer::Admin {
@@ -668,17 +727,15 @@ impl Actor {
             return;
         };
         let ledger = Arc::clone(&self.engine.ledger);
-        let result = if parked.unsettled {
-            match encode(&self.auction) {
-                Ok(record) => {
-                    ledger
-                        .repair(&self.id, self.auction.state.last_seq, &record)
-                        .await
-                }
-                Err(error) => Err(error.into()),
+        // A real write and flush of what the auction is now (also the undo of a turn whose
+        // writes may still be in the store): a store that flushes but cannot write fails it.
+        let result = match encode(&self.auction) {
+            Ok(record) => {
+                ledger
+                    .repair(&self.id, self.auction.state.last_seq, &record)
+                    .await
             }
-        } else {
-            ledger.probe().await
+            Err(error) => Err(error.into()),
         };
         match result {
             Ok(()) => {
@@ -690,6 +747,7 @@ impl Actor {
             Err(error) => {
                 parked.backoff = (parked.backoff * 2).min(PROBE_MAX);
                 parked.probe_at = tokio::time::Instant::now() + parked.backoff;
+                self.probe_backoff = parked.backoff;
                 tracing::debug!(auction = %self.id, %error, retry_in = ?parked.backoff, "bid log still failing");
             }
         }
@@ -710,9 +768,9 @@ impl Actor {
             .await?
             .ok_or_else(|| LedgerError::Unavailable(format!("auction {} vanished", self.id)))?;
         let auction = decode(&self.id, &stored.record)?;
+        // The outcomes stay: a failed turn already forgot the answers it voided.
         let after = if self.stale {
             self.highest.clear();
-            self.outcomes = Outcomes::default();
             0
         } else {
             self.auction.state.last_seq
@@ -725,9 +783,7 @@ impl Actor {
         self.durable_seq
             .store(self.auction.state.last_seq, Ordering::Release);
         self.stale = false;
-        if self.auction.next_deadline().is_none() && self.over_since.is_none() {
-            self.over_since = Some(self.ledger_now());
-        }
+        self.note_over(self.ledger_now());
         self.view
             .store(Arc::new(self.auction.snapshot(self.ledger_now())));
         Ok(())
@@ -775,6 +831,13 @@ impl Actor {
         let board = self.leaderboard(now);
         self.engine.ledger.announce(board.into_iter().collect());
     }
+}
+
+fn is_over(auction: &Auction) -> bool {
+    matches!(
+        auction.state.status,
+        AuctionStatus::Ended | AuctionStatus::Cancelled
+    )
 }
 
 fn far_future() -> tokio::time::Instant {

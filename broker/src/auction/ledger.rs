@@ -116,15 +116,14 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<u64, CommitError>> + Send + 'a>>;
     /// Ends a turn that wrote nothing (releases the lock).
     fn end_turn<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, ()>;
-    /// After a failed commit: makes durable that the auction ends at `last_seq` with `record`.
+    /// Makes durable that the auction ends at `last_seq` with `record`: the undo of a failed
+    /// commit, and the probe of a failed store (a real write and flush).
     fn repair<'a>(
         &'a self,
         auction: &'a str,
         last_seq: u64,
         record: &'a [u8],
     ) -> LedgerFuture<'a, ()>;
-    /// Checks that the store works (a flush), after a failure.
-    fn probe(&self) -> LedgerFuture<'_, ()>;
     /// Publishes events that need no turn (leaderboards).
     fn announce(&self, announcements: Vec<Announcement>);
     /// Shows an auction's state in its room without an event (creation, start-up).
@@ -258,10 +257,6 @@ impl Ledger for LocalLedger {
             self.store.revert(auction, last_seq, record)?;
             Ok(self.durability.sync().await?)
         })
-    }
-
-    fn probe(&self) -> LedgerFuture<'_, ()> {
-        Box::pin(async move { Ok(self.durability.sync().await?) })
     }
 
     fn announce(&self, announcements: Vec<Announcement>) {

@@ -228,7 +228,7 @@ impl Auctions {
         let ids = self.engine.ledger.live().await?;
         let mut loaded = 0;
         for id in &ids {
-            match self.adopt(id).await {
+            match self.adopt_live(id).await {
                 Ok(()) => loaded += 1,
                 Err(AdminError::Cluster(error)) => return Err(AdminError::Cluster(error)),
                 // One unreadable auction must not keep the others (and the node) down.
@@ -243,6 +243,21 @@ impl Auctions {
     /// Starts an actor for an auction the ledger has and this node does not run (cluster
     /// mode: one another node created). Archived auctions are left alone.
     pub async fn adopt(&self, id: &str) -> Result<(), AdminError> {
+        if !self
+            .engine
+            .ledger
+            .live()
+            .await?
+            .iter()
+            .any(|live| live == id)
+        {
+            return Ok(());
+        }
+        self.adopt_live(id).await
+    }
+
+    /// [`Auctions::adopt`] for an id known to be live.
+    async fn adopt_live(&self, id: &str) -> Result<(), AdminError> {
         let _one_at_a_time = self.creating.lock().await;
         if self.engine.map.contains_key(id) {
             return Ok(());
@@ -252,9 +267,6 @@ impl Auctions {
             .load(id)
             .await?
             .ok_or_else(|| AdminError::NotFound(id.to_owned()))?;
-        if !ledger.live().await?.iter().any(|live| live == id) {
-            return Ok(());
-        }
         let auction = decode(id, &stored.record)?;
         let bids = ledger.bids(id, 0, usize::MAX).await?;
         self.spawn(auction, &bids, stored.version);
@@ -332,13 +344,35 @@ impl Auctions {
         let snapshot = auction.snapshot(now);
         let record = encode(&auction)?;
         let state = announce::to_value(&snapshot);
-        let version = self
+        let Some(version) = self
             .engine
             .ledger
             .create(&auction.spec.id, &record, &state)
             .await?
-            .ok_or_else(|| AdminError::Exists(auction.spec.id.clone()))?;
+        else {
+            return self.create_again(auction).await;
+        };
         self.spawn(auction, &[], version);
+        Ok(snapshot)
+    }
+
+    /// The id is taken in the ledger but no actor runs it here. The same definition, not over:
+    /// a create whose flush failed (its record may have reached the disk after all), or one
+    /// another node made a moment ago; run it and answer as a create would. Else `Exists`.
+    async fn create_again(&self, auction: Auction) -> Result<AuctionSnapshot, AdminError> {
+        let id = auction.spec.id.clone();
+        let exists = || AdminError::Exists(id.clone());
+        let stored = self.engine.ledger.load(&id).await?.ok_or_else(exists)?;
+        let existing = decode(&id, &stored.record)?;
+        let over = matches!(
+            existing.state.status,
+            AuctionStatus::Ended | AuctionStatus::Cancelled
+        );
+        if existing.spec != auction.spec || over || existing.state.bid_count > 0 {
+            return Err(exists());
+        }
+        let snapshot = existing.snapshot(self.engine.clock.now_ms());
+        self.spawn(existing, &[], stored.version);
         Ok(snapshot)
     }
 
@@ -593,10 +627,23 @@ async fn answer_archived(engine: &Engine, auction_id: &str, bid: Bid) -> Reply {
         Ok(auction) => auction,
         Err(error) => return refused(error.into()),
     };
+    let over = matches!(
+        auction.state.status,
+        AuctionStatus::Ended | AuctionStatus::Cancelled
+    );
     let keys = [(bid.user.clone(), bid.request_id.clone())];
     match engine.ledger.find_bids(auction_id, &keys).await {
         Ok(found) => match found.into_iter().next().flatten() {
             Some(logged) => accepted_reply(auction_id, &logged, &auction),
+            // Not over, yet not run here: being created or loaded (cluster: another node made
+            // it a moment ago), or the broker is shutting down. A retry will be judged.
+            None if !over => rejected(
+                auction_id,
+                &bid.request_id,
+                BidRejection::Unavailable,
+                None,
+                "the auction is not taking bids on this node right now; retry".into(),
+            ),
             None => rejected(
                 auction_id,
                 &bid.request_id,

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// so sums and increments can never overflow an i64.
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
+/// The latest time an auction may end: 9999-12-31T23:59:59.999Z, in ms since the Unix epoch
+/// (far from any overflow of the soft-close arithmetic and of clock offsets).
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
 /// How much a bid must exceed the current price by.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -100,6 +104,9 @@ impl AuctionSpec {
         }
         if self.ends_at <= self.starts_at {
             return bad("ends_at must be after starts_at");
+        }
+        if self.ends_at > MAX_TIME_MS {
+            return bad("ends_at must be before the year 10000");
         }
         if self.soft_close.window_ms > 0 && self.soft_close.extend_ms == 0 {
             return bad("a soft-close window needs an extend_ms above 0");

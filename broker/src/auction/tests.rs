@@ -480,9 +480,6 @@ impl Ledger for SlowLedger {
     ) -> LedgerFuture<'a, ()> {
         self.inner.repair(auction, last_seq, record)
     }
-    fn probe(&self) -> LedgerFuture<'_, ()> {
-        self.inner.probe()
-    }
     fn announce(&self, announcements: Vec<Announcement>) {
         self.inner.announce(announcements)
     }
@@ -670,4 +667,60 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
     let archived = auctions.find("x7").await.unwrap().unwrap();
     assert_eq!(archived.status, AuctionStatus::Ended);
     assert_eq!(auctions.bids("x7", 0, 10).await.unwrap().len(), 1);
+}
+
+/// A paused auction is not over: it is never archived, however long the pause.
+#[tokio::test(start_paused = true)]
+async fn a_paused_auction_is_not_archived() {
+    let events = Arc::new(Recorder::default());
+    let mut short = config();
+    short.archive_after = Duration::from_secs(1);
+    let auctions = Auctions::open(
+        Arc::new(MemoryLog::default()),
+        events,
+        Clock::tokio(T0),
+        short,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    auctions.admin("a1", AdminOp::Pause).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    settle().await;
+    assert_eq!(auctions.live_count(), 1);
+    auctions.admin("a1", AdminOp::Resume).await.unwrap();
+    assert!(matches!(
+        bid(&auctions, "ann", 1000, "r1").await,
+        Reply::BidAccepted { .. }
+    ));
+}
+
+/// A rejection given before a turn's write stands when that write fails: a retry after the
+/// auction opened still gets it.
+#[tokio::test(start_paused = true)]
+async fn a_rejection_answered_before_a_failed_write_is_still_remembered() {
+    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
+    let auctions = engine(
+        Arc::clone(&log) as Arc<dyn BidLog>,
+        Arc::new(Recorder::default()),
+        CancellationToken::new(),
+    );
+    auctions.create(spec("a1")).await.unwrap();
+    log.fail_writes(true);
+    // One turn: the bid (not_active, judged before any write), then a change that fails.
+    let early = send_bid(&auctions, "ann", 1000, "early");
+    let mut changed = spec("a1");
+    changed.title = "Renamed".into();
+    assert!(auctions
+        .admin("a1", AdminOp::Update(changed))
+        .await
+        .is_err());
+    let first = early.await.unwrap();
+    assert_eq!(reason(&first), Some(BidRejection::NotActive));
+    log.fail_writes(false);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    settle().await;
+    assert_eq!(auctions.get("a1").unwrap().status, AuctionStatus::Active);
+    assert_eq!(bid(&auctions, "ann", 1000, "early").await, first);
 }

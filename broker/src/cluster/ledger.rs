@@ -313,16 +313,6 @@ impl Ledger for RedisLedger {
         boxed(async { Ok(()) })
     }
 
-    fn probe(&self) -> LedgerFuture<'_, ()> {
-        boxed(async move {
-            if self.cluster.ready() {
-                Ok(())
-            } else {
-                Err(ClusterError::Unavailable("the cluster is not ready".into()))
-            }
-        })
-    }
-
     fn announce(&self, announcements: Vec<Announcement>) {
         for announcement in announcements {
             self.cluster.publish_detached(outgoing(announcement));

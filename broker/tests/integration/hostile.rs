@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use fastwebsockets::OpCode;
-use gavel_broker::protocol::{encode, Channel, ClientFrame, Format};
+use gavel_broker::protocol::{encode, Channel, ClientFrame, Format, Reply, ServerFrame};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
@@ -210,4 +210,144 @@ async fn ten_thousand_hostile_messages_while_a_hundred_viewers_miss_nothing() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A room holds 1,000 messages of 16 KB, and 20 connections resubscribe from its start at once
+/// and read nothing for a while: each replay is streamed in pieces as its reader takes them, so
+/// the broker's peak memory grows by far less than the 320 MB the replays add up to (each
+/// connection used to lay its whole replay out in one write buffer up front).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_full_replays_of_a_large_history_stay_within_bounded_memory() {
+    const MESSAGES: usize = 1000;
+    const READERS: usize = 20;
+    let data_dir = temp_dir("replays");
+    let (mut child, addr) = spawn_broker_process(
+        &[
+            "--api-key",
+            API_KEY,
+            "--outbound-bytes",
+            "33554432",
+            "--history-size",
+            "1000",
+        ],
+        &data_dir,
+    );
+    let blob = "x".repeat(16_000);
+    for i in 0..MESSAGES {
+        let (status, _) = api(
+            addr,
+            "POST",
+            "/api/publish",
+            Some(json!({"channel": "broadcast", "event": "big", "data": {"i": i, "blob": blob}})),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let mut first = TestClient::connect(addr, None, Format::MsgPack).await;
+    let Reply::Subscribed { epoch, seq, .. } = first.subscribe("broadcast").await else {
+        panic!()
+    };
+    assert_eq!(seq, MESSAGES as u64);
+    let rss_before = rss_kib(child.id());
+    // Every reader asks for the whole history, then does not read for a second.
+    let mut readers = Vec::new();
+    for id in 0..READERS {
+        let mut c = TestClient::connect(addr, None, Format::MsgPack).await;
+        c.send(ClientFrame::Subscribe {
+            id: id as u64,
+            channel: Channel::parse("broadcast").unwrap(),
+            since: Some(0),
+            epoch: Some(epoch),
+        })
+        .await;
+        readers.push(c);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let peak_unread = peak_rss_kib(child.id());
+    let mut tasks = Vec::new();
+    for mut c in readers {
+        tasks.push(tokio::spawn(async move {
+            let ServerFrame::Ok {
+                result:
+                    Reply::Subscribed {
+                        recovered,
+                        replayed,
+                        ..
+                    },
+                ..
+            } = c.client.next_frame().await.expect("the subscribe reply")
+            else {
+                panic!("not a subscribed reply")
+            };
+            assert_eq!((recovered, replayed), (Some(true), MESSAGES as u32));
+            let mut frames = 0;
+            while frames < MESSAGES {
+                match c.client.next_raw().await.expect("connection") {
+                    Ok(_) => frames += 1,
+                    Err(close) => panic!("closed during the replay: {close:?}"),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let peak = peak_rss_kib(child.id());
+    assert!(
+        peak_unread < rss_before + 64 * 1024 && peak < rss_before + 96 * 1024,
+        "broker memory {rss_before} KiB before the replays, peak {peak_unread} KiB while \
+         unread, {peak} KiB after"
+    );
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// A replay larger than the connection's pending-bytes bound is not sent: the subscribe says
+/// `recovered: false` and carries the snapshot to reload from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_over_the_pending_bound_is_answered_with_a_snapshot() {
+    let b = TestBroker::start(|c| c.outbound_bytes = 256 * 1024).await;
+    let blob = "y".repeat(10_000);
+    for i in 0..50 {
+        b.broker
+            .publish(&channel("broadcast"), "big", json!({"i": i, "blob": blob}));
+    }
+    let epoch = b.broker.rooms().get(&channel("broadcast")).unwrap().epoch();
+    let mut c = b.connect(None).await;
+    let Reply::Subscribed {
+        recovered,
+        snapshot,
+        seq,
+        ..
+    } = c.subscribe_since("broadcast", Some(0), Some(epoch)).await
+    else {
+        panic!()
+    };
+    assert_eq!((recovered, seq), (Some(false), 50));
+    assert_eq!(snapshot.expect("a snapshot").seq, 50);
+    // A replay that fits is still sent.
+    let Reply::Subscribed {
+        recovered,
+        replayed,
+        ..
+    } = b
+        .connect(None)
+        .await
+        .subscribe_since("broadcast", Some(45), Some(epoch))
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!((recovered, replayed), (Some(true), 5));
 }

@@ -93,8 +93,22 @@ async fn shutdown_answers_every_queued_bid_before_closing() {
             })
             .await;
     }
-    b.broker.shutdown().await;
+    // A ping after the bids: once its pong is back, the broker has read every bid (a
+    // connection's requests are read in order) and handed it to the auction.
+    bidder.send(ClientFrame::Ping { id: BIDS }).await;
     let mut answered = 0;
+    loop {
+        match tokio::time::timeout(HANG, bidder.client.next())
+            .await
+            .expect("hang")
+        {
+            Ok(Incoming::Frame(ServerFrame::Ok { id, .. })) if id == BIDS => break,
+            Ok(Incoming::Frame(ServerFrame::Ok { .. })) => answered += 1,
+            Ok(Incoming::Frame(_)) => {}
+            other => panic!("before shutdown: {other:?}"),
+        }
+    }
+    b.broker.shutdown().await;
     loop {
         match tokio::time::timeout(HANG, bidder.client.next())
             .await
