@@ -57,7 +57,8 @@ pub struct Rooms {
 
 /// Where a clustered registry sends the signals it makes itself (joined, left), so that they
 /// reach the room's subscribers on every node: (channel, frame, user to skip).
-pub type SignalRelay = tokio::sync::mpsc::UnboundedSender<(Channel, ServerFrame, Option<UserId>)>;
+/// Bounded: when it is full, signals are delivered on this node only (and counted).
+pub type SignalRelay = tokio::sync::mpsc::Sender<(Channel, ServerFrame, Option<UserId>)>;
 
 /// A sequenced event as the cluster delivers it: seq and epoch assigned by Redis.
 #[derive(Clone, Debug)]
@@ -446,6 +447,7 @@ impl Rooms {
         let started = Instant::now();
         let mut log = lock(&room.log);
         let gap = room.is_gap(&log, &event);
+        let went_back = event.epoch == room.epoch() && event.seq <= log.last_seq;
         let delivery = match &mut log.sync {
             SyncState::Local | SyncState::Unsynced => Delivery::Ignored,
             SyncState::Syncing(pending) => {
@@ -456,6 +458,13 @@ impl Rooms {
                 }
                 pending.push(event);
                 Delivery::Buffered
+            }
+            // In a replica in step, the same epoch never repeats a seq: one at or below the last
+            // means Redis went back (a failover to a lagging replica). Resync: the sync starts
+            // a new epoch there rather than let seqs be reused.
+            SyncState::Synced if went_back => {
+                log.start_syncing(Vec::new());
+                Delivery::Gap
             }
             SyncState::Synced if gap => {
                 // The event is kept: the sync that fills the gap applies it after.
@@ -469,6 +478,14 @@ impl Rooms {
             m::record_fan_out("event", delivered, started.elapsed());
         }
         delivery
+    }
+
+    /// Cluster mode: the epoch and last seq of the room's replica, while it is followed.
+    pub fn replica_position(&self, channel: &Channel) -> Option<(u64, u64)> {
+        let room = self.get(channel)?;
+        let log = lock(&room.log);
+        matches!(log.sync, SyncState::Synced | SyncState::Syncing(_))
+            .then(|| (room.epoch(), log.last_seq))
     }
 
     /// Cluster mode: from now on, events for `channel` wait for [`Rooms::install`]. Called
@@ -656,18 +673,18 @@ impl Rooms {
 
     /// Sends an unsequenced frame (typing) to the room's subscribers: in cluster mode through
     /// the relay to every node's (the relay falls back to this node's when Redis is down).
+    /// False when the relay is full: nothing was sent.
     pub fn signal_everywhere(
         &self,
         channel: &Channel,
         frame: ServerFrame,
         skip_user: Option<UserId>,
-    ) {
+    ) -> bool {
         match &self.relay {
-            Some(relay) => {
-                let _ = relay.send((channel.clone(), frame, skip_user));
-            }
+            Some(relay) => relay.try_send((channel.clone(), frame, skip_user)).is_ok(),
             None => {
                 self.signal(channel, frame, Skip::from(skip_user.as_ref()));
+                true
             }
         }
     }
@@ -971,7 +988,13 @@ impl Room {
         match relay {
             // Every node's subscribers hear it from the cluster (the user's own tabs excepted).
             Some(relay) => {
-                let _ = relay.send((self.channel.clone(), frame, Some(user_id)));
+                if let Err(full) = relay.try_send((self.channel.clone(), frame, Some(user_id))) {
+                    // The relay is backed up (Redis slow or gone): this node's subscribers
+                    // still hear it.
+                    metrics::counter!(m::CLUSTER_ERRORS, "op" => "relay_full").increment(1);
+                    let (_, frame, _) = full.into_inner();
+                    self.signal(frame, Skip::Conn(conn.id));
+                }
             }
             None => {
                 self.signal(frame, Skip::Conn(conn.id));

@@ -406,9 +406,16 @@ impl Session {
                     typing,
                     ts: now_ms(),
                 };
-                self.shared
+                if !self
+                    .shared
                     .rooms
-                    .signal_everywhere(&channel, frame, Some(user));
+                    .signal_everywhere(&channel, frame, Some(user))
+                {
+                    return Err((
+                        ErrorCode::ClusterUnavailable,
+                        "the cluster is backed up; typing was not sent".into(),
+                    ));
+                }
                 Ok(Some(Reply::Done {}))
             }
             ClientFrame::Read { channel, seq, .. } => {

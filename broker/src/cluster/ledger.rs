@@ -132,10 +132,13 @@ impl RedisLedger {
         }
         invocation.arg(turn.announcements.len());
         for event in turn.announcements.into_iter().map(outgoing) {
+            let (known_epoch, known_seq) = self.cluster.known(&event.channel);
             invocation
                 .arg(event.channel.as_str())
                 .arg(&event.body)
-                .arg(&event.state);
+                .arg(&event.state)
+                .arg(known_epoch)
+                .arg(known_seq);
         }
         let mut conn = self.cluster.conn();
         let started = Instant::now();

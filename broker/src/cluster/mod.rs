@@ -36,6 +36,14 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a room may fail to resync before the whole pub/sub connection is redone.
 const RESYNC_GIVE_UP: Duration = Duration::from_secs(10);
+/// Bounds of the adapter's queues: past them a request is refused (`cluster_unavailable`) or,
+/// for what no client waits on, counted and dropped (see each use).
+const RELAY_QUEUE: usize = 4096;
+const SUBSCRIPTION_QUEUE: usize = 1024;
+const CONTROL_QUEUE: usize = 4096;
+const DETACHED_QUEUE: usize = 4096;
+/// Most signals or detached publishes sent to Redis in one pipelined round trip.
+const PIPELINE_MAX: usize = 128;
 /// A room's sequence keys live this long in Redis after its last event or sync.
 const ROOM_KEY_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -198,9 +206,11 @@ pub struct Cluster {
     scripts: Scripts,
     rooms: Arc<Rooms>,
     interest: Mutex<HashMap<Channel, Interest>>,
-    subs_tx: mpsc::UnboundedSender<SubCommand>,
-    detached_tx: mpsc::UnboundedSender<OutgoingEvent>,
-    control_tx: mpsc::UnboundedSender<Control>,
+    subs_tx: mpsc::Sender<SubCommand>,
+    detached_tx: mpsc::Sender<OutgoingEvent>,
+    control_tx: mpsc::Sender<Control>,
+    /// Set when a control notice was dropped (queue full): the auctions are reloaded.
+    control_lost: AtomicBool,
     pubsub_up: AtomicBool,
     heartbeat_up: AtomicBool,
     auctions_loaded: AtomicBool,
@@ -214,7 +224,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Started {
     pub cluster: Arc<Cluster>,
     pub rooms: Arc<Rooms>,
-    pub control_rx: mpsc::UnboundedReceiver<Control>,
+    pub control_rx: mpsc::Receiver<Control>,
 }
 
 impl Cluster {
@@ -235,11 +245,11 @@ impl Cluster {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| ClusterError::Url(e.to_string()))?;
-        let (relay_tx, relay_rx): (SignalRelay, _) = mpsc::unbounded_channel();
+        let (relay_tx, relay_rx): (SignalRelay, _) = mpsc::channel(RELAY_QUEUE);
         let rooms = Arc::new(Rooms::clustered(limits, relay_tx));
-        let (subs_tx, subs_rx) = mpsc::unbounded_channel();
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let (detached_tx, detached_rx) = mpsc::unbounded_channel();
+        let (subs_tx, subs_rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (detached_tx, detached_rx) = mpsc::channel(DETACHED_QUEUE);
         let cluster = Arc::new(Cluster {
             config,
             client,
@@ -250,6 +260,7 @@ impl Cluster {
             subs_tx,
             detached_tx,
             control_tx,
+            control_lost: AtomicBool::new(false),
             pubsub_up: AtomicBool::new(false),
             heartbeat_up: AtomicBool::new(false),
             auctions_loaded: AtomicBool::new(false),
@@ -353,8 +364,15 @@ impl Cluster {
         self.rooms.begin_sync(channel);
         let (done_tx, done_rx) = oneshot::channel();
         self.subs_tx
-            .send(SubCommand::Subscribe(self.room_channel(channel), done_tx))
-            .map_err(|_| ClusterError::Unavailable("adapter stopped".into()))?;
+            .try_send(SubCommand::Subscribe(self.room_channel(channel), done_tx))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    ClusterError::Unavailable("too many subscriptions waiting for Redis".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    ClusterError::Unavailable("adapter stopped".into())
+                }
+            })?;
         tokio::time::timeout(COMMAND_TIMEOUT * 2, done_rx)
             .await
             .map_err(|_| ClusterError::Unavailable("subscribe timed out".into()))?
@@ -373,7 +391,14 @@ impl Cluster {
             interest.remove(channel);
             // Under the interest lock, so a join that follows re-syncs after this.
             self.rooms.unsync(channel);
-            let _ = self.subs_tx.send(SubCommand::Unsubscribe(channel.clone()));
+            if self
+                .subs_tx
+                .try_send(SubCommand::Unsubscribe(channel.clone()))
+                .is_err()
+            {
+                // Left subscribed in Redis until the next reconnection: harmless, counted.
+                metrics::counter!(m::CLUSTER_ERRORS, "op" => "unsubscribe_queue_full").increment(1);
+            }
         }
     }
 
@@ -385,6 +410,7 @@ impl Cluster {
                 return Ok(());
             };
             let mut conn = self.conn();
+            let (known_epoch, known_seq) = self.known(channel);
             let reply: Vec<Vec<u8>> = self
                 .scripts
                 .sync_room
@@ -392,6 +418,8 @@ impl Cluster {
                 .arg(channel.as_str())
                 .arg(Cluster::new_epoch())
                 .arg(ROOM_KEY_TTL.as_millis() as u64)
+                .arg(known_epoch)
+                .arg(known_seq)
                 .invoke_async(&mut conn)
                 .await?;
             let image = parse_image(channel, reply)?;
@@ -408,6 +436,7 @@ impl Cluster {
     /// included) delivers it, in seq order. Returns the seq and how many nodes follow it.
     pub async fn publish(&self, event: OutgoingEvent) -> Result<(u64, u64), ClusterError> {
         let mut conn = self.conn();
+        let (known_epoch, known_seq) = self.known(&event.channel);
         let reply: (u64, u64) = self
             .scripts
             .publish
@@ -418,6 +447,8 @@ impl Cluster {
             .arg(Cluster::new_epoch())
             .arg(ROOM_KEY_TTL.as_millis() as u64)
             .arg(self.config.history_size.max(1))
+            .arg(known_epoch)
+            .arg(known_seq)
             .invoke_async(&mut conn)
             .await
             .inspect_err(|e| self.command_failed("publish", e))?;
@@ -427,21 +458,61 @@ impl Cluster {
     /// Publishes without waiting (leaderboards, `Broker::publish`), in call order: one task
     /// sends them one after the other. Failures are logged and counted.
     pub fn publish_detached(&self, event: OutgoingEvent) {
-        let _ = self.detached_tx.send(event);
+        if self.detached_tx.try_send(event).is_err() {
+            metrics::counter!(m::CLUSTER_ERRORS, "op" => "publish_queue_full").increment(1);
+            tracing::warn!("cluster publish queue full: event dropped");
+        }
     }
 
+    /// Sends detached publishes in order, what is queued in one pipelined round trip.
     async fn detached_task(
         self: Arc<Self>,
-        mut detached_rx: mpsc::UnboundedReceiver<OutgoingEvent>,
+        mut detached_rx: mpsc::Receiver<OutgoingEvent>,
         shutdown: CancellationToken,
     ) {
+        let mut events = Vec::with_capacity(PIPELINE_MAX);
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                event = detached_rx.recv() => match event { Some(e) => e, None => return },
-            };
-            let _ = self.publish(event).await;
+                n = detached_rx.recv_many(&mut events, PIPELINE_MAX) => if n == 0 { return },
+            }
+            let invocations: Vec<redis::ScriptInvocation<'_>> = events
+                .iter()
+                .map(|event| {
+                    let (known_epoch, known_seq) = self.known(&event.channel);
+                    let mut invocation = self.scripts.publish.prepare_invoke();
+                    invocation
+                        .arg(&self.config.prefix)
+                        .arg(event.channel.as_str())
+                        .arg(&event.body)
+                        .arg(&event.state)
+                        .arg(Cluster::new_epoch())
+                        .arg(ROOM_KEY_TTL.as_millis() as u64)
+                        .arg(self.config.history_size.max(1))
+                        .arg(known_epoch)
+                        .arg(known_seq);
+                    invocation
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.scripts.publish).ignore();
+            for invocation in &invocations {
+                pipe.invoke_script(invocation).ignore();
+            }
+            let mut conn = self.conn();
+            let result: Result<(), _> = pipe.query_async(&mut conn).await;
+            if let Err(error) = result {
+                self.command_failed("publish", &error);
+            }
+            drop(invocations);
+            events.clear();
         }
+    }
+
+    /// The epoch and last seq this node's replica of `channel` has seen (0, 0 when it does not
+    /// follow the room): Redis must not hand out a seq at or below it in that epoch again.
+    pub(crate) fn known(&self, channel: &Channel) -> (u64, u64) {
+        self.rooms.replica_position(channel).unwrap_or((0, 0))
     }
 
     fn command_failed(&self, op: &'static str, error: &redis::RedisError) {
@@ -449,35 +520,43 @@ impl Cluster {
         tracing::warn!(op, %error, "cluster command failed");
     }
 
-    /// Relays signals in order; falls back to local delivery when Redis cannot take them.
+    /// Relays signals in order, what is queued in one pipelined round trip; falls back to
+    /// local delivery when Redis cannot take them.
     async fn relay_task(
         self: Arc<Self>,
-        mut relay_rx: mpsc::UnboundedReceiver<(Channel, ServerFrame, Option<UserId>)>,
+        mut relay_rx: mpsc::Receiver<(Channel, ServerFrame, Option<UserId>)>,
         shutdown: CancellationToken,
     ) {
+        let mut signals = Vec::with_capacity(PIPELINE_MAX);
         loop {
-            let (channel, frame, skip_user) = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                item = relay_rx.recv() => match item { Some(item) => item, None => return },
-            };
+                n = relay_rx.recv_many(&mut signals, PIPELINE_MAX) => if n == 0 { return },
+            }
             let mut sent = false;
             if self.pubsub_up.load(Ordering::Acquire) {
-                let message = Signal {
-                    frame: frame.clone(),
-                    skip_user: skip_user.clone(),
-                };
-                let payload = format!("S{}", serde_json::to_string(&message).unwrap_or_default());
+                let mut pipe = redis::pipe();
+                for (channel, frame, skip_user) in &signals {
+                    let message = Signal {
+                        frame: frame.clone(),
+                        skip_user: skip_user.clone(),
+                    };
+                    let payload =
+                        format!("S{}", serde_json::to_string(&message).unwrap_or_default());
+                    pipe.publish(self.room_channel(channel), payload).ignore();
+                }
                 let mut conn = self.conn();
-                let result: Result<u64, _> =
-                    conn.publish(self.room_channel(&channel), payload).await;
+                let result: Result<(), _> = pipe.query_async(&mut conn).await;
                 match result {
-                    Ok(_) => sent = true,
+                    Ok(()) => sent = true,
                     Err(error) => self.command_failed("signal", &error),
                 }
             }
-            if !sent {
-                self.rooms
-                    .signal(&channel, frame, Skip::from(skip_user.as_ref()));
+            for (channel, frame, skip_user) in signals.drain(..) {
+                if !sent {
+                    self.rooms
+                        .signal(&channel, frame, Skip::from(skip_user.as_ref()));
+                }
             }
         }
     }
@@ -594,7 +673,7 @@ impl Cluster {
     /// connection fails. Every loss and every resubscription is logged and counted.
     async fn pubsub_task(
         self: Arc<Self>,
-        mut subs_rx: mpsc::UnboundedReceiver<SubCommand>,
+        mut subs_rx: mpsc::Receiver<SubCommand>,
         shutdown: CancellationToken,
     ) {
         let mut backoff = BACKOFF_MIN;
@@ -657,7 +736,7 @@ impl Cluster {
                 if subscribed {
                     // Auction notices sent before the control channel was subscribed (or while
                     // disconnected) may be missed: (re)load and refresh the auctions.
-                    let _ = self.control_tx.send(Control::Resubscribed);
+                    self.send_control(Control::Resubscribed);
                 }
                 if subscribed && connected_before {
                     metrics::counter!(m::CLUSTER_RESUBSCRIBES).increment(1);
@@ -729,7 +808,7 @@ impl Cluster {
     /// Sleeps the backoff (doubling it), refusing follow requests meanwhile.
     async fn wait_backoff(
         &self,
-        subs_rx: &mut mpsc::UnboundedReceiver<SubCommand>,
+        subs_rx: &mut mpsc::Receiver<SubCommand>,
         backoff: &mut Duration,
         shutdown: &CancellationToken,
     ) {
@@ -802,6 +881,15 @@ impl Cluster {
         }
     }
 
+    /// Queues an auction notice; when the queue is full the notice is dropped and the auctions
+    /// are reloaded instead (their actors catch up from Redis).
+    fn send_control(&self, control: Control) {
+        if self.control_tx.try_send(control).is_err() {
+            metrics::counter!(m::CLUSTER_ERRORS, "op" => "control_queue_full").increment(1);
+            self.control_lost.store(true, Ordering::Release);
+        }
+    }
+
     fn room_channel_prefix(&self) -> String {
         self.key("ch:")
     }
@@ -818,7 +906,7 @@ impl Cluster {
             }
             _ => return,
         };
-        let _ = self.control_tx.send(control);
+        self.send_control(control);
     }
 
     /// Resyncs a room after a gap, retrying with backoff for as long as the node follows it.
@@ -841,7 +929,7 @@ impl Cluster {
                 }
                 if started.elapsed() > RESYNC_GIVE_UP {
                     tracing::error!(%channel, "cluster room still out of sync: reconnecting pub/sub");
-                    let _ = cluster.subs_tx.send(SubCommand::Reconnect);
+                    let _ = cluster.subs_tx.try_send(SubCommand::Reconnect);
                     return;
                 }
                 tokio::time::sleep(pause).await;
@@ -916,16 +1004,23 @@ pub fn default_node_id(listen: std::net::SocketAddr) -> String {
 /// other nodes create and refreshes those they change.
 pub(crate) async fn follow_auctions(
     shared: Arc<crate::Shared>,
-    mut control_rx: mpsc::UnboundedReceiver<Control>,
+    mut control_rx: mpsc::Receiver<Control>,
 ) {
     let Some(cluster) = shared.cluster.clone() else {
         return;
     };
     let shutdown = shared.shutdown.clone();
+    let mut lost_check = tokio::time::interval(Duration::from_secs(1));
+    lost_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let control = tokio::select! {
             _ = shutdown.cancelled() => return,
             control = control_rx.recv() => match control { Some(c) => c, None => return },
+            // Notices were dropped (queue full): reload as after a reconnection.
+            _ = lost_check.tick(), if cluster.control_lost.load(Ordering::Acquire) => {
+                cluster.control_lost.store(false, Ordering::Release);
+                Control::Resubscribed
+            }
         };
         match control {
             Control::Created(id) => {

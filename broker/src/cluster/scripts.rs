@@ -20,11 +20,16 @@
 /// the room's last event or sync (state keys do not expire: an auction's state outlives its
 /// room's quiet days).
 const ROOM_PUBLISH: &str = r#"
-local function room_publish(P, ch, body, state, epoch_new, ttl, hist)
+local function room_publish(P, ch, body, state, epoch_new, ttl, hist, known_epoch, known_seq)
   local base = P .. ':room:' .. ch
   -- The epoch names one run of seqs: without it (new room, or its keys expired or were
-  -- evicted) a new run starts at 1. With it, seqs continue, whoever created it (a sync).
+  -- evicted) a new run starts at 1. With it, seqs continue. A publisher that follows the room
+  -- says which seq it has seen: a Redis that is behind it (a failover to a lagging replica)
+  -- must not hand out those seqs again, so the run starts over in a new epoch.
   local epoch = redis.call('GET', base .. ':epoch')
+  if epoch and epoch == known_epoch and tonumber(redis.call('GET', base .. ':seq') or '0') < tonumber(known_seq) then
+    epoch = nil
+  end
   if not epoch then
     epoch = epoch_new
     redis.call('SET', base .. ':epoch', epoch)
@@ -71,28 +76,34 @@ local function presence_totals(P, ch)
 end
 "#;
 
-/// ARGV: prefix, channel, body json, state json or '', new epoch, room ttl ms, history size.
+/// ARGV: prefix, channel, body json, state json or '', new epoch, room ttl ms, history size,
+/// the publisher's known epoch and seq of the room ('0' '0' when it does not follow it).
 /// Returns {seq, nodes that received it}.
 pub const PUBLISH: &str = r#"
-return room_publish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]))
+return room_publish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9])
 "#;
 
-/// ARGV: prefix, channel, new epoch, room ttl ms. Creates the room's epoch if it has none, and
-/// returns {seq, epoch, state or '', history entries...}.
+/// ARGV: prefix, channel, new epoch, room ttl ms, the caller's known epoch and seq of the room.
+/// Returns {seq, epoch, state or '', history entries...}. A room without an epoch is not created
+/// (a subscriber alone never makes keys): it reads as seq 0 of epoch 0, and its first event
+/// starts epoch and seqs. A room whose seq is behind what the caller saw in the same epoch (a
+/// failover to a lagging replica) starts over in a new epoch rather than reuse seqs.
 pub const SYNC_ROOM: &str = r#"
 local base = ARGV[1] .. ':room:' .. ARGV[2]
 local ttl = tonumber(ARGV[4])
+local state = redis.call('GET', base .. ':s') or ''
 local epoch = redis.call('GET', base .. ':epoch')
-if not epoch then
+if not epoch then return {'0', '0', state} end
+local seq = redis.call('GET', base .. ':seq') or '0'
+if epoch == ARGV[5] and tonumber(seq) < tonumber(ARGV[6]) then
   epoch = ARGV[3]
+  seq = '0'
   redis.call('SET', base .. ':epoch', epoch)
   redis.call('DEL', base .. ':seq', base .. ':h')
 end
 redis.call('PEXPIRE', base .. ':epoch', ttl)
 redis.call('PEXPIRE', base .. ':seq', ttl)
 redis.call('PEXPIRE', base .. ':h', ttl)
-local seq = redis.call('GET', base .. ':seq') or '0'
-local state = redis.call('GET', base .. ':s') or ''
 local out = {seq, epoch, state}
 for _, e in ipairs(redis.call('LRANGE', base .. ':h', 0, -1)) do out[#out + 1] = e end
 return out
@@ -186,7 +197,7 @@ return out
 
 /// ARGV: prefix, auction, node token, expected version, record, new epoch, room ttl ms,
 /// history size, bid count n, n × (bid, idempotency key), event count m,
-/// m × (channel, body, state).
+/// m × (channel, body, state, known epoch, known seq).
 /// The compare-and-set at the heart of cluster bidding: only the lock holder whose view is
 /// the current version may append. Bids, record, version and the room events are one atomic
 /// step; then the lock is released and the other nodes are told. Returns {new version}, or
@@ -209,8 +220,8 @@ local version = redis.call('INCR', base .. ':v')
 local m = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, m do
-  room_publish(P, ARGV[i], ARGV[i + 1], ARGV[i + 2], epoch_new, ttl, hist)
-  i = i + 3
+  room_publish(P, ARGV[i], ARGV[i + 1], ARGV[i + 2], epoch_new, ttl, hist, ARGV[i + 3], ARGV[i + 4])
+  i = i + 5
 end
 redis.call('DEL', base .. ':lock')
 redis.call('PUBLISH', P .. ':control', 'C' .. A .. ' ' .. version)

@@ -575,3 +575,78 @@ async fn a_lost_pubsub_connection_is_counted_resubscribed_and_its_gap_filled() {
     .await;
     cluster.wait_ready(1, true).await;
 }
+
+/// Subscribing, however many names a client makes up, writes nothing to Redis: a room gets its
+/// keys with its first event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_alone_create_no_redis_keys() {
+    let cluster = Cluster::start(1).await;
+    let keys_before = cluster.redis.cli(&["DBSIZE"]);
+    let mut c = cluster.connect(0, None).await;
+    for i in 0..50 {
+        c.subscribe(&format!("auction:made-up-{i}")).await;
+    }
+    assert_eq!(
+        cluster.redis.cli(&["DBSIZE"]),
+        keys_before,
+        "{}",
+        cluster.redis.cli(&["KEYS", "*room*"])
+    );
+    // The first event of such a room starts it, and the subscriber gets it.
+    let (status, _) = cluster
+        .publish(0, "auction:made-up-7", "first", json!({"n": 1}))
+        .await;
+    assert_eq!(status, 200);
+    let event = c.next_event().await;
+    assert_eq!(
+        (event.channel.as_str(), event.seq),
+        ("auction:made-up-7", 1)
+    );
+}
+
+/// Redis goes back (as after a failover to a replica that missed the last writes): the room's
+/// next event does not reuse a seq its followers already have; it starts a new epoch, and the
+/// subscribers get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_that_went_back_in_redis_starts_a_new_epoch_instead_of_reusing_seqs() {
+    let cluster = Cluster::start(2).await;
+    let mut watchers = Vec::new();
+    for node in 0..2 {
+        let mut c = cluster.connect(node, None).await;
+        c.subscribe("auction:failover").await;
+        watchers.push(c);
+    }
+    for n in 0..10 {
+        let (status, _) = cluster
+            .publish(n % 2, "auction:failover", "before", json!({"n": n}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    for w in watchers.iter_mut() {
+        assert_eq!(events(w, 10).await.last().unwrap().0, 10);
+    }
+    let epoch_before = cluster.room(0, "auction:failover").await["epoch"].clone();
+    // The failover: Redis lost the last five events of the room.
+    cluster
+        .redis
+        .cli(&["SET", "gavel:room:auction:failover:seq", "5"]);
+    let (status, _) = cluster
+        .publish(0, "auction:failover", "after", json!({"n": 99}))
+        .await;
+    assert_eq!(status, 200);
+    for w in watchers.iter_mut() {
+        let event = w.next_event().await;
+        assert_eq!((event.event.as_str(), event.seq), ("after", 1), "a new run");
+    }
+    let room = cluster.room(1, "auction:failover").await;
+    assert_ne!(room["epoch"], epoch_before, "in a new epoch");
+    // A client that comes back with the old epoch learns it must reload.
+    let mut back = cluster.connect(1, None).await;
+    let Reply::Subscribed { recovered, .. } = back
+        .subscribe_since("auction:failover", Some(10), epoch_before.as_u64())
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!(recovered, Some(false));
+}
