@@ -8,8 +8,8 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use gavel_broker::client::{Client, ConnectOptions, Incoming};
 use gavel_broker::protocol::{encode, Channel, ClientFrame, Format};
+use gavel_client::{Client, ConnectOptions, Incoming};
 
 #[derive(Parser)]
 struct Args {

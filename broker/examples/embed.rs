@@ -63,13 +63,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Demo settings: a fixed development secret, and anonymous viewers allowed.
     config.jwt_secret = Some("embed-example-secret-change-me".into());
     config.allow_anonymous = true;
-    let claims = gavel_broker::auth::Claims {
+    let claims = gavel_broker::protocol::Claims {
         sub: "u42".into(),
         exp: gavel_broker::clock::now_ms() / 1000 + 3600,
         roles: None,
         channels: None,
     };
-    let token = gavel_broker::auth::sign_hs256(b"embed-example-secret-change-me", &claims)?;
+    let token = gavel_client::token::sign_hs256(b"embed-example-secret-change-me", &claims)?;
     println!("a token for user u42, valid one hour:\n{token}");
     let broker = Broker::new(config)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;

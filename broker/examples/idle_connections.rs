@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use gavel_broker::client::{Client, ConnectOptions, Incoming};
 use gavel_broker::protocol::{Channel, ClientFrame, ServerFrame};
+use gavel_client::{Client, ConnectOptions, Incoming};
 
 #[derive(Parser)]
 struct Args {

@@ -5,28 +5,13 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+pub use gavel_protocol::Claims;
 use gavel_protocol::{Channel, ChannelKind, UserId};
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 5;
-
-/// The claims Gavel reads. Other claims are ignored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The user id.
-    pub sub: String,
-    /// Expiry, seconds since the Unix epoch.
-    pub exp: u64,
-    /// e.g. `bidder`, `admin`. Absent: no role checks for this user.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub roles: Option<Vec<String>>,
-    /// The conversations this user may join (`conversation:ID`, or `conversation:*` for all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channels: Option<Vec<String>>,
-}
 
 /// A verified identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,19 +158,11 @@ impl Verifier {
     }
 }
 
-/// Signs an HS256 token (the `gavel-broker token` command, tests, load generation).
-pub fn sign_hs256(secret: &[u8], claims: &Claims) -> Result<String, AuthError> {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .map_err(|e| AuthError::Invalid(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gavel_client::token::sign_hs256;
+    use jsonwebtoken::{EncodingKey, Header};
 
     fn claims(exp: u64) -> Claims {
         Claims {

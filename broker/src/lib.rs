@@ -7,7 +7,6 @@
 //!   room's copy-on-write subscriber set.
 //! - [`cluster`]: the Redis adapter of cluster mode (`--redis-url`) and its auction ledger.
 //! - `users`: who is online. [`outbound`]: a connection's queue and shared encoded frames.
-//! - [`client`]: a small async client (tests, examples, load generation).
 //!
 //! [`run`] serves an already-bound listener until a shutdown future resolves; [`Broker`] is the
 //! same thing for applications that embed Gavel beside their own routes.
@@ -17,7 +16,6 @@ pub mod admission;
 pub mod auction;
 pub mod auth;
 mod authorize;
-pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use gavel_broker::auth::{sign_hs256, Claims};
 use gavel_broker::config::{Config, LogFormat};
+use gavel_broker::protocol::Claims;
+use gavel_client::token::sign_hs256;
 
 #[derive(Parser)]
 #[command(name = "gavel-broker", version, about, long_about = None)]

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gavel_broker::auth::{sign_hs256, Claims};
-use gavel_broker::client::{Client, ConnectOptions, Incoming};
+use gavel_client::token::sign_hs256;
+use gavel_client::{Client, ConnectOptions, Incoming};
+use gavel_protocol::Claims;
 use gavel_protocol::{Channel, ClientFrame, Reply, ServerFrame};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
@@ -95,7 +96,7 @@ impl Ctx {
 }
 
 fn token(secret: &str, sub: &str, roles: Option<Vec<String>>) -> String {
-    let exp = gavel_broker::clock::now_ms() / 1000 + 24 * 3600;
+    let exp = now_ms() / 1000 + 24 * 3600;
     let claims = Claims {
         sub: sub.into(),
         exp,
@@ -136,7 +137,7 @@ async fn create_auction(
     id: &str,
     ends_in: Duration,
 ) -> Result<(), String> {
-    let now = gavel_broker::clock::now_ms();
+    let now = now_ms();
     let body = json!({
         "id": id, "title": format!("loadgen {id}"), "currency": "EUR",
         "starting_price": 1, "increment": {"fixed": 1},
@@ -452,7 +453,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     }
     let (part, parts) = (scenario.worker_index.unwrap_or(0), scenario.workers.max(1));
     let mine = |n: usize| n % parts == part;
-    if let Some(limit) = gavel_broker::admission::raise_open_file_limit() {
+    if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         let connections = scenario.viewers + scenario.bidders + 2 * scenario.conversations;
         let needed = (connections / parts) as u64 + 64;
         if needed > limit {
@@ -467,9 +468,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             .await
             .map_err(LoadgenError::Report)?;
     }
-    let run_id = scenario
-        .run_id
-        .unwrap_or_else(|| gavel_broker::clock::now_ms() % 1_000_000_000);
+    let run_id = scenario.run_id.unwrap_or_else(|| now_ms() % 1_000_000_000);
     let auction_ids = if scenario.auction_ids.is_empty() {
         create_auctions(&scenario, run_id).await?
     } else {
@@ -568,7 +567,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     let start = match scenario.start_at_ms {
         None => Instant::now(),
         Some(at) => {
-            let now = gavel_broker::clock::now_ms();
+            let now = now_ms();
             if at >= now {
                 Instant::now() + Duration::from_millis(at - now)
             } else {
@@ -695,7 +694,7 @@ async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHandle<()>> {
             let user = format!("lgc{c}m{m}");
             let claims = Claims {
                 sub: user.clone(),
-                exp: gavel_broker::clock::now_ms() / 1000 + 24 * 3600,
+                exp: now_ms() / 1000 + 24 * 3600,
                 roles: None,
                 channels: Some(vec![channel.to_string()]),
             };
@@ -901,4 +900,12 @@ fn progress_line(ctx: &Arc<Ctx>) -> indicatif::ProgressBar {
         }
     });
     bar
+}
+
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

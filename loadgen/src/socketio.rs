@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketRead, WebSocketWrite};
-use gavel_broker::client::SpawnExecutor;
+use gavel_client::SpawnExecutor;
 use http_body_util::Empty;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -104,7 +104,7 @@ pub async fn connect(
     source: Option<std::net::IpAddr>,
     user: &str,
 ) -> Result<(Reader, Writer), String> {
-    let stream = gavel_broker::client::connect_tcp(addr, source)
+    let stream = gavel_client::connect_tcp(addr, source)
         .await
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);

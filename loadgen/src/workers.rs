@@ -73,9 +73,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             "--metrics-listen works with one worker only".into(),
         ));
     }
-    let run_id = gavel_broker::clock::now_ms() % 1_000_000_000;
+    let run_id = crate::now_ms() % 1_000_000_000;
     let ids = create_auctions(&scenario, run_id).await?;
-    let start_at_ms = gavel_broker::clock::now_ms() + ramp_allowance(&scenario).as_millis() as u64;
+    let start_at_ms = crate::now_ms() + ramp_allowance(&scenario).as_millis() as u64;
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir();
     let started = Instant::now();

@@ -5,12 +5,14 @@
 
 pub mod auction;
 pub mod channel;
+pub mod claims;
 pub mod codec;
 pub mod codes;
 pub mod frame;
 
 pub use auction::{AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Ended, Outbid};
 pub use channel::{Channel, ChannelError, ChannelKind, UserId};
+pub use claims::Claims;
 pub use codec::{decode, encode, DecodeError, EncodeError, Format};
 pub use codes::{CloseCode, ErrorCode};
 pub use frame::{

@@ -475,14 +475,15 @@ async fn acknowledged_bids_survive_kill_9() {
                 .await;
                 let reply = loop {
                     match tokio::time::timeout(HANG, c.client.next()).await {
-                        Ok(Ok(gavel_broker::client::Incoming::Frame(ServerFrame::Ok {
-                            id,
-                            result,
-                        }))) if id == i => break result,
-                        Ok(Ok(gavel_broker::client::Incoming::Frame(ServerFrame::Error(e)))) => {
+                        Ok(Ok(gavel_client::Incoming::Frame(ServerFrame::Ok { id, result })))
+                            if id == i =>
+                        {
+                            break result
+                        }
+                        Ok(Ok(gavel_client::Incoming::Frame(ServerFrame::Error(e)))) => {
                             panic!("error frame: {e:?}")
                         }
-                        Ok(Ok(gavel_broker::client::Incoming::Frame(_))) => continue,
+                        Ok(Ok(gavel_client::Incoming::Frame(_))) => continue,
                         _ => return (user, acks), // the broker died
                     }
                 };

@@ -61,13 +61,13 @@ async fn tokens_from_the_header_the_query_or_an_auth_frame() {
 async fn bad_and_expired_tokens_are_refused_with_their_codes() {
     let b = TestBroker::start(|_| {}).await;
     let forged = {
-        let claims = gavel_broker::auth::Claims {
+        let claims = gavel_broker::protocol::Claims {
             sub: "eve".into(),
             exp: 4_000_000_000,
             roles: None,
             channels: None,
         };
-        gavel_broker::auth::sign_hs256(b"some-other-secret-entirely", &claims).unwrap()
+        gavel_client::token::sign_hs256(b"some-other-secret-entirely", &claims).unwrap()
     };
     let expired = token_with("old", None, None, -600);
     let bearer = |t: &str| format!("Bearer {t}");
@@ -581,7 +581,7 @@ async fn es256_tokens_verify_against_a_public_key_file() {
         c.jwt_public_key = Some(public.clone());
     })
     .await;
-    let claims = gavel_broker::auth::Claims {
+    let claims = gavel_broker::protocol::Claims {
         sub: "ecdsa".into(),
         exp: gavel_broker::clock::now_ms() / 1000 + 3600,
         roles: None,

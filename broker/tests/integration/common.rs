@@ -8,11 +8,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gavel_broker::client::{Client, ConnectOptions, Incoming};
 use gavel_broker::protocol::{
     Channel, ClientFrame, ErrorFrame, EventFrame, Format, Reply, RequestId, ServerFrame,
 };
 use gavel_broker::{Broker, Config};
+use gavel_client::{Client, ConnectOptions, Incoming};
 use http_body_util::{BodyExt, Full};
 use hyper::header::HOST;
 use hyper::{Request, StatusCode};
@@ -39,13 +39,13 @@ pub fn token_with(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let claims = gavel_broker::auth::Claims {
+    let claims = gavel_broker::protocol::Claims {
         sub: user.into(),
         exp: (now + ttl_secs).max(0) as u64,
         roles,
         channels,
     };
-    gavel_broker::auth::sign_hs256(JWT_SECRET.as_bytes(), &claims).unwrap()
+    gavel_client::token::sign_hs256(JWT_SECRET.as_bytes(), &claims).unwrap()
 }
 /// Guard against a hang; generous because the machine is shared and slow in debug builds.
 pub const HANG: Duration = Duration::from_secs(30);

@@ -2,8 +2,8 @@
 
 use std::process::Command;
 
-use gavel_broker::client::Incoming;
 use gavel_broker::protocol::{ClientFrame, Format, ServerFrame};
+use gavel_client::Incoming;
 use serde_json::json;
 
 use crate::common::*;

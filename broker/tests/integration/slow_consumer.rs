@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gavel_broker::client::{Client, ConnectOptions};
+use gavel_client::{Client, ConnectOptions};
 use serde_json::json;
 
 use crate::common::*;

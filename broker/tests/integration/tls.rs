@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use gavel_broker::client::{Client, ConnectOptions};
 use gavel_broker::protocol::Reply;
+use gavel_client::{Client, ConnectOptions};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 use tokio_rustls::rustls;

@@ -1,5 +1,8 @@
-//! A small async Gavel client over fastwebsockets: connect, send requests, read frames. Used by
-//! the tests, the examples and load generation; other languages follow `docs/protocol.md`.
+//! `gavel-client`: a small async Gavel client over fastwebsockets (connect, send requests, read
+//! frames) and development token signing ([`token`]). Used by the broker's tests and examples and
+//! by load generation; clients in other languages follow `docs/protocol.md`.
+
+pub mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
