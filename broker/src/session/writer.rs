@@ -1,0 +1,217 @@
+//! A connection's writer task: drains the outbound queue into the socket in writes of at most
+//! `MAX_WRITE_BATCH` bytes (a long replay goes out piece by piece), pings on schedule, and ends
+//! with the close frame that says why.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gavel_protocol::Format;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::metrics as m;
+use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
+use crate::wsframe::{put_frame, OpCode};
+use crate::Shared;
+
+use super::BoxWrite;
+
+/// Most bytes one coalesced socket write carries.
+const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// How long a close frame may take to write before the socket is just dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The writer: drains the outbound queue into the socket, coalescing what is queued into
+/// writes of at most `MAX_WRITE_BATCH` bytes (a long replay goes out in such pieces, so no
+/// connection ever holds more than one piece in its own buffer); pings on schedule; on close,
+/// sends the close frame that says why.
+pub(super) async fn write_loop(
+    shared: Arc<Shared>,
+    conn: Arc<ConnHandle>,
+    mut outbound_rx: mpsc::Receiver<Outbound>,
+    mut write: BoxWrite,
+) {
+    let config = &shared.config;
+    let start = tokio::time::Instant::now() + config.ping_interval;
+    let mut ping = tokio::time::interval_at(start, config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // False once a write failed part-way: the stream may end mid-frame, so no close frame.
+    let mut whole_frames = true;
+    // Set once shutdown began: drain what is queued, then close with 1001.
+    let mut draining = false;
+    let mut batch = Batch::new(&conn);
+    loop {
+        if batch.carrying() {
+            // In the middle of a long item: no waiting, but still stop when told to.
+            if conn.closing().is_cancelled() {
+                break;
+            }
+        } else if !draining {
+            tokio::select! {
+                biased;
+                _ = conn.closing().cancelled() => break,
+                _ = shared.shutdown.cancelled() => {
+                    // What is queued goes out; nothing more is taken.
+                    outbound_rx.close();
+                    draining = true;
+                }
+                // Before the queue: a busy connection must still be pinged, or a client that
+                // only listens would look idle.
+                _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
+                item = outbound_rx.recv() => {
+                    let Some(item) = item else { break };
+                    batch.push(item);
+                }
+            }
+        }
+        batch.fill(&mut outbound_rx);
+        let done = draining && !batch.carrying() && batch.is_empty();
+        if let Err(reason) = batch.write(&mut write, config.write_timeout).await {
+            whole_frames = false;
+            conn.close(reason);
+            break;
+        }
+        if done {
+            conn.close(DisconnectReason::Shutdown);
+            break;
+        }
+    }
+    let reason = conn
+        .close_reason()
+        .unwrap_or(DisconnectReason::ConnectionLost);
+    if reason.is_slow_consumer() {
+        tracing::warn!(
+            conn = conn.id,
+            reason = reason.as_str(),
+            "slow consumer disconnected"
+        );
+    }
+    if let Some(code) = reason.close_code().filter(|_| whole_frames) {
+        let mut payload = code.code().to_be_bytes().to_vec();
+        payload.extend_from_slice(code.reason().as_bytes());
+        let mut batch = Batch::new(&conn);
+        batch.control(OpCode::Close, &payload);
+        let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write.shutdown()).await;
+}
+
+/// Bytes for one socket write: WebSocket frames laid end to end, at most about
+/// `MAX_WRITE_BATCH`; the rest of a long item waits in `carry` for the next write.
+struct Batch<'a> {
+    conn: &'a ConnHandle,
+    buf: Vec<u8>,
+    /// Creation time of the oldest data frame in the batch.
+    oldest: Option<Instant>,
+    /// A multi-frame item (a subscribe reply and its replay) not yet all in `buf`, and the
+    /// index of its next frame.
+    carry: Option<(Box<[Arc<SharedFrame>]>, usize)>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(conn: &'a ConnHandle) -> Batch<'a> {
+        Batch {
+            conn,
+            buf: Vec::new(),
+            oldest: None,
+            carry: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn carrying(&self) -> bool {
+        self.carry.is_some()
+    }
+
+    fn full(&self) -> bool {
+        self.buf.len() >= MAX_WRITE_BATCH
+    }
+
+    fn push(&mut self, item: Outbound) {
+        match item {
+            Outbound::Frame(frame) => self.frame(&frame),
+            Outbound::Batch(frames) => {
+                self.carry = Some((frames, 0));
+                self.take_carried();
+            }
+            Outbound::Control(control) => {
+                self.conn.written(control.1.len() + 2);
+                self.control(control.0, &control.1);
+            }
+        }
+    }
+
+    /// Takes what fits: first the rest of a carried item, then whatever else is queued.
+    fn fill(&mut self, outbound_rx: &mut mpsc::Receiver<Outbound>) {
+        self.take_carried();
+        while !self.full() && !self.carrying() {
+            match outbound_rx.try_recv() {
+                Ok(item) => self.push(item),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn take_carried(&mut self) {
+        let Some((frames, mut next)) = self.carry.take() else {
+            return;
+        };
+        while next < frames.len() && !self.full() {
+            self.frame(&frames[next]);
+            next += 1;
+        }
+        if next < frames.len() {
+            self.carry = Some((frames, next));
+        }
+    }
+
+    fn frame(&mut self, frame: &SharedFrame) {
+        let format = self.conn.format;
+        self.conn.written(crate::outbound::wire_size(frame, format));
+        let Some(bytes) = frame.bytes(format) else {
+            return;
+        };
+        self.oldest.get_or_insert(frame.created);
+        let opcode = match format {
+            Format::MsgPack => OpCode::Binary,
+            Format::Json => OpCode::Text,
+        };
+        put_frame(&mut self.buf, opcode, bytes);
+    }
+
+    fn control(&mut self, opcode: OpCode, payload: &[u8]) {
+        put_frame(&mut self.buf, opcode, payload);
+    }
+
+    async fn write(
+        &mut self,
+        write: &mut BoxWrite,
+        timeout: Duration,
+    ) -> Result<(), DisconnectReason> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        // Not abandoned when the connection is marked closing meanwhile (a full queue, say):
+        // a frame cut in half would corrupt the stream, and the close frame that says why
+        // must follow whole frames. The write timeout bounds each write's wait, so a large
+        // replay to a slow but live reader is judged by its progress, not by its size.
+        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
+            Err(_) => return Err(DisconnectReason::WriteStalled),
+            Ok(Err(_)) => return Err(DisconnectReason::ConnectionLost),
+            Ok(Ok(())) => {}
+        }
+        metrics::counter!(m::BYTES_SENT).increment(self.buf.len() as u64);
+        if let Some(oldest) = self.oldest.take() {
+            metrics::histogram!(m::DELIVERY_SECONDS).record(oldest.elapsed().as_secs_f64());
+        }
+        self.buf.clear();
+        if self.buf.capacity() > 2 * MAX_WRITE_BATCH {
+            // A single huge frame grew it: do not keep that much per connection.
+            self.buf = Vec::new();
+        }
+        Ok(())
+    }
+}
