@@ -363,6 +363,7 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
     let mut published: Vec<Value> = Vec::with_capacity(channels.len());
     for channel in &channels {
         match shared
+            .backplane
             .publish(channel, &request.event, None, request.data.clone())
             .await
         {

@@ -16,6 +16,7 @@ pub mod admission;
 pub mod auction;
 pub mod auth;
 mod authorize;
+pub mod backplane;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -74,6 +75,8 @@ pub enum Error {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error("cluster unavailable: {0}")]
+    Backplane(#[from] backplane::BackplaneError),
 }
 
 /// The client address of a request, as the accept loop saw it (absent when an embedding
@@ -99,8 +102,8 @@ pub(crate) struct Shared {
     /// Every connection's tasks, so shutdown can wait for their queues to drain.
     pub(crate) tracker: TaskTracker,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Cluster mode's Redis adapter; `None` on a single node.
-    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
+    /// How room events travel between nodes: the local registry, or the cluster's Redis.
+    pub(crate) backplane: Arc<dyn backplane::Backplane>,
     next_conn_id: AtomicU64,
 }
 
@@ -118,32 +121,7 @@ impl Shared {
         if self.shutdown.is_cancelled() {
             return Some("shutting down");
         }
-        self.cluster.as_ref().and_then(|c| c.not_ready_reason())
-    }
-
-    /// Publishes a sequenced event: into the local room, or in cluster mode through Redis
-    /// (then `delivered` counts the nodes that follow the room).
-    pub(crate) async fn publish(
-        &self,
-        channel: &Channel,
-        event: &str,
-        from: Option<UserId>,
-        data: Value,
-    ) -> Result<Published, cluster::ClusterError> {
-        match &self.cluster {
-            None => Ok(self.rooms.publish(channel, event, from, data)),
-            Some(cluster) => {
-                let outgoing =
-                    cluster::OutgoingEvent::new(channel.clone(), event, from, data, None);
-                // Boxed, so that callers' futures (a session's, alive per connection) do not
-                // carry the Redis call's state.
-                let (seq, nodes) = Box::pin(cluster.publish(outgoing)).await?;
-                Ok(Published {
-                    seq,
-                    delivered: nodes as usize,
-                })
-            }
-        }
+        self.backplane.not_ready_reason()
     }
 }
 
@@ -197,7 +175,9 @@ impl Broker {
         // Stopped first at shutdown, so every queued bid is answered while its connection
         // can still carry the answer.
         let auctions_stop = CancellationToken::new();
-        let (rooms, auctions, cluster, control_rx) = match &config.redis_url {
+        // The one place that knows which mode runs: the rest sees the two seams (a Ledger
+        // for the auctions, a Backplane for the rooms).
+        let (rooms, auctions, backplane, follow) = match &config.redis_url {
             None => {
                 let rooms = Arc::new(rooms::Rooms::new(limits));
                 let auctions = auction::Auctions::open(
@@ -207,7 +187,9 @@ impl Broker {
                     engine,
                     auctions_stop,
                 )?;
-                (rooms, auctions, None, None)
+                let backplane: Arc<dyn backplane::Backplane> =
+                    Arc::new(backplane::LocalBackplane::new(Arc::clone(&rooms)));
+                (rooms, auctions, backplane, None)
             }
             Some(url) => {
                 let started = cluster::Cluster::start(
@@ -233,11 +215,12 @@ impl Broker {
                     engine,
                     auctions_stop,
                 );
+                let backplane: Arc<dyn backplane::Backplane> = Arc::clone(&started.cluster) as _;
                 (
                     started.rooms,
                     auctions,
-                    Some(started.cluster),
-                    Some(started.control_rx),
+                    backplane,
+                    Some((started.cluster, started.control_rx)),
                 )
             }
         };
@@ -271,22 +254,23 @@ impl Broker {
             shutdown,
             tracker: TaskTracker::new(),
             metrics,
-            cluster,
+            backplane,
             next_conn_id: AtomicU64::new(1),
             config,
         });
-        if let Some(control_rx) = control_rx {
-            tokio::spawn(cluster::follow_auctions(Arc::clone(&shared), control_rx));
+        if let Some((cluster, control_rx)) = follow {
+            tokio::spawn(cluster::follow_auctions(
+                cluster,
+                Arc::clone(&shared),
+                control_rx,
+            ));
         }
         if let Some(handle) = &shared.metrics {
             metrics::spawn_upkeep(handle.clone(), shared.shutdown.clone());
         }
-        if shared.cluster.is_none() {
-            // In cluster mode the adapter reports presence to Redis instead.
-            spawn_every(&shared, shared.config.presence_interval, |s| {
-                s.rooms.flush_presence()
-            });
-        }
+        spawn_every(&shared, shared.config.presence_interval, |s| {
+            s.backplane.presence_tick()
+        });
         spawn_every(&shared, SWEEP_INTERVAL, |s| {
             s.rooms.sweep();
             s.auctions.prune();
@@ -382,22 +366,7 @@ impl Broker {
     /// goes out through Redis in the background and the returned seq is 0: use
     /// [`Broker::publish_event`] there.
     pub fn publish(&self, channel: &Channel, event: &str, data: Value) -> Published {
-        match &self.shared.cluster {
-            None => self.shared.rooms.publish(channel, event, None, data),
-            Some(cluster) => {
-                cluster.publish_detached(cluster::OutgoingEvent::new(
-                    channel.clone(),
-                    event,
-                    None,
-                    data,
-                    None,
-                ));
-                Published {
-                    seq: 0,
-                    delivered: 0,
-                }
-            }
-        }
+        self.shared.backplane.publish_detached(channel, event, data)
     }
 
     /// Publishes an event and returns its seq, on a single node or through the cluster.
@@ -407,7 +376,11 @@ impl Broker {
         event: &str,
         data: Value,
     ) -> Result<Published, Error> {
-        Ok(self.shared.publish(channel, event, None, data).await?)
+        Ok(self
+            .shared
+            .backplane
+            .publish(channel, event, None, data)
+            .await?)
     }
 
     /// Publishes an event to one user's `user:{id}` channel (every connection of theirs).

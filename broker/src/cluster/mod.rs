@@ -22,10 +22,11 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio_util::sync::CancellationToken;
 
+use crate::backplane::{BackplaneError, BackplaneFuture};
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::ViewerKey;
-use crate::rooms::{Delivery, Incoming, RoomImage, Rooms, SignalRelay, Skip};
+use crate::rooms::{Delivery, Incoming, Published, RoomImage, Rooms, SignalRelay, Skip};
 
 /// How long a Redis command may take before the adapter counts Redis as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1003,12 +1004,10 @@ pub fn default_node_id(listen: std::net::SocketAddr) -> String {
 /// retrying until Redis answers, and makes every actor catch up; in between, adopts auctions
 /// other nodes create and refreshes those they change.
 pub(crate) async fn follow_auctions(
+    cluster: Arc<Cluster>,
     shared: Arc<crate::Shared>,
     mut control_rx: mpsc::Receiver<Control>,
 ) {
-    let Some(cluster) = shared.cluster.clone() else {
-        return;
-    };
     let shutdown = shared.shutdown.clone();
     let mut lost_check = tokio::time::interval(Duration::from_secs(1));
     lost_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1057,4 +1056,58 @@ pub(crate) async fn follow_auctions(
             }
         }
     }
+}
+
+/// Cluster mode's backplane: events are sequenced by Redis and reach every node following the
+/// room; signals go through the relay.
+impl crate::backplane::Backplane for Cluster {
+    fn not_ready_reason(&self) -> Option<&'static str> {
+        Cluster::not_ready_reason(self)
+    }
+
+    fn join<'a>(&'a self, channel: &'a Channel) -> BackplaneFuture<'a, ()> {
+        Box::pin(async move { Cluster::join(self, channel).await.map_err(backplane_error) })
+    }
+
+    fn leave(&self, channel: &Channel) {
+        Cluster::leave(self, channel)
+    }
+
+    fn publish<'a>(
+        &'a self,
+        channel: &'a Channel,
+        event: &'a str,
+        from: Option<UserId>,
+        data: Value,
+    ) -> BackplaneFuture<'a, Published> {
+        Box::pin(async move {
+            let outgoing = OutgoingEvent::new(channel.clone(), event, from, data, None);
+            let (seq, nodes) = Cluster::publish(self, outgoing)
+                .await
+                .map_err(backplane_error)?;
+            Ok(Published {
+                seq,
+                delivered: nodes as usize,
+            })
+        })
+    }
+
+    fn publish_detached(&self, channel: &Channel, event: &str, data: Value) -> Published {
+        Cluster::publish_detached(
+            self,
+            OutgoingEvent::new(channel.clone(), event, None, data, None),
+        );
+        Published {
+            seq: 0,
+            delivered: 0,
+        }
+    }
+
+    fn signal(&self, channel: &Channel, frame: ServerFrame, skip_user: Option<UserId>) -> bool {
+        self.rooms.signal_everywhere(channel, frame, skip_user)
+    }
+}
+
+fn backplane_error(error: ClusterError) -> BackplaneError {
+    BackplaneError(error.to_string())
 }

@@ -31,13 +31,11 @@ impl Session {
                 epoch,
             } => {
                 self.may_subscribe(&channel).await?;
-                if let Some(cluster) = &self.shared.cluster {
-                    // Boxed: the session future (alive for every idle connection) then holds a
-                    // pointer here, not the Redis round trips' state.
-                    Box::pin(cluster.join(&channel))
-                        .await
-                        .map_err(cluster_unavailable)?;
-                }
+                self.shared
+                    .backplane
+                    .join(&channel)
+                    .await
+                    .map_err(cluster_unavailable)?;
                 let joined = self
                     .shared
                     .rooms
@@ -64,6 +62,7 @@ impl Session {
                 let user = self.may_write(&channel)?;
                 let published = self
                     .shared
+                    .backplane
                     .publish(&channel, "message", Some(user), data)
                     .await
                     .map_err(cluster_unavailable)?;
@@ -83,11 +82,7 @@ impl Session {
                     typing,
                     ts: now_ms(),
                 };
-                if !self
-                    .shared
-                    .rooms
-                    .signal_everywhere(&channel, frame, Some(user))
-                {
+                if !self.shared.backplane.signal(&channel, frame, Some(user)) {
                     return Err((
                         ErrorCode::ClusterUnavailable,
                         "the cluster is backed up; typing was not sent".into(),
@@ -110,6 +105,7 @@ impl Session {
                 let data = serde_json::json!({ "seq": seq });
                 let published = self
                     .shared
+                    .backplane
                     .publish(&channel, "read", Some(user), data)
                     .await
                     .map_err(cluster_unavailable)?;
@@ -326,7 +322,7 @@ impl Session {
     }
 }
 
-fn cluster_unavailable(error: crate::cluster::ClusterError) -> (ErrorCode, String) {
+fn cluster_unavailable(error: crate::backplane::BackplaneError) -> (ErrorCode, String) {
     (ErrorCode::ClusterUnavailable, error.to_string())
 }
 

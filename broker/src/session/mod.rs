@@ -141,9 +141,7 @@ impl Session {
     /// Ends one subscription: the room, and in cluster mode the node's interest in it.
     fn leave(&self, channel: &Channel, room: &Arc<Room>) {
         self.shared.rooms.unsubscribe(&self.conn, room);
-        if let Some(cluster) = &self.shared.cluster {
-            cluster.leave(channel);
-        }
+        self.shared.backplane.leave(channel);
     }
 
     /// Remembers the seq of this connection's publish (see `Subscription::own_seq`).
