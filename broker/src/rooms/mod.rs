@@ -1,0 +1,486 @@
+//! The room registry: channel → room, and per room its subscribers, sequence, bounded history
+//! and viewer counts. It owns fan-out (encode once, offer the shared bytes to every subscriber)
+//! and `since` recovery. It knows nothing of sockets: it only offers frames to [`ConnHandle`]s.
+//!
+//! Files: this one (the registry: subscribe, unsubscribe, publish, sweep), `room` (a room's
+//! members and fan-out), `log` (the pure seq/history log, property-tested), `presence`
+//! (viewer counts and their coalesced updates), `replica` (cluster mode: a room as a replica
+//! of its sequence in Redis; kept here because it changes under the room's log lock).
+
+mod log;
+mod presence;
+mod replica;
+mod room;
+
+pub use log::HistoryLimits;
+use replica::SyncState;
+pub use replica::{Delivery, Incoming, RoomImage};
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use gavel_protocol::{
+    Channel, ChannelKind, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot, ServerFrame,
+    UserId, ViewerCounts,
+};
+use serde_json::Value;
+
+use crate::clock::now_ms;
+use crate::metrics as m;
+use crate::outbound::{wire_size, ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
+use crate::subscribers::{Snapshot, SubscriberSet};
+
+/// Locks a mutex, recovering the data if a panic elsewhere poisoned it: every critical section
+/// below leaves the data consistent at each step, so the data is still good.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn replay_size(frames: &[Arc<SharedFrame>], format: gavel_protocol::Format) -> usize {
+    frames.iter().map(|f| wire_size(f, format)).sum()
+}
+
+/// Every room of this node.
+pub struct Rooms {
+    map: DashMap<Channel, Arc<Room>>,
+    limits: HistoryLimits,
+    /// Rooms whose viewer counts changed since the last presence tick. A plain mutex: it is
+    /// taken once per room per tick (the `presence_dirty` flag filters repeats), never across
+    /// an await, and never while a room lock is held.
+    dirty: Mutex<Vec<Arc<Room>>>,
+    /// Source of room epochs: microseconds since the Unix epoch at start, then +1 per room, so
+    /// epochs differ across restarts and between incarnations of a room.
+    next_epoch: AtomicU64,
+    /// Cluster mode: a room is a replica of its sequence in Redis (see [`SyncState`]), and
+    /// unsequenced signals that start here (joined, left) go out through the relay.
+    relay: Option<SignalRelay>,
+}
+
+/// Where a clustered registry sends the signals it makes itself (joined, left), so that they
+/// reach the room's subscribers on every node: (channel, frame, user to skip).
+/// Bounded: when it is full, signals are delivered on this node only (and counted).
+pub type SignalRelay = tokio::sync::mpsc::Sender<(Channel, ServerFrame, Option<UserId>)>;
+
+/// A channel's room.
+pub struct Room {
+    channel: Channel,
+    /// Set at creation; in cluster mode replaced (under `log`) by Redis's epoch at each sync.
+    epoch: AtomicU64,
+    /// Cluster mode: the cluster's viewer counts, as last published (local counts otherwise).
+    cluster_viewers: Mutex<Option<ViewerCounts>>,
+    /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write,
+    /// in chunks) by joins and leaves, so a publish never waits for a join or a leave to copy.
+    subscribers: ArcSwap<Snapshot>,
+    /// Sequence and history. A publish holds it while it assigns the seq, appends to the history
+    /// and offers the frame to each subscriber (a non-blocking queue push, no IO, no await), so
+    /// every subscriber receives the room's events in seq order. Joins and leaves take it only
+    /// to swap in their new snapshot and read the history tail, never to build the snapshot.
+    log: Mutex<RoomLog>,
+    /// Membership, for joins and leaves only (publishers never take it). Lock order: `members`
+    /// before `log`.
+    members: Mutex<Members>,
+    /// Viewer counts, written under `members`, read lock-free by stats and presence ticks.
+    connections: AtomicU32,
+    users: AtomicU32,
+    peak_connections: AtomicU32,
+    peak_users: AtomicU32,
+    last_seq: AtomicU64,
+    /// Set while the room is queued for a viewer-count update.
+    presence_dirty: AtomicBool,
+    /// Set (under both locks) when the registry drops the room; a join or publish that finds it
+    /// set retries on the room that replaces it.
+    retired: AtomicBool,
+    /// A room with state (an auction's) is never dropped: its state has no other home here.
+    pinned: AtomicBool,
+}
+
+struct RoomLog {
+    last_seq: u64,
+    history: VecDeque<Stored>,
+    /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
+    /// Changed only together with an event, so a subscriber's state and stream agree.
+    state: Value,
+    sync: SyncState,
+    /// Bumped each time the room starts waiting for a sync.
+    sync_gen: u64,
+}
+
+struct Stored {
+    seq: u64,
+    at: Instant,
+    frame: Arc<SharedFrame>,
+}
+
+struct Members {
+    set: SubscriberSet,
+    /// Since when the room has had no subscribers (or since its creation). An empty room is
+    /// kept for the history TTL after that, so a client that drops and comes back finds the
+    /// same epoch even when the room had no events.
+    idle_since: Instant,
+    /// Connections per viewer (a user's tabs count once).
+    viewers: HashMap<ViewerKey, u32>,
+}
+
+/// A successful subscribe.
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub recovered: Option<bool>,
+    pub replayed: u32,
+}
+
+/// Who a signal is not sent to.
+#[derive(Clone, Copy)]
+pub enum Skip<'a> {
+    Nobody,
+    /// One connection (the one that caused the signal).
+    Conn(ConnId),
+    /// Every connection of one user (their own typing indicator).
+    User(&'a UserId),
+}
+
+impl<'a> From<Option<&'a UserId>> for Skip<'a> {
+    /// Nobody, or every connection of the user.
+    fn from(user: Option<&'a UserId>) -> Skip<'a> {
+        match user {
+            Some(user) => Skip::User(user),
+            None => Skip::Nobody,
+        }
+    }
+}
+
+impl Skip<'_> {
+    fn skips(&self, conn: &ConnHandle) -> bool {
+        match self {
+            Skip::Nobody => false,
+            Skip::Conn(id) => conn.id == *id,
+            Skip::User(user) => conn.user() == Some(*user),
+        }
+    }
+}
+
+/// What a publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    /// Subscribers the event was queued for.
+    pub delivered: usize,
+}
+
+/// A room's state as the HTTP API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoomInfo {
+    pub channel: Channel,
+    pub epoch: u64,
+    pub seq: u64,
+    #[serde(flatten)]
+    pub viewers: ViewerCounts,
+    pub history_len: usize,
+    pub oldest_seq: Option<u64>,
+}
+
+impl Rooms {
+    pub fn new(limits: HistoryLimits) -> Rooms {
+        Rooms::build(limits, None)
+    }
+
+    /// A registry for cluster mode: rooms replicate their sequence from Redis.
+    pub fn clustered(limits: HistoryLimits, relay: SignalRelay) -> Rooms {
+        Rooms::build(limits, Some(relay))
+    }
+
+    fn build(limits: HistoryLimits, relay: Option<SignalRelay>) -> Rooms {
+        let start_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        Rooms {
+            map: DashMap::new(),
+            limits,
+            dirty: Mutex::new(Vec::new()),
+            next_epoch: AtomicU64::new(start_us),
+            relay,
+        }
+    }
+
+    /// The room for `channel`, if it exists.
+    pub fn get(&self, channel: &Channel) -> Option<Arc<Room>> {
+        self.map.get(channel).map(|r| Arc::clone(r.value()))
+    }
+
+    fn get_or_create(&self, channel: &Channel) -> Arc<Room> {
+        if let Some(room) = self.get(channel) {
+            return room;
+        }
+        let room = self.map.entry(channel.clone()).or_insert_with(|| {
+            metrics::gauge!(m::ROOMS).increment(1.0);
+            Arc::new(Room::new(
+                channel.clone(),
+                self.next_epoch.fetch_add(1, Ordering::Relaxed),
+                self.relay.is_some(),
+            ))
+        });
+        Arc::clone(room.value())
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Subscribes `conn` and queues, as one unit, the `subscribed` reply to request `id` and
+    /// the replayed events after `since`; every later event of the room follows them.
+    pub fn subscribe(
+        &self,
+        conn: &Arc<ConnHandle>,
+        channel: &Channel,
+        id: RequestId,
+        since: Option<u64>,
+        epoch: Option<u64>,
+    ) -> Joined {
+        loop {
+            let room = self.get_or_create(channel);
+            let mut members = lock(&room.members);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            let first_of_viewer = members.add(conn);
+            room.store_counts(&members);
+            // The new snapshot is built here, under `members` only: publishers do not wait.
+            let subscribers = Arc::new(members.set.snapshot());
+
+            let mut log = lock(&room.log);
+            log.expire(self.limits, Instant::now());
+            let (recovered, replay) = match since {
+                None => (None, Vec::new()),
+                Some(since) => match log.replay_after(since, epoch, room.epoch()) {
+                    // A replay must fit the connection's pending-bytes bound; a larger one is
+                    // answered like an aged-out history: a snapshot to reload from.
+                    Some(frames) if conn.fits(replay_size(&frames, conn.format)) => {
+                        (Some(true), frames)
+                    }
+                    _ => (Some(false), Vec::new()),
+                },
+            };
+            let viewers = room.viewer_counts();
+            let snapshot = (recovered == Some(false)).then(|| RoomSnapshot {
+                seq: log.last_seq,
+                epoch: room.epoch(),
+                viewers,
+                oldest_seq: log.history.front().map(|s| s.seq),
+                state: log.state.clone(),
+            });
+            let replayed = replay.len() as u32;
+            let reply = SharedFrame::new(ServerFrame::Ok {
+                id,
+                result: Reply::Subscribed {
+                    channel: channel.clone(),
+                    seq: log.last_seq,
+                    epoch: room.epoch(),
+                    recovered,
+                    replayed,
+                    viewers,
+                    snapshot,
+                    state: log.state.clone(),
+                },
+            });
+            let item = if replay.is_empty() {
+                Outbound::Frame(reply)
+            } else {
+                let mut batch = Vec::with_capacity(replay.len() + 1);
+                batch.push(reply);
+                batch.extend(replay);
+                Outbound::Batch(batch.into_boxed_slice())
+            };
+            // Queue the reply first, then publish the new snapshot: anything offered from the
+            // snapshot on (events under this lock, signals without it) comes after the reply.
+            conn.offer(item);
+            room.subscribers.store(subscribers);
+            drop(log);
+            // Still under `members`, so a user's joined and left reach everyone in the order
+            // they happened (the offers do not block).
+            if first_of_viewer {
+                room.announce(conn, true, self.relay.as_ref());
+            }
+            drop(members);
+            self.mark_dirty(&room);
+            return Joined {
+                room,
+                recovered,
+                replayed,
+            };
+        }
+    }
+
+    /// Removes `conn` from `room`. Returns false if it was not subscribed.
+    pub fn unsubscribe(&self, conn: &ConnHandle, room: &Arc<Room>) -> bool {
+        let mut members = lock(&room.members);
+        let Some(last_of_viewer) = members.remove(conn) else {
+            return false;
+        };
+        if members.set.is_empty() {
+            members.idle_since = Instant::now();
+        }
+        room.store_counts(&members);
+        let snapshot = Arc::new(members.set.snapshot());
+        {
+            // Swapped under `log` so that an event is either queued before the caller's
+            // `unsubscribed` reply or not at all.
+            let _log = lock(&room.log);
+            room.subscribers.store(snapshot);
+        }
+        if last_of_viewer {
+            room.announce(conn, false, self.relay.as_ref());
+        }
+        drop(members);
+        self.mark_dirty(room);
+        true
+    }
+
+    /// Appends an event to `channel`'s room (creating it if needed, so the event is kept for a
+    /// subscriber who arrives within the history TTL) and queues it for every subscriber.
+    pub fn publish(
+        &self,
+        channel: &Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+    ) -> Published {
+        self.publish_with_state(channel, event, from, data, None)
+    }
+
+    /// [`Rooms::publish`], also replacing the room's state (atomically with the event, so a
+    /// subscriber gets a state that matches the seq of its `subscribed` reply).
+    pub fn publish_with_state(
+        &self,
+        channel: &Channel,
+        event: &str,
+        from: Option<UserId>,
+        data: Value,
+        state: Option<Value>,
+    ) -> Published {
+        let mut data = Some(data);
+        let mut state = state;
+        loop {
+            let room = self.get_or_create(channel);
+            let mut log = lock(&room.log);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            let started = Instant::now();
+            let seq = log.last_seq + 1;
+            let delivered = room.append(
+                &mut log,
+                Incoming {
+                    seq,
+                    epoch: room.epoch(),
+                    ts: now_ms(),
+                    event: event.to_owned(),
+                    from: from.clone(),
+                    data: data.take().unwrap_or(Value::Null),
+                    state: state.take(),
+                },
+                started,
+                self.limits,
+            );
+            drop(log);
+            m::record_fan_out("event", delivered, started.elapsed());
+            return Published { seq, delivered };
+        }
+    }
+
+    /// Sets a channel's state without an event (an auction at creation or at start-up), and pins
+    /// its room so the state is never dropped with it.
+    pub fn set_state(&self, channel: &Channel, state: Value) {
+        loop {
+            let room = self.get_or_create(channel);
+            let mut log = lock(&room.log);
+            if room.retired.load(Ordering::Acquire) {
+                continue;
+            }
+            // Under `log`, which `try_retire` takes before deciding: the two cannot cross.
+            room.pinned.store(true, Ordering::Release);
+            log.state = state;
+            return;
+        }
+    }
+
+    /// Sends an unsequenced frame (typing, joined, left, viewers) to the subscribers of an
+    /// existing room, except those `skip` names. Nothing is stored.
+    pub fn signal(&self, channel: &Channel, frame: ServerFrame, skip: Skip<'_>) -> usize {
+        match self.get(channel) {
+            Some(room) => room.signal(frame, skip),
+            None => 0,
+        }
+    }
+
+    /// Sends an unsequenced frame (typing) to the room's subscribers: in cluster mode through
+    /// the relay to every node's (the relay falls back to this node's when Redis is down).
+    /// False when the relay is full: nothing was sent.
+    pub fn signal_everywhere(
+        &self,
+        channel: &Channel,
+        frame: ServerFrame,
+        skip_user: Option<UserId>,
+    ) -> bool {
+        match &self.relay {
+            Some(relay) => relay.try_send((channel.clone(), frame, skip_user)).is_ok(),
+            None => {
+                self.signal(channel, frame, Skip::from(skip_user.as_ref()));
+                true
+            }
+        }
+    }
+
+    /// Drops rooms with no subscribers whose history has aged out. Returns how many.
+    pub fn sweep(&self) -> usize {
+        let now = Instant::now();
+        let before = self.map.len();
+        self.map
+            .retain(|_, room| !room.try_retire(self.limits, now));
+        let dropped = before.saturating_sub(self.map.len());
+        if dropped > 0 {
+            metrics::gauge!(m::ROOMS).decrement(dropped as f64);
+        }
+        dropped
+    }
+
+    /// The `n` rooms with the most connections.
+    pub fn top(&self, n: usize) -> Vec<RoomInfo> {
+        let mut all: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
+        all.sort_by_key(|r| std::cmp::Reverse(r.connections.load(Ordering::Relaxed)));
+        all.truncate(n);
+        all.iter().map(|r| r.info()).collect()
+    }
+}
+
+/// Auction events go to `auction:{id}` rooms and `user:{id}` rooms.
+impl crate::auction::AuctionEvents for Rooms {
+    fn publish(&self, announcement: crate::auction::Announcement) {
+        let crate::auction::Announcement {
+            channel,
+            event,
+            data,
+            state,
+        } = announcement;
+        self.publish_with_state(&channel, event, None, data, state);
+    }
+
+    fn show_state(&self, channel: &Channel, state: Value) {
+        self.set_state(channel, state);
+    }
+
+    fn release(&self, channel: &Channel) {
+        if let Some(room) = self.get(channel) {
+            // Under `log`, like `set_state`: `try_retire` decides under it.
+            let _log = lock(&room.log);
+            room.pinned.store(false, Ordering::Release);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! A room: its members (joins, leaves, viewer keys) and the fan-out of a frame to every
+//! subscriber but the ones a signal skips; and when an empty room may be dropped.
+
+use super::*;
+
+impl Room {
+    pub(super) fn new(channel: Channel, epoch: u64, clustered: bool) -> Room {
+        Room {
+            channel,
+            epoch: AtomicU64::new(epoch),
+            cluster_viewers: Mutex::new(None),
+            subscribers: ArcSwap::from_pointee(Snapshot::default()),
+            log: Mutex::new(RoomLog::new(if clustered {
+                SyncState::Unsynced
+            } else {
+                SyncState::Local
+            })),
+            members: Mutex::new(Members {
+                set: SubscriberSet::default(),
+                idle_since: Instant::now(),
+                viewers: HashMap::new(),
+            }),
+            connections: AtomicU32::new(0),
+            users: AtomicU32::new(0),
+            peak_connections: AtomicU32::new(0),
+            peak_users: AtomicU32::new(0),
+            last_seq: AtomicU64::new(0),
+            presence_dirty: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            pinned: AtomicBool::new(false),
+        }
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Relaxed)
+    }
+
+    pub fn info(&self) -> RoomInfo {
+        let log = lock(&self.log);
+        RoomInfo {
+            channel: self.channel.clone(),
+            epoch: self.epoch(),
+            seq: log.last_seq,
+            viewers: self.viewer_counts(),
+            history_len: log.history.len(),
+            oldest_seq: log.history.front().map(|s| s.seq),
+        }
+    }
+
+    /// Appends the next event (its seq is `last_seq + 1`) and offers it to every subscriber.
+    pub(super) fn append(
+        &self,
+        log: &mut RoomLog,
+        event: Incoming,
+        at: Instant,
+        limits: HistoryLimits,
+    ) -> usize {
+        let frame = self.store(log, event, at, limits);
+        self.fan_out(&frame, Skip::Nobody)
+    }
+
+    /// Appends the next event to the history (and its state) without offering it to anyone;
+    /// returns its frame, encoded once.
+    pub(super) fn store(
+        &self,
+        log: &mut RoomLog,
+        event: Incoming,
+        at: Instant,
+        limits: HistoryLimits,
+    ) -> Arc<SharedFrame> {
+        debug_assert_eq!(event.seq, log.last_seq + 1);
+        let seq = event.seq;
+        let frame = SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
+            channel: self.channel.clone(),
+            seq,
+            ts: event.ts,
+            event: event.event,
+            from: event.from,
+            data: event.data,
+        }));
+        log.push(seq, at, Arc::clone(&frame), event.state, limits);
+        self.last_seq.store(seq, Ordering::Relaxed);
+        frame
+    }
+
+    /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
+    /// `log` held for sequenced events (see the field's comment), without it for signals.
+    pub(super) fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
+        let subscribers = self.subscribers.load();
+        let mut queued = 0;
+        for conn in subscribers.iter() {
+            if skip.skips(conn) {
+                continue;
+            }
+            match conn.offer_frame(Arc::clone(frame)) {
+                Offer::Queued => queued += 1,
+                Offer::SlowConsumer | Offer::Closed => {}
+            }
+        }
+        // No log line here (the room's lock may be held): each slow consumer's writer logs
+        // its own disconnection, and `gavel_slow_consumers_total` counts them.
+        queued
+    }
+
+    pub(super) fn signal(&self, frame: ServerFrame, skip: Skip<'_>) -> usize {
+        let started = Instant::now();
+        let kind = frame.type_name();
+        let frame = SharedFrame::for_fan_out(frame);
+        let delivered = self.fan_out(&frame, skip);
+        m::record_fan_out(kind, delivered, started.elapsed());
+        delivered
+    }
+
+    /// `joined` / `left` for a user's first / last connection in a conversation room.
+    /// The joining connection itself is skipped: its `subscribed` reply says it all.
+    pub(super) fn announce(&self, conn: &ConnHandle, joined: bool, relay: Option<&SignalRelay>) {
+        let (ChannelKind::Conversation, Some(user)) = (self.channel.kind(), conn.user()) else {
+            return;
+        };
+        let user_id = user.clone();
+        let (channel, user, ts) = (self.channel.clone(), user.clone(), now_ms());
+        let frame = if joined {
+            ServerFrame::Joined { channel, user, ts }
+        } else {
+            ServerFrame::Left { channel, user, ts }
+        };
+        match relay {
+            // Every node's subscribers hear it from the cluster (the user's own tabs excepted).
+            Some(relay) => {
+                if let Err(full) = relay.try_send((self.channel.clone(), frame, Some(user_id))) {
+                    // The relay is backed up (Redis slow or gone): this node's subscribers
+                    // still hear it.
+                    metrics::counter!(m::CLUSTER_ERRORS, "op" => "relay_full").increment(1);
+                    let (_, frame, _) = full.into_inner();
+                    self.signal(frame, Skip::Conn(conn.id));
+                }
+            }
+            None => {
+                self.signal(frame, Skip::Conn(conn.id));
+            }
+        }
+    }
+
+    pub(super) fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
+        let members = lock(&self.members);
+        if !members.set.is_empty() {
+            return false;
+        }
+        let mut log = lock(&self.log);
+        if self.pinned.load(Ordering::Acquire)
+            || matches!(log.sync, SyncState::Syncing(_) | SyncState::Synced)
+        {
+            return false;
+        }
+        // Rooms anyone may join (auctions that do not exist, broadcast) that never had an
+        // event go at once: they hold no history, and keeping each for the TTL would let a
+        // client fill memory by subscribing to random names. Others keep their epoch for the
+        // TTL after their last subscriber leaves.
+        let open_to_all = matches!(
+            self.channel.kind(),
+            ChannelKind::Auction | ChannelKind::Broadcast
+        );
+        let idle_long_enough = now.saturating_duration_since(members.idle_since) > limits.ttl;
+        let never_used = open_to_all && log.last_seq == 0;
+        if !(idle_long_enough || never_used) {
+            return false;
+        }
+        log.expire(limits, now);
+        if !log.history.is_empty() {
+            return false;
+        }
+        self.retired.store(true, Ordering::Release);
+        true
+    }
+}
+
+impl Members {
+    /// Adds a connection; returns whether it is its viewer's first in the room.
+    pub(super) fn add(&mut self, conn: &Arc<ConnHandle>) -> bool {
+        if !self.set.insert(conn) {
+            return false;
+        }
+        let count = self.viewers.entry(conn.viewer_key()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Removes a connection; `None` if absent, else whether it was its viewer's last.
+    pub(super) fn remove(&mut self, conn: &ConnHandle) -> Option<bool> {
+        if !self.set.remove(conn.id) {
+            return None;
+        }
+        let key = conn.viewer_key();
+        let last = match self.viewers.get_mut(&key) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            _ => {
+                self.viewers.remove(&key);
+                true
+            }
+        };
+        Some(last)
+    }
+}
