@@ -237,6 +237,8 @@ mod tests {
         assert_eq!(log.bids("a10", 0, 10).unwrap().len(), 1);
         assert_eq!(log.find_bid("a10", &u1, "r1").unwrap(), Some(bid(1, 7)));
         assert_eq!(log.auction("nope").unwrap(), None);
+        // What the reopening test below expects must be durable, not left to a flush at drop.
+        log.sync().unwrap();
     }
 
     #[test]
