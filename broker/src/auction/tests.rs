@@ -69,6 +69,20 @@ fn config() -> EngineConfig {
     }
 }
 
+/// An engine with `config` on an empty in-memory log, and what it announces.
+fn fresh_with(config: EngineConfig) -> (Arc<Recorder>, Auctions) {
+    let events = Arc::new(Recorder::default());
+    let auctions = Auctions::open(
+        Arc::new(MemoryLog::default()),
+        Arc::clone(&events) as Arc<dyn AuctionEvents>,
+        Clock::tokio(T0),
+        config,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    (events, auctions)
+}
+
 /// An engine on an empty in-memory log, and what it announces.
 fn fresh() -> (Arc<Recorder>, Auctions) {
     let events = Arc::new(Recorder::default());
@@ -103,16 +117,27 @@ fn request(user: &str, auction: &str, amount: i64, request_id: &str) -> BidReque
     }
 }
 
-/// Places a bid and hands back the receiver of its reply, without waiting for it.
+/// Places a bid on `a1` and hands back the receiver of its reply, without waiting for it.
 fn send_bid(
     auctions: &Auctions,
     user: &str,
     amount: i64,
     request_id: &str,
 ) -> oneshot::Receiver<Reply> {
+    send_bid_to(auctions, "a1", user, amount, request_id)
+}
+
+/// [`send_bid`] on any auction.
+fn send_bid_to(
+    auctions: &Auctions,
+    auction: &str,
+    user: &str,
+    amount: i64,
+    request_id: &str,
+) -> oneshot::Receiver<Reply> {
     let (tx, rx) = oneshot::channel();
     auctions.place_bid(
-        request(user, "a1", amount, request_id),
+        request(user, auction, amount, request_id),
         Box::new(move |reply| {
             let _ = tx.send(reply);
         }),
@@ -333,18 +358,10 @@ async fn remembered_rejections_are_answered_the_same_on_retry() {
 /// the bidder no token.
 #[tokio::test(start_paused = true)]
 async fn retries_are_not_charged_to_the_bid_rate() {
-    let events = Arc::new(Recorder::default());
     let mut slow = config();
     slow.bid_rate = 0.001;
     slow.bid_burst = 2;
-    let auctions = Auctions::open(
-        Arc::new(MemoryLog::default()),
-        events,
-        Clock::tokio(T0),
-        slow,
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let (_, auctions) = fresh_with(slow);
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let first = bid(&auctions, "ann", 1000, "r1").await;
@@ -615,13 +632,7 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
         auctions.create(s).await.unwrap();
     }
     assert_eq!(auctions.live_count(), N);
-    let (tx, rx) = oneshot::channel();
-    auctions.place_bid(
-        request("ann", "x7", 1000, "keep"),
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
+    let rx = send_bid_to(&auctions, "x7", "ann", 1000, "keep");
     let kept = rx.await.unwrap();
     assert!(matches!(kept, Reply::BidAccepted { .. }));
     // Paused time moves on while the creations wait on each other, so the last ones end
@@ -648,21 +659,9 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
         "actor tasks are gone: {tasks_before} before, {tasks_after} after"
     );
     // Archived, still answerable: the retry gets its first answer, a new bid `ended`.
-    let (tx, rx) = oneshot::channel();
-    auctions.place_bid(
-        request("ann", "x7", 1000, "keep"),
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
+    let rx = send_bid_to(&auctions, "x7", "ann", 1000, "keep");
     assert_eq!(rx.await.unwrap(), kept);
-    let (tx, rx) = oneshot::channel();
-    auctions.place_bid(
-        request("bob", "x7", 5000, "late"),
-        Box::new(move |r| {
-            let _ = tx.send(r);
-        }),
-    );
+    let rx = send_bid_to(&auctions, "x7", "bob", 5000, "late");
     assert_eq!(reason(&rx.await.unwrap()), Some(BidRejection::Ended));
     let archived = auctions.find("x7").await.unwrap().unwrap();
     assert_eq!(archived.status, AuctionStatus::Ended);
@@ -672,17 +671,9 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
 /// A paused auction is not over: it is never archived, however long the pause.
 #[tokio::test(start_paused = true)]
 async fn a_paused_auction_is_not_archived() {
-    let events = Arc::new(Recorder::default());
     let mut short = config();
     short.archive_after = Duration::from_secs(1);
-    let auctions = Auctions::open(
-        Arc::new(MemoryLog::default()),
-        events,
-        Clock::tokio(T0),
-        short,
-        CancellationToken::new(),
-    )
-    .unwrap();
+    let (_, auctions) = fresh_with(short);
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     auctions.admin("a1", AdminOp::Pause).await.unwrap();

@@ -381,10 +381,19 @@ impl Cluster {
     /// included) delivers it, in seq order. Returns the seq and how many nodes follow it.
     pub async fn publish(&self, event: OutgoingEvent) -> Result<(u64, u64), ClusterError> {
         let mut conn = self.conn();
-        let (known_epoch, known_seq) = self.known(&event.channel);
         let reply: (u64, u64) = self
-            .scripts
-            .publish
+            .publish_invocation(&event)
+            .invoke_async(&mut conn)
+            .await
+            .inspect_err(|e| self.command_failed("publish", e))?;
+        Ok(reply)
+    }
+
+    /// The PUBLISH script's call for `event`.
+    fn publish_invocation(&self, event: &OutgoingEvent) -> redis::ScriptInvocation<'_> {
+        let (known_epoch, known_seq) = self.known(&event.channel);
+        let mut invocation = self.scripts.publish.prepare_invoke();
+        invocation
             .arg(&self.config.prefix)
             .arg(event.channel.as_str())
             .arg(&event.body)
@@ -393,11 +402,8 @@ impl Cluster {
             .arg(ROOM_KEY_TTL.as_millis() as u64)
             .arg(self.config.history_size.max(1))
             .arg(known_epoch)
-            .arg(known_seq)
-            .invoke_async(&mut conn)
-            .await
-            .inspect_err(|e| self.command_failed("publish", e))?;
-        Ok(reply)
+            .arg(known_seq);
+        invocation
     }
 
     /// Publishes without waiting (leaderboards, `Broker::publish`), in call order: one task

@@ -18,21 +18,7 @@ impl Cluster {
             }
             let invocations: Vec<redis::ScriptInvocation<'_>> = events
                 .iter()
-                .map(|event| {
-                    let (known_epoch, known_seq) = self.known(&event.channel);
-                    let mut invocation = self.scripts.publish.prepare_invoke();
-                    invocation
-                        .arg(&self.config.prefix)
-                        .arg(event.channel.as_str())
-                        .arg(&event.body)
-                        .arg(&event.state)
-                        .arg(Cluster::new_epoch())
-                        .arg(ROOM_KEY_TTL.as_millis() as u64)
-                        .arg(self.config.history_size.max(1))
-                        .arg(known_epoch)
-                        .arg(known_seq);
-                    invocation
-                })
+                .map(|event| self.publish_invocation(event))
                 .collect();
             let mut pipe = redis::pipe();
             pipe.load_script(&self.scripts.publish).ignore();

@@ -60,17 +60,7 @@ impl Session {
             }
             ClientFrame::Publish { channel, data, .. } => {
                 let user = self.may_write(&channel)?;
-                let published = self
-                    .shared
-                    .backplane
-                    .publish(&channel, "message", Some(user), data)
-                    .await
-                    .map_err(cluster_unavailable)?;
-                self.published(&channel, published.seq);
-                Ok(Some(Reply::Published {
-                    channel,
-                    seq: published.seq,
-                }))
+                self.publish_as(user, channel, "message", data).await
             }
             ClientFrame::Typing {
                 channel, typing, ..
@@ -103,17 +93,7 @@ impl Session {
                     ));
                 }
                 let data = serde_json::json!({ "seq": seq });
-                let published = self
-                    .shared
-                    .backplane
-                    .publish(&channel, "read", Some(user), data)
-                    .await
-                    .map_err(cluster_unavailable)?;
-                self.published(&channel, published.seq);
-                Ok(Some(Reply::Published {
-                    channel,
-                    seq: published.seq,
-                }))
+                self.publish_as(user, channel, "read", data).await
             }
             ClientFrame::Presence { channel, limit, .. } => {
                 // Who is in a room is for the room's own subscribers.
@@ -158,6 +138,27 @@ impl Session {
                 Ok(None)
             }
         }
+    }
+
+    /// A sequenced event from `user` in `channel` (a message, a read receipt).
+    async fn publish_as(
+        &mut self,
+        user: UserId,
+        channel: Channel,
+        event: &str,
+        data: serde_json::Value,
+    ) -> Result<Option<Reply>, (ErrorCode, String)> {
+        let published = self
+            .shared
+            .backplane
+            .publish(&channel, event, Some(user), data)
+            .await
+            .map_err(cluster_unavailable)?;
+        self.published(&channel, published.seq);
+        Ok(Some(Reply::Published {
+            channel,
+            seq: published.seq,
+        }))
     }
 
     async fn may_subscribe(&self, channel: &Channel) -> Result<(), (ErrorCode, String)> {
