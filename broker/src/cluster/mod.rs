@@ -9,6 +9,7 @@ pub mod ledger;
 mod presence;
 mod pubsub;
 mod relay;
+mod replica;
 mod scripts;
 mod wire;
 
@@ -35,7 +36,8 @@ use crate::backplane::{BackplaneError, BackplaneFuture};
 use crate::clock::now_ms;
 use crate::metrics as m;
 use crate::outbound::ViewerKey;
-use crate::rooms::{Delivery, Incoming, Published, RoomImage, Rooms, SignalRelay, Skip};
+use crate::rooms::{Incoming, Published, Rooms, SignalRelay, Skip};
+use replica::{Delivery, Replicas, RoomImage};
 
 /// How long a Redis command may take before the adapter counts Redis as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -150,6 +152,8 @@ pub struct Cluster {
     conn: ConnectionManager,
     scripts: Scripts,
     rooms: Arc<Rooms>,
+    /// This node's replicas of the rooms it follows.
+    replicas: Replicas,
     interest: Mutex<HashMap<Channel, Interest>>,
     subs_tx: mpsc::Sender<SubCommand>,
     detached_tx: mpsc::Sender<OutgoingEvent>,
@@ -201,6 +205,7 @@ impl Cluster {
             conn,
             scripts: Scripts::load(),
             rooms: Arc::clone(&rooms),
+            replicas: Replicas::new(Arc::clone(&rooms), limits),
             interest: Mutex::new(HashMap::new()),
             subs_tx,
             detached_tx,
@@ -306,7 +311,7 @@ impl Cluster {
         if !self.pubsub_up.load(Ordering::Acquire) {
             return Err(ClusterError::Unavailable("pub/sub connection down".into()));
         }
-        self.rooms.begin_sync(channel);
+        self.replicas.begin_sync(channel);
         let (done_tx, done_rx) = oneshot::channel();
         self.subs_tx
             .try_send(SubCommand::Subscribe(self.room_channel(channel), done_tx))
@@ -335,7 +340,7 @@ impl Cluster {
         if entry.refs == 0 {
             interest.remove(channel);
             // Under the interest lock, so a join that follows re-syncs after this.
-            self.rooms.unsync(channel);
+            self.replicas.unsync(channel);
             if self
                 .subs_tx
                 .try_send(SubCommand::Unsubscribe(channel.clone()))
@@ -350,7 +355,7 @@ impl Cluster {
     /// Reads the room's sequence from Redis and installs it (repeating while a gap remains).
     async fn sync_room(&self, channel: &Channel) -> Result<(), ClusterError> {
         for _ in 0..5 {
-            let Some(generation) = self.rooms.sync_generation(channel) else {
+            let Some(generation) = self.replicas.sync_generation(channel) else {
                 // Not waiting for a sync (unfollowed, or synced by another).
                 return Ok(());
             };
@@ -368,7 +373,7 @@ impl Cluster {
                 .invoke_async(&mut conn)
                 .await?;
             let image = parse_image(channel, reply)?;
-            if self.rooms.install(channel, generation, image) {
+            if self.replicas.install(channel, generation, image) {
                 return Ok(());
             }
         }
@@ -418,7 +423,7 @@ impl Cluster {
     /// The epoch and last seq this node's replica of `channel` has seen (0, 0 when it does not
     /// follow the room): Redis must not hand out a seq at or below it in that epoch again.
     pub(crate) fn known(&self, channel: &Channel) -> (u64, u64) {
-        self.rooms.replica_position(channel).unwrap_or((0, 0))
+        self.replicas.position(channel).unwrap_or((0, 0))
     }
 
     fn command_failed(&self, op: &'static str, error: &redis::RedisError) {

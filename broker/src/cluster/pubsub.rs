@@ -40,7 +40,7 @@ impl Cluster {
             let mut names: Vec<String> = followed.iter().map(|c| self.room_channel(c)).collect();
             names.push(self.control_channel());
             for channel in &followed {
-                self.rooms.begin_sync(channel);
+                self.replicas.begin_sync(channel);
             }
             let mut subscribed = true;
             for chunk in names.chunks(1000) {
@@ -181,7 +181,7 @@ impl Cluster {
         match payload.first() {
             Some(b'E') => match parse_event(&payload[1..]) {
                 Some(event) => {
-                    if self.rooms.deliver(&channel, event) == Delivery::Gap {
+                    if self.replicas.deliver(&channel, event) == Delivery::Gap {
                         tracing::warn!(%channel, "cluster event gap: resyncing the room");
                         metrics::counter!(m::CLUSTER_ERRORS, "op" => "gap").increment(1);
                         self.spawn_resync(channel);

@@ -15,13 +15,11 @@ pub struct HistoryLimits {
 
 impl RoomLog {
     /// An empty log at seq 0.
-    pub(super) fn new(sync: SyncState) -> RoomLog {
+    pub(super) fn new() -> RoomLog {
         RoomLog {
             last_seq: 0,
             history: VecDeque::new(),
             state: Value::Null,
-            sync,
-            sync_gen: 0,
         }
     }
 
@@ -121,7 +119,7 @@ mod tests {
     /// A log after `events` events, `gap_ms` apart, the last one now.
     fn log_of(events: u64, gap_ms: u64, limits: HistoryLimits) -> (RoomLog, Instant) {
         let start = Instant::now();
-        let mut log = RoomLog::new(SyncState::Local);
+        let mut log = RoomLog::new();
         for seq in 1..=events {
             log.push(
                 seq,

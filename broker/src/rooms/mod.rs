@@ -4,17 +4,16 @@
 //!
 //! Files: this one (the registry: subscribe, unsubscribe, publish, sweep), `room` (a room's
 //! members and fan-out), `log` (the pure seq/history log, property-tested), `presence`
-//! (viewer counts and their coalesced updates), `replica` (cluster mode: a room as a replica
-//! of its sequence in Redis; kept here because it changes under the room's log lock).
+//! (viewer counts and their coalesced updates), `sequence` (access to a room's sequence for a
+//! backplane that sequences events elsewhere: the cluster's replicas, in `cluster::replica`).
 
 mod log;
 mod presence;
-mod replica;
 mod room;
+mod sequence;
 
 pub use log::HistoryLimits;
-use replica::SyncState;
-pub use replica::{Delivery, Incoming, RoomImage};
+pub use sequence::{Incoming, Sequence};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -55,8 +54,8 @@ pub struct Rooms {
     /// Source of room epochs: microseconds since the Unix epoch at start, then +1 per room, so
     /// epochs differ across restarts and between incarnations of a room.
     next_epoch: AtomicU64,
-    /// Cluster mode: a room is a replica of its sequence in Redis (see [`SyncState`]), and
-    /// unsequenced signals that start here (joined, left) go out through the relay.
+    /// Cluster mode: unsequenced signals that start here (joined, left) go out through the
+    /// relay to every node.
     relay: Option<SignalRelay>,
 }
 
@@ -68,7 +67,8 @@ pub type SignalRelay = tokio::sync::mpsc::Sender<(Channel, ServerFrame, Option<U
 /// A channel's room.
 pub struct Room {
     channel: Channel,
-    /// Set at creation; in cluster mode replaced (under `log`) by Redis's epoch at each sync.
+    /// Set at creation; for a followed room, replaced (under `log`) by the sequencer's epoch
+    /// through [`Sequence::restart`].
     epoch: AtomicU64,
     /// Cluster mode: the cluster's viewer counts, as last published (local counts otherwise).
     cluster_viewers: Mutex<Option<ViewerCounts>>,
@@ -96,6 +96,9 @@ pub struct Room {
     retired: AtomicBool,
     /// A room with state (an auction's) is never dropped: its state has no other home here.
     pinned: AtomicBool,
+    /// Cluster mode: the room is followed (a replica of a sequence kept elsewhere): never
+    /// dropped while followed. Set and cleared under `log`.
+    followed: AtomicBool,
 }
 
 struct RoomLog {
@@ -104,9 +107,6 @@ struct RoomLog {
     /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
     /// Changed only together with an event, so a subscriber's state and stream agree.
     state: Value,
-    sync: SyncState,
-    /// Bumped each time the room starts waiting for a sync.
-    sync_gen: u64,
 }
 
 struct Stored {
@@ -187,7 +187,8 @@ impl Rooms {
         Rooms::build(limits, None)
     }
 
-    /// A registry for cluster mode: rooms replicate their sequence from Redis.
+    /// A registry whose rooms' signals (joined, left) also go out through `relay` (cluster
+    /// mode); their sequences are kept by whoever follows them (see [`Sequence`]).
     pub fn clustered(limits: HistoryLimits, relay: SignalRelay) -> Rooms {
         Rooms::build(limits, Some(relay))
     }
@@ -220,7 +221,6 @@ impl Rooms {
             Arc::new(Room::new(
                 channel.clone(),
                 self.next_epoch.fetch_add(1, Ordering::Relaxed),
-                self.relay.is_some(),
             ))
         });
         Arc::clone(room.value())
@@ -421,7 +421,7 @@ impl Rooms {
     }
 
     /// Sends an unsequenced frame (typing) to the room's subscribers: in cluster mode through
-    /// the relay to every node's (the relay falls back to this node's when Redis is down).
+    /// the relay to every node's (the relay falls back to this node's when it cannot send).
     /// False when the relay is full: nothing was sent.
     pub fn signal_everywhere(
         &self,

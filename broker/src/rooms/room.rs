@@ -4,17 +4,13 @@
 use super::*;
 
 impl Room {
-    pub(super) fn new(channel: Channel, epoch: u64, clustered: bool) -> Room {
+    pub(super) fn new(channel: Channel, epoch: u64) -> Room {
         Room {
             channel,
             epoch: AtomicU64::new(epoch),
             cluster_viewers: Mutex::new(None),
             subscribers: ArcSwap::from_pointee(Snapshot::default()),
-            log: Mutex::new(RoomLog::new(if clustered {
-                SyncState::Unsynced
-            } else {
-                SyncState::Local
-            })),
+            log: Mutex::new(RoomLog::new()),
             members: Mutex::new(Members {
                 set: SubscriberSet::default(),
                 idle_since: Instant::now(),
@@ -28,6 +24,7 @@ impl Room {
             presence_dirty: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             pinned: AtomicBool::new(false),
+            followed: AtomicBool::new(false),
         }
     }
 
@@ -136,7 +133,7 @@ impl Room {
             // Every node's subscribers hear it from the cluster (the user's own tabs excepted).
             Some(relay) => {
                 if let Err(full) = relay.try_send((self.channel.clone(), frame, Some(user_id))) {
-                    // The relay is backed up (Redis slow or gone): this node's subscribers
+                    // The relay is backed up (its far end slow or gone): this node's subscribers
                     // still hear it.
                     metrics::counter!(m::CLUSTER_ERRORS, "op" => "relay_full").increment(1);
                     let (_, frame, _) = full.into_inner();
@@ -155,9 +152,7 @@ impl Room {
             return false;
         }
         let mut log = lock(&self.log);
-        if self.pinned.load(Ordering::Acquire)
-            || matches!(log.sync, SyncState::Syncing(_) | SyncState::Synced)
-        {
+        if self.pinned.load(Ordering::Acquire) || self.followed.load(Ordering::Acquire) {
             return false;
         }
         // Rooms anyone may join (auctions that do not exist, broadcast) that never had an
