@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use gavel_broker::protocol::{BidRejection, ClientFrame, Format, Reply, ServerFrame};
+use gavel_broker::protocol::{BidRejection, ClientFrame, ErrorCode, Format, Reply, ServerFrame};
 use serde_json::{json, Value};
 
 use crate::auctions::{bidder, check_log, Acks};
@@ -22,6 +22,11 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(nodes, &[]).await
+    }
+
+    /// `nodes` brokers on one Redis, each also given `extra` flags.
+    async fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
         let redis = RedisServer::start();
         let url = redis.url();
         let ttl = format!("{NODE_TTL_MS}ms");
@@ -43,7 +48,10 @@ impl Cluster {
                     "1000000",
                     "--bid-burst",
                     "1000000",
-                ],
+                ]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .collect::<Vec<_>>(),
                 &dir,
             ));
             dirs.push(dir);
@@ -649,4 +657,72 @@ async fn a_seq_that_went_back_in_redis_starts_a_new_epoch_instead_of_reusing_seq
         panic!()
     };
     assert_eq!(recovered, Some(false));
+}
+
+/// Redis stops taking writes for a while (CLIENT PAUSE WRITE): the node's relay towards it
+/// fills, and typing is refused with `cluster_unavailable` rather than queued without bound; the
+/// node stays up, and typing goes through again once Redis takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_relay_refuses_typing_with_cluster_unavailable() {
+    const TYPING: u64 = 8000;
+    let cluster = Cluster::start_with(
+        1,
+        &[
+            "--client-rate",
+            "1000000",
+            "--client-burst",
+            "1000000",
+            "--outbound-queue",
+            "100000",
+        ],
+    )
+    .await;
+    let mut ann = cluster.connect(0, Some("ann")).await;
+    ann.subscribe("conversation:c1").await;
+    cluster.redis.cli(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let (mut reader, writer) = ann.client.split();
+    let answers = tokio::spawn(async move {
+        let (mut done, mut refused) = (0u64, 0u64);
+        while done + refused < TYPING {
+            match reader.next().await.expect("connection") {
+                gavel_client::Incoming::Frame(ServerFrame::Ok { .. }) => done += 1,
+                gavel_client::Incoming::Frame(ServerFrame::Error(e)) => {
+                    assert_eq!(e.code, ErrorCode::ClusterUnavailable, "{e:?}");
+                    refused += 1;
+                }
+                gavel_client::Incoming::Frame(_) => {}
+                gavel_client::Incoming::Closed { code, .. } => panic!("closed with {code}"),
+            }
+        }
+        (done, refused)
+    });
+    for id in 0..TYPING {
+        writer
+            .send(&ClientFrame::Typing {
+                id,
+                channel: channel("conversation:c1"),
+                typing: id % 2 == 0,
+            })
+            .await
+            .unwrap();
+    }
+    let (done, refused) = answers.await.unwrap();
+    assert!(refused > 0, "the relay never filled ({done} sent)");
+    assert_eq!(api(cluster.addr(0), "GET", "/healthz", None).await.0, 200);
+    // Once Redis takes writes again, typing goes through.
+    eventually("typing goes through again", || {
+        let bob = TestClient::connect(cluster.addr(0), Some("bob"), Format::MsgPack);
+        async move {
+            let mut bob = bob.await;
+            bob.subscribe("conversation:c1").await;
+            bob.request(|id| ClientFrame::Typing {
+                id,
+                channel: channel("conversation:c1"),
+                typing: true,
+            })
+            .await
+            .is_ok()
+        }
+    })
+    .await;
 }
