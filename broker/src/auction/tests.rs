@@ -83,6 +83,18 @@ fn fresh_with(config: EngineConfig) -> (Arc<Recorder>, Auctions) {
     (events, auctions)
 }
 
+/// An engine on an in-memory log that fails on demand, and what it announces.
+fn faulty() -> (Arc<FaultyLog>, Arc<Recorder>, Auctions) {
+    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
+    let events = Arc::new(Recorder::default());
+    let auctions = engine(
+        Arc::clone(&log) as Arc<dyn BidLog>,
+        Arc::clone(&events),
+        CancellationToken::new(),
+    );
+    (log, events, auctions)
+}
+
 /// An engine on an empty in-memory log, and what it announces.
 fn fresh() -> (Arc<Recorder>, Auctions) {
     let events = Arc::new(Recorder::default());
@@ -384,13 +396,7 @@ async fn retries_are_not_charged_to_the_bid_rate() {
 /// the auction takes bids and ends on time.
 #[tokio::test(start_paused = true)]
 async fn a_failing_store_parks_the_auction_without_spinning_and_it_recovers() {
-    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
-    let events = Arc::new(Recorder::default());
-    let auctions = engine(
-        Arc::clone(&log) as Arc<dyn BidLog>,
-        Arc::clone(&events),
-        CancellationToken::new(),
-    );
+    let (log, events, auctions) = faulty();
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(matches!(
@@ -448,12 +454,7 @@ async fn a_failing_store_parks_the_auction_without_spinning_and_it_recovers() {
 /// A flush failure whose undo succeeds answers at once, and leaves nothing in the log.
 #[tokio::test(start_paused = true)]
 async fn a_failed_write_is_answered_unavailable_and_leaves_nothing_behind() {
-    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
-    let auctions = engine(
-        Arc::clone(&log) as Arc<dyn BidLog>,
-        Arc::new(Recorder::default()),
-        CancellationToken::new(),
-    );
+    let (log, _, auctions) = faulty();
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     log.fail_writes(true);
@@ -691,12 +692,7 @@ async fn a_paused_auction_is_not_archived() {
 /// auction opened still gets it.
 #[tokio::test(start_paused = true)]
 async fn a_rejection_answered_before_a_failed_write_is_still_remembered() {
-    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
-    let auctions = engine(
-        Arc::clone(&log) as Arc<dyn BidLog>,
-        Arc::new(Recorder::default()),
-        CancellationToken::new(),
-    );
+    let (log, _, auctions) = faulty();
     auctions.create(spec("a1")).await.unwrap();
     log.fail_writes(true);
     // One turn: the bid (not_active, judged before any write), then a change that fails.
