@@ -205,6 +205,9 @@ pub struct ConnHandle {
     reason: OnceLock<DisconnectReason>,
     /// Cancelled when the connection must end; both of its tasks watch it.
     closing: CancellationToken,
+    /// Set with `closing`: read on every offer without the token's lock
+    /// (`CancellationToken::is_cancelled` takes a mutex).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The result of offering a frame to a connection.
@@ -238,6 +241,7 @@ impl ConnHandle {
             max_pending,
             reason: OnceLock::new(),
             closing: CancellationToken::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -263,7 +267,7 @@ impl ConnHandle {
     pub fn offer(&self, item: Outbound) -> Offer {
         // Once closing, nothing more is queued: a frame after one that overflowed would reach
         // the client past a gap it could not see.
-        if self.closing.is_cancelled() {
+        if self.closed.load(Ordering::Acquire) {
             return Offer::Closed;
         }
         let size = item.wire_size(self.format);
@@ -304,11 +308,17 @@ impl ConnHandle {
     /// Asks the connection to end. The first reason given wins.
     pub fn close(&self, reason: DisconnectReason) {
         let _ = self.reason.set(reason);
+        self.closed.store(true, Ordering::Release);
         self.closing.cancel();
     }
 
     pub fn close_reason(&self) -> Option<DisconnectReason> {
         self.reason.get().copied()
+    }
+
+    /// Whether the connection was asked to end (lock-free).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     pub fn closing(&self) -> &CancellationToken {

@@ -216,6 +216,10 @@ impl Session {
     async fn read_loop(&mut self, read: BoxRead) {
         let idle_timeout = self.shared.config.idle_timeout;
         let mut reader = FrameReader::new(read, self.shared.config.max_message_size);
+        // Made once: a `cancelled()` future registers with the token's waiter list.
+        let conn = Arc::clone(&self.conn);
+        let closing = conn.closing().cancelled();
+        tokio::pin!(closing);
         loop {
             // One read lives across authentication deadlines: the reader is not cancel-safe
             // in the middle of a frame, so only closing the connection may drop it.
@@ -229,7 +233,7 @@ impl Session {
                         .map_or_else(|| Instant::now() + idle_timeout, |(at, _)| *at);
                     tokio::select! {
                         biased;
-                        _ = self.conn.closing().cancelled() => return,
+                        _ = &mut closing => return,
                         _ = tokio::time::sleep_until(wake.into()), if deadline.is_some() => {
                             let Some((_, what)) = deadline else { continue };
                             if let Err(reason) = self.on_auth_deadline(what) {

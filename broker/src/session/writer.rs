@@ -40,17 +40,23 @@ pub(super) async fn write_loop(
     // Set once shutdown began: drain what is queued, then close with 1001.
     let mut draining = false;
     let mut batch = Batch::new(&conn);
+    // Made once, polled at every wake-up: a `cancelled()` future registers with the token's
+    // mutex-guarded waiter list when it is created, so one per wake-up and per delivery would
+    // put every connection's writer on the same locks (the shutdown token is broker-wide).
+    let closing = conn.closing().cancelled();
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(closing, shutdown);
     loop {
         if batch.carrying() {
             // In the middle of a long item: no waiting, but still stop when told to.
-            if conn.closing().is_cancelled() {
+            if conn.is_closed() {
                 break;
             }
         } else if !draining {
             tokio::select! {
                 biased;
-                _ = conn.closing().cancelled() => break,
-                _ = shared.shutdown.cancelled() => {
+                _ = &mut closing => break,
+                _ = &mut shutdown => {
                     // What is queued goes out; nothing more is taken.
                     outbound_rx.close();
                     draining = true;
