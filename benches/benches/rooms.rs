@@ -2,6 +2,9 @@
 //! 10,000 in-process subscribers (encode once, then a non-blocking queue push per subscriber),
 //! and presence-count coalescing: 100 joins and leaves in a 1,000-viewer room followed by one
 //! presence tick (one `viewers` frame to each subscriber) against a tick after every change.
+//! `fan_out_woken` is the same publish with a Tokio task per subscriber waiting on its queue, as
+//! a connection's writer does: the time runs until every task has taken every event, so it
+//! includes the wake-ups and the polls that a real delivery costs.
 //! Throughput is in deliveries (fan-out) and in membership changes (presence).
 //!
 //! `cargo bench -p gavel-benches --bench rooms`
@@ -90,6 +93,97 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
+/// Counts deliveries across the receiving tasks and wakes the bench thread when a target is
+/// reached (so it sleeps instead of spinning on the cores the tasks need).
+#[derive(Default)]
+struct Received {
+    count: std::sync::atomic::AtomicU64,
+    target: std::sync::atomic::AtomicU64,
+    reached: std::sync::Mutex<bool>,
+    wake: std::sync::Condvar,
+}
+
+impl Received {
+    fn one(&self) {
+        use std::sync::atomic::Ordering;
+        let now = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        if now == self.target.load(Ordering::Acquire) {
+            *self.reached.lock().expect("lock") = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until `more` deliveries beyond the current count have arrived; `start` runs once
+    /// the target is set (it publishes).
+    fn wait_for(&self, more: u64, start: impl FnOnce()) {
+        use std::sync::atomic::Ordering;
+        *self.reached.lock().expect("lock") = false;
+        let target = self.count.load(Ordering::Acquire) + more;
+        self.target.store(target, Ordering::Release);
+        start();
+        let mut reached = self.reached.lock().expect("lock");
+        while !*reached && self.count.load(Ordering::Acquire) < target {
+            reached = self.wake.wait(reached).expect("wait");
+        }
+    }
+}
+
+/// Publishes to subscribers whose queues are drained by one task each (on a 2-worker runtime),
+/// timed until every task has received every event of the batch.
+fn fan_out_woken(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan_out_woken");
+    let channel = Channel::parse("auction:w").expect("channel");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("runtime");
+    for n in [100usize, 10_000] {
+        let rooms = Rooms::new(limits());
+        let Subscribers { conns, queues } = subscribers(n, 1);
+        let received = Arc::new(Received::default());
+        for mut queue in queues {
+            let received = Arc::clone(&received);
+            runtime.spawn(async move {
+                while queue.recv().await.is_some() {
+                    received.one();
+                }
+            });
+        }
+        // The subscribe replies.
+        received.wait_for(n as u64, || {
+            for conn in &conns {
+                rooms.subscribe(conn, &channel, 1, None, None);
+            }
+        });
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_function(BenchmarkId::new("publish", n), |b| {
+            b.iter_custom(|iters| {
+                let mut took = Duration::ZERO;
+                let mut done = 0;
+                while done < iters {
+                    // Within the queue size, so no subscriber counts as slow.
+                    let batch = (QUEUE as u64 / 2).min(iters - done);
+                    let started = Instant::now();
+                    received.wait_for(batch * n as u64, || {
+                        for i in 0..batch {
+                            rooms.publish(
+                                &channel,
+                                "bid_placed",
+                                None,
+                                json!({"amount": 100 + i, "bidder": "u1"}),
+                            );
+                        }
+                    });
+                    took += started.elapsed();
+                    done += batch;
+                }
+                took
+            })
+        });
+    }
+    group.finish();
+}
+
 fn presence(c: &mut Criterion) {
     let mut group = c.benchmark_group("presence");
     let channel = Channel::parse("auction:p").expect("channel");
@@ -144,6 +238,6 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2))
         .sample_size(20);
-    targets = fan_out, presence
+    targets = fan_out, fan_out_woken, presence
 }
 criterion_main!(rooms);
