@@ -271,3 +271,21 @@ pub fn record_fan_out(kind: &'static str, delivered: usize, took: Duration) {
     metrics::counter!(MESSAGES_SENT, "type" => kind).increment(delivered as u64);
     metrics::histogram!(FAN_OUT_SECONDS).record(took.as_secs_f64());
 }
+
+/// Handles of the metrics a connection's writer records at every socket write, looked up once
+/// per process (after the recorder is installed) rather than by name at every write.
+pub struct WriterMetrics {
+    pub bytes_sent: metrics::Counter,
+    pub delivery_seconds: metrics::Histogram,
+    pub bytes_received: metrics::Counter,
+}
+
+/// The writer's metric handles (see [`WriterMetrics`]).
+pub fn writer() -> &'static WriterMetrics {
+    static WRITER: OnceLock<WriterMetrics> = OnceLock::new();
+    WRITER.get_or_init(|| WriterMetrics {
+        bytes_sent: metrics::counter!(BYTES_SENT),
+        delivery_seconds: metrics::histogram!(DELIVERY_SECONDS),
+        bytes_received: metrics::counter!(BYTES_RECEIVED),
+    })
+}

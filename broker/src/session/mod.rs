@@ -283,7 +283,7 @@ impl Session {
     /// Handles one complete client message. Only a message over the size limit ends the
     /// connection; everything else is answered with a reply or an error frame.
     async fn on_message(&mut self, opcode: OpCode, bytes: &[u8]) -> Result<(), DisconnectReason> {
-        metrics::counter!(m::BYTES_RECEIVED).increment(bytes.len() as u64);
+        m::writer().bytes_received.increment(bytes.len() as u64);
         let format = self.conn.format;
         let expected = match format {
             Format::MsgPack => OpCode::Binary,

@@ -209,9 +209,12 @@ impl<'a> Batch<'a> {
             Ok(Err(_)) => return Err(DisconnectReason::ConnectionLost),
             Ok(Ok(())) => {}
         }
-        metrics::counter!(m::BYTES_SENT).increment(self.buf.len() as u64);
+        let handles = m::writer();
+        handles.bytes_sent.increment(self.buf.len() as u64);
         if let Some(oldest) = self.oldest.take() {
-            metrics::histogram!(m::DELIVERY_SECONDS).record(oldest.elapsed().as_secs_f64());
+            handles
+                .delivery_seconds
+                .record(oldest.elapsed().as_secs_f64());
         }
         self.buf.clear();
         if self.buf.capacity() > 2 * MAX_WRITE_BATCH {
