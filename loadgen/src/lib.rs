@@ -576,6 +576,14 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         }
     };
     let _ = ctx.start.set(start);
+    // The broker's own CPU account over the bid schedule (the steady window), one process only:
+    // workers would each read the same brokers.
+    let measure_cpu = scenario.driver == Driver::Gavel && scenario.worker_index.is_none();
+    let cpu_start = match measure_cpu {
+        true => broker_cpu_seconds(&scenario.urls).await,
+        false => None,
+    };
+    let deliveries_start = ctx.stats.deliveries.load(Ordering::Relaxed);
     let chatting = chat(Arc::clone(&ctx), run_id).await;
     let auctions = ctx.auction_ids.len();
     let total = (scenario.bid_rate * scenario.duration.as_secs_f64()).round() as u64;
@@ -620,6 +628,15 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     for bidder in bidders {
         let _ = bidder.await;
     }
+    let broker_cpu = match cpu_start {
+        Some(before) => broker_cpu_seconds(&scenario.urls)
+            .await
+            .map(|after| BrokerCpu {
+                seconds: (after - before).max(0.0),
+                deliveries: ctx.stats.deliveries.load(Ordering::Relaxed) - deliveries_start,
+            }),
+        None => None,
+    };
     for watcher in &watchers {
         watcher.abort();
     }
@@ -633,7 +650,48 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         accepted: load(&ctx.accepted),
     };
     let print = scenario.worker_index.is_none();
-    finish(&scenario, &ctx.stats, started.elapsed(), &parts, print)
+    finish(
+        &scenario,
+        &ctx.stats,
+        started.elapsed(),
+        &parts,
+        print,
+        broker_cpu,
+    )
+}
+
+/// The brokers' CPU time over the bid schedule, and the deliveries loadgen counted in it.
+#[derive(Clone, Copy, Debug)]
+pub struct BrokerCpu {
+    pub seconds: f64,
+    pub deliveries: u64,
+}
+
+/// The sum of `gavel_process_cpu_seconds` over the brokers' `/metrics`; `None` when one does
+/// not answer or does not export it (an older broker, or not Linux). The broker updates it
+/// every second, so the window is exact to about a second of CPU samples.
+async fn broker_cpu_seconds(urls: &[SocketAddr]) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut total = 0.0;
+    for addr in urls {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut body))
+            .await
+            .ok()?
+            .ok()?;
+        let text = String::from_utf8_lossy(&body);
+        let seconds: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("gavel_process_cpu_seconds "))?
+            .trim()
+            .parse()
+            .ok()?;
+        total += seconds;
+    }
+    Some(total)
 }
 
 /// Builds the report, prints its table (unless a worker), writes the JSON file if asked.
@@ -643,8 +701,24 @@ fn finish(
     elapsed: Duration,
     parts: &stats::Parts,
     print: bool,
+    broker_cpu: Option<BrokerCpu>,
 ) -> Result<Outcome, LoadgenError> {
-    let report = stats::report(scenario, stats, elapsed, parts);
+    let mut report = stats::report(scenario, stats, elapsed, parts);
+    if let Some(cpu) = broker_cpu {
+        let per_delivery_us =
+            (cpu.deliveries > 0).then(|| cpu.seconds * 1e6 / cpu.deliveries as f64);
+        report.json["broker_cpu"] = serde_json::json!({
+            "seconds": cpu.seconds,
+            "deliveries": cpu.deliveries,
+            "us_per_delivery": per_delivery_us,
+        });
+        report.table.push_str(&format!(
+            "\nbroker CPU over the bid schedule: {:.2} s for {} deliveries ({})\n",
+            cpu.seconds,
+            cpu.deliveries,
+            per_delivery_us.map_or("n/a".to_owned(), |us| format!("{us:.2} µs per delivery")),
+        ));
+    }
     if print {
         println!("{}", report.table);
     }

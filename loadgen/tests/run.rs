@@ -58,6 +58,11 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
         "every accepted bid reached every viewer"
     );
     assert_eq!(r["deliveries"]["seq_gaps"], 0);
+    // The broker's CPU over the bid schedule, from its own gavel_process_cpu_seconds (here the
+    // broker shares the test's process, so it counts loadgen's work too).
+    let cpu = &r["broker_cpu"];
+    assert!(cpu["seconds"].as_f64().is_some_and(|s| s >= 0.0), "{cpu}");
+    assert!(cpu["deliveries"].as_u64().is_some_and(|d| d > 0), "{cpu}");
     for metric in ["connect", "subscribe", "bid_ack", "delivery"] {
         for stat in ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"] {
             assert!(
