@@ -18,13 +18,20 @@ pub type ConnId = u64;
 
 /// A server frame with its encodings, computed at most once per format and shared between all
 /// recipients (`Arc`): a publish to 10,000 subscribers encodes once and hands out 10,000
-/// pointers.
+/// pointers. Each encoding is kept already framed (the WebSocket header, then the payload), so a
+/// writer copies it as it is.
 pub struct SharedFrame {
     frame: ServerFrame,
-    msgpack: OnceLock<Option<Bytes>>,
-    json: OnceLock<Option<Bytes>>,
+    msgpack: OnceLock<Option<Framed>>,
+    json: OnceLock<Option<Framed>>,
     /// When the frame was created, for the delivery-delay histogram.
     pub created: Instant,
+}
+
+/// One encoding as a complete WebSocket frame: `bytes[header..]` is the payload.
+struct Framed {
+    bytes: Bytes,
+    header: usize,
 }
 
 impl SharedFrame {
@@ -41,7 +48,7 @@ impl SharedFrame {
     /// rather than by the first writer to need it (while others wait on it).
     pub fn for_fan_out(frame: ServerFrame) -> Arc<SharedFrame> {
         let shared = SharedFrame::new(frame);
-        let _ = shared.bytes(Format::MsgPack);
+        let _ = shared.framed(Format::MsgPack);
         shared
     }
 
@@ -49,14 +56,35 @@ impl SharedFrame {
         &self.frame
     }
 
-    /// The encoded bytes for `format`; `None` only if encoding failed (logged once).
-    pub fn bytes(&self, format: Format) -> Option<&Bytes> {
+    /// The encoded frame for `format`, without the WebSocket header; `None` only if encoding
+    /// failed (logged once).
+    pub fn bytes(&self, format: Format) -> Option<&[u8]> {
+        self.encoded(format).map(|f| &f.bytes[f.header..])
+    }
+
+    /// The whole WebSocket frame (header and payload) for `format`, ready for the socket.
+    pub fn framed(&self, format: Format) -> Option<&[u8]> {
+        self.encoded(format).map(|f| &f.bytes[..])
+    }
+
+    fn encoded(&self, format: Format) -> Option<&Framed> {
         let cell = match format {
             Format::MsgPack => &self.msgpack,
             Format::Json => &self.json,
         };
         cell.get_or_init(|| match encode(format, &self.frame) {
-            Ok(bytes) => Some(bytes),
+            Ok(payload) => {
+                let opcode = match format {
+                    Format::MsgPack => OpCode::Binary,
+                    Format::Json => OpCode::Text,
+                };
+                let mut framed = Vec::with_capacity(payload.len() + 10);
+                crate::wsframe::put_frame(&mut framed, opcode, &payload);
+                Some(Framed {
+                    header: framed.len() - payload.len(),
+                    bytes: framed.into(),
+                })
+            }
             Err(error) => {
                 tracing::error!(%error, frame = self.frame.type_name(), "cannot encode frame");
                 None
@@ -77,9 +105,9 @@ pub enum Outbound {
     Control(Box<(OpCode, Bytes)>),
 }
 
-/// Bytes a frame takes on the wire: payload plus the largest server frame header.
+/// Bytes a frame takes on the wire.
 pub fn wire_size(frame: &SharedFrame, format: Format) -> usize {
-    frame.bytes(format).map_or(0, |b| b.len() + 10)
+    frame.framed(format).map_or(0, <[u8]>::len)
 }
 
 impl Outbound {

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gavel_protocol::Format;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -177,15 +176,12 @@ impl<'a> Batch<'a> {
     fn frame(&mut self, frame: &SharedFrame) {
         let format = self.conn.format;
         self.conn.written(crate::outbound::wire_size(frame, format));
-        let Some(bytes) = frame.bytes(format) else {
+        let Some(framed) = frame.framed(format) else {
             return;
         };
         self.oldest.get_or_insert(frame.created);
-        let opcode = match format {
-            Format::MsgPack => OpCode::Binary,
-            Format::Json => OpCode::Text,
-        };
-        put_frame(&mut self.buf, opcode, bytes);
+        // Framed once per format by whoever encoded it: one copy into the write buffer.
+        self.buf.extend_from_slice(framed);
     }
 
     fn control(&mut self, opcode: OpCode, payload: &[u8]) {
