@@ -56,6 +56,18 @@ impl Subscribers {
     }
 }
 
+/// `batch` bid events, published one after the other.
+fn publish_bids(rooms: &Rooms, channel: &Channel, batch: u64) {
+    for i in 0..batch {
+        rooms.publish(
+            channel,
+            "bid_placed",
+            None,
+            json!({"amount": 100 + i, "bidder": "u1"}),
+        );
+    }
+}
+
 fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("fan_out");
     let channel = Channel::parse("auction:1").expect("channel");
@@ -74,14 +86,7 @@ fn fan_out(c: &mut Criterion) {
                 while done < iters {
                     let batch = BATCH.min(iters - done);
                     let started = Instant::now();
-                    for i in 0..batch {
-                        rooms.publish(
-                            &channel,
-                            "bid_placed",
-                            None,
-                            json!({"amount": 100 + i, "bidder": "u1"}),
-                        );
-                    }
+                    publish_bids(&rooms, &channel, batch);
                     took += started.elapsed();
                     subs.drain();
                     done += batch;
@@ -165,14 +170,7 @@ fn fan_out_woken(c: &mut Criterion) {
                     let batch = (QUEUE as u64 / 2).min(iters - done);
                     let started = Instant::now();
                     received.wait_for(batch * n as u64, || {
-                        for i in 0..batch {
-                            rooms.publish(
-                                &channel,
-                                "bid_placed",
-                                None,
-                                json!({"amount": 100 + i, "bidder": "u1"}),
-                            );
-                        }
+                        publish_bids(&rooms, &channel, batch);
                     });
                     took += started.elapsed();
                     done += batch;

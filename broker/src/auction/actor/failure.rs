@@ -156,19 +156,17 @@ impl Actor {
     /// Parked: checks whether the store works again (undoing a failed turn first if needed);
     /// if so, sends the held answers and unparks.
     pub(super) async fn probe(&mut self) {
+        if self.parked.is_none() {
+            return;
+        }
+        let ledger = Arc::clone(&self.engine.ledger);
+        // A real write and flush of the durable record (also the undo of a turn whose writes
+        // may still be in the store): a store that flushes but cannot write fails it.
+        let result = ledger
+            .repair(&self.id, self.auction.state.last_seq, &self.durable_record)
+            .await;
         let Some(parked) = self.parked.as_mut() else {
             return;
-        };
-        let ledger = Arc::clone(&self.engine.ledger);
-        // A real write and flush of what the auction is now (also the undo of a turn whose
-        // writes may still be in the store): a store that flushes but cannot write fails it.
-        let result = match encode(&self.auction) {
-            Ok(record) => {
-                ledger
-                    .repair(&self.id, self.auction.state.last_seq, &record)
-                    .await
-            }
-            Err(error) => Err(error.into()),
         };
         match result {
             Ok(()) => {

@@ -94,6 +94,9 @@ pub struct Actor {
     view: Arc<ArcSwap<AuctionSnapshot>>,
     /// The last bid seq known durable, shared with the registry (the bids API reads up to it).
     durable_seq: Arc<AtomicU64>,
+    /// The auction's record as the ledger holds it (last commit or load): what a failed commit
+    /// reverts to and a probe writes again, kept rather than encoded again every turn.
+    durable_record: Vec<u8>,
     /// Each bidder's highest accepted bid, for the leaderboard.
     highest: HashMap<UserId, i64>,
     outcomes: Outcomes,
@@ -127,7 +130,9 @@ impl Actor {
         highest: HashMap<UserId, i64>,
     ) -> Actor {
         let now = engine.clock.now_ms();
+        let durable_record = encode(&auction).unwrap_or_default();
         Actor {
+            durable_record,
             engine,
             id: auction.spec.id.clone(),
             version,
@@ -295,15 +300,14 @@ impl Actor {
             return self.refuse(std::mem::take(&mut commands), &error);
         }
         let now = start.now_ms;
-        let judged = self.judge(commands, now);
+        let mut judged = self.judge(commands, now);
         if !judged.wrote {
             self.end_turn().await;
             self.view.store(Arc::new(self.auction.snapshot(now)));
             return self.send(judged.answers);
         }
-        let encoded = encode(&self.auction).and_then(|r| encode(&judged.before).map(|p| (r, p)));
-        let (record, previous) = match encoded {
-            Ok(pair) => pair,
+        let record = match encode(&self.auction) {
+            Ok(record) => record,
             Err(error) => {
                 self.end_turn().await;
                 return self.failed(judged, CommitError::NotRecorded(error.into()));
@@ -313,14 +317,15 @@ impl Actor {
             auction: &self.id,
             version: self.version,
             record: &record,
-            previous: &previous,
+            previous: &self.durable_record,
             previous_seq: judged.before.state.last_seq,
             bids: &judged.bids,
-            announcements: judged.announcements.clone(),
+            announcements: std::mem::take(&mut judged.announcements),
         };
         match ledger.commit(turn).await {
             Ok(version) => {
                 self.version = version;
+                self.durable_record = record;
                 self.durable_seq
                     .store(self.auction.state.last_seq, Ordering::Release);
                 self.retry_at = None;
@@ -596,6 +601,7 @@ impl Actor {
             self.highest.insert(bid.user, bid.amount);
         }
         self.auction = auction;
+        self.durable_record = stored.record;
         self.version = stored.version;
         self.durable_seq
             .store(self.auction.state.last_seq, Ordering::Release);
