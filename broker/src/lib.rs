@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// Every connection's tasks, so shutdown can wait for their queues to drain.
     pub(crate) tracker: TaskTracker,
+    /// Every open connection, so shutdown can tell each writer to drain and close (writers do
+    /// not watch the shutdown token: its mutex would be one lock for all of them).
+    pub(crate) live: dashmap::DashMap<outbound::ConnId, Arc<outbound::ConnHandle>>,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// How room events travel between nodes: the local registry, or the cluster's Redis.
     pub(crate) backplane: Arc<dyn backplane::Backplane>,
@@ -253,6 +256,7 @@ impl Broker {
             users: users::Users::default(),
             shutdown,
             tracker: TaskTracker::new(),
+            live: dashmap::DashMap::new(),
             metrics,
             backplane,
             next_conn_id: AtomicU64::new(1),
@@ -417,6 +421,9 @@ impl Broker {
         // the connections that wait for those answers are still open.
         self.shared.auctions.shut_down().await;
         self.shared.shutdown.cancel();
+        for conn in self.shared.live.iter() {
+            conn.drain();
+        }
         self.shared.tracker.close();
         let timeout = self.shared.config.shutdown_timeout;
         if tokio::time::timeout(timeout, self.shared.tracker.wait())

@@ -2,11 +2,13 @@
 //! bounded outbound queue plus a way to close it with a reason; and [`SharedFrame`], a server
 //! frame encoded once and shared by every connection it is delivered to.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -97,9 +99,11 @@ impl SharedFrame {
 /// One item of a connection's outbound queue.
 pub enum Outbound {
     Frame(Arc<SharedFrame>),
-    /// Several frames that must stay together and in order (a subscribe reply and its replay);
-    /// one queue slot, so a long replay cannot overflow the queue by itself.
-    Batch(Box<[Arc<SharedFrame>]>),
+    /// Several frames that must stay together and in order (a subscribe reply and its replay,
+    /// or one auction turn's events in a room); one queue slot, so a long replay cannot
+    /// overflow the queue by itself. Shared: a turn's events to 10,000 subscribers are one
+    /// allocation.
+    Batch(Arc<[Arc<SharedFrame>]>),
     /// A control frame the reader owes the peer (a pong). Boxed: rare, and it keeps every
     /// queue slot small.
     Control(Box<(OpCode, Bytes)>),
@@ -235,7 +239,23 @@ pub struct ConnHandle {
     closing: CancellationToken,
     /// Set with `closing`: read on every offer without the token's lock
     /// (`CancellationToken::is_cancelled` takes a mutex).
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
+    /// Set at shutdown: the writer sends what is queued, then closes with 1001.
+    draining: AtomicBool,
+    /// The writer's waker for `closed` and `draining`. The writer looks at both on every
+    /// wake-up; an atomic waker costs two uncontended atomics there, where a token's
+    /// `cancelled()` future takes the token's mutex (and the broker-wide shutdown token's
+    /// mutex is one lock for every writer).
+    writer_signal: AtomicWaker,
+}
+
+/// What the writer is told besides its queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterSignal {
+    /// End now (the reason is in [`ConnHandle::close_reason`]).
+    Close,
+    /// Shutdown: send what is queued, then close with 1001.
+    Drain,
 }
 
 /// The result of offering a frame to a connection.
@@ -269,7 +289,9 @@ impl ConnHandle {
             max_pending,
             reason: OnceLock::new(),
             closing: CancellationToken::new(),
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            writer_signal: AtomicWaker::new(),
         })
     }
 
@@ -338,6 +360,26 @@ impl ConnHandle {
         let _ = self.reason.set(reason);
         self.closed.store(true, Ordering::Release);
         self.closing.cancel();
+        self.writer_signal.wake();
+    }
+
+    /// Asks the writer to send what is queued and then close with 1001 (broker shutdown).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.writer_signal.wake();
+    }
+
+    /// For the writer: ready once the connection must close or drain. Lock-free.
+    pub fn poll_writer_signal(&self, cx: &mut Context<'_>) -> Poll<WriterSignal> {
+        // Registered before the flags are read, so a close between the two still wakes us.
+        self.writer_signal.register(cx.waker());
+        if self.closed.load(Ordering::Acquire) {
+            Poll::Ready(WriterSignal::Close)
+        } else if self.draining.load(Ordering::Acquire) {
+            Poll::Ready(WriterSignal::Drain)
+        } else {
+            Poll::Pending
+        }
     }
 
     pub fn close_reason(&self) -> Option<DisconnectReason> {

@@ -1,10 +1,9 @@
-//! The Gavel driver's roles: a viewer (connect, subscribe, time each `bid_placed`, resubscribe
-//! with `since` after a reconnect) and a bidder (send the scheduled bids, time each answer).
+//! The Gavel driver's roles: a viewer (connect, subscribe, time each `bid_placed` or published
+//! `tick`, resubscribe with `since` after a reconnect), a bidder (send the scheduled bids, time
+//! each answer) and, with `--publish`, a publisher (the schedule's events over the HTTP API).
 
 use super::*;
 
-/// Connects, reads the hello, and subscribes (if `channel`); records connect and subscribe
-/// latency.
 /// Where a resubscription resumes: the room's epoch and the last seq seen.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Resume {
@@ -12,6 +11,8 @@ pub(crate) struct Resume {
     seq: Option<u64>,
 }
 
+/// Connects, reads the hello, and subscribes (if `channel`); records connect and subscribe
+/// latency.
 pub(crate) async fn open(
     ctx: &Ctx,
     n: usize,
@@ -175,7 +176,8 @@ pub(crate) async fn watch(
                     }
                 }
                 resume.seq = Some(seq);
-                if probe.event != Some("bid_placed") {
+                // Bids' announcements, or the events of a `--publish` run.
+                if !matches!(probe.event, Some("bid_placed" | PUBLISHED_EVENT)) {
                     continue;
                 }
                 ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -272,4 +274,76 @@ pub(crate) async fn bid(
     // Give the last answers time to arrive, then stop reading.
     tokio::time::sleep(ctx.scenario.cooldown).await;
     reading.abort();
+}
+
+/// The event a `--publish` run publishes: `data.amount` numbers it like a bid's amount.
+pub(crate) const PUBLISHED_EVENT: &str = "tick";
+
+/// A publisher (`--publish`): posts each scheduled event to its auction's room with
+/// `POST /api/publish` on one keep-alive HTTP/1.1 connection, one request at a time, and times
+/// each answer from the event's intended send time (as `bid_ack`).
+pub(crate) async fn publish(
+    ctx: Arc<Ctx>,
+    n: usize,
+    addr: std::net::SocketAddr,
+    mut events: tokio::sync::mpsc::Receiver<Bid>,
+) {
+    use http_body_util::{BodyExt, Full};
+    let connect = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (sender, connection) = hyper::client::conn::http1::handshake(io).await.ok()?;
+        tokio::spawn(connection);
+        Some(sender)
+    };
+    let Some(mut sender) = connect.await else {
+        ctx.connect_failed();
+        return;
+    };
+    while let Some(event) = events.recv().await {
+        let body = serde_json::json!({
+            "channel": format!("auction:{}", ctx.auction_ids[event.auction]),
+            "event": PUBLISHED_EVENT,
+            "data": {"amount": event.amount},
+        });
+        let request = hyper::Request::post("/api/publish")
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", ctx.scenario.api_key),
+            )
+            .body(Full::new(bytes::Bytes::from(body.to_string())));
+        let Ok(request) = request else { continue };
+        let response = match sender.send_request(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                ctx.error("publish", format!("publisher {n}: {error}"));
+                return;
+            }
+        };
+        let status = response.status();
+        let _ = response.into_body().collect().await;
+        if !status.is_success() {
+            stats::Stats::count(&ctx.stats.rejections, format!("http_{}", status.as_u16()));
+            continue;
+        }
+        ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
+        ctx.accepted[event.auction].fetch_add(1, Ordering::Relaxed);
+        let index = event
+            .request_id
+            .rsplit('-')
+            .next()
+            .and_then(|i| i.parse().ok());
+        if let Some(at) = index.and_then(|i| ctx.due(i)) {
+            ctx.stats.bid_ack.record(n, at.elapsed());
+            if ctx.export {
+                metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "bid_ack")
+                    .record(at.elapsed().as_secs_f64());
+            }
+        }
+    }
+    // Give the viewers time to receive the last events (the run ends when publishers do).
+    tokio::time::sleep(ctx.scenario.cooldown).await;
 }

@@ -200,6 +200,11 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             "need a --url, bidders, workers, and positive --bid-rate and --ramp".into(),
         ));
     }
+    if scenario.publish && scenario.driver != Driver::Gavel {
+        return Err(LoadgenError::Scenario(
+            "--publish works with the gavel driver only".into(),
+        ));
+    }
     if scenario.workers > 1 && scenario.worker_index.is_none() {
         return workers::run(scenario).await;
     }
@@ -300,6 +305,14 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
                 writer,
                 rx,
             )));
+        } else if scenario.publish {
+            let addr = scenario.urls[n % scenario.urls.len()];
+            bidders.push(tokio::spawn(gavel_driver::publish(
+                Arc::clone(&ctx),
+                b,
+                addr,
+                rx,
+            )));
         } else {
             let roles = Some(vec!["bidder".into()]);
             let token = token(&scenario.jwt_secret, &format!("lgb{b}"), roles);
@@ -328,13 +341,14 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         }
     };
     let _ = ctx.start.set(start);
-    // The broker's own CPU account over the bid schedule (the steady window), one process only:
-    // workers would each read the same brokers.
-    let measure_cpu = scenario.driver == Driver::Gavel && scenario.worker_index.is_none();
-    let cpu_start = match measure_cpu {
-        true => broker_cpu_seconds(&scenario.urls).await,
-        false => None,
+    // CPU over the bid schedule (the steady window): the servers' (one process only: workers
+    // would each read the same servers; their parent reads them) and this process's own.
+    let cpu_source = (scenario.worker_index.is_none()).then(|| CpuSource::of(&scenario));
+    let server_start = match &cpu_source {
+        Some(source) => source.seconds().await,
+        None => None,
     };
+    let loadgen_start = own_cpu_seconds();
     let deliveries_start = ctx.stats.deliveries.load(Ordering::Relaxed);
     let chatting = chat(Arc::clone(&ctx), run_id).await;
     let auctions = ctx.auction_ids.len();
@@ -380,14 +394,22 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     for bidder in bidders {
         let _ = bidder.await;
     }
-    let broker_cpu = match cpu_start {
-        Some(before) => broker_cpu_seconds(&scenario.urls)
-            .await
-            .map(|after| BrokerCpu {
-                seconds: (after - before).max(0.0),
-                deliveries: ctx.stats.deliveries.load(Ordering::Relaxed) - deliveries_start,
-            }),
+    let deliveries = ctx.stats.deliveries.load(Ordering::Relaxed) - deliveries_start;
+    let server_end = match &cpu_source {
+        Some(source) => source.seconds().await,
         None => None,
+    };
+    let cpu = CpuReport {
+        server: server_start.zip(server_end).map(|(before, after)| CpuUse {
+            seconds: (after - before).max(0.0),
+            deliveries,
+        }),
+        loadgen: loadgen_start
+            .zip(own_cpu_seconds())
+            .map(|(before, after)| CpuUse {
+                seconds: (after - before).max(0.0),
+                deliveries,
+            }),
     };
     for watcher in &watchers {
         watcher.abort();
@@ -402,21 +424,75 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         accepted: load(&ctx.accepted),
     };
     let print = scenario.worker_index.is_none();
-    finish(
-        &scenario,
-        &ctx.stats,
-        started.elapsed(),
-        &parts,
-        print,
-        broker_cpu,
-    )
+    finish(&scenario, &ctx.stats, started.elapsed(), &parts, print, cpu)
 }
 
-/// The brokers' CPU time over the bid schedule, and the deliveries loadgen counted in it.
+/// CPU time over the bid schedule, and the deliveries loadgen counted in it.
 #[derive(Clone, Copy, Debug)]
-pub struct BrokerCpu {
+pub struct CpuUse {
     pub seconds: f64,
     pub deliveries: u64,
+}
+
+impl CpuUse {
+    fn per_delivery_us(&self) -> Option<f64> {
+        (self.deliveries > 0).then(|| self.seconds * 1e6 / self.deliveries as f64)
+    }
+}
+
+/// The servers' and loadgen's own CPU over the bid schedule, where they could be read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuReport {
+    pub server: Option<CpuUse>,
+    pub loadgen: Option<CpuUse>,
+}
+
+/// Where the servers' CPU time is read: their `/proc/PID/stat` (`--server-pid`, any server on
+/// this machine) or each Gavel broker's `gavel_process_cpu_seconds`.
+#[derive(Clone, Debug)]
+pub(crate) enum CpuSource {
+    Pids(Vec<u32>),
+    Metrics(Vec<SocketAddr>),
+    Unknown,
+}
+
+impl CpuSource {
+    pub(crate) fn of(scenario: &Scenario) -> CpuSource {
+        if !scenario.server_pids.is_empty() {
+            CpuSource::Pids(scenario.server_pids.clone())
+        } else if scenario.driver == Driver::Gavel {
+            CpuSource::Metrics(scenario.urls.clone())
+        } else {
+            CpuSource::Unknown
+        }
+    }
+
+    /// The servers' CPU seconds so far, summed; `None` when one cannot be read.
+    pub(crate) async fn seconds(&self) -> Option<f64> {
+        match self {
+            CpuSource::Pids(pids) => pids
+                .iter()
+                .map(|pid| proc_cpu_seconds(&format!("/proc/{pid}/stat")))
+                .sum(),
+            CpuSource::Metrics(urls) => broker_cpu_seconds(urls).await,
+            CpuSource::Unknown => None,
+        }
+    }
+}
+
+/// This process's CPU seconds (user + system), on Linux.
+fn own_cpu_seconds() -> Option<f64> {
+    proc_cpu_seconds("/proc/self/stat")
+}
+
+/// User + system CPU seconds from a `/proc/.../stat` file (fields 14 and 15, in clock ticks of
+/// 100 Hz, the value on every Linux platform loadgen runs on).
+fn proc_cpu_seconds(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces: count from its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 /// The sum of `gavel_process_cpu_seconds` over the brokers' `/metrics`; `None` when one does
@@ -453,23 +529,29 @@ fn finish(
     elapsed: Duration,
     parts: &stats::Parts,
     print: bool,
-    broker_cpu: Option<BrokerCpu>,
+    cpu: CpuReport,
 ) -> Result<Outcome, LoadgenError> {
     let mut report = stats::report(scenario, stats, elapsed, parts);
-    if let Some(cpu) = broker_cpu {
-        let per_delivery_us =
-            (cpu.deliveries > 0).then(|| cpu.seconds * 1e6 / cpu.deliveries as f64);
-        report.json["broker_cpu"] = serde_json::json!({
-            "seconds": cpu.seconds,
-            "deliveries": cpu.deliveries,
+    for (key, who, usage) in [
+        ("broker_cpu", "server", cpu.server),
+        ("loadgen_cpu", "loadgen", cpu.loadgen),
+    ] {
+        let Some(usage) = usage else { continue };
+        let per_delivery_us = usage.per_delivery_us();
+        report.json[key] = serde_json::json!({
+            "seconds": usage.seconds,
+            "deliveries": usage.deliveries,
             "us_per_delivery": per_delivery_us,
         });
         report.table.push_str(&format!(
-            "\nbroker CPU over the bid schedule: {:.2} s for {} deliveries ({})\n",
-            cpu.seconds,
-            cpu.deliveries,
+            "\n{who} CPU over the bid schedule: {:.2} s for {} deliveries ({})",
+            usage.seconds,
+            usage.deliveries,
             per_delivery_us.map_or("n/a".to_owned(), |us| format!("{us:.2} µs per delivery")),
         ));
+    }
+    if cpu.server.is_some() || cpu.loadgen.is_some() {
+        report.table.push('\n');
     }
     if print {
         println!("{}", report.table);

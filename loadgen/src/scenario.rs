@@ -132,6 +132,20 @@ pub struct Scenario {
     #[arg(long, default_value_t = 1)]
     pub source_addrs: u8,
 
+    /// Publish the schedule's events with `POST /api/publish` (event `tick` to each auction's
+    /// room, nothing bid, nothing written to disk) instead of placing bids: the pub/sub path
+    /// alone. Each bidder becomes a publisher on one keep-alive HTTP connection, and `bid_ack`
+    /// times the publish's answer (gavel driver; needs --api-key).
+    #[arg(long)]
+    pub publish: bool,
+
+    /// The server's process id on this machine (repeatable): its CPU time is read from
+    /// /proc/PID/stat over the bid schedule and reported per delivery. Works for any driver;
+    /// without it the gavel driver reads `gavel_process_cpu_seconds` from each broker's
+    /// /metrics.
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+
     /// (Set by the parent for a worker process.) This worker's index.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,

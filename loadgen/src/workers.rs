@@ -64,6 +64,9 @@ fn worker_args(
     flag("run-id", run_id.to_string());
     flag("report", report.to_owned());
     args.push("--quiet".into());
+    if s.publish {
+        args.push("--publish".into());
+    }
     args
 }
 
@@ -79,6 +82,17 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir();
     let started = Instant::now();
+    // The servers' CPU at the schedule's start, read when it comes.
+    let cpu_source = crate::CpuSource::of(&scenario);
+    let cpu_start = {
+        let source = cpu_source.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_millis(start_at_ms.saturating_sub(crate::now_ms()));
+            tokio::time::sleep(wait).await;
+            source.seconds().await
+        })
+    };
+    let mut loadgen_seconds = 0.0;
     let mut children = Vec::new();
     let mut reports = Vec::new();
     for index in 0..scenario.workers {
@@ -123,11 +137,27 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         let json: Value = serde_json::from_slice(&std::fs::read(path)?)
             .map_err(|e| LoadgenError::Scenario(format!("{}: {e}", path.display())))?;
         merge(&stats, &mut parts, &json);
+        loadgen_seconds += json["loadgen_cpu"]["seconds"].as_f64().unwrap_or(0.0);
         let _ = std::fs::remove_file(path);
     }
-    // The workers' parent does not read the brokers' CPU (yet): the report says so by leaving
-    // `broker_cpu` out.
-    finish(&scenario, &stats, started.elapsed(), &parts, true, None)
+    // The brokers' CPU from the start of the shared schedule to the workers' end (their
+    // cooldown included, when the brokers are idle but for pings).
+    let server_cpu = match (cpu_start.await.ok().flatten(), cpu_source.seconds().await) {
+        (Some(before), Some(after)) => Some(crate::CpuUse {
+            seconds: (after - before).max(0.0),
+            deliveries: stats.deliveries.load(std::sync::atomic::Ordering::Relaxed),
+        }),
+        _ => None,
+    };
+    let loadgen_cpu = Some(crate::CpuUse {
+        seconds: loadgen_seconds,
+        deliveries: stats.deliveries.load(std::sync::atomic::Ordering::Relaxed),
+    });
+    let cpu = crate::CpuReport {
+        server: server_cpu,
+        loadgen: loadgen_cpu,
+    };
+    finish(&scenario, &stats, started.elapsed(), &parts, true, cpu)
 }
 
 /// Adds one worker's report to the totals.

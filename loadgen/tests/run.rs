@@ -63,6 +63,7 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     let cpu = &r["broker_cpu"];
     assert!(cpu["seconds"].as_f64().is_some_and(|s| s >= 0.0), "{cpu}");
     assert!(cpu["deliveries"].as_u64().is_some_and(|d| d > 0), "{cpu}");
+    assert!(r["loadgen_cpu"]["seconds"].as_f64().is_some(), "{r}");
     for metric in ["connect", "subscribe", "bid_ack", "delivery"] {
         for stat in ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"] {
             assert!(
@@ -154,5 +155,39 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
         merged["deliveries"]["received"]
     );
     assert_eq!(merged["deliveries"]["seq_gaps"], 0);
+    // The parent reads the broker's CPU over the shared schedule and sums the workers' own.
+    assert!(
+        merged["broker_cpu"]["seconds"].as_f64().is_some(),
+        "{merged}"
+    );
+    assert!(
+        merged["loadgen_cpu"]["seconds"].as_f64().is_some(),
+        "{merged}"
+    );
+
+    // The pub/sub path alone: the schedule's events published over the HTTP API reach every
+    // viewer in seq order, and `--server-pid` reads a process's CPU from /proc (here this
+    // test's own process, which runs the broker).
+    let mut argv = vec!["gavel-loadgen".to_string()];
+    argv.extend(args(addr, "delivery.p99<10s"));
+    argv.extend(["--publish", "--server-pid", &std::process::id().to_string()].map(String::from));
+    let published = gavel_loadgen::run(gavel_loadgen::Scenario::parse_from(&argv))
+        .await
+        .unwrap();
+    let r = &published.report.json;
+    assert!(published.slo_met, "{}", published.report.table);
+    assert_eq!(r["bids"]["accepted"].as_u64().unwrap(), 80, "{r}");
+    assert_eq!(r["deliveries"]["expected"], r["deliveries"]["received"]);
+    // 40 events to each room; the Zipf spread puts 40 viewers in one and 20 in the other.
+    assert_eq!(
+        r["deliveries"]["received"].as_u64().unwrap(),
+        40 * 40 + 40 * 20,
+        "{r}"
+    );
+    assert_eq!(r["deliveries"]["seq_gaps"], 0);
+    assert!(
+        r["broker_cpu"]["seconds"].as_f64().is_some_and(|s| s > 0.0),
+        "{r}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -44,8 +44,9 @@ pub struct Announcement {
 
 /// Where announcements are published on this node: the room registry (a recorder in tests).
 pub trait AuctionEvents: Send + Sync + 'static {
-    /// Publishes an event (and the room's new state, if any) in its room.
-    fn publish(&self, announcement: Announcement);
+    /// Publishes a turn's events (and each room's new state, if any) in their rooms, in
+    /// order. Consecutive events of one room may reach its subscribers as one item.
+    fn publish(&self, announcements: Vec<Announcement>);
     /// Sets an auction room's state without an event (creation, start-up), and keeps the room
     /// while the auction lives.
     fn show_state(&self, channel: &Channel, state: Value);
@@ -236,9 +237,7 @@ impl Ledger for LocalLedger {
                     Err(_) => CommitError::Unsettled(error.into()),
                 });
             }
-            for announcement in turn.announcements {
-                self.events.publish(announcement);
-            }
+            self.events.publish(turn.announcements);
             Ok(0)
         })
     }
@@ -260,9 +259,7 @@ impl Ledger for LocalLedger {
     }
 
     fn announce(&self, announcements: Vec<Announcement>) {
-        for announcement in announcements {
-            self.events.publish(announcement);
-        }
+        self.events.publish(announcements);
     }
 
     fn show_state(&self, auction: &str, state: Value) {

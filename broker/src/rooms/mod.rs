@@ -43,6 +43,14 @@ fn replay_size(frames: &[Arc<SharedFrame>], format: gavel_protocol::Format) -> u
     frames.iter().map(|f| wire_size(f, format)).sum()
 }
 
+/// One event of a producer's turn, for [`Rooms::publish_all`].
+pub struct TurnEvent {
+    pub event: String,
+    pub data: Value,
+    /// The room's state right after the event (`None`: unchanged).
+    pub state: Option<Value>,
+}
+
 /// Every room of this node.
 pub struct Rooms {
     map: DashMap<Channel, Arc<Room>>,
@@ -296,7 +304,7 @@ impl Rooms {
                 let mut batch = Vec::with_capacity(replay.len() + 1);
                 batch.push(reply);
                 batch.extend(replay);
-                Outbound::Batch(batch.into_boxed_slice())
+                Outbound::Batch(batch.into())
             };
             // Queue the reply first, then publish the new snapshot: anything offered from the
             // snapshot on (events under this lock, signals without it) comes after the reply.
@@ -365,8 +373,27 @@ impl Rooms {
         data: Value,
         state: Option<Value>,
     ) -> Published {
-        let mut data = Some(data);
-        let mut state = state;
+        self.publish_all(
+            channel,
+            from,
+            std::iter::once(TurnEvent {
+                event: event.to_owned(),
+                data,
+                state,
+            }),
+        )
+    }
+
+    /// Appends several events to `channel`'s room in order, under one lock, and offers them to
+    /// each subscriber as one queue item: one wake-up and one socket write per subscriber for a
+    /// producer's whole turn, instead of one per event. Returns the last event's seq.
+    pub fn publish_all(
+        &self,
+        channel: &Channel,
+        from: Option<UserId>,
+        events: impl IntoIterator<Item = TurnEvent>,
+    ) -> Published {
+        let mut events: VecDeque<TurnEvent> = events.into_iter().collect();
         loop {
             let room = self.get_or_create(channel);
             let mut log = lock(&room.log);
@@ -374,21 +401,25 @@ impl Rooms {
                 continue;
             }
             let started = Instant::now();
-            let seq = log.last_seq + 1;
-            let delivered = room.append(
-                &mut log,
-                Incoming {
-                    seq,
+            let mut frames = Vec::with_capacity(events.len());
+            while let Some(TurnEvent { event, data, state }) = events.pop_front() {
+                let incoming = Incoming {
+                    seq: log.last_seq + 1,
                     epoch: room.epoch(),
                     ts: now_ms(),
-                    event: event.to_owned(),
+                    event,
                     from: from.clone(),
-                    data: data.take().unwrap_or(Value::Null),
-                    state: state.take(),
-                },
-                started,
-                self.limits,
-            );
+                    data,
+                    state,
+                };
+                frames.push(room.store(&mut log, incoming, started, self.limits));
+            }
+            let seq = log.last_seq;
+            let delivered = match frames.len() {
+                0 => 0,
+                1 => room.fan_out(&frames[0], Skip::Nobody),
+                _ => room.fan_out_all(frames.into(), Skip::Nobody),
+            };
             drop(log);
             m::record_fan_out("event", delivered, started.elapsed());
             return Published { seq, delivered };
@@ -462,14 +493,25 @@ impl Rooms {
 
 /// Auction events go to `auction:{id}` rooms and `user:{id}` rooms.
 impl crate::auction::AuctionEvents for Rooms {
-    fn publish(&self, announcement: crate::auction::Announcement) {
-        let crate::auction::Announcement {
-            channel,
-            event,
-            data,
-            state,
-        } = announcement;
-        self.publish_with_state(&channel, event, None, data, state);
+    /// Consecutive announcements to one room go out together (see [`Rooms::publish_all`]).
+    fn publish(&self, announcements: Vec<crate::auction::Announcement>) {
+        let mut announcements = announcements.into_iter().peekable();
+        while let Some(first) = announcements.next() {
+            let channel = first.channel.clone();
+            let mut group = vec![first];
+            while let Some(next) = announcements.next_if(|a| a.channel == channel) {
+                group.push(next);
+            }
+            self.publish_all(
+                &channel,
+                None,
+                group.into_iter().map(|a| TurnEvent {
+                    event: a.event.to_owned(),
+                    data: a.data,
+                    state: a.state,
+                }),
+            );
+        }
     }
 
     fn show_state(&self, channel: &Channel, state: Value) {

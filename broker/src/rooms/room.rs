@@ -107,6 +107,21 @@ impl Room {
         queued
     }
 
+    /// [`Room::fan_out`] for several frames that travel as one queue item.
+    pub(super) fn fan_out_all(&self, frames: Arc<[Arc<SharedFrame>]>, skip: Skip<'_>) -> usize {
+        let subscribers = self.subscribers.load();
+        let mut queued = 0;
+        for conn in subscribers.iter() {
+            if skip.skips(conn) {
+                continue;
+            }
+            if conn.offer(Outbound::Batch(Arc::clone(&frames))) == Offer::Queued {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
     pub(super) fn signal(&self, frame: ServerFrame, skip: Skip<'_>) -> usize {
         let started = Instant::now();
         let kind = frame.type_name();

@@ -48,6 +48,12 @@ pub(crate) async fn serve(
     async move {
         let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue);
         let conn = ConnHandle::new(id, user, format, outbound_tx, shared.config.outbound_bytes);
+        shared.live.insert(id, Arc::clone(&conn));
+        // Shutdown cancels the token, then drains every registered connection: one that
+        // registered too late for that sees the token.
+        if shared.shutdown.is_cancelled() {
+            conn.drain();
+        }
         let mut session = Session::open(Arc::clone(&shared), Arc::clone(&conn), identity);
         conn.offer_frame(SharedFrame::new(ServerFrame::Hello {
             protocol: PROTOCOL_VERSION.into(),
@@ -66,6 +72,7 @@ pub(crate) async fn serve(
         // Leave the rooms before the writer finishes, so counts drop as the socket closes.
         drop(session);
         let _ = writer.await;
+        shared.live.remove(&id);
         let reason = conn
             .close_reason()
             .unwrap_or(DisconnectReason::ConnectionLost);

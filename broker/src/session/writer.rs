@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::metrics as m;
-use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
+use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, WriterSignal};
 use crate::wsframe::{put_frame, OpCode};
 use crate::Shared;
 
@@ -39,12 +39,6 @@ pub(super) async fn write_loop(
     // Set once shutdown began: drain what is queued, then close with 1001.
     let mut draining = false;
     let mut batch = Batch::new(&conn);
-    // Made once, polled at every wake-up: a `cancelled()` future registers with the token's
-    // mutex-guarded waiter list when it is created, so one per wake-up and per delivery would
-    // put every connection's writer on the same locks (the shutdown token is broker-wide).
-    let closing = conn.closing().cancelled();
-    let shutdown = shared.shutdown.cancelled();
-    tokio::pin!(closing, shutdown);
     loop {
         if batch.carrying() {
             // In the middle of a long item: no waiting, but still stop when told to.
@@ -54,12 +48,14 @@ pub(super) async fn write_loop(
         } else if !draining {
             tokio::select! {
                 biased;
-                _ = &mut closing => break,
-                _ = &mut shutdown => {
-                    // What is queued goes out; nothing more is taken.
-                    outbound_rx.close();
-                    draining = true;
-                }
+                signal = std::future::poll_fn(|cx| conn.poll_writer_signal(cx)) => match signal {
+                    WriterSignal::Close => break,
+                    WriterSignal::Drain => {
+                        // What is queued goes out; nothing more is taken.
+                        outbound_rx.close();
+                        draining = true;
+                    }
+                },
                 // Before the queue: a busy connection must still be pinged, or a client that
                 // only listens would look idle.
                 _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
@@ -110,7 +106,7 @@ struct Batch<'a> {
     oldest: Option<Instant>,
     /// A multi-frame item (a subscribe reply and its replay) not yet all in `buf`, and the
     /// index of its next frame.
-    carry: Option<(Box<[Arc<SharedFrame>]>, usize)>,
+    carry: Option<(Arc<[Arc<SharedFrame>]>, usize)>,
 }
 
 impl<'a> Batch<'a> {

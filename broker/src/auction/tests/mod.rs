@@ -30,11 +30,11 @@ impl Recorder {
 }
 
 impl AuctionEvents for Recorder {
-    fn publish(&self, a: Announcement) {
-        self.events
-            .lock()
-            .unwrap()
-            .push((a.channel.to_string(), a.event.into(), a.data));
+    fn publish(&self, announcements: Vec<Announcement>) {
+        let mut events = self.events.lock().unwrap();
+        for a in announcements {
+            events.push((a.channel.to_string(), a.event.into(), a.data));
+        }
     }
     fn show_state(&self, _: &Channel, _: Value) {}
     fn release(&self, channel: &Channel) {
