@@ -9,15 +9,15 @@
 //!
 //! `cargo bench -p gavel-benches --bench rooms`
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gavel_broker::outbound::{ConnHandle, Outbound};
+use gavel_broker::outbound::{ConnHandle, WriterSignal};
 use gavel_broker::protocol::{Channel, Format};
 use gavel_broker::rooms::{HistoryLimits, Rooms};
 use serde_json::json;
-use tokio::sync::mpsc;
 
 /// Publishes between two drains of the subscribers' queues (below the queue size, so every
 /// offer is queued and none closes a connection as a slow consumer).
@@ -33,25 +33,21 @@ fn limits() -> HistoryLimits {
 
 struct Subscribers {
     conns: Vec<Arc<ConnHandle>>,
-    queues: Vec<mpsc::Receiver<Outbound>>,
 }
 
 fn subscribers(n: usize, first_id: u64) -> Subscribers {
-    let mut queues = Vec::with_capacity(n);
     let conns = (0..n as u64)
-        .map(|i| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            queues.push(rx);
-            ConnHandle::new(first_id + i, None, Format::MsgPack, tx, usize::MAX)
-        })
+        .map(|i| ConnHandle::new(first_id + i, None, Format::MsgPack, QUEUE, usize::MAX))
         .collect();
-    Subscribers { conns, queues }
+    Subscribers { conns }
 }
 
 impl Subscribers {
     fn drain(&mut self) {
-        for queue in &mut self.queues {
-            while queue.try_recv().is_ok() {}
+        let mut taken = VecDeque::new();
+        for conn in &self.conns {
+            conn.take_queued(&mut taken);
+            taken.clear();
         }
     }
 }
@@ -144,13 +140,18 @@ fn fan_out_woken(c: &mut Criterion) {
         .expect("runtime");
     for n in [100usize, 10_000] {
         let rooms = Rooms::new(limits());
-        let Subscribers { conns, queues } = subscribers(n, 1);
+        let Subscribers { conns } = subscribers(n, 1);
         let received = Arc::new(Received::default());
-        for mut queue in queues {
-            let received = Arc::clone(&received);
+        for conn in &conns {
+            let (received, conn) = (Arc::clone(&received), Arc::clone(conn));
+            // As a writer does: wait for the signal, take everything queued at once.
             runtime.spawn(async move {
-                while queue.recv().await.is_some() {
-                    received.one();
+                let mut taken = VecDeque::new();
+                while conn.writer_signal().await == WriterSignal::Items {
+                    conn.take_queued(&mut taken);
+                    for _ in taken.drain(..) {
+                        received.one();
+                    }
                 }
             });
         }

@@ -1,16 +1,16 @@
-//! What the rest of the broker holds of a connection: [`ConnHandle`], the sending end of its
-//! bounded outbound queue plus a way to close it with a reason; and [`SharedFrame`], a server
-//! frame encoded once and shared by every connection it is delivered to.
+//! What the rest of the broker holds of a connection: [`ConnHandle`], its bounded outbound queue
+//! (offered to without waiting, taken whole by the writer) plus a way to close it with a reason;
+//! and [`SharedFrame`], a server frame encoded once and shared by every connection it reaches.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::wsframe::OpCode;
@@ -228,30 +228,47 @@ pub struct ConnHandle {
     /// Set once, when the connection authenticates (at the upgrade or by an `auth` frame).
     user: OnceLock<UserId>,
     pub format: Format,
-    outbound_tx: mpsc::Sender<Outbound>,
+    /// Items offered and not yet taken by the writer. A short mutex per offer and per writer
+    /// wake-up (the writer takes everything at once, swapping buffers); the buffer is allocated
+    /// on the first item, so an idle connection holds none.
+    queue: Mutex<Queue>,
+    /// Most items queued at once; past it the connection is a slow consumer.
+    max_items: usize,
     /// Bytes queued and not yet handed to the socket, and their bound: past it the connection
     /// is a slow consumer, whatever the number of items (one item can be a long replay).
     pending: AtomicUsize,
     max_pending: usize,
+    /// Whether the writer was woken since it last took the queue: later offers do not wake it
+    /// again, so a burst of N offers costs one wake-up, not N.
+    writer_woken: AtomicBool,
     /// Set once, by whoever ends the connection first.
     reason: OnceLock<DisconnectReason>,
-    /// Cancelled when the connection must end; both of its tasks watch it.
+    /// Cancelled when the connection must end; the reader watches it.
     closing: CancellationToken,
     /// Set with `closing`: read on every offer without the token's lock
     /// (`CancellationToken::is_cancelled` takes a mutex).
     closed: AtomicBool,
     /// Set at shutdown: the writer sends what is queued, then closes with 1001.
     draining: AtomicBool,
-    /// The writer's waker for `closed` and `draining`. The writer looks at both on every
-    /// wake-up; an atomic waker costs two uncontended atomics there, where a token's
+    /// The writer's waker, for new items, `closed` and `draining`. The writer looks at all
+    /// three on every wake-up: an atomic waker costs two uncontended atomics, where a token's
     /// `cancelled()` future takes the token's mutex (and the broker-wide shutdown token's
-    /// mutex is one lock for every writer).
+    /// mutex was one lock for every writer).
     writer_signal: AtomicWaker,
 }
 
-/// What the writer is told besides its queue.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// False once the writer stopped taking items (it drains or has ended).
+    shut: bool,
+}
+
+/// What wakes the writer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriterSignal {
+    /// Items are queued: take them with [`ConnHandle::take_queued`].
+    Items,
     /// End now (the reason is in [`ConnHandle::close_reason`]).
     Close,
     /// Shutdown: send what is queued, then close with 1001.
@@ -269,11 +286,12 @@ pub enum Offer {
 }
 
 impl ConnHandle {
+    /// A connection whose queue holds at most `max_items` items and `max_pending` bytes.
     pub fn new(
         id: ConnId,
         user: Option<UserId>,
         format: Format,
-        outbound_tx: mpsc::Sender<Outbound>,
+        max_items: usize,
         max_pending: usize,
     ) -> Arc<ConnHandle> {
         let cell = OnceLock::new();
@@ -284,9 +302,11 @@ impl ConnHandle {
             id,
             user: cell,
             format,
-            outbound_tx,
+            queue: Mutex::new(Queue::default()),
+            max_items: max_items.max(1),
             pending: AtomicUsize::new(0),
             max_pending,
+            writer_woken: AtomicBool::new(false),
             reason: OnceLock::new(),
             closing: CancellationToken::new(),
             closed: AtomicBool::new(false),
@@ -327,18 +347,76 @@ impl ConnHandle {
             self.close(DisconnectReason::QueueFull);
             return Offer::SlowConsumer;
         }
-        match self.outbound_tx.try_send(item) {
-            Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.shut {
+                drop(queue);
+                self.pending.fetch_sub(size, Ordering::AcqRel);
+                return Offer::Closed;
+            }
+            if queue.items.len() >= self.max_items {
+                drop(queue);
                 self.pending.fetch_sub(size, Ordering::AcqRel);
                 self.close(DisconnectReason::QueueFull);
-                Offer::SlowConsumer
+                return Offer::SlowConsumer;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.pending.fetch_sub(size, Ordering::AcqRel);
-                Offer::Closed
-            }
+            queue.items.push_back(item);
         }
+        // The first offer since the writer last took the queue wakes it; the others find it
+        // woken. (The writer clears the flag before it takes, so nothing queued after its take
+        // goes unnoticed.)
+        if !self.writer_woken.load(Ordering::Acquire)
+            && !self.writer_woken.swap(true, Ordering::AcqRel)
+        {
+            self.writer_signal.wake();
+        }
+        Offer::Queued
+    }
+
+    /// For the writer (or an in-process consumer): ready when items are queued, or when the
+    /// connection must close or drain. Lock-free unless items may be waiting.
+    pub fn poll_writer(&self, cx: &mut Context<'_>) -> Poll<WriterSignal> {
+        // Registered before anything is read, so an offer or a close in between still wakes us.
+        self.writer_signal.register(cx.waker());
+        if self.closed.load(Ordering::Acquire) {
+            return Poll::Ready(WriterSignal::Close);
+        }
+        if self.draining.load(Ordering::Acquire) {
+            return Poll::Ready(WriterSignal::Drain);
+        }
+        if self.writer_woken.load(Ordering::Acquire) {
+            return Poll::Ready(WriterSignal::Items);
+        }
+        Poll::Pending
+    }
+
+    /// Waits for [`ConnHandle::poll_writer`].
+    pub async fn writer_signal(&self) -> WriterSignal {
+        std::future::poll_fn(|cx| self.poll_writer(cx)).await
+    }
+
+    /// Moves every queued item to the end of `into`; returns whether there were any. Swaps
+    /// buffers when `into` is empty, so neither side allocates once both have grown.
+    pub fn take_queued(&self, into: &mut VecDeque<Outbound>) -> bool {
+        self.writer_woken.store(false, Ordering::Release);
+        let mut queue = lock(&self.queue);
+        if queue.items.is_empty() {
+            return false;
+        }
+        if into.is_empty() {
+            std::mem::swap(&mut queue.items, into);
+        } else {
+            into.extend(queue.items.drain(..));
+        }
+        true
+    }
+
+    /// The writer takes no more items: later offers are answered `Closed`. Returns what is
+    /// still queued (to send, when draining).
+    pub fn shut_queue(&self) -> VecDeque<Outbound> {
+        let mut queue = lock(&self.queue);
+        queue.shut = true;
+        std::mem::take(&mut queue.items)
     }
 
     /// The writer took `bytes` of queued output into a socket write.
@@ -369,19 +447,6 @@ impl ConnHandle {
         self.writer_signal.wake();
     }
 
-    /// For the writer: ready once the connection must close or drain. Lock-free.
-    pub fn poll_writer_signal(&self, cx: &mut Context<'_>) -> Poll<WriterSignal> {
-        // Registered before the flags are read, so a close between the two still wakes us.
-        self.writer_signal.register(cx.waker());
-        if self.closed.load(Ordering::Acquire) {
-            Poll::Ready(WriterSignal::Close)
-        } else if self.draining.load(Ordering::Acquire) {
-            Poll::Ready(WriterSignal::Drain)
-        } else {
-            Poll::Pending
-        }
-    }
-
     pub fn close_reason(&self) -> Option<DisconnectReason> {
         self.reason.get().copied()
     }
@@ -394,4 +459,12 @@ impl ConnHandle {
     pub fn closing(&self) -> &CancellationToken {
         &self.closing
     }
+}
+
+/// Locks the queue, recovering it if a panic elsewhere poisoned the mutex: each critical section
+/// leaves it consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -107,8 +107,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn conn(id: ConnId) -> Arc<ConnHandle> {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        ConnHandle::new(id, None, Format::MsgPack, tx, usize::MAX)
+        ConnHandle::new(id, None, Format::MsgPack, 1, usize::MAX)
     }
 
     proptest! {

@@ -14,7 +14,6 @@ use gavel_protocol::{
     ServerFrame, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::admission::Slot;
@@ -46,8 +45,13 @@ pub(crate) async fn serve(
     // 0.4 KiB of registry memory otherwise); warnings name the connection themselves.
     let span = tracing::debug_span!("conn", id, user = user.as_ref().map(|u| u.as_str()));
     async move {
-        let (outbound_tx, outbound_rx) = mpsc::channel(shared.config.outbound_queue);
-        let conn = ConnHandle::new(id, user, format, outbound_tx, shared.config.outbound_bytes);
+        let conn = ConnHandle::new(
+            id,
+            user,
+            format,
+            shared.config.outbound_queue,
+            shared.config.outbound_bytes,
+        );
         shared.live.insert(id, Arc::clone(&conn));
         // Shutdown cancels the token, then drains every registered connection: one that
         // registered too late for that sees the token.
@@ -65,8 +69,7 @@ pub(crate) async fn serve(
             max_message_size: shared.config.max_message_size as u64,
         }));
         let writer = tokio::spawn(
-            writer::write_loop(Arc::clone(&shared), Arc::clone(&conn), outbound_rx, write)
-                .in_current_span(),
+            writer::write_loop(Arc::clone(&shared), Arc::clone(&conn), write).in_current_span(),
         );
         session.read_loop(read).await;
         // Leave the rooms before the writer finishes, so counts drop as the socket closes.

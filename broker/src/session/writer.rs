@@ -2,11 +2,11 @@
 //! `MAX_WRITE_BATCH` bytes (a long replay goes out piece by piece), pings on schedule, and ends
 //! with the close frame that says why.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 
 use crate::metrics as m;
 use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, WriterSignal};
@@ -17,6 +17,8 @@ use super::BoxWrite;
 
 /// Most bytes one coalesced socket write carries.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
+/// Capacity of the writer's item buffer kept between bursts; a larger one is freed once empty.
+const SPARE_ITEMS: usize = 64;
 /// How long a close frame may take to write before the socket is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -24,12 +26,7 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// writes of at most `MAX_WRITE_BATCH` bytes (a long replay goes out in such pieces, so no
 /// connection ever holds more than one piece in its own buffer); pings on schedule; on close,
 /// sends the close frame that says why.
-pub(super) async fn write_loop(
-    shared: Arc<Shared>,
-    conn: Arc<ConnHandle>,
-    mut outbound_rx: mpsc::Receiver<Outbound>,
-    mut write: BoxWrite,
-) {
+pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut write: BoxWrite) {
     let config = &shared.config;
     let start = tokio::time::Instant::now() + config.ping_interval;
     let mut ping = tokio::time::interval_at(start, config.ping_interval);
@@ -40,33 +37,35 @@ pub(super) async fn write_loop(
     let mut draining = false;
     let mut batch = Batch::new(&conn);
     loop {
-        if batch.carrying() {
-            // In the middle of a long item: no waiting, but still stop when told to.
+        if batch.has_more() {
+            // In the middle of what was taken: no waiting, but still stop when told to.
             if conn.is_closed() {
                 break;
             }
         } else if !draining {
             tokio::select! {
                 biased;
-                signal = std::future::poll_fn(|cx| conn.poll_writer_signal(cx)) => match signal {
+                // First: a busy connection must still be pinged, or a client that only listens
+                // would look idle.
+                _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
+                signal = conn.writer_signal() => match signal {
                     WriterSignal::Close => break,
                     WriterSignal::Drain => {
                         // What is queued goes out; nothing more is taken.
-                        outbound_rx.close();
+                        batch.taken.extend(conn.shut_queue());
                         draining = true;
                     }
+                    WriterSignal::Items => {
+                        conn.take_queued(&mut batch.taken);
+                    }
                 },
-                // Before the queue: a busy connection must still be pinged, or a client that
-                // only listens would look idle.
-                _ = ping.tick() => batch.control(OpCode::Ping, b"gavel"),
-                item = outbound_rx.recv() => {
-                    let Some(item) = item else { break };
-                    batch.push(item);
-                }
             }
         }
-        batch.fill(&mut outbound_rx);
-        let done = draining && !batch.carrying() && batch.is_empty();
+        batch.fill();
+        if !batch.full() && !draining && conn.take_queued(&mut batch.taken) {
+            batch.fill();
+        }
+        let done = draining && !batch.has_more() && batch.is_empty();
         if let Err(reason) = batch.write(&mut write, config.write_timeout).await {
             whole_frames = false;
             conn.close(reason);
@@ -77,6 +76,8 @@ pub(super) async fn write_loop(
             break;
         }
     }
+    // Nothing more is taken: later offers are answered `Closed`, and what was queued is freed.
+    drop(conn.shut_queue());
     let reason = conn
         .close_reason()
         .unwrap_or(DisconnectReason::ConnectionLost);
@@ -98,14 +99,17 @@ pub(super) async fn write_loop(
 }
 
 /// Bytes for one socket write: WebSocket frames laid end to end, at most about
-/// `MAX_WRITE_BATCH`; the rest of a long item waits in `carry` for the next write.
+/// `MAX_WRITE_BATCH`; what was taken from the queue and does not fit waits in `taken` (and the
+/// rest of a long item in `carry`) for the next write.
 struct Batch<'a> {
     conn: &'a ConnHandle,
     buf: Vec<u8>,
     /// Creation time of the oldest data frame in the batch.
     oldest: Option<Instant>,
-    /// A multi-frame item (a subscribe reply and its replay) not yet all in `buf`, and the
-    /// index of its next frame.
+    /// Items taken from the connection's queue, not yet in `buf`.
+    taken: VecDeque<Outbound>,
+    /// A multi-frame item (a subscribe reply and its replay, a turn's events) not yet all in
+    /// `buf`, and the index of its next frame.
     carry: Option<(Arc<[Arc<SharedFrame>]>, usize)>,
 }
 
@@ -115,6 +119,7 @@ impl<'a> Batch<'a> {
             conn,
             buf: Vec::new(),
             oldest: None,
+            taken: VecDeque::new(),
             carry: None,
         }
     }
@@ -123,8 +128,9 @@ impl<'a> Batch<'a> {
         self.buf.is_empty()
     }
 
-    fn carrying(&self) -> bool {
-        self.carry.is_some()
+    /// Whether anything taken is not yet in `buf`.
+    fn has_more(&self) -> bool {
+        self.carry.is_some() || !self.taken.is_empty()
     }
 
     fn full(&self) -> bool {
@@ -145,14 +151,18 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Takes what fits: first the rest of a carried item, then whatever else is queued.
-    fn fill(&mut self, outbound_rx: &mut mpsc::Receiver<Outbound>) {
+    /// Moves what fits into `buf`: first the rest of a carried item, then what was taken.
+    fn fill(&mut self) {
         self.take_carried();
-        while !self.full() && !self.carrying() {
-            match outbound_rx.try_recv() {
-                Ok(item) => self.push(item),
-                Err(_) => break,
+        while !self.full() && self.carry.is_none() {
+            match self.taken.pop_front() {
+                Some(item) => self.push(item),
+                None => break,
             }
+        }
+        if self.taken.is_empty() && self.taken.capacity() > SPARE_ITEMS {
+            // A burst grew it: do not keep that much per connection.
+            self.taken = VecDeque::new();
         }
     }
 
