@@ -128,15 +128,13 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     };
     let task_shared = Arc::clone(shared);
     shared.tracker.spawn(async move {
-        let ws = match upgrade.await {
-            Ok(ws) => ws,
-            Err(error) => {
-                tracing::debug!(%error, "upgrade failed");
-                return;
-            }
+        let Some((read, write)) = upgraded(upgrade).await else {
+            return;
         };
-        let (read, write) = split(ws.into_inner());
-        session::serve(task_shared, read, write, format, identity, slot).await;
+        // Boxed: the task's future would otherwise hold room for the upgrade's state and the
+        // session's side by side for the connection's whole life (4.9 KiB where the session
+        // needs 2.3 KiB).
+        Box::pin(session::serve(task_shared, read, write, format, identity, slot)).await;
     });
 
     let (mut parts, _) = response.into_parts();
@@ -166,6 +164,17 @@ fn bearer_token(req: &Request<Incoming>) -> Option<String> {
 
 /// Splits the upgraded connection into owned halves: for a plain TCP stream without a lock
 /// between them (keeping any bytes hyper read ahead), otherwise through `tokio::io::split`.
+/// The socket's two halves once the upgrade completes; `None` if it failed.
+async fn upgraded(upgrade: fastwebsockets::upgrade::UpgradeFut) -> Option<(BoxRead, BoxWrite)> {
+    match upgrade.await {
+        Ok(ws) => Some(split(ws.into_inner())),
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            None
+        }
+    }
+}
+
 fn split(io: TokioIo<hyper::upgrade::Upgraded>) -> (BoxRead, BoxWrite) {
     let upgraded = io.into_inner();
     match upgraded.downcast::<TokioIo<TcpStream>>() {
