@@ -134,7 +134,15 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         // Boxed: the task's future would otherwise hold room for the upgrade's state and the
         // session's side by side for the connection's whole life (4.9 KiB where the session
         // needs 2.3 KiB).
-        Box::pin(session::serve(task_shared, read, write, format, identity, slot)).await;
+        Box::pin(session::serve(
+            task_shared,
+            read,
+            write,
+            format,
+            identity,
+            slot,
+        ))
+        .await;
     });
 
     let (mut parts, _) = response.into_parts();
