@@ -13,15 +13,15 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use gavel_broker::protocol::UserId;
-use gavel_broker::{Broker, Config};
-use http_body_util::Full;
+use gavel_broker::{Broker, Config, ResponseBody};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 /// The application's router: its own routes first, everything else to Gavel.
-async fn app(broker: Broker, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn app(broker: Broker, req: Request<Incoming>) -> Response<ResponseBody> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.split('/').collect::<Vec<_>>().as_slice()) {
         (&Method::GET, ["", ""]) => text(StatusCode::OK, "my marketplace, with Gavel inside\n"),
@@ -50,8 +50,8 @@ async fn app(broker: Broker, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+fn text(status: StatusCode, body: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())).boxed());
     *response.status_mut() = status;
     response
 }

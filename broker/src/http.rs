@@ -24,7 +24,18 @@ use crate::Shared;
 pub const MAX_PUBLISH_USERS: usize = 1000;
 
 /// Routes one request.
-pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub(crate) async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+) -> Response<crate::ResponseBody> {
+    if req.method() == Method::GET && req.uri().path() == "/sse" {
+        return crate::sse::open(shared, req);
+    }
+    route(shared, req).await.map(BodyExt::boxed)
+}
+
+/// Routes a request whose response is whole.
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     if path.starts_with("/api/") {
         let origin = req.headers().get(ORIGIN).cloned();
@@ -61,7 +72,12 @@ pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp
         ),
         (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
         (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
-        (_, "/ws" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+        (&Method::POST, p) if p.starts_with("/sse/") => (
+            "sse_post",
+            crate::sse::post(shared, req, &p["/sse/".len()..]).await,
+        ),
+        (_, "/ws" | "/sse" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
+        (_, p) if p.starts_with("/sse/") => method_not_allowed("POST"),
         _ => not_found(),
     };
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))

@@ -26,6 +26,7 @@ pub mod outbound;
 mod ratelimit;
 pub mod rooms;
 mod session;
+mod sse;
 pub mod store;
 mod subscribers;
 pub mod testing;
@@ -42,7 +43,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gavel_protocol::{Channel, UserId};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -84,6 +84,10 @@ pub enum Error {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// The body of every response the broker makes: most are whole (`Full`), an SSE event stream
+/// is not.
+pub type ResponseBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
 /// State shared by every task of one broker.
 pub(crate) struct Shared {
     pub(crate) config: Config,
@@ -104,6 +108,8 @@ pub(crate) struct Shared {
     /// Every open connection, so shutdown can tell each writer to drain and close (writers do
     /// not watch the shutdown token: its mutex would be one lock for all of them).
     pub(crate) live: dashmap::DashMap<outbound::ConnId, Arc<outbound::ConnHandle>>,
+    /// Open SSE sessions (the fallback transport), by the id their POSTs name.
+    pub(crate) sse: sse::Sessions,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// How room events travel between nodes: the local registry, or the cluster's Redis.
     pub(crate) backplane: Arc<dyn backplane::Backplane>,
@@ -257,6 +263,7 @@ impl Broker {
             shutdown,
             tracker: TaskTracker::new(),
             live: dashmap::DashMap::new(),
+            sse: sse::Sessions::new(),
             metrics,
             backplane,
             next_conn_id: AtomicU64::new(1),
@@ -360,9 +367,9 @@ impl Broker {
         }
     }
 
-    /// Answers one HTTP request: `/ws` upgrades, the JSON API, `/metrics`. Use it to serve
-    /// Gavel's routes from an application's own hyper server.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one HTTP request: `/ws` upgrades, `/sse` event streams, the JSON API,
+    /// `/metrics`. Use it to serve Gavel's routes from an application's own hyper server.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<ResponseBody> {
         http::handle(&self.shared, req).await
     }
 

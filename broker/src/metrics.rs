@@ -125,7 +125,10 @@ fn describe() {
         "Time from a frame's creation to the end of the socket write that carried it."
     );
     describe_counter!(HTTP_REQUESTS, "HTTP API requests, by route and status.");
-    describe_counter!(UPGRADES_REFUSED, "WebSocket upgrades refused, by reason.");
+    describe_counter!(
+        UPGRADES_REFUSED,
+        "WebSocket upgrades and SSE streams refused, by reason."
+    );
     describe_histogram!(
         BID_LOG_FLUSH_SECONDS,
         Unit::Seconds,

@@ -18,22 +18,43 @@ use crate::wsframe::OpCode;
 /// Process-unique connection number (also in logs and the `hello` frame).
 pub type ConnId = u64;
 
-/// A server frame with its encodings, computed at most once per format and shared between all
+/// How a connection's frames are laid out on its transport: WebSocket messages in one of the two
+/// encodings, or Server-Sent Events (`data: {JSON}` and a blank line) for the fallback transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    MsgPack,
+    Json,
+    Sse,
+}
+
+impl Wire {
+    /// The wire of a WebSocket connection speaking `format`.
+    pub fn websocket(format: Format) -> Wire {
+        match format {
+            Format::MsgPack => Wire::MsgPack,
+            Format::Json => Wire::Json,
+        }
+    }
+}
+
+/// A server frame with its encodings, computed at most once per wire and shared between all
 /// recipients (`Arc`): a publish to 10,000 subscribers encodes once and hands out 10,000
-/// pointers. Each encoding is kept already framed (the WebSocket header, then the payload), so a
-/// writer copies it as it is.
+/// pointers. Each encoding is kept already framed (the WebSocket header or the SSE field, then the
+/// payload), so a writer copies it as it is.
 pub struct SharedFrame {
     frame: ServerFrame,
     msgpack: OnceLock<Option<Framed>>,
     json: OnceLock<Option<Framed>>,
+    sse: OnceLock<Option<Framed>>,
     /// When the frame was created, for the delivery-delay histogram.
     pub created: Instant,
 }
 
-/// One encoding as a complete WebSocket frame: `bytes[header..]` is the payload.
+/// One encoding as written: `bytes[header..header + len]` is the payload.
 struct Framed {
     bytes: Bytes,
     header: usize,
+    len: usize,
 }
 
 impl SharedFrame {
@@ -42,6 +63,7 @@ impl SharedFrame {
             frame,
             msgpack: OnceLock::new(),
             json: OnceLock::new(),
+            sse: OnceLock::new(),
             created: Instant::now(),
         })
     }
@@ -50,7 +72,7 @@ impl SharedFrame {
     /// rather than by the first writer to need it (while others wait on it).
     pub fn for_fan_out(frame: ServerFrame) -> Arc<SharedFrame> {
         let shared = SharedFrame::new(frame);
-        let _ = shared.framed(Format::MsgPack);
+        let _ = shared.framed(Wire::MsgPack);
         shared
     }
 
@@ -61,29 +83,43 @@ impl SharedFrame {
     /// The encoded frame for `format`, without the WebSocket header; `None` only if encoding
     /// failed (logged once).
     pub fn bytes(&self, format: Format) -> Option<&[u8]> {
-        self.encoded(format).map(|f| &f.bytes[f.header..])
+        self.encoded(Wire::websocket(format))
+            .map(|f| &f.bytes[f.header..f.header + f.len])
     }
 
-    /// The whole WebSocket frame (header and payload) for `format`, ready for the socket.
-    pub fn framed(&self, format: Format) -> Option<&[u8]> {
-        self.encoded(format).map(|f| &f.bytes[..])
+    /// The frame as written on `wire` (WebSocket header and payload, or the SSE event).
+    pub fn framed(&self, wire: Wire) -> Option<&[u8]> {
+        self.encoded(wire).map(|f| &f.bytes[..])
     }
 
-    fn encoded(&self, format: Format) -> Option<&Framed> {
-        let cell = match format {
-            Format::MsgPack => &self.msgpack,
-            Format::Json => &self.json,
+    fn encoded(&self, wire: Wire) -> Option<&Framed> {
+        let (cell, format) = match wire {
+            Wire::MsgPack => (&self.msgpack, Format::MsgPack),
+            Wire::Json => (&self.json, Format::Json),
+            Wire::Sse => (&self.sse, Format::Json),
         };
         cell.get_or_init(|| match encode(format, &self.frame) {
             Ok(payload) => {
-                let opcode = match format {
-                    Format::MsgPack => OpCode::Binary,
-                    Format::Json => OpCode::Text,
-                };
                 let mut framed = Vec::with_capacity(payload.len() + 10);
-                crate::wsframe::put_frame(&mut framed, opcode, &payload);
+                match wire {
+                    Wire::MsgPack => {
+                        crate::wsframe::put_frame(&mut framed, OpCode::Binary, &payload)
+                    }
+                    Wire::Json => crate::wsframe::put_frame(&mut framed, OpCode::Text, &payload),
+                    // Compact JSON has no raw line breaks, so one `data:` line holds the frame.
+                    Wire::Sse => {
+                        framed.extend_from_slice(b"data: ");
+                        framed.extend_from_slice(&payload);
+                        framed.extend_from_slice(b"\n\n");
+                    }
+                }
+                let header = match wire {
+                    Wire::Sse => 6,
+                    _ => framed.len() - payload.len(),
+                };
                 Some(Framed {
-                    header: framed.len() - payload.len(),
+                    header,
+                    len: payload.len(),
                     bytes: framed.into(),
                 })
             }
@@ -110,16 +146,16 @@ pub enum Outbound {
 }
 
 /// Bytes a frame takes on the wire.
-pub fn wire_size(frame: &SharedFrame, format: Format) -> usize {
-    frame.framed(format).map_or(0, <[u8]>::len)
+pub fn wire_size(frame: &SharedFrame, wire: Wire) -> usize {
+    frame.framed(wire).map_or(0, <[u8]>::len)
 }
 
 impl Outbound {
-    /// Bytes the item takes on the wire in `format` (what counts against the pending bound).
-    pub fn wire_size(&self, format: Format) -> usize {
+    /// Bytes the item takes on `wire` (what counts against the pending bound).
+    pub fn wire_size(&self, wire: Wire) -> usize {
         match self {
-            Outbound::Frame(frame) => wire_size(frame, format),
-            Outbound::Batch(frames) => frames.iter().map(|f| wire_size(f, format)).sum(),
+            Outbound::Frame(frame) => wire_size(frame, wire),
+            Outbound::Batch(frames) => frames.iter().map(|f| wire_size(f, wire)).sum(),
             Outbound::Control(control) => control.1.len() + 2,
         }
     }
@@ -228,6 +264,8 @@ pub struct ConnHandle {
     /// Set once, when the connection authenticates (at the upgrade or by an `auth` frame).
     user: OnceLock<UserId>,
     pub format: Format,
+    /// How its frames are written: a WebSocket encoding, or SSE.
+    pub wire: Wire,
     /// Items offered and not yet taken by the writer. A short mutex per offer and per writer
     /// wake-up (the writer takes everything at once, swapping buffers); the buffer is allocated
     /// on the first item, so an idle connection holds none.
@@ -286,11 +324,31 @@ pub enum Offer {
 }
 
 impl ConnHandle {
-    /// A connection whose queue holds at most `max_items` items and `max_pending` bytes.
+    /// A WebSocket connection whose queue holds at most `max_items` items and `max_pending`
+    /// bytes.
     pub fn new(
         id: ConnId,
         user: Option<UserId>,
         format: Format,
+        max_items: usize,
+        max_pending: usize,
+    ) -> Arc<ConnHandle> {
+        Self::on_wire(
+            id,
+            user,
+            format,
+            Wire::websocket(format),
+            max_items,
+            max_pending,
+        )
+    }
+
+    /// A connection whose frames are written as `wire` (SSE, or a WebSocket encoding).
+    pub fn on_wire(
+        id: ConnId,
+        user: Option<UserId>,
+        format: Format,
+        wire: Wire,
         max_items: usize,
         max_pending: usize,
     ) -> Arc<ConnHandle> {
@@ -302,6 +360,7 @@ impl ConnHandle {
             id,
             user: cell,
             format,
+            wire,
             queue: Mutex::new(Queue::default()),
             max_items: max_items.max(1),
             pending: AtomicUsize::new(0),
@@ -340,7 +399,7 @@ impl ConnHandle {
         if self.closed.load(Ordering::Acquire) {
             return Offer::Closed;
         }
-        let size = item.wire_size(self.format);
+        let size = item.wire_size(self.wire);
         let before = self.pending.fetch_add(size, Ordering::AcqRel);
         if before.saturating_add(size) > self.max_pending {
             self.pending.fetch_sub(size, Ordering::AcqRel);

@@ -14,10 +14,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::admission::Refused;
-use crate::auth::AuthError;
+use crate::admission::{Refused, Slot};
+use crate::auth::{AuthError, Identity};
 use crate::http::{error_response, query_param};
 use crate::metrics as m;
+use crate::outbound::Wire;
 use crate::session::{self, BoxRead, BoxWrite};
 use crate::PeerAddr;
 use crate::Shared;
@@ -79,48 +80,13 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
             "this origin may not open WebSockets here".into(),
         );
     }
-    let identity = match bearer_token(&req) {
-        None => None,
-        Some(token) => {
-            let Some(verifier) = &shared.verifier else {
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "token_invalid",
-                    "this broker has no JWT key configured".into(),
-                );
-            };
-            match verifier.verify(&token) {
-                Ok(identity) => Some(identity),
-                Err(AuthError::Expired) => {
-                    return refuse(
-                        StatusCode::UNAUTHORIZED,
-                        "token_expired",
-                        "the token has expired".into(),
-                    )
-                }
-                Err(e @ AuthError::Invalid(_)) => {
-                    return refuse(StatusCode::UNAUTHORIZED, "token_invalid", e.to_string())
-                }
-            }
-        }
+    let identity = match identify(shared, &req, &refuse) {
+        Ok(identity) => identity,
+        Err(response) => return response,
     };
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-    let slot = match shared.admission.admit(peer) {
+    let slot = match admit(shared, &req, &refuse) {
         Ok(slot) => slot,
-        Err(refused) => {
-            let (reason, message) = match refused {
-                Refused::Full => ("too_many_connections", "the broker is full; retry shortly"),
-                Refused::AddressFull => (
-                    "too_many_connections_from_address",
-                    "too many connections from your address; retry shortly",
-                ),
-            };
-            let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, reason, message.into());
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
-            return response;
-        }
+        Err(response) => return response,
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -134,11 +100,12 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         // Boxed: the task's future would otherwise hold room for the upgrade's state and the
         // session's side by side for the connection's whole life (4.9 KiB where the session
         // needs 2.3 KiB).
+        let inbound = session::Inbound::websocket(read, task_shared.config.max_message_size);
         Box::pin(session::serve(
             task_shared,
-            read,
+            inbound,
             write,
-            format,
+            Wire::websocket(format),
             identity,
             slot,
         ))
@@ -153,6 +120,67 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         );
     }
     Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+/// How a refusal is answered (and counted): status, stable code, message.
+pub(crate) type Refuse<'a> = &'a dyn Fn(StatusCode, &'static str, String) -> Response<Full<Bytes>>;
+
+/// The connection's identity from its token (`Authorization: Bearer` or `?token=`), if it came
+/// with one; a bad or expired token is refused with 401. (The large `Err` is the refusal, the
+/// cold path: boxing it would buy nothing.)
+#[allow(clippy::result_large_err)]
+pub(crate) fn identify(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    refuse: Refuse<'_>,
+) -> Result<Option<Identity>, Response<Full<Bytes>>> {
+    let Some(token) = bearer_token(req) else {
+        return Ok(None);
+    };
+    let Some(verifier) = &shared.verifier else {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "token_invalid",
+            "this broker has no JWT key configured".into(),
+        ));
+    };
+    match verifier.verify(&token) {
+        Ok(identity) => Ok(Some(identity)),
+        Err(AuthError::Expired) => Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+            "the token has expired".into(),
+        )),
+        Err(e @ AuthError::Invalid(_)) => Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "token_invalid",
+            e.to_string(),
+        )),
+    }
+}
+
+/// A place under the connection limits, or 503 with `Retry-After`.
+#[allow(clippy::result_large_err)]
+pub(crate) fn admit(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    refuse: Refuse<'_>,
+) -> Result<Slot, Response<Full<Bytes>>> {
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    shared.admission.admit(peer).map_err(|refused| {
+        let (reason, message) = match refused {
+            Refused::Full => ("too_many_connections", "the broker is full; retry shortly"),
+            Refused::AddressFull => (
+                "too_many_connections_from_address",
+                "too many connections from your address; retry shortly",
+            ),
+        };
+        let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, reason, message.into());
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        response
+    })
 }
 
 /// Seconds a refused client is asked to wait (`Retry-After`).
@@ -170,8 +198,6 @@ fn bearer_token(req: &Request<Incoming>) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
-/// Splits the upgraded connection into owned halves: for a plain TCP stream without a lock
-/// between them (keeping any bytes hyper read ahead), otherwise through `tokio::io::split`.
 /// The socket's two halves once the upgrade completes; `None` if it failed.
 async fn upgraded(upgrade: fastwebsockets::upgrade::UpgradeFut) -> Option<(BoxRead, BoxWrite)> {
     match upgrade.await {
@@ -183,6 +209,8 @@ async fn upgraded(upgrade: fastwebsockets::upgrade::UpgradeFut) -> Option<(BoxRe
     }
 }
 
+/// Splits the upgraded connection into owned halves: for a plain TCP stream without a lock
+/// between them (keeping any bytes hyper read ahead), otherwise through `tokio::io::split`.
 fn split(io: TokioIo<hyper::upgrade::Upgraded>) -> (BoxRead, BoxWrite) {
     let upgraded = io.into_inner();
     match upgraded.downcast::<TokioIo<TcpStream>>() {

@@ -39,8 +39,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn replay_size(frames: &[Arc<SharedFrame>], format: gavel_protocol::Format) -> usize {
-    frames.iter().map(|f| wire_size(f, format)).sum()
+fn replay_size(frames: &[Arc<SharedFrame>], wire: crate::outbound::Wire) -> usize {
+    frames.iter().map(|f| wire_size(f, wire)).sum()
 }
 
 /// One event of a producer's turn, for [`Rooms::publish_all`].
@@ -270,7 +270,7 @@ impl Rooms {
                 Some(since) => match log.replay_after(since, epoch, room.epoch()) {
                     // A replay must fit the connection's pending-bytes bound; a larger one is
                     // answered like an aged-out history: a snapshot to reload from.
-                    Some(frames) if conn.fits(replay_size(&frames, conn.format)) => {
+                    Some(frames) if conn.fits(replay_size(&frames, conn.wire)) => {
                         (Some(true), frames)
                     }
                     _ => (Some(false), Vec::new()),

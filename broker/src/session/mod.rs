@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use gavel_protocol::{
     decode, Channel, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Format, RequestId,
     ServerFrame, PROTOCOL_VERSION,
@@ -20,7 +21,7 @@ use crate::admission::Slot;
 use crate::auth::Identity;
 use crate::clock::now_ms;
 use crate::metrics as m;
-use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame};
+use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, Wire};
 use crate::ratelimit::TokenBucket;
 use crate::rooms::Room;
 use crate::wsframe::{FrameReader, Message, OpCode, ReadError};
@@ -29,26 +30,63 @@ use crate::Shared;
 pub(crate) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// Where a session's client messages come from: WebSocket frames read off the socket, or the
+/// bodies of `POST /sse/{session}` requests (the fallback transport, `crate::sse`), each one
+/// text message. Everything after (rate limit, decoding, dispatch) is the same.
+pub(crate) enum Inbound {
+    /// Boxed: the reader's inline buffer would make every `Inbound` as large.
+    WebSocket(Box<FrameReader<BoxRead>>),
+    Posts(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl Inbound {
+    /// A WebSocket's messages, at most `max_message` bytes each.
+    pub(crate) fn websocket(read: BoxRead, max_message: usize) -> Inbound {
+        Inbound::WebSocket(Box::new(FrameReader::new(read, max_message)))
+    }
+
+    /// The next message. Cancel-safe between messages only (see `FrameReader::next`).
+    async fn next(&mut self) -> Result<Message, ReadError> {
+        match self {
+            Inbound::WebSocket(reader) => reader.next().await,
+            Inbound::Posts(posts) => posts.recv().await.map(Message::Text).ok_or(ReadError::Eof),
+        }
+    }
+
+    /// Frames read since the last call, each charged to the rate limit (a POST is one).
+    fn take_frames(&mut self) -> u32 {
+        match self {
+            Inbound::WebSocket(reader) => reader.take_frames(),
+            Inbound::Posts(_) => 1,
+        }
+    }
+}
+
 /// Runs a connection to its end: spawns the writer, reads until the connection closes, then
 /// leaves every room.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    read: BoxRead,
+    inbound: Inbound,
     write: BoxWrite,
-    format: Format,
+    wire: Wire,
     identity: Option<Identity>,
     slot: Slot,
 ) {
+    let format = match wire {
+        Wire::MsgPack => Format::MsgPack,
+        Wire::Json | Wire::Sse => Format::Json,
+    };
     let id = shared.next_conn_id();
     let user = identity.as_ref().map(|i| i.user.clone());
     // A debug-level span: at the default `info` level it costs nothing per connection (about
     // 0.4 KiB of registry memory otherwise); warnings name the connection themselves.
     let span = tracing::debug_span!("conn", id, user = user.as_ref().map(|u| u.as_str()));
     async move {
-        let conn = ConnHandle::new(
+        let conn = ConnHandle::on_wire(
             id,
             user,
             format,
+            wire,
             shared.config.outbound_queue,
             shared.config.outbound_bytes,
         );
@@ -71,7 +109,7 @@ pub(crate) async fn serve(
         let writer = tokio::spawn(
             writer::write_loop(Arc::clone(&shared), Arc::clone(&conn), write).in_current_span(),
         );
-        session.read_loop(read).await;
+        session.read_loop(inbound).await;
         // Leave the rooms before the writer finishes, so counts drop as the socket closes.
         drop(session);
         let _ = writer.await;
@@ -223,9 +261,8 @@ impl Session {
         Ok(false)
     }
 
-    async fn read_loop(&mut self, read: BoxRead) {
+    async fn read_loop(&mut self, mut reader: Inbound) {
         let idle_timeout = self.shared.config.idle_timeout;
-        let mut reader = FrameReader::new(read, self.shared.config.max_message_size);
         // Made once: a `cancelled()` future registers with the token's waiter list.
         let conn = Arc::clone(&self.conn);
         let closing = conn.closing().cancelled();

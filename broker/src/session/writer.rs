@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use crate::metrics as m;
-use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, WriterSignal};
+use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, Wire, WriterSignal};
 use crate::wsframe::{put_frame, OpCode};
 use crate::Shared;
 
@@ -89,10 +89,8 @@ pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut w
         );
     }
     if let Some(code) = reason.close_code().filter(|_| whole_frames) {
-        let mut payload = code.code().to_be_bytes().to_vec();
-        payload.extend_from_slice(code.reason().as_bytes());
         let mut batch = Batch::new(&conn);
-        batch.control(OpCode::Close, &payload);
+        batch.close(code);
         let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
     }
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write.shutdown()).await;
@@ -180,18 +178,43 @@ impl<'a> Batch<'a> {
     }
 
     fn frame(&mut self, frame: &SharedFrame) {
-        let format = self.conn.format;
-        self.conn.written(crate::outbound::wire_size(frame, format));
-        let Some(framed) = frame.framed(format) else {
+        let wire = self.conn.wire;
+        self.conn.written(crate::outbound::wire_size(frame, wire));
+        let Some(framed) = frame.framed(wire) else {
             return;
         };
         self.oldest.get_or_insert(frame.created);
-        // Framed once per format by whoever encoded it: one copy into the write buffer.
+        // Framed once per wire by whoever encoded it: one copy into the write buffer.
         self.buf.extend_from_slice(framed);
     }
 
+    /// A WebSocket control frame; on SSE, a ping is a comment line and a pong is not sent
+    /// (SSE clients cannot ping). A close is written by [`Batch::close`].
     fn control(&mut self, opcode: OpCode, payload: &[u8]) {
-        put_frame(&mut self.buf, opcode, payload);
+        match self.conn.wire {
+            Wire::Sse => {
+                if opcode == OpCode::Ping {
+                    self.buf.extend_from_slice(b": ping\n\n");
+                }
+            }
+            Wire::MsgPack | Wire::Json => put_frame(&mut self.buf, opcode, payload),
+        }
+    }
+
+    /// The close frame that says why; on SSE, a `close` event with the same code and reason.
+    fn close(&mut self, code: gavel_protocol::CloseCode) {
+        match self.conn.wire {
+            Wire::Sse => {
+                let event = serde_json::json!({"code": code.code(), "reason": code.reason()});
+                self.buf
+                    .extend_from_slice(format!("event: close\ndata: {event}\n\n").as_bytes());
+            }
+            Wire::MsgPack | Wire::Json => {
+                let mut payload = code.code().to_be_bytes().to_vec();
+                payload.extend_from_slice(code.reason().as_bytes());
+                put_frame(&mut self.buf, OpCode::Close, &payload);
+            }
+        }
     }
 
     async fn write(

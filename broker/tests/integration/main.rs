@@ -16,4 +16,5 @@ mod presence;
 mod recovery;
 mod shutdown;
 mod slow_consumer;
+mod sse;
 mod tls;

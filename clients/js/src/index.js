@@ -90,6 +90,115 @@ export class Subscription {
 }
 
 /**
+ * The fallback transport (protocol §2.5) behind a WebSocket-like face: `GET /sse` streams the
+ * server's frames as Server-Sent Events (read with fetch, so it works in browsers and Node),
+ * and each frame the client sends is a `POST /sse/{session}`, in order. JSON frames only.
+ */
+export class SseSocket {
+  /** @param {string} url the broker's WebSocket URL (`ws://host:port/ws`) */
+  constructor(url) {
+    this.base = url.replace(/^ws(s?):/, "http$1:").replace(/\/ws(\?.*)?$/, "");
+    this.readyState = 0;
+    this.binaryType = "arraybuffer";
+    this.onopen = null;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    this._abort = new AbortController();
+    this._post = null;
+    this._sending = Promise.resolve();
+    this._close = null;
+    this._run();
+  }
+
+  async _run() {
+    let code = 1006;
+    let reason = "event stream lost";
+    try {
+      const response = await fetch(`${this.base}/sse`, {
+        headers: { accept: "text/event-stream" },
+        signal: this._abort.signal,
+        cache: "no-store",
+      });
+      if (!response.ok || !response.body) throw new Error(`GET /sse answered ${response.status}`);
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          this._event(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+        }
+      }
+      if (this._close) ({ code, reason } = this._close);
+    } catch (error) {
+      if (this._close) ({ code, reason } = this._close);
+      else reason = String(error);
+    }
+    this._finish(code, reason);
+  }
+
+  _event(block) {
+    let type = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) continue; // a comment: the broker's ping
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") type = value;
+      else if (field === "data") data.push(value);
+    }
+    const text = data.join("\n");
+    if (type === "session") {
+      this._post = `${this.base}${JSON.parse(text).post}`;
+      this.readyState = 1;
+      this.onopen?.({});
+    } else if (type === "close") {
+      this._close = JSON.parse(text);
+    } else if (text) {
+      this.onmessage?.({ data: text });
+    }
+  }
+
+  send(text) {
+    if (this.readyState !== 1) return;
+    // One POST at a time, so frames reach the broker in the order they were sent.
+    this._sending = this._sending.then(async () => {
+      if (this.readyState !== 1) return;
+      try {
+        const response = await fetch(this._post, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: text,
+          signal: this._abort.signal,
+        });
+        if (response.status === 404) this.close(4004, "event stream ended");
+        else await response.arrayBuffer();
+      } catch {
+        this.close(1006, "post failed");
+      }
+    });
+  }
+
+  close(code = 1000, reason = "") {
+    if (this.readyState >= 2) return;
+    this._close = this._close || { code, reason };
+    this.readyState = 2;
+    this._abort.abort();
+  }
+
+  _finish(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this.onclose?.({ code, reason });
+  }
+}
+
+/**
  * A connection to a Gavel broker that keeps itself connected.
  */
 export class GavelClient {
@@ -98,12 +207,21 @@ export class GavelClient {
     if (!options || !options.url) throw new TypeError("gavel-client: `url` is required");
     this.url = options.url;
     this.format = options.format === "json" ? "json" : "msgpack";
+    /** 'auto' (WebSocket, falling back to SSE), 'websocket' or 'sse' */
+    this.transportOption = options.transport || "auto";
+    /** the transport in use: 'websocket' or 'sse' */
+    this.transport = this.transportOption === "sse" ? "sse" : "websocket";
+    this.fallbackAfter = options.fallbackAfter ?? 2;
+    this._failedOpens = 0;
     this.getToken = typeof options.token === "function"
       ? options.token
       : options.token ? async () => options.token : null;
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) {
-      throw new TypeError("gavel-client: no WebSocket: pass options.WebSocket (e.g. from the `ws` package)");
+      if (this.transportOption === "websocket") {
+        throw new TypeError("gavel-client: no WebSocket: pass options.WebSocket (e.g. from the `ws` package)");
+      }
+      this.transport = "sse";
     }
     this.requestTimeout = options.requestTimeout ?? 10_000;
     this.backoff = { initial: 500, max: 30_000, ...(options.backoff || {}) };
@@ -202,14 +320,22 @@ export class GavelClient {
     this._setState(this._attempt === 0 && this.state !== "reconnecting" ? "connecting" : "reconnecting");
     let ws;
     try {
-      ws = new this.WebSocket(this.url, [SUBPROTOCOLS[this.format]]);
+      ws = this.transport === "sse"
+        ? new SseSocket(this.url)
+        : new this.WebSocket(this.url, [SUBPROTOCOLS[this.format]]);
     } catch (error) {
       this._scheduleReconnect({ code: 1006, reason: String(error) });
       return;
     }
     ws.binaryType = "arraybuffer";
     this._ws = ws;
-    ws.onopen = () => { if (this._ws === ws) this._onOpen(); };
+    ws._opened = false;
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      ws._opened = true;
+      this._failedOpens = 0;
+      this._onOpen();
+    };
     ws.onmessage = (message) => { if (this._ws === ws) this._onMessage(message.data); };
     ws.onclose = (event) => { if (this._ws === ws) this._onClose(event.code, event.reason); };
     ws.onerror = () => { /* onclose follows */ };
@@ -293,7 +419,18 @@ export class GavelClient {
   }
 
   _onClose(code, reason) {
+    const opened = this._ws?._opened;
     this._ws = null;
+    if (!opened && this.transport === "websocket" && this.transportOption === "auto") {
+      // A WebSocket that never opened: after `fallbackAfter` of them in a row, the network
+      // probably blocks WebSockets; use the SSE transport from now on.
+      this._failedOpens += 1;
+      if (this._failedOpens >= this.fallbackAfter) {
+        this.transport = "sse";
+        this._attempt = 0;
+        this._emit("transport", { transport: "sse", reason: `${this._failedOpens} WebSocket attempts failed` });
+      }
+    }
     this._stopTimers();
     for (const subscription of this._subscriptions.values()) subscription.active = false;
     // Requests in flight are lost with the connection; bids are kept and resent.
@@ -370,7 +507,7 @@ export class GavelClient {
   _send(frame) {
     const ws = this._ws;
     if (!ws || ws.readyState !== 1) return false;
-    if (this.format === "json") ws.send(JSON.stringify(frame));
+    if (this.format === "json" || this.transport === "sse") ws.send(JSON.stringify(frame));
     else ws.send(encode(frame, { ignoreUndefined: true }));
     return true;
   }

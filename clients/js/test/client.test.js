@@ -225,3 +225,58 @@ test("conversations: messages, typing, read receipts, presence and joined", asyn
   assert.deepEqual(presence.users, ["gina", "hank"]);
   assert.equal(presence.viewers.connections, 2);
 });
+
+test("the SSE transport carries the same frames: bids, viewer counts, recovery after a drop", async () => {
+  await broker.createAuction("js6");
+  const viewer = client("ivan", { transport: "sse", backoff: { initial: 600, max: 1000 } });
+  const bidder = client("judy");
+  await Promise.all([viewer.connect(), bidder.connect()]);
+  assert.equal(viewer.transport, "sse");
+  const seqs = [];
+  const amounts = [];
+  const recoveries = [];
+  const sub = await viewer.subscribe("auction:js6", {
+    onEvent: (e) => {
+      seqs.push(e.seq);
+      if (e.event === "bid_placed") amounts.push(e.data.amount);
+    },
+    onRecovered: (r) => recoveries.push(r),
+  });
+  // Bids from the SSE side are POSTed frames, answered on the stream.
+  assert.equal((await viewer.placeBid("js6", 100)).kind, "bid_accepted");
+  await until(() => amounts.length === 1, 5000, "the first bid");
+  await until(() => sub.viewers?.connections === 1, 5000, "viewer counts over SSE");
+
+  const reconnected = next(viewer, "reconnected");
+  viewer.dropConnection();
+  for (const amount of [110, 120]) {
+    assert.equal((await bidder.placeBid("js6", amount)).kind, "bid_accepted");
+  }
+  await reconnected;
+  await until(() => amounts.length === 3, 5000, "the replayed bids");
+  assert.deepEqual(amounts, [100, 110, 120]);
+  assert.deepEqual(seqs, seqs.map((_, i) => seqs[0] + i));
+  assert.equal(recoveries[0].recovered, true);
+  assert.equal(viewer.transport, "sse");
+});
+
+test("when WebSockets are blocked the client falls back to SSE by itself and says so", async () => {
+  await broker.createAuction("js7");
+  // A network that refuses WebSocket upgrades: every attempt closes before it opens.
+  class BlockedWebSocket {
+    constructor() {
+      this.readyState = 0;
+      setTimeout(() => { this.readyState = 3; this.onclose?.({ code: 1006, reason: "" }); }, 5);
+    }
+    send() {}
+    close() {}
+  }
+  const viewer = client("kate", { WebSocket: BlockedWebSocket, backoff: { initial: 50, max: 100 } });
+  const switched = next(viewer, "transport");
+  await viewer.connect();
+  assert.deepEqual((await switched).transport, "sse");
+  assert.equal(viewer.transport, "sse");
+  const sub = await viewer.subscribe("auction:js7");
+  assert.equal(sub.state.auction_id, "js7");
+  assert.equal((await viewer.placeBid("js7", 100)).kind, "bid_accepted");
+});
