@@ -158,6 +158,12 @@ pub struct Config {
     #[arg(long, env = "GAVEL_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// Serve the live auction demo page at /demo/ with its development helpers: a public list of
+    /// auctions and their bid logs, and a bidder token for anyone who asks (signed with
+    /// --jwt-secret, which it needs). Development only: never on a broker users can reach.
+    #[arg(long, env = "GAVEL_DEMO")]
+    pub demo: bool,
+
     /// Without --allow-anonymous, a connection that has not authenticated this long after the
     /// upgrade is closed (4002).
     #[arg(long, env = "GAVEL_AUTH_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -269,6 +275,13 @@ impl Config {
         }
         if self.outbound_queue == 0 {
             return Err(bad("--outbound-queue", "at least 1", self.outbound_queue));
+        }
+        if self.demo && self.jwt_secret.is_none() {
+            return Err(bad(
+                "--demo",
+                "used with --jwt-secret (it signs the demo's tokens)",
+                "no --jwt-secret",
+            ));
         }
         if self.outbound_bytes < 64 * 1024 {
             return Err(bad(
@@ -389,6 +402,7 @@ impl fmt::Debug for Config {
             .field("conversation_auth_url", &self.conversation_auth_url)
             .field("conversation_auth_cache", &self.conversation_auth_cache)
             .field("allow_anonymous", &self.allow_anonymous)
+            .field("demo", &self.demo)
             .field("auth_timeout", &self.auth_timeout)
             .field("token_grace", &self.token_grace)
             .field("max_connections", &self.max_connections)

@@ -72,6 +72,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         ),
         (&Method::GET, "/readyz") => ("readyz", readyz(shared)),
         (&Method::GET, "/metrics") => ("metrics", metrics_text(shared)),
+        (_, p) if crate::demo::owns(p) => ("pages", crate::demo::handle(shared, req).await),
         (&Method::POST, p) if p.starts_with("/sse/") => (
             "sse_post",
             crate::sse::post(shared, req, &p["/sse/".len()..]).await,

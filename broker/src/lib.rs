@@ -20,6 +20,7 @@ pub mod backplane;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+mod demo;
 mod http;
 pub mod metrics;
 pub mod outbound;
@@ -236,6 +237,11 @@ impl Broker {
         let verifier = verifier(&config)?;
         if verifier.is_none() {
             tracing::warn!("no --jwt-secret or --jwt-public-key: nobody can authenticate");
+        }
+        if config.demo {
+            tracing::warn!(
+                "--demo: /demo/ is on and hands a bidder token to anyone who asks; development only"
+            );
         }
         let admission = Arc::new(admission::Admission::new(
             config.max_connections,

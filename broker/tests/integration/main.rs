@@ -12,6 +12,7 @@ mod errors;
 mod fan_out;
 mod hostile;
 mod http_api;
+mod pages;
 mod presence;
 mod recovery;
 mod shutdown;

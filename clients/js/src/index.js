@@ -4,7 +4,17 @@
 // `since` + `epoch`), bids retried with the same `request_id` until answered, and reconnects with
 // jittered exponential backoff. No build step: an ES module with JSDoc types and index.d.ts.
 
-import { encode, decode } from "@msgpack/msgpack";
+/** @msgpack/msgpack, loaded on first use: a page that speaks JSON never needs it. */
+let msgpackModule = null;
+async function loadMsgpack() {
+  try {
+    msgpackModule ??= await import("@msgpack/msgpack");
+  } catch (error) {
+    throw new TypeError("gavel-client: format 'msgpack' needs the @msgpack/msgpack package "
+      + `(in a browser, map it in an import map), or use format 'json' (${error})`);
+  }
+  return msgpackModule;
+}
 
 /** Subprotocols by format (protocol §1.2). */
 export const SUBPROTOCOLS = { msgpack: "gavel.v1.msgpack", json: "gavel.v1.json" };
@@ -250,6 +260,8 @@ export class GavelClient {
     this._everOpen = false;
     this._pingInterval = 0;
     this._bidCounter = 0;
+    /** the MessagePack codec, once loaded */
+    this._codec = null;
     this._clientId = Math.random().toString(36).slice(2, 10);
     this._onOnline = () => { if (this.state === "reconnecting") this._reconnectNow(); };
     this._onOffline = () => { if (this._ws) this._ws.close(4999, "offline"); };
@@ -296,6 +308,7 @@ export class GavelClient {
   async connect() {
     this._closedByUser = false;
     if (this.state === "open") return;
+    if (this.format === "msgpack" && !this._codec) this._codec = await loadMsgpack();
     if (this.state === "idle" || this.state === "closed") this._open();
     await this._whenReady(Infinity);
   }
@@ -508,14 +521,14 @@ export class GavelClient {
     const ws = this._ws;
     if (!ws || ws.readyState !== 1) return false;
     if (this.format === "json" || this.transport === "sse") ws.send(JSON.stringify(frame));
-    else ws.send(encode(frame, { ignoreUndefined: true }));
+    else ws.send(this._codec.encode(frame, { ignoreUndefined: true }));
     return true;
   }
 
   _decode(data) {
     if (typeof data === "string") return JSON.parse(data);
     const bytes = data instanceof ArrayBuffer ? new Uint8Array(data) : data;
-    return decode(bytes, { useBigInt64: false });
+    return this._codec.decode(bytes, { useBigInt64: false });
   }
 
   _onMessage(data) {

@@ -38,13 +38,15 @@ export function token(sub, claims = {}, ttl = 3600) {
 
 /** A running broker: its URLs, and stop / restart (same port, same data directory). */
 export class Broker {
-  static async start() {
-    const broker = new Broker(await freePort(), mkdtempSync(join(tmpdir(), "gavel-js-")));
+  /** @param {string[]} [extra] more broker flags (e.g. `--demo`) */
+  static async start(extra = []) {
+    const broker = new Broker(await freePort(), mkdtempSync(join(tmpdir(), "gavel-js-")), extra);
     await broker.run();
     return broker;
   }
 
-  constructor(port, dataDir) {
+  constructor(port, dataDir, extra = []) {
+    this.extra = extra;
     this.port = port;
     this.dataDir = dataDir;
     this.wsUrl = `ws://127.0.0.1:${port}/ws`;
@@ -62,6 +64,7 @@ export class Broker {
       "--bid-rate", "200",
       "--bid-burst", "200",
       "--log", "warn",
+      ...this.extra,
     ], { stdio: ["ignore", "ignore", "inherit"] });
     const exited = new Promise((_, reject) => this.child.once("exit", (code) => reject(
       new Error(`gavel-broker exited with ${code} (is ${BINARY} built? run cargo build -p gavel-broker)`),
@@ -95,6 +98,14 @@ export class Broker {
   async close() {
     await this.stop();
     rmSync(this.dataDir, { recursive: true, force: true });
+  }
+
+  /** The auction's durable bid log (GET /api/auctions/{id}/bids). */
+  async bids(id) {
+    const response = await fetch(`${this.httpUrl}/api/auctions/${id}/bids?limit=1000`, {
+      headers: { authorization: `Bearer ${API_KEY}` },
+    });
+    return (await response.json()).bids;
   }
 
   /** POST /api/auctions: an auction that is active now and ends in an hour. */
