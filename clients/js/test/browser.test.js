@@ -100,7 +100,7 @@ test("a page offline for 10 s during bidding comes back recovered and shows exac
   await dan.context.close();
 });
 
-test("with WebSockets blocked the page falls back to SSE and bids all the same", async () => {
+test("with WebSockets blocked the page falls back to SSE, bids, and recovers after losing its network", async () => {
   await broker.createAuction("b3");
   // A network that refuses WebSocket upgrades: every attempt fails before it opens.
   const blocked = () => {
@@ -122,6 +122,20 @@ test("with WebSockets blocked the page falls back to SSE and bids all the same",
   await fay.page.click("[data-testid=quick-bid-0]");
   await priceIs(eve.page, 110);
   assert.equal(await leader(eve.page), "fay");
+
+  // The SSE page loses its network while bidding goes on, and recovers every bid.
+  await eve.context.setOffline(true);
+  await eve.page.waitForFunction(() => window.gavelClient.state !== "open", null, { timeout: 5_000 });
+  for (const amount of [120, 130, 140]) {
+    await fay.page.click("[data-testid=quick-bid-0]");
+    await priceIs(fay.page, amount);
+  }
+  await eve.context.setOffline(false);
+  await priceIs(eve.page, 140);
+  await eve.page.waitForSelector("#lot[data-recovered=true]", { timeout: 10_000 });
+  assert.equal(await connection.getAttribute("data-transport"), "sse");
+  const log = await broker.bids("b3");
+  assert.deepEqual(await historyAmounts(eve.page), log.map((b) => b.amount).reverse());
   await eve.context.close();
   await fay.context.close();
 });

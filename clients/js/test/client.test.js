@@ -6,7 +6,9 @@ import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 
-import { GavelClient, GavelError } from "../src/index.js";
+import { readFileSync } from "node:fs";
+
+import { CLOSE_CODES, ERROR_CODES, GavelClient, GavelError } from "../src/index.js";
 import { Broker, token } from "./broker.js";
 
 let broker;
@@ -279,4 +281,14 @@ test("when WebSockets are blocked the client falls back to SSE by itself and say
   const sub = await viewer.subscribe("auction:js7");
   assert.equal(sub.state.auction_id, "js7");
   assert.equal((await viewer.placeBid("js7", 100)).kind, "bid_accepted");
+});
+
+test("every error code and close code of docs/protocol.md §9 is known to the client", () => {
+  const doc = readFileSync(new URL("../../../docs/protocol.md", import.meta.url), "utf8");
+  const section = (from, to) => doc.slice(doc.indexOf(from), doc.indexOf(to));
+  const errors = [...section("### 9.1 Error codes", "### 9.2").matchAll(/^\| `([a-z_]+)`/gm)].map((m) => m[1]);
+  const closes = [...section("### 9.2 Close codes", "### 9.3").matchAll(/^\| (\d{4}) /gm)].map((m) => Number(m[1]));
+  assert.ok(errors.length >= 15 && closes.length >= 11, "the tables were found");
+  for (const code of errors) assert.ok(ERROR_CODES.includes(code), `error code ${code}`);
+  for (const code of closes) assert.ok(code in CLOSE_CODES, `close code ${code}`);
 });
