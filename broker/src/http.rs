@@ -28,8 +28,22 @@ pub(crate) async fn handle(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
 ) -> Response<crate::ResponseBody> {
-    if req.method() == Method::GET && req.uri().path() == "/sse" {
-        return crate::sse::open(shared, req);
+    let path = req.uri().path();
+    if path == "/sse" || path.starts_with("/sse/") {
+        // The fallback transport is for browsers: it answers CORS preflights and carries the
+        // CORS headers, like `/api/` (the origin check itself is in `sse`).
+        let origin = req.headers().get(ORIGIN).cloned();
+        let mut response = if req.method() == Method::OPTIONS {
+            let mut response = Response::new(Full::new(Bytes::new()).boxed());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        } else if req.method() == Method::GET && path == "/sse" {
+            crate::sse::open(shared, req)
+        } else {
+            route(shared, req).await.map(BodyExt::boxed)
+        };
+        cors(&shared.config, origin.as_ref(), &mut response);
+        return response;
     }
     route(shared, req).await.map(BodyExt::boxed)
 }
@@ -491,11 +505,7 @@ pub(crate) fn origin_allowed(config: &crate::Config, headers: &hyper::HeaderMap)
 }
 
 /// CORS for the API: echo an allowed origin back, and answer preflights.
-fn cors(
-    config: &crate::Config,
-    origin: Option<&HeaderValue>,
-    response: &mut Response<Full<Bytes>>,
-) {
+fn cors<B>(config: &crate::Config, origin: Option<&HeaderValue>, response: &mut Response<B>) {
     let Some(origin) = origin else { return };
     let mut headers = hyper::HeaderMap::new();
     headers.insert(ORIGIN, origin.clone());

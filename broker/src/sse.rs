@@ -73,10 +73,14 @@ pub(crate) fn open(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Res
     let (body, mut stream) = tokio::io::duplex(STREAM_BUFFER);
     let task_shared = Arc::clone(shared);
     shared.tracker.spawn(async move {
+        // Out of the registry however the session ends (a panic included).
+        let _registered = Registered {
+            shared: Arc::clone(&task_shared),
+            id: id.clone(),
+        };
         let announce =
             format!("event: session\ndata: {{\"session\":\"{id}\",\"post\":\"/sse/{id}\"}}\n\n");
         if stream.write_all(announce.as_bytes()).await.is_ok() {
-            let sessions = Arc::clone(&task_shared);
             Box::pin(session::serve(
                 task_shared,
                 Inbound::Posts(posts_rx),
@@ -86,9 +90,6 @@ pub(crate) fn open(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Res
                 slot,
             ))
             .await;
-            sessions.sse.remove(&id);
-        } else {
-            task_shared.sse.remove(&id);
         }
     });
     let mut response = Response::new(SseBody { read: body }.boxed());
@@ -122,13 +123,21 @@ pub(crate) async fn post(
         );
     };
     let limit = shared.config.max_message_size;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
+    let read = tokio::time::timeout(POST_WAIT, Limited::new(req.into_body(), limit).collect());
+    let body = match read.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "message_too_big",
                 &format!("a client frame may have at most {limit} bytes"),
+            )
+        }
+        Ok(Err(_)) | Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body could not be read in time",
             )
         }
     };
@@ -158,6 +167,18 @@ pub(crate) async fn post(
             "session_busy",
             "the session is not taking frames; slow down",
         ),
+    }
+}
+
+/// Removes a session from the registry when dropped.
+struct Registered {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.sse.remove(&self.id);
     }
 }
 

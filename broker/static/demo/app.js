@@ -85,40 +85,53 @@ async function loadHistory(id) {
 
 async function open(id) {
   if (lot) await client.unsubscribe(`auction:${lot.id}`).catch(() => {});
-  lot = { id, state: null, bids: new Map(), winner: null, recovered: null };
+  // This auction's view; handlers that fire after the user moved on find it is not `lot`.
+  const mine = { id, state: null, bids: new Map(), winner: null, recovered: null };
+  lot = mine;
+  delete $("lot").dataset.recovered;
   $("lot").hidden = false;
   $("winner").hidden = true;
   loadList();
+  /** The bid log, merged by bid_seq with what live events already brought. */
+  const mergeHistory = async () => {
+    const logged = await loadHistory(id);
+    for (const [seq, bid] of logged) mine.bids.set(seq, bid);
+    if (lot === mine) render();
+  };
   const subscription = await client.subscribe(`auction:${id}`, {
     onSubscribed(result) {
-      if (result.state) lot.state = { ...result.state };
-      render();
+      if (result.state) mine.state = { ...result.state };
+      if (lot === mine) render();
     },
-    onEvent(event) { apply(event); render(); },
-    onViewers(viewers) { $("viewers").textContent = viewers.users; },
+    onEvent(event) {
+      apply(mine, event);
+      if (lot === mine) render();
+    },
+    onViewers(viewers) {
+      if (lot === mine) $("viewers").textContent = viewers.users;
+    },
     async onRecovered(recovery) {
-      lot.recovered = recovery.recovered;
-      $("lot").dataset.recovered = String(recovery.recovered);
+      mine.recovered = recovery.recovered;
+      if (lot === mine) $("lot").dataset.recovered = String(recovery.recovered);
       if (!recovery.recovered) {
-        // Not everything missed could be replayed: reload from the state and the log.
-        lot.state = { ...recovery.state };
-        lot.bids = await loadHistory(id);
+        // Not everything missed could be replayed: take the state, and the log's bids.
+        mine.state = { ...recovery.state };
+        await mergeHistory();
       }
-      render();
+      if (lot === mine) render();
     },
   });
-  lot.bids = await loadHistory(id);
-  if (subscription.viewers) $("viewers").textContent = subscription.viewers.users;
-  render();
+  await mergeHistory();
+  if (lot === mine && subscription.viewers) $("viewers").textContent = subscription.viewers.users;
 }
 
-/** One room event into the page's view of the auction. */
-function apply(event) {
+/** One room event into a view of its auction. */
+function apply(view, event) {
   const data = event.data || {};
-  const state = lot.state || (lot.state = {});
+  const state = view.state || (view.state = {});
   switch (event.event) {
     case "bid_placed":
-      lot.bids.set(data.bid_seq, { seq: data.bid_seq, amount: data.amount, bidder: data.bidder, ts: data.server_ts });
+      view.bids.set(data.bid_seq, { seq: data.bid_seq, amount: data.amount, bidder: data.bidder, ts: data.server_ts });
       Object.assign(state, {
         price: data.amount, leader: data.bidder, bid_count: data.bid_count,
         next_min_bid: data.next_min_bid, ends_at: data.ends_at, last_bid_seq: data.bid_seq,
@@ -137,7 +150,7 @@ function apply(event) {
       break;
     case "ended":
       state.status = "ended";
-      lot.winner = data;
+      view.winner = data;
       break;
     default:
       break;

@@ -172,6 +172,22 @@ async fn bad_requests_get_documented_errors_and_the_session_lives_on() {
         (status, &body["error"]["code"]),
         (StatusCode::UNAUTHORIZED, &json!("token_invalid"))
     );
+    // Browsers on another origin: the preflight of a POST is answered, with CORS headers.
+    let (status, _, headers) = http_with_headers(
+        b.addr,
+        "OPTIONS",
+        "/sse/0123456789abcdef",
+        &[
+            ("origin", "https://shop.example"),
+            ("access-control-request-method", "POST"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        headers.get("access-control-allow-origin").unwrap(),
+        "https://shop.example"
+    );
     let (status, body) = post(&b, "0123456789abcdef", "{}").await;
     assert_eq!(
         (status, &body["error"]["code"]),

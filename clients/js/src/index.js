@@ -65,6 +65,12 @@ export class GavelError extends Error {
   }
 }
 
+/** How long after falling back to SSE the client tries WebSockets again (at a reconnect). */
+const WEBSOCKET_RETRY_MS = 5 * 60_000;
+
+/** `auth` errors that no retry with the same token provider can fix. */
+const FATAL_AUTH = new Set(["token_invalid", "forbidden"]);
+
 /** Bid rejections worth resending with the same `request_id` (protocol §4.10). */
 const TRANSIENT_REJECTIONS = new Set(["rate_limited", "unavailable", "cluster_unavailable"]);
 
@@ -107,7 +113,11 @@ export class Subscription {
 export class SseSocket {
   /** @param {string} url the broker's WebSocket URL (`ws://host:port/ws`) */
   constructor(url) {
-    this.base = url.replace(/^ws(s?):/, "http$1:").replace(/\/ws(\?.*)?$/, "");
+    const http = url.replace(/^ws(s?):/, "http$1:");
+    const at = http.search(/\/ws(\?|$)/);
+    this.base = at < 0 ? http : http.slice(0, at);
+    // A token in the URL (`?token=`) goes to `GET /sse` too.
+    this.query = at < 0 ? "" : http.slice(at + 3);
     this.readyState = 0;
     this.binaryType = "arraybuffer";
     this.onopen = null;
@@ -125,7 +135,7 @@ export class SseSocket {
     let code = 1006;
     let reason = "event stream lost";
     try {
-      const response = await fetch(`${this.base}/sse`, {
+      const response = await fetch(`${this.base}/sse${this.query}`, {
         headers: { accept: "text/event-stream" },
         signal: this._abort.signal,
         cache: "no-store",
@@ -226,6 +236,7 @@ export class GavelClient {
     this.getToken = typeof options.token === "function"
       ? options.token
       : options.token ? async () => options.token : null;
+    this._fixedToken = typeof options.token === "string";
     this.WebSocket = options.WebSocket || globalThis.WebSocket;
     if (!this.WebSocket) {
       if (this.transportOption === "websocket") {
@@ -347,22 +358,29 @@ export class GavelClient {
       if (this._ws !== ws) return;
       ws._opened = true;
       this._failedOpens = 0;
-      this._onOpen();
+      this._onOpen(ws);
     };
     ws.onmessage = (message) => { if (this._ws === ws) this._onMessage(message.data); };
     ws.onclose = (event) => { if (this._ws === ws) this._onClose(event.code, event.reason); };
     ws.onerror = () => { /* onclose follows */ };
   }
 
-  async _onOpen() {
+  async _onOpen(ws) {
     try {
       if (this.getToken) await this._authenticate();
     } catch (error) {
+      if (this._ws !== ws) return; // that connection is gone already
       this._emit("error", error);
-      // A refused token: the close code says what to do; close and let the backoff run.
-      if (this._ws) this._ws.close(4998, "authentication failed");
+      if (FATAL_AUTH.has(error.code) || (error.code === "token_expired" && this._fixedToken)) {
+        // Retrying cannot help: the token is refused for good. Stop, and tell the waiters.
+        this._fatal(error);
+        return;
+      }
+      // A transient failure (a timeout, a lost connection): close and let the backoff run.
+      ws.close(4998, "authentication failed");
       return;
     }
+    if (this._ws !== ws) return;
     this._attempt = 0;
     const wasReconnect = this._everOpen;
     this._everOpen = true;
@@ -377,6 +395,21 @@ export class GavelClient {
     this._readyWaiters = [];
     for (const waiter of waiters) waiter.resolve();
     if (wasReconnect) this._emit("reconnected", undefined);
+  }
+
+  /** Stops for good after an error no retry can fix; pending work fails with it. */
+  _fatal(error) {
+    this._closedByUser = true;
+    const ws = this._ws;
+    this._ws = null;
+    if (ws) ws.close(1000, "fatal error");
+    this._stopTimers();
+    for (const waiter of this._readyWaiters) waiter.reject(error);
+    this._readyWaiters = [];
+    for (const bid of this._bids.values()) bid.reject(error);
+    this._bids.clear();
+    this._failPending(error.code, error.message, true);
+    this._setState("closed");
   }
 
   async _authenticate() {
@@ -410,7 +443,8 @@ export class GavelClient {
 
   _startHeartbeat() {
     this._stopHeartbeat();
-    if (!this.heartbeat) return;
+    // On SSE only POSTs count as life for the broker's idle timeout: always ping there.
+    if (!this.heartbeat && this.transport !== "sse") return;
     // Browsers cannot see WebSocket pings: an application ping shows the connection is alive,
     // and measures the clock offset. No answer within the request timeout: reconnect.
     const every = this._pingInterval || 15_000;
@@ -441,6 +475,8 @@ export class GavelClient {
       if (this._failedOpens >= this.fallbackAfter) {
         this.transport = "sse";
         this._attempt = 0;
+        // The network may change (another Wi-Fi, a proxy fixed): try WebSockets again later.
+        this._websocketAgainAt = Date.now() + WEBSOCKET_RETRY_MS;
         this._emit("transport", { transport: "sse", reason: `${this._failedOpens} WebSocket attempts failed` });
       }
     }
@@ -471,6 +507,12 @@ export class GavelClient {
   _reconnectNow() {
     clearTimeout(this._reconnectTimer);
     if (this._closedByUser) return;
+    if (this.transport === "sse" && this.transportOption === "auto" && this.WebSocket
+      && this._websocketAgainAt && Date.now() >= this._websocketAgainAt) {
+      this.transport = "websocket";
+      this._failedOpens = 0;
+      this._websocketAgainAt = null;
+    }
     if (globalThis.navigator && globalThis.navigator.onLine === false) {
       // Offline: the `online` event reconnects.
       return;
@@ -487,10 +529,14 @@ export class GavelClient {
     if (this.state === "open") return Promise.resolve();
     if (this.state === "closed") return Promise.reject(new GavelError("closed", "the client is closed"));
     return new Promise((resolve, reject) => {
-      const waiter = { resolve, reject };
+      let timer = null;
+      const waiter = {
+        resolve: () => { clearTimeout(timer); resolve(); },
+        reject: (error) => { clearTimeout(timer); reject(error); },
+      };
       this._readyWaiters.push(waiter);
       if (Number.isFinite(timeout)) {
-        setTimeout(() => {
+        timer = setTimeout(() => {
           this._readyWaiters = this._readyWaiters.filter((w) => w !== waiter);
           reject(new GavelError("timeout", "not connected in time"));
         }, timeout);
@@ -542,7 +588,10 @@ export class GavelClient {
     switch (frame.type) {
       case "hello":
         this.clockOffset = Date.now() - frame.server_ts;
-        this._pingInterval = frame.ping_interval_ms;
+        if (frame.ping_interval_ms !== this._pingInterval) {
+          this._pingInterval = frame.ping_interval_ms;
+          if (this.state === "open") this._startHeartbeat();
+        }
         if (frame.user) this.user = frame.user;
         this._emit("hello", frame);
         return;
@@ -660,8 +709,11 @@ export class GavelClient {
       await this._whenReady(this.requestTimeout);
       await this._ensureSubscribed(subscription);
     } catch (error) {
-      if (error.code !== "disconnected" && error.code !== "timeout") {
-        this._subscriptions.delete(channel);
+      // Rejected means not subscribed: forget it (a later reply is ignored), and if the broker
+      // may have subscribed after all (no reply in time), leave again.
+      if (this._subscriptions.get(channel) === subscription) this._subscriptions.delete(channel);
+      if (error.code === "timeout" && this.state === "open") {
+        this._request({ type: "unsubscribe", channel }).catch(() => {});
       }
       throw error;
     }
@@ -747,36 +799,60 @@ export class GavelClient {
         retriesLeft: options.retries ?? 3, attempts: 0, timer: null,
       };
       bid.timer = setTimeout(() => {
-        this._bids.delete(requestId);
-        reject(new GavelError("timeout", `no answer to bid ${requestId} within ${timeout} ms`));
+        if (this._bids.get(requestId) === bid) this._bids.delete(requestId);
+        bid.reject(new GavelError("timeout", `no answer to bid ${requestId} within ${timeout} ms`));
       }, timeout);
-      bid.resolve = (result) => { clearTimeout(bid.timer); resolve(result); };
-      bid.reject = (error) => { clearTimeout(bid.timer); reject(error); };
+      bid.resolve = (result) => { clearTimeout(bid.timer); clearTimeout(bid.retry); resolve(result); };
+      bid.reject = (error) => { clearTimeout(bid.timer); clearTimeout(bid.retry); reject(error); };
+      const earlier = this._bids.get(requestId);
+      if (earlier) {
+        // The same request_id again while the first is unanswered: one bid, two callers.
+        earlier.resolve = ((first) => (result) => { first(result); bid.resolve(result); })(earlier.resolve);
+        earlier.reject = ((first) => (error) => { first(error); bid.reject(error); })(earlier.reject);
+        return;
+      }
       this._bids.set(requestId, bid);
       this._sendBid(bid);
     });
   }
 
   _sendBid(bid) {
-    if (!this._bids.has(bid.requestId)) return; // answered or given up meanwhile
+    if (this._bids.get(bid.requestId) !== bid) return; // answered or given up meanwhile
     if (this.state !== "open") return; // sent at the next connect
     const id = this._nextId++;
     bid.attempts += 1;
+    const current = () => this._bids.get(bid.requestId) === bid;
+    const again = (delay) => {
+      clearTimeout(bid.retry);
+      bid.retry = setTimeout(() => this._sendBid(bid), delay);
+    };
+    // A frame can be dropped without a reply (a rate-limited message is answered with an
+    // id-less error): without an answer in time, send the same request_id again.
+    const timer = setTimeout(() => {
+      if (this._pending.get(id)?.bid === bid) this._pending.delete(id);
+      if (current()) this._sendBid(bid);
+    }, this.requestTimeout);
     this._pending.set(id, {
       bid,
-      timer: null,
+      timer,
       resolve: (result) => {
-        if (!this._bids.has(bid.requestId)) return;
+        if (!current()) return;
         if (result.kind === "bid_rejected" && TRANSIENT_REJECTIONS.has(result.reason)
           && bid.retriesLeft > 0) {
           bid.retriesLeft -= 1;
-          setTimeout(() => this._sendBid(bid), 250 * bid.attempts);
+          again(250 * bid.attempts);
           return;
         }
         this._bids.delete(bid.requestId);
         bid.resolve(result);
       },
       reject: (error) => {
+        if (!current()) return;
+        // During a token's grace period (the refresh is under way) or a rate limit: later.
+        if (error.code === "token_expired" || error.code === "rate_limited") {
+          again(1000);
+          return;
+        }
         this._bids.delete(bid.requestId);
         bid.reject(error);
       },
