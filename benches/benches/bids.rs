@@ -71,6 +71,8 @@ fn engine(rt: &tokio::runtime::Runtime, mode: GroupCommit) -> Engine {
                 starts_at: now - 1000,
                 ends_at: now + 86_400_000,
                 soft_close: SoftClose::default(),
+                buy_now: None,
+                required_role: None,
             })
             .await
             .expect("create");
@@ -103,6 +105,7 @@ async fn run(engine: &Arc<Engine>, total: u64) -> Duration {
                             BidRequest {
                                 user: Some(user.clone()),
                                 may_bid: true,
+                                roles: None,
                                 auction_id: "bench".into(),
                                 amount,
                                 request_id: format!("{b}-{amount}-{i}"),

@@ -268,6 +268,8 @@ fn main() {
         starts_at: 1795333000000,
         ends_at: 1795334200000,
         reserve_met: true,
+        buy_now: None,
+        required_role: None,
         server_ts: 1795333703380,
     };
     show(

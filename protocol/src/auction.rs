@@ -66,6 +66,12 @@ pub struct AuctionSnapshot {
     pub ends_at: u64,
     /// Whether the price has reached the (secret) reserve; `true` when there is none.
     pub reserve_met: bool,
+    /// The buy-now price, while it still applies (the price is below it); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buy_now: Option<i64>,
+    /// The role a bidder's token must carry to bid here (e.g. `verified`); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_role: Option<String>,
     pub server_ts: u64,
 }
 

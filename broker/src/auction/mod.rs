@@ -49,6 +49,8 @@ pub struct BidRequest {
     pub user: Option<UserId>,
     /// False when the user's token has roles but not `bidder` (or `admin`).
     pub may_bid: bool,
+    /// The token's roles claim (`None`: the token has none), for an auction's `required_role`.
+    pub roles: Option<Vec<String>>,
     pub auction_id: String,
     pub amount: i64,
     pub request_id: String,
@@ -409,6 +411,7 @@ impl Auctions {
         let BidRequest {
             user,
             may_bid,
+            roles,
             auction_id,
             amount,
             request_id,
@@ -447,6 +450,7 @@ impl Auctions {
         let at_ms = self.engine.clock.now_ms();
         let bid = Bid {
             user,
+            roles,
             amount,
             request_id: request_id.clone(),
             at_ms,

@@ -53,6 +53,13 @@ pub struct AuctionSpec {
     pub ends_at: u64,
     #[serde(default)]
     pub soft_close: SoftClose,
+    /// A bid of at least this much, while the next minimum bid is not above it, is placed at
+    /// exactly this price and ends the auction at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buy_now: Option<i64>,
+    /// Only bidders whose token carries this role (or `admin`) may bid, e.g. `verified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_role: Option<String>,
 }
 
 /// Why a spec or an admin operation is refused.
@@ -111,6 +118,21 @@ impl AuctionSpec {
         if self.soft_close.window_ms > 0 && self.soft_close.extend_ms == 0 {
             return bad("a soft-close window needs an extend_ms above 0");
         }
+        if let Some(buy_now) = self.buy_now {
+            if buy_now < self.starting_price || buy_now > MAX_AMOUNT {
+                return bad("buy_now must be between the starting price and 10^15");
+            }
+            if self.reserve.is_some_and(|r| buy_now < r) {
+                return bad("buy_now must be at or above the reserve");
+            }
+        }
+        if let Some(role) = &self.required_role {
+            let valid =
+                |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+            if role.is_empty() || role.len() > 64 || !role.bytes().all(valid) {
+                return bad("required_role must be 1 to 64 of a-z 0-9 _ -");
+            }
+        }
         Ok(())
     }
 
@@ -160,6 +182,8 @@ pub struct Accepted {
     pub outbid: Option<(UserId, i64)>,
     /// The end before this bid, if the bid extended it.
     pub extended_from: Option<u64>,
+    /// The bid met the buy-now price: the auction ended with it (the changes to announce).
+    pub bought: Vec<Change>,
 }
 
 /// A rejected bid.
@@ -211,6 +235,29 @@ impl Auction {
     /// The least amount a bid may have once `price` is the highest bid.
     pub fn next_min_bid_after(&self, price: i64) -> i64 {
         price.saturating_add(self.spec.step_at(price))
+    }
+
+    /// The buy-now price while it applies: set, and the next minimum bid not above it.
+    pub fn buy_now_price(&self) -> Option<i64> {
+        self.spec
+            .buy_now
+            .filter(|&price| self.next_min_bid() <= price)
+            .filter(|_| {
+                !matches!(
+                    self.state.status,
+                    AuctionStatus::Ended | AuctionStatus::Cancelled
+                )
+            })
+    }
+
+    /// Whether a bidder with `roles` (their token's claim; `None`: no claim) may bid here.
+    pub fn admits(&self, roles: Option<&[String]>) -> bool {
+        match &self.spec.required_role {
+            None => true,
+            Some(required) => {
+                roles.is_some_and(|roles| roles.iter().any(|r| r == required || r == "admin"))
+            }
+        }
     }
 
     pub fn reserve_met(&self) -> bool {
@@ -267,6 +314,9 @@ impl Auction {
                 message: format!("the next bid must be at least {min}"),
             });
         }
+        // At or above the buy-now price (while it applies): placed at exactly that price.
+        let buy_now = self.buy_now_price().filter(|&price| amount >= price);
+        let amount = buy_now.unwrap_or(amount);
         let outbid = self
             .state
             .leader
@@ -282,7 +332,12 @@ impl Auction {
             window_ms,
             extend_ms,
         } = self.spec.soft_close;
-        if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
+        let mut bought = Vec::new();
+        if buy_now.is_some() {
+            // Sold: the auction ends now, with this bid.
+            self.state.ends_at = self.state.ends_at.min(now);
+            bought = self.close(now);
+        } else if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
             let new_end = now.saturating_add(extend_ms);
             if new_end > self.state.ends_at {
                 extended_from = Some(self.state.ends_at);
@@ -294,6 +349,7 @@ impl Auction {
             amount,
             outbid,
             extended_from,
+            bought,
         })
     }
 
@@ -437,6 +493,8 @@ impl Auction {
             starts_at: self.spec.starts_at,
             ends_at: self.state.ends_at,
             reserve_met: self.reserve_met(),
+            buy_now: self.buy_now_price(),
+            required_role: self.spec.required_role.clone(),
             server_ts: now,
         }
     }
@@ -461,6 +519,8 @@ mod tests {
             starts_at: 1_000,
             ends_at: 100_000,
             soft_close: SoftClose::default(),
+            buy_now: None,
+            required_role: None,
         }
     }
 
@@ -610,6 +670,92 @@ mod tests {
     }
 
     #[test]
+    fn a_bid_at_the_buy_now_price_is_placed_at_that_price_and_ends_the_auction() {
+        let mut a = active(AuctionSpec {
+            buy_now: Some(5_000),
+            ..spec()
+        });
+        a.place_bid(&user("u1"), 1_000, 2_000).unwrap();
+        assert_eq!(a.snapshot(2_000).buy_now, Some(5_000));
+        // Above it: placed at exactly the buy-now price, and the auction is over.
+        let bought = a.place_bid(&user("u2"), 9_000, 3_000).unwrap();
+        assert_eq!(bought.amount, 5_000);
+        assert!(matches!(
+            bought.bought.as_slice(),
+            [Change::Status { to: AuctionStatus::Ended, .. }, Change::Ended(ended)]
+                if ended.winner == Some(user("u2")) && ended.final_price == Some(5_000)
+        ));
+        assert_eq!(a.state.status, AuctionStatus::Ended);
+        assert_eq!(a.state.ends_at, 3_000);
+        assert_eq!(a.snapshot(3_000).buy_now, None);
+        let late = a.place_bid(&user("u3"), 9_500, 3_000).unwrap_err();
+        assert_eq!(late.reason, BidRejection::Ended);
+    }
+
+    #[test]
+    fn buy_now_lapses_once_the_bidding_passes_it() {
+        let mut a = active(AuctionSpec {
+            buy_now: Some(1_150),
+            ..spec()
+        });
+        a.place_bid(&user("u1"), 1_100, 2_000).unwrap();
+        // The next minimum (1200) is above the buy-now price: it no longer applies.
+        assert_eq!(a.snapshot(2_000).buy_now, None);
+        let normal = a.place_bid(&user("u2"), 5_000, 3_000).unwrap();
+        assert_eq!((normal.amount, normal.bought.len()), (5_000, 0));
+        assert_eq!(a.state.status, AuctionStatus::Active);
+    }
+
+    #[test]
+    fn a_required_role_admits_only_tokens_that_carry_it_or_admin() {
+        let open = active(spec());
+        assert!(open.admits(None));
+        let verified = active(AuctionSpec {
+            required_role: Some("verified".into()),
+            ..spec()
+        });
+        assert!(!verified.admits(None));
+        assert!(!verified.admits(Some(&["bidder".to_owned()])));
+        assert!(verified.admits(Some(&["bidder".to_owned(), "verified".to_owned()])));
+        assert!(verified.admits(Some(&["admin".to_owned()])));
+        assert_eq!(
+            verified.snapshot(0).required_role.as_deref(),
+            Some("verified")
+        );
+    }
+
+    /// The worked example of docs/protocol.md §5.6.3, number for number.
+    #[test]
+    fn the_documented_tier_example_holds() {
+        let a = Auction::new(AuctionSpec {
+            starting_price: 9_000,
+            increment: Increment::Tiers(vec![
+                Tier { from: 0, step: 500 },
+                Tier {
+                    from: 10_000,
+                    step: 1_000,
+                },
+                Tier {
+                    from: 50_000,
+                    step: 2_500,
+                },
+            ]),
+            ..spec()
+        });
+        a.spec.validate().unwrap();
+        assert_eq!(a.next_min_bid(), 9_000);
+        for (price, next) in [
+            (9_000, 9_500),
+            (9_500, 10_000),
+            (10_000, 11_000),
+            (49_500, 50_500),
+            (50_000, 52_500),
+        ] {
+            assert_eq!(a.next_min_bid_after(price), next, "after {price}");
+        }
+    }
+
+    #[test]
     fn specs_are_validated() {
         let mut s = spec();
         s.currency = "euro".into();
@@ -619,6 +765,15 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = spec();
         s.increment = Increment::Fixed(0);
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.buy_now = Some(s.starting_price - 1);
+        assert!(s.validate().is_err(), "buy-now below the starting price");
+        let mut s = spec();
+        (s.reserve, s.buy_now) = (Some(5_000), Some(4_000));
+        assert!(s.validate().is_err(), "buy-now below the reserve");
+        let mut s = spec();
+        s.required_role = Some("Verified!".into());
         assert!(s.validate().is_err());
         spec().validate().unwrap();
     }

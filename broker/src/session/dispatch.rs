@@ -130,6 +130,11 @@ impl Session {
                 let bid = BidRequest {
                     user: self.identity.as_ref().map(|i| i.user.clone()),
                     may_bid: self.identity.as_ref().is_none_or(Identity::may_bid),
+                    roles: self
+                        .identity
+                        .as_ref()
+                        .and_then(|i| i.roles.as_ref())
+                        .map(|roles| roles.iter().cloned().collect()),
                     auction_id,
                     amount,
                     request_id,

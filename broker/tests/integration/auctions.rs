@@ -614,3 +614,65 @@ async fn a_retry_after_resume_gets_the_same_rejection_and_costs_no_token() {
     ));
     assert_eq!(all_bids(b.addr, "y").await.len(), 2);
 }
+
+#[tokio::test]
+async fn buy_now_ends_the_auction_at_its_price_and_a_required_role_keeps_others_out() {
+    let b = TestBroker::start(fast_bidding).await;
+    let mut spec = open_auction("bn", 600_000);
+    spec["buy_now"] = json!(5000);
+    spec["required_role"] = json!("verified");
+    let (status, body) = api(b.addr, "POST", "/api/auctions", Some(spec)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (&body["buy_now"], &body["required_role"]),
+        (&json!(5000), &json!("verified"))
+    );
+
+    // A bidder without the role is refused (and nothing is written).
+    let plain = token_with("plain", Some(vec!["bidder".into()]), None, 3600);
+    let mut outsider = TestClient::connect_with(b.addr, Some(plain), Format::MsgPack).await;
+    match outsider.bid("bn", 2000, "o1").await {
+        Reply::BidRejected {
+            reason, message, ..
+        } => {
+            assert_eq!(reason, BidRejection::Forbidden);
+            assert!(message.contains("verified"), "{message}");
+        }
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+
+    let verified = token_with(
+        "vera",
+        Some(vec!["bidder".into(), "verified".into()]),
+        None,
+        3600,
+    );
+    let mut vera = TestClient::connect_with(b.addr, Some(verified), Format::MsgPack).await;
+    let mut watcher = b.connect(Some("watcher")).await;
+    watcher.subscribe("auction:bn").await;
+    // Above the buy-now price: placed at exactly that price, and the auction ends at once.
+    match vera.bid("bn", 7000, "v1").await {
+        Reply::BidAccepted { amount, price, .. } => assert_eq!((amount, price), (5000, 5000)),
+        other => panic!("expected the buy-now bid accepted, got {other:?}"),
+    }
+    let mut seen = Vec::new();
+    while !seen.contains(&"ended".to_owned()) {
+        let event = watcher.next_event().await;
+        if event.event == "ended" {
+            assert_eq!(event.data["winner"], "vera");
+            assert_eq!(event.data["final_price"], 5000);
+        }
+        seen.push(event.event);
+    }
+    assert_eq!(seen.first().map(String::as_str), Some("bid_placed"));
+    let (_, auction) = api(b.addr, "GET", "/api/auctions/bn", None).await;
+    assert_eq!(auction["status"], "ended");
+    assert!(
+        auction.get("buy_now").is_none(),
+        "no buy-now once ended: {auction}"
+    );
+    match vera.bid("bn", 8000, "v2").await {
+        Reply::BidRejected { reason, .. } => assert_eq!(reason, BidRejection::Ended),
+        other => panic!("expected ended, got {other:?}"),
+    }
+}

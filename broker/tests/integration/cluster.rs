@@ -730,3 +730,36 @@ async fn a_full_relay_refuses_typing_with_cluster_unavailable() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buy_now_on_one_node_ends_the_auction_on_every_node() {
+    let cluster = Cluster::start(2).await;
+    let mut spec = open_auction("bn", 600_000);
+    spec["buy_now"] = json!(5000);
+    let (status, body) = api(cluster.addr(0), "POST", "/api/auctions", Some(spec)).await;
+    assert_eq!(status, 201, "{body}");
+    eventually("the auction reaches node 1", || async {
+        api(cluster.addr(1), "GET", "/api/auctions/bn", None)
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let mut buyer = cluster.connect(1, Some("buyer")).await;
+    match buyer.bid("bn", 9000, "b1").await {
+        Reply::BidAccepted { amount, .. } => assert_eq!(amount, 5000),
+        other => panic!("expected the buy-now bid accepted, got {other:?}"),
+    }
+    for node in 0..2 {
+        eventually("the sale reaches every node", || async {
+            let (_, state) = api(cluster.addr(node), "GET", "/api/auctions/bn", None).await;
+            state["status"] == "ended" && state["leader"] == "buyer" && state["price"] == 5000
+        })
+        .await;
+    }
+    let mut late = cluster.connect(0, Some("late")).await;
+    match late.bid("bn", 9500, "l1").await {
+        Reply::BidRejected { reason, .. } => assert_eq!(reason, BidRejection::Ended),
+        other => panic!("expected ended, got {other:?}"),
+    }
+}

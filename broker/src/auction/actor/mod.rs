@@ -36,6 +36,8 @@ const PROBE_MAX: Duration = Duration::from_secs(30);
 /// A bid as it reached the auction.
 pub struct Bid {
     pub user: UserId,
+    /// The bidder's token roles (`None`: no roles claim), for the auction's `required_role`.
+    pub roles: Option<Vec<String>>,
     pub amount: i64,
     pub request_id: String,
     /// When the broker received it (this node's clock, ms): the time it is judged at.
@@ -454,6 +456,25 @@ impl Actor {
             return;
         }
         let (user, request_id) = key;
+        // The auction's required role (e.g. `verified`): refused like a missing `bidder` role,
+        // not remembered and not charged.
+        if !self.auction.admits(bid.roles.as_deref()) {
+            let role = self.auction.spec.required_role.clone().unwrap_or_default();
+            let answer = rejected(
+                &self.id,
+                &request_id,
+                BidRejection::Forbidden,
+                None,
+                format!("this auction takes bids only from users with the role {role}"),
+            );
+            judged.answers.push(Answer::Bid {
+                reply,
+                answer,
+                after_write: false,
+                retry: false,
+            });
+            return;
+        }
         // Charged only now, after the retry check: a retry of an answered bid costs nothing.
         if !self.engine.limiter.allow(&user, self.engine.clock.now_ms()) {
             let answer = rejected(
@@ -483,7 +504,8 @@ impl Actor {
                 let record = BidRecord {
                     seq: accepted.seq,
                     user: user.clone(),
-                    amount: bid.amount,
+                    // The buy-now price when the bid met it, else the bid's amount.
+                    amount: accepted.amount,
                     request_id: request_id.clone(),
                     ts: at,
                     ends_at: self.auction.state.ends_at,
@@ -492,13 +514,22 @@ impl Actor {
                 let key = (user.clone(), request_id);
                 self.outcomes.remember(key.clone(), answer.clone());
                 judged.voidable_keys.push(key);
-                let previous = self.highest.insert(user.clone(), bid.amount);
+                let previous = self.highest.insert(user.clone(), accepted.amount);
                 judged.undo_highest.push((user, previous));
                 self.leaderboard_dirty = true;
                 let snapshot = self.auction.snapshot(at);
                 judged
                     .announcements
                     .extend(announce::bid(&self.id, &accepted, &record, &snapshot));
+                if !accepted.bought.is_empty() {
+                    // Bought now: the auction ended with this bid.
+                    judged.announcements.extend(announce::changes(
+                        &self.id,
+                        accepted.bought.clone(),
+                        &snapshot,
+                        at,
+                    ));
+                }
                 judged.bids.push(record);
                 judged.wrote = true;
                 judged.answers.push(Answer::Bid {

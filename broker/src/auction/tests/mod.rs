@@ -58,6 +58,8 @@ fn spec(id: &str) -> AuctionSpec {
             window_ms: 10_000,
             extend_ms: 20_000,
         },
+        buy_now: None,
+        required_role: None,
     }
 }
 
@@ -124,6 +126,7 @@ fn request(user: &str, auction: &str, amount: i64, request_id: &str) -> BidReque
     BidRequest {
         user: Some(UserId::parse(user).unwrap()),
         may_bid: true,
+        roles: None,
         auction_id: auction.into(),
         amount,
         request_id: request_id.into(),
