@@ -136,6 +136,8 @@ function apply(view, event) {
         price: data.amount, leader: data.bidder, bid_count: data.bid_count,
         next_min_bid: data.next_min_bid, ends_at: data.ends_at, last_bid_seq: data.bid_seq,
       });
+      // Buy-now lapses once the bidding passes it (the state says so; events carry no field).
+      if (state.buy_now != null && data.next_min_bid > state.buy_now) delete state.buy_now;
       break;
     case "extended":
       state.ends_at = data.ends_at;
@@ -150,6 +152,7 @@ function apply(view, event) {
       break;
     case "ended":
       state.status = "ended";
+      delete state.buy_now;
       view.winner = data;
       break;
     default:
@@ -179,7 +182,7 @@ function render() {
   // Quick bids: the least accepted amount, and two more increments above it.
   const step = s.price != null ? Math.max(1, s.next_min_bid - s.price) : Math.max(1, Math.round(s.next_min_bid / 10));
   const amounts = [s.next_min_bid, s.next_min_bid + step, s.next_min_bid + 5 * step];
-  $("quick").replaceChildren(...amounts.map((amount, i) => {
+  const buttons = amounts.map((amount, i) => {
     const button = document.createElement("button");
     button.textContent = `Bid ${money(amount, s.currency)}`;
     button.dataset.testid = `quick-bid-${i}`;
@@ -187,7 +190,18 @@ function render() {
     button.disabled = s.status !== "active";
     button.onclick = () => bid(amount);
     return button;
-  }));
+  });
+  if (s.buy_now != null) {
+    // The broker shows buy_now only while it applies: a bid of that much ends the auction.
+    const button = document.createElement("button");
+    button.textContent = `Buy now ${money(s.buy_now, s.currency)}`;
+    button.dataset.testid = "buy-now";
+    button.disabled = s.status !== "active";
+    button.onclick = () => bid(s.buy_now);
+    buttons.push(button);
+  }
+  $("quick").replaceChildren(...buttons);
+  $("who-may-bid").textContent = s.required_role ? `Bidding needs the role “${s.required_role}”.` : "";
   const rows = [...lot.bids.values()].sort((a, b) => b.seq - a.seq).map((b) => {
     const tr = document.createElement("tr");
     tr.dataset.seq = b.seq;

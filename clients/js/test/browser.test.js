@@ -187,3 +187,17 @@ test("the admin page ends an auction and every page shows the winner", async () 
   await hal.context.close();
   await ida.context.close();
 });
+
+test("a buy-now click ends the auction and the other page shows the buyer as winner", async () => {
+  await broker.createAuction("b6", { buy_now: 500 });
+  const jon = await bidder("jon", "b6");
+  const kim = await bidder("kim", "b6");
+  await jon.page.click("[data-testid=buy-now]");
+  for (const { page } of [jon, kim]) {
+    await page.waitForSelector("[data-testid=winner][data-winner=jon]", { timeout: 10_000 });
+    assert.equal(await price(page), "500");
+    assert.equal(await page.locator("[data-testid=buy-now]").count(), 0, "no buy-now once sold");
+  }
+  await jon.context.close();
+  await kim.context.close();
+});
