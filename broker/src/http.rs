@@ -92,7 +92,11 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             crate::sse::post(shared, req, &p["/sse/".len()..]).await,
         ),
         (_, "/ws" | "/sse" | "/healthz" | "/readyz" | "/metrics") => method_not_allowed("GET"),
-        (_, p) if p.starts_with("/sse/") => method_not_allowed("POST"),
+        (&Method::DELETE, p) if p.starts_with("/sse/") => (
+            "sse_delete",
+            crate::sse::close(shared, &req, &p["/sse/".len()..]),
+        ),
+        (_, p) if p.starts_with("/sse/") => method_not_allowed("POST, DELETE"),
         _ => not_found(),
     };
     metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))

@@ -182,6 +182,32 @@ impl Drop for Registered {
     }
 }
 
+/// `DELETE /sse/{session}`: the client is leaving. The session ends now (its reader sees the end
+/// of its posts), so viewer counts and the connection limit do not wait for the next write to
+/// a stream nobody reads. 204, or 404 `unknown_session`.
+pub(crate) fn close(shared: &Shared, req: &Request<Incoming>, id: &str) -> Response<Full<Bytes>> {
+    if !crate::http::origin_allowed(&shared.config, req.headers()) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not close sessions here",
+        );
+    }
+    // Dropping the registry's sender closes the session's queue of posts: its reader ends.
+    match shared.sse.remove(id) {
+        Some(_) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            response
+        }
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+            "no such event stream (it ended already)",
+        ),
+    }
+}
+
 /// 128 random bits, hex: the session's id, which only the stream's reader learns.
 fn session_id() -> String {
     let mut bytes = [0u8; 16];

@@ -163,7 +163,7 @@ async fn every_route_answers_a_wrong_method_with_405_and_allow() {
         ("DELETE", "/metrics", "GET"),
         ("POST", "/ws", "GET"),
         ("POST", "/sse", "GET"),
-        ("GET", "/sse/0123", "POST"),
+        ("GET", "/sse/0123", "POST, DELETE"),
         ("POST", "/api/stats", "GET"),
         ("GET", "/api/publish", "POST"),
         ("DELETE", "/api/rooms/broadcast", "GET"),

@@ -237,3 +237,52 @@ async fn shutdown_ends_an_event_stream_with_a_close_event_1001() {
     );
     assert!(events.next().await.is_none(), "the stream ends after it");
 }
+
+#[tokio::test]
+async fn a_client_that_says_goodbye_leaves_its_rooms_at_once() {
+    let b = TestBroker::start(|c| c.presence_interval = Duration::from_millis(50)).await;
+    let mut events = EventStream::open(&b, "").await.unwrap();
+    events.next_of("hello").await;
+    post(
+        &b,
+        &events.session,
+        json!({"type": "subscribe", "id": 1, "channel": "broadcast"}).to_string(),
+    )
+    .await;
+    events.next_of("ok").await;
+    let connections = || async {
+        let (_, room) = b.get("/api/rooms/broadcast").await;
+        room["connections"].as_u64()
+    };
+    eventually("the session counts as a viewer", || async {
+        connections().await == Some(1)
+    })
+    .await;
+    let (status, _) = http(
+        b.addr,
+        "DELETE",
+        &format!("/sse/{}", events.session),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Without waiting for a ping to find the stream gone.
+    eventually("the viewer count drops", || async {
+        connections().await != Some(1)
+    })
+    .await;
+    assert!(events.next().await.is_none(), "the stream ended");
+    let (status, body) = http(
+        b.addr,
+        "DELETE",
+        &format!("/sse/{}", events.session),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::NOT_FOUND, &json!("unknown_session"))
+    );
+}

@@ -207,7 +207,13 @@ export class SseSocket {
   close(code = 1000, reason = "") {
     if (this.readyState >= 2) return;
     this._close = this._close || { code, reason };
+    const wasOpen = this.readyState === 1;
     this.readyState = 2;
+    if (wasOpen && this._post) {
+      // Tell the broker at once, so the session's viewer counts and connection slot go now;
+      // `keepalive` lets it outlive a closing page.
+      fetch(this._post, { method: "DELETE", keepalive: true }).catch(() => {});
+    }
     this._abort.abort();
   }
 
