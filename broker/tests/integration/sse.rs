@@ -258,14 +258,8 @@ async fn a_client_that_says_goodbye_leaves_its_rooms_at_once() {
         connections().await == Some(1)
     })
     .await;
-    let (status, _) = http(
-        b.addr,
-        "DELETE",
-        &format!("/sse/{}", events.session),
-        &[],
-        None,
-    )
-    .await;
+    let goodbye = format!("/sse/{}", events.session);
+    let (status, _) = http(b.addr, "DELETE", &goodbye, &[], None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     // Without waiting for a ping to find the stream gone.
     eventually("the viewer count drops", || async {
@@ -273,14 +267,7 @@ async fn a_client_that_says_goodbye_leaves_its_rooms_at_once() {
     })
     .await;
     assert!(events.next().await.is_none(), "the stream ended");
-    let (status, body) = http(
-        b.addr,
-        "DELETE",
-        &format!("/sse/{}", events.session),
-        &[],
-        None,
-    )
-    .await;
+    let (status, body) = http(b.addr, "DELETE", &goodbye, &[], None).await;
     assert_eq!(
         (status, &body["error"]["code"]),
         (StatusCode::NOT_FOUND, &json!("unknown_session"))
