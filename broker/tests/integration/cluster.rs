@@ -746,9 +746,24 @@ async fn buy_now_on_one_node_ends_the_auction_on_every_node() {
     })
     .await;
     let mut buyer = cluster.connect(1, Some("buyer")).await;
-    match buyer.bid("bn", 9000, "b1").await {
-        Reply::BidAccepted { amount, .. } => assert_eq!(amount, 5000),
-        other => panic!("expected the buy-now bid accepted, got {other:?}"),
+    // Until node 1 has taken the auction up it answers `unavailable`: retry with the same
+    // request id, as a client does (docs/protocol.md §4.10).
+    let mut tries = 0;
+    loop {
+        match buyer.bid("bn", 9000, "b1").await {
+            Reply::BidAccepted { amount, .. } => {
+                assert_eq!(amount, 5000);
+                break;
+            }
+            Reply::BidRejected {
+                reason: BidRejection::Unavailable,
+                ..
+            } if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("expected the buy-now bid accepted, got {other:?}"),
+        }
     }
     for node in 0..2 {
         eventually("the sale reaches every node", || async {
@@ -758,8 +773,17 @@ async fn buy_now_on_one_node_ends_the_auction_on_every_node() {
         .await;
     }
     let mut late = cluster.connect(0, Some("late")).await;
-    match late.bid("bn", 9500, "l1").await {
-        Reply::BidRejected { reason, .. } => assert_eq!(reason, BidRejection::Ended),
-        other => panic!("expected ended, got {other:?}"),
+    for tries in 0.. {
+        match late.bid("bn", 9500, "l1").await {
+            Reply::BidRejected {
+                reason: BidRejection::Unavailable,
+                ..
+            } if tries < 100 => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            Reply::BidRejected { reason, .. } => {
+                assert_eq!(reason, BidRejection::Ended);
+                break;
+            }
+            other => panic!("expected ended, got {other:?}"),
+        }
     }
 }
