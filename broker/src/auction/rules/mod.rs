@@ -1,0 +1,367 @@
+//! One auction's rules as a plain state machine: what a bid must be, when the auction opens,
+//! pauses, extends and closes, and who wins. Time is passed in (ms since the Unix epoch); there
+//! is no IO, no clock and no locking here: one owner drives it (the actor in `auction`).
+
+//!
+//! Files: this one (the state machine), `spec` (what an admin defines and its validation),
+//! `tests`.
+
+mod spec;
+#[cfg(test)]
+mod tests;
+
+pub use spec::{AuctionSpec, Increment, SoftClose, SpecError, Tier, MAX_AMOUNT, MAX_TIME_MS};
+
+use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Ended, UserId};
+use serde::{Deserialize, Serialize};
+
+/// What changes as bids and time go by. Stored with every bid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuctionState {
+    pub status: AuctionStatus,
+    pub price: Option<i64>,
+    pub leader: Option<UserId>,
+    pub bid_count: u64,
+    /// Seq of the last accepted bid: the bid log's last key.
+    pub last_seq: u64,
+    /// The current end (soft close moves it).
+    pub ends_at: u64,
+    /// While paused: how much time was left.
+    pub paused_remaining_ms: Option<u64>,
+    /// Set when the auction ended: the outcome, for late viewers and restarts.
+    pub outcome: Option<Ended>,
+}
+
+/// An auction: its spec and its state, stored together as one record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Auction {
+    pub spec: AuctionSpec,
+    pub state: AuctionState,
+}
+
+/// A bid the rules accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    pub amount: i64,
+    /// The leader this bid displaced, and their amount (for the outbid notice).
+    pub outbid: Option<(UserId, i64)>,
+    /// The end before this bid, if the bid extended it.
+    pub extended_from: Option<u64>,
+    /// The bid met the buy-now price: the auction ended with it (the changes to announce).
+    pub bought: Vec<Change>,
+}
+
+/// A rejected bid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub reason: BidRejection,
+    pub min_amount: Option<i64>,
+    pub message: String,
+}
+
+/// A change of status caused by time or an admin, to be announced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Status {
+        from: AuctionStatus,
+        to: AuctionStatus,
+    },
+    Ended(Ended),
+    /// The definition changed (before the start).
+    Updated,
+}
+
+impl Auction {
+    pub fn new(spec: AuctionSpec) -> Auction {
+        let ends_at = spec.ends_at;
+        Auction {
+            spec,
+            state: AuctionState {
+                status: AuctionStatus::Scheduled,
+                price: None,
+                leader: None,
+                bid_count: 0,
+                last_seq: 0,
+                ends_at,
+                paused_remaining_ms: None,
+                outcome: None,
+            },
+        }
+    }
+
+    /// The least amount a bid may have now.
+    pub fn next_min_bid(&self) -> i64 {
+        match self.state.price {
+            None => self.spec.starting_price,
+            Some(price) => self.next_min_bid_after(price),
+        }
+    }
+
+    /// The least amount a bid may have once `price` is the highest bid.
+    pub fn next_min_bid_after(&self, price: i64) -> i64 {
+        price.saturating_add(self.spec.step_at(price))
+    }
+
+    /// The buy-now price while it applies: set, and the next minimum bid not above it.
+    pub fn buy_now_price(&self) -> Option<i64> {
+        self.spec
+            .buy_now
+            .filter(|&price| self.next_min_bid() <= price)
+            .filter(|_| {
+                !matches!(
+                    self.state.status,
+                    AuctionStatus::Ended | AuctionStatus::Cancelled
+                )
+            })
+    }
+
+    /// Whether a bidder with `roles` (their token's claim; `None`: no claim) may bid here.
+    pub fn admits(&self, roles: Option<&[String]>) -> bool {
+        match &self.spec.required_role {
+            None => true,
+            Some(required) => {
+                roles.is_some_and(|roles| roles.iter().any(|r| r == required || r == "admin"))
+            }
+        }
+    }
+
+    pub fn reserve_met(&self) -> bool {
+        match self.spec.reserve {
+            None => true,
+            Some(reserve) => self.state.price.is_some_and(|p| p >= reserve),
+        }
+    }
+
+    /// Judges a bid against the current price (call [`Auction::advance`] first) and applies it.
+    pub fn place_bid(
+        &mut self,
+        user: &UserId,
+        amount: i64,
+        now: u64,
+    ) -> Result<Accepted, Rejected> {
+        let reject = |reason: BidRejection, message: String| Rejected {
+            reason,
+            min_amount: None,
+            message,
+        };
+        match self.state.status {
+            AuctionStatus::Active => {}
+            AuctionStatus::Scheduled => {
+                return Err(reject(
+                    BidRejection::NotActive,
+                    "the auction has not started".into(),
+                ))
+            }
+            AuctionStatus::Paused => {
+                return Err(reject(
+                    BidRejection::NotActive,
+                    "the auction is paused".into(),
+                ))
+            }
+            AuctionStatus::Ended | AuctionStatus::Cancelled => {
+                return Err(reject(
+                    BidRejection::Ended,
+                    format!("the auction is {}", self.state.status.as_str()),
+                ))
+            }
+        }
+        if !(1..=MAX_AMOUNT).contains(&amount) {
+            return Err(reject(
+                BidRejection::InvalidAmount,
+                "amount must be between 1 and 10^15 minor units".into(),
+            ));
+        }
+        let min = self.next_min_bid();
+        if amount < min {
+            return Err(Rejected {
+                reason: BidRejection::TooLow,
+                min_amount: Some(min),
+                message: format!("the next bid must be at least {min}"),
+            });
+        }
+        // At or above the buy-now price (while it applies): placed at exactly that price.
+        let buy_now = self.buy_now_price().filter(|&price| amount >= price);
+        let amount = buy_now.unwrap_or(amount);
+        let outbid = self
+            .state
+            .leader
+            .clone()
+            .zip(self.state.price)
+            .filter(|(leader, _)| leader != user);
+        self.state.last_seq += 1;
+        self.state.bid_count += 1;
+        self.state.price = Some(amount);
+        self.state.leader = Some(user.clone());
+        let mut extended_from = None;
+        let SoftClose {
+            window_ms,
+            extend_ms,
+        } = self.spec.soft_close;
+        let mut bought = Vec::new();
+        if buy_now.is_some() {
+            // Sold: the auction ends now, with this bid.
+            self.state.ends_at = self.state.ends_at.min(now);
+            bought = self.close(now);
+        } else if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
+            let new_end = now.saturating_add(extend_ms);
+            if new_end > self.state.ends_at {
+                extended_from = Some(self.state.ends_at);
+                self.state.ends_at = new_end;
+            }
+        }
+        Ok(Accepted {
+            seq: self.state.last_seq,
+            amount,
+            outbid,
+            extended_from,
+            bought,
+        })
+    }
+
+    /// Applies what time has made due: opening at `starts_at`, closing at `ends_at`.
+    pub fn advance(&mut self, now: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if self.state.status == AuctionStatus::Scheduled && now >= self.spec.starts_at {
+            self.state.status = AuctionStatus::Active;
+            changes.push(Change::Status {
+                from: AuctionStatus::Scheduled,
+                to: AuctionStatus::Active,
+            });
+        }
+        if self.state.status == AuctionStatus::Active && now >= self.state.ends_at {
+            changes.extend(self.close(now));
+        }
+        changes
+    }
+
+    /// When [`Auction::advance`] next has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        match self.state.status {
+            AuctionStatus::Scheduled => Some(self.spec.starts_at),
+            AuctionStatus::Active => Some(self.state.ends_at),
+            _ => None,
+        }
+    }
+
+    fn close(&mut self, now: u64) -> Vec<Change> {
+        let from = self.state.status;
+        self.state.status = AuctionStatus::Ended;
+        let reserve_met = self.reserve_met();
+        let ended = Ended {
+            auction_id: self.spec.id.clone(),
+            winner: self.state.leader.clone().filter(|_| reserve_met),
+            final_price: self.state.price,
+            reserve_met,
+            bid_count: self.state.bid_count,
+            ends_at: self.state.ends_at.min(now),
+            server_ts: now,
+        };
+        self.state.outcome = Some(ended.clone());
+        vec![
+            Change::Status {
+                from,
+                to: AuctionStatus::Ended,
+            },
+            Change::Ended(ended),
+        ]
+    }
+
+    pub fn pause(&mut self, now: u64) -> Result<Vec<Change>, SpecError> {
+        if self.state.status != AuctionStatus::Active {
+            return Err(SpecError::WrongStatus(
+                self.state.status.as_str(),
+                "only an active auction can be paused",
+            ));
+        }
+        self.state.paused_remaining_ms = Some(self.state.ends_at.saturating_sub(now));
+        self.state.status = AuctionStatus::Paused;
+        Ok(vec![Change::Status {
+            from: AuctionStatus::Active,
+            to: AuctionStatus::Paused,
+        }])
+    }
+
+    /// Resumes with the time that was left when it was paused.
+    pub fn resume(&mut self, now: u64) -> Result<Vec<Change>, SpecError> {
+        if self.state.status != AuctionStatus::Paused {
+            return Err(SpecError::WrongStatus(
+                self.state.status.as_str(),
+                "only a paused auction can be resumed",
+            ));
+        }
+        let remaining = self.state.paused_remaining_ms.take().unwrap_or(0);
+        self.state.ends_at = now.saturating_add(remaining);
+        self.state.status = AuctionStatus::Active;
+        Ok(vec![Change::Status {
+            from: AuctionStatus::Paused,
+            to: AuctionStatus::Active,
+        }])
+    }
+
+    pub fn cancel(&mut self) -> Result<Vec<Change>, SpecError> {
+        let from = self.state.status;
+        if matches!(from, AuctionStatus::Ended | AuctionStatus::Cancelled) {
+            return Err(SpecError::WrongStatus(from.as_str(), "it is already over"));
+        }
+        self.state.status = AuctionStatus::Cancelled;
+        Ok(vec![Change::Status {
+            from,
+            to: AuctionStatus::Cancelled,
+        }])
+    }
+
+    /// Ends now, with the current leader as winner (reserve permitting).
+    pub fn end_now(&mut self, now: u64) -> Result<Vec<Change>, SpecError> {
+        if !matches!(
+            self.state.status,
+            AuctionStatus::Active | AuctionStatus::Paused
+        ) {
+            return Err(SpecError::WrongStatus(
+                self.state.status.as_str(),
+                "only an active or paused auction can be ended",
+            ));
+        }
+        self.state.ends_at = now;
+        self.state.paused_remaining_ms = None;
+        Ok(self.close(now))
+    }
+
+    /// Replaces the spec; only before the auction starts.
+    pub fn update(&mut self, spec: AuctionSpec) -> Result<(), SpecError> {
+        if self.state.status != AuctionStatus::Scheduled {
+            return Err(SpecError::WrongStatus(
+                self.state.status.as_str(),
+                "only a scheduled auction can be changed",
+            ));
+        }
+        if spec.id != self.spec.id {
+            return Err(SpecError::Invalid("the id cannot change".into()));
+        }
+        spec.validate()?;
+        self.state.ends_at = spec.ends_at;
+        self.spec = spec;
+        Ok(())
+    }
+
+    pub fn snapshot(&self, now: u64) -> AuctionSnapshot {
+        AuctionSnapshot {
+            auction_id: self.spec.id.clone(),
+            title: self.spec.title.clone(),
+            currency: self.spec.currency.clone(),
+            status: self.state.status,
+            starting_price: self.spec.starting_price,
+            price: self.state.price,
+            leader: self.state.leader.clone(),
+            bid_count: self.state.bid_count,
+            last_bid_seq: self.state.last_seq,
+            next_min_bid: self.next_min_bid(),
+            starts_at: self.spec.starts_at,
+            ends_at: self.state.ends_at,
+            reserve_met: self.reserve_met(),
+            buy_now: self.buy_now_price(),
+            required_role: self.spec.required_role.clone(),
+            server_ts: now,
+        }
+    }
+}
