@@ -91,34 +91,28 @@ impl Room {
     /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
     /// `log` held for sequenced events (see the field's comment), without it for signals.
     pub(super) fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
-        let subscribers = self.subscribers.load();
-        let mut queued = 0;
-        for conn in subscribers.iter() {
-            if skip.skips(conn) {
-                continue;
-            }
-            match conn.offer_frame(Arc::clone(frame)) {
-                Offer::Queued => queued += 1,
-                Offer::SlowConsumer | Offer::Closed => {}
-            }
-        }
-        // No log line here (the room's lock may be held): each slow consumer's writer logs
-        // its own disconnection, and `gavel_slow_consumers_total` counts them.
-        queued
+        self.offer_each(skip, || Outbound::Frame(Arc::clone(frame)))
     }
 
     /// [`Room::fan_out`] for several frames that travel as one queue item.
     pub(super) fn fan_out_all(&self, frames: Arc<[Arc<SharedFrame>]>, skip: Skip<'_>) -> usize {
+        self.offer_each(skip, || Outbound::Batch(Arc::clone(&frames)))
+    }
+
+    /// Offers `item()` to every subscriber but `skip`; returns how many queued it.
+    fn offer_each(&self, skip: Skip<'_>, item: impl Fn() -> Outbound) -> usize {
         let subscribers = self.subscribers.load();
         let mut queued = 0;
         for conn in subscribers.iter() {
             if skip.skips(conn) {
                 continue;
             }
-            if conn.offer(Outbound::Batch(Arc::clone(&frames))) == Offer::Queued {
+            if conn.offer(item()) == Offer::Queued {
                 queued += 1;
             }
         }
+        // No log line here (the room's lock may be held): each slow consumer's writer logs
+        // its own disconnection, and `gavel_slow_consumers_total` counts them.
         queued
     }
 

@@ -412,8 +412,6 @@ export class GavelClient {
     this._stopTimers();
     for (const waiter of this._readyWaiters) waiter.reject(error);
     this._readyWaiters = [];
-    for (const bid of this._bids.values()) bid.reject(error);
-    this._bids.clear();
     this._failPending(error.code, error.message, true);
     this._setState("closed");
   }

@@ -86,6 +86,19 @@ struct Judged {
     leaderboard_dirty_before: bool,
 }
 
+impl Judged {
+    /// Answers a bid the rules never saw (no role, over the rate): nothing written, nothing
+    /// remembered, answered at once.
+    fn refuse_unjudged(&mut self, reply: BidReply, answer: Reply) {
+        self.answers.push(Answer::Bid {
+            reply,
+            answer,
+            after_write: false,
+            retry: false,
+        });
+    }
+}
+
 pub struct Actor {
     engine: Arc<Engine>,
     id: String,
@@ -460,37 +473,27 @@ impl Actor {
         // not remembered and not charged.
         if !self.auction.admits(bid.roles.as_deref()) {
             let role = self.auction.spec.required_role.clone().unwrap_or_default();
+            let message = format!("this auction takes bids only from users with the role {role}");
             let answer = rejected(
                 &self.id,
                 &request_id,
                 BidRejection::Forbidden,
                 None,
-                format!("this auction takes bids only from users with the role {role}"),
+                message,
             );
-            judged.answers.push(Answer::Bid {
-                reply,
-                answer,
-                after_write: false,
-                retry: false,
-            });
-            return;
+            return judged.refuse_unjudged(reply, answer);
         }
         // Charged only now, after the retry check: a retry of an answered bid costs nothing.
         if !self.engine.limiter.allow(&user, self.engine.clock.now_ms()) {
+            let message = "too many bids; slow down".into();
             let answer = rejected(
                 &self.id,
                 &request_id,
                 BidRejection::RateLimited,
                 None,
-                "too many bids; slow down".into(),
+                message,
             );
-            judged.answers.push(Answer::Bid {
-                reply,
-                answer,
-                after_write: false,
-                retry: false,
-            });
-            return;
+            return judged.refuse_unjudged(reply, answer);
         }
         // In cluster mode another node may have opened the auction on Redis's clock after
         // this bid's stamp: a bid of an open auction is never older than its opening.
