@@ -20,11 +20,35 @@ const DEMO_TOKEN_TTL_SECS: u64 = 12 * 3600;
 /// A compiled-in file: path, content type, body.
 struct Asset(&'static str, &'static str, &'static str);
 
-const CLIENT: Asset = Asset(
-    "/client/gavel-client.js",
-    "text/javascript; charset=utf-8",
-    include_str!("../../clients/js/src/index.js"),
-);
+/// The JavaScript client's modules (`clients/js/src`), under the names its imports use.
+const CLIENT: [Asset; 5] = [
+    Asset(
+        "/client/gavel-client.js",
+        JS,
+        include_str!("../../clients/js/src/index.js"),
+    ),
+    Asset(
+        "/client/codes.js",
+        JS,
+        include_str!("../../clients/js/src/codes.js"),
+    ),
+    Asset(
+        "/client/codec.js",
+        JS,
+        include_str!("../../clients/js/src/codec.js"),
+    ),
+    Asset(
+        "/client/sse.js",
+        JS,
+        include_str!("../../clients/js/src/sse.js"),
+    ),
+    Asset(
+        "/client/subscription.js",
+        JS,
+        include_str!("../../clients/js/src/subscription.js"),
+    ),
+];
+const JS: &str = "text/javascript; charset=utf-8";
 const ADMIN: [Asset; 2] = [
     Asset(
         "/admin/",
@@ -57,7 +81,7 @@ const DEMO: [Asset; 3] = [
 
 /// Whether `path` is one of these pages' (so the router sends it here).
 pub(crate) fn owns(path: &str) -> bool {
-    path.starts_with("/demo/") || path.starts_with("/admin/") || path == CLIENT.0
+    path.starts_with("/demo/") || path.starts_with("/admin/") || path.starts_with("/client/")
 }
 
 /// Answers a request for a page, a compiled-in file or a demo helper.
@@ -90,7 +114,7 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<
     } else if path.starts_with("/admin/") {
         &ADMIN
     } else {
-        std::slice::from_ref(&CLIENT)
+        &CLIENT
     };
     let wanted = path.strip_suffix("index.html").unwrap_or(&path);
     match assets.iter().find(|asset| asset.0 == wanted) {

@@ -1,0 +1,206 @@
+//! What a turn decides, before anything is durable: each command judged against the rules at
+//! its arrival time (bids, admin operations), and the events and answers that follow from it.
+
+use super::*;
+
+impl Actor {
+    /// Judges the commands in order, each at its arrival time, then lets time run to `now`.
+    pub(super) fn judge(&mut self, commands: Vec<Command>, now: u64) -> Judged {
+        let mut judged = Judged {
+            answers: Vec::with_capacity(commands.len()),
+            announcements: Vec::new(),
+            bids: Vec::new(),
+            wrote: false,
+            before: self.auction.clone(),
+            undo_highest: Vec::new(),
+            voidable_keys: Vec::new(),
+            leaderboard_dirty_before: self.leaderboard_dirty,
+        };
+        let mut last = self.last_stamp.min(now);
+        for command in commands {
+            let arrived = match &command {
+                Command::Bid(bid, _) => bid.at_ms,
+                Command::Admin { at_ms, .. } => *at_ms,
+                Command::Refresh(_) => continue,
+            };
+            // On the ledger's clock, never before the previous command, never after now.
+            let stamp = arrived
+                .saturating_add_signed(self.offset_ms)
+                .max(last)
+                .min(now);
+            last = stamp;
+            self.advance_to(stamp, &mut judged);
+            match command {
+                Command::Bid(bid, reply) => self.judge_bid(bid, stamp, reply, &mut judged),
+                Command::Admin { op, reply, .. } => {
+                    let result = self.apply(op, stamp);
+                    let result = match result {
+                        Ok(changes) => {
+                            self.push_changes(changes, stamp, &mut judged);
+                            judged.wrote = true;
+                            Ok(self.auction.snapshot(stamp))
+                        }
+                        Err(error) => Err(error),
+                    };
+                    judged.answers.push(Answer::Admin { reply, result });
+                }
+                Command::Refresh(_) => {}
+            }
+        }
+        self.advance_to(now, &mut judged);
+        // Whatever comes later is judged after everything this turn let happen.
+        self.last_stamp = last.max(now);
+        judged
+    }
+
+    fn advance_to(&mut self, at: u64, judged: &mut Judged) {
+        let changes = self.auction.advance(at);
+        if !changes.is_empty() {
+            self.push_changes(changes, at, judged);
+            judged.wrote = true;
+        }
+    }
+
+    fn push_changes(&mut self, changes: Vec<Change>, at: u64, judged: &mut Judged) {
+        if self.leaderboard_dirty && changes.iter().any(|c| matches!(c, Change::Ended(_))) {
+            // The final leaderboard comes before the end.
+            judged.announcements.extend(self.leaderboard(at));
+        }
+        let snapshot = self.auction.snapshot(at);
+        judged
+            .announcements
+            .extend(announce::changes(&self.id, changes, &snapshot, at));
+    }
+
+    fn judge_bid(&mut self, bid: Bid, at: u64, reply: BidReply, judged: &mut Judged) {
+        let key: Key = (bid.user, bid.request_id);
+        if let Some(first) = self.outcomes.get(&key) {
+            judged.answers.push(Answer::Bid {
+                reply,
+                answer: first.clone(),
+                after_write: judged.wrote,
+                retry: true,
+            });
+            return;
+        }
+        let (user, request_id) = key;
+        // The auction's required role (e.g. `verified`): refused like a missing `bidder` role,
+        // not remembered and not charged.
+        if !self.auction.admits(bid.roles.as_deref()) {
+            let role = self.auction.spec.required_role.clone().unwrap_or_default();
+            let message = format!("this auction takes bids only from users with the role {role}");
+            let answer = rejected(
+                &self.id,
+                &request_id,
+                BidRejection::Forbidden,
+                None,
+                message,
+            );
+            return judged.refuse_unjudged(reply, answer);
+        }
+        // Charged only now, after the retry check: a retry of an answered bid costs nothing.
+        if !self.engine.limiter.allow(&user, self.engine.clock.now_ms()) {
+            let message = "too many bids; slow down".into();
+            let answer = rejected(
+                &self.id,
+                &request_id,
+                BidRejection::RateLimited,
+                None,
+                message,
+            );
+            return judged.refuse_unjudged(reply, answer);
+        }
+        // In cluster mode another node may have opened the auction on Redis's clock after
+        // this bid's stamp: a bid of an open auction is never older than its opening.
+        let at = if self.auction.state.status == AuctionStatus::Active {
+            at.max(self.auction.spec.starts_at)
+        } else {
+            at
+        };
+        match self.auction.place_bid(&user, bid.amount, at) {
+            Ok(accepted) => {
+                let record = BidRecord {
+                    seq: accepted.seq,
+                    user: user.clone(),
+                    // The buy-now price when the bid met it, else the bid's amount.
+                    amount: accepted.amount,
+                    request_id: request_id.clone(),
+                    ts: at,
+                    ends_at: self.auction.state.ends_at,
+                };
+                let answer = accepted_reply(&self.id, &record, &self.auction);
+                let key = (user.clone(), request_id);
+                self.outcomes.remember(key.clone(), answer.clone());
+                judged.voidable_keys.push(key);
+                let previous = self.highest.insert(user.clone(), accepted.amount);
+                judged.undo_highest.push((user, previous));
+                self.leaderboard_dirty = true;
+                let snapshot = self.auction.snapshot(at);
+                judged
+                    .announcements
+                    .extend(announce::bid(&self.id, &accepted, &record, &snapshot));
+                if !accepted.bought.is_empty() {
+                    // Bought now: the auction ended with this bid.
+                    judged.announcements.extend(announce::changes(
+                        &self.id,
+                        accepted.bought.clone(),
+                        &snapshot,
+                        at,
+                    ));
+                }
+                judged.bids.push(record);
+                judged.wrote = true;
+                judged.answers.push(Answer::Bid {
+                    reply,
+                    answer,
+                    after_write: true,
+                    retry: false,
+                });
+            }
+            Err(rejection) => {
+                let answer = rejected(
+                    &self.id,
+                    &request_id,
+                    rejection.reason,
+                    rejection.min_amount,
+                    rejection.message,
+                );
+                // The rules' rejections are final for this request id (docs/protocol.md §4.10).
+                let key = (user, request_id);
+                self.outcomes.remember(key.clone(), answer.clone());
+                if judged.wrote {
+                    judged.voidable_keys.push(key);
+                }
+                judged.answers.push(Answer::Bid {
+                    reply,
+                    answer,
+                    after_write: judged.wrote,
+                    retry: false,
+                });
+            }
+        }
+    }
+
+    fn apply(&mut self, op: AdminOp, now: u64) -> Result<Vec<Change>, AdminError> {
+        Ok(match op {
+            AdminOp::Update(spec) => {
+                if self.auction.state.status != AuctionStatus::Scheduled {
+                    return Err(SpecError::WrongStatus(
+                        self.auction.state.status.as_str(),
+                        "only a scheduled auction can be changed",
+                    )
+                    .into());
+                }
+                if spec.ends_at <= now {
+                    return Err(SpecError::Invalid("ends_at is in the past".into()).into());
+                }
+                self.auction.update(spec)?;
+                vec![Change::Updated]
+            }
+            AdminOp::Pause => self.auction.pause(now)?,
+            AdminOp::Resume => self.auction.resume(now)?,
+            AdminOp::Cancel => self.auction.cancel()?,
+            AdminOp::EndNow => self.auction.end_now(now)?,
+        })
+    }
+}
