@@ -109,6 +109,7 @@ async fn run(engine: &Arc<Engine>, total: u64) -> Duration {
                                 auction_id: "bench".into(),
                                 amount,
                                 request_id: format!("{b}-{amount}-{i}"),
+                                max_amount: None,
                             },
                             Box::new(move |reply| {
                                 let _ = tx.send(reply);

@@ -32,7 +32,7 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
         ("presence", ClientFrame::Presence { id: 7, channel: channel("auction:42"), limit: Some(50) }),
         ("auth", ClientFrame::Auth { id: 10, token: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1NDIiLCJleHAiOjE3OTUzMzczMDN9.c2lnbmF0dXJlLXNpZ25hdHVyZQ".into() }),
         ("ping", ClientFrame::Ping { id: 8 }),
-        ("place_bid", ClientFrame::PlaceBid { id: 9, auction_id: "42".into(), amount: 125_000, request_id: "7f3c-0001".into() }),
+        ("place_bid", ClientFrame::PlaceBid { id: 9, auction_id: "42".into(), amount: 125_000, request_id: "7f3c-0001".into(), max_amount: None }),
     ]
 }
 
@@ -52,6 +52,7 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
         next_min_bid: 125_500,
         ends_at: 1795334200000,
         server_ts: 1795333703380,
+        automatic: false,
     };
     vec![
         (
@@ -107,6 +108,8 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
                     next_min_bid: 125_500,
                     ends_at: 1795334200000,
                     server_ts: 1795333703380,
+                    leading: true,
+                    max_amount: None,
                 },
             },
         ),

@@ -2,6 +2,7 @@
 //! `/api/`): create, update before the start, pause, resume, cancel, end now, list, read, and
 //! page through the bid log.
 
+use crate::store::BidRecord;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -96,6 +97,8 @@ pub(crate) async fn handle(
                     let next_after = (bids.len() == limit)
                         .then(|| bids.last().map(|b| b.seq))
                         .flatten();
+                    // Maxima (proxy bids) are never shown, not even with the key.
+                    let bids: Vec<_> = bids.iter().map(BidRecord::public_view).collect();
                     json_response(
                         StatusCode::OK,
                         json!({ "bids": bids, "next_after": next_after }),

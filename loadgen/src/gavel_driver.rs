@@ -266,6 +266,7 @@ pub(crate) async fn bid(
             auction_id: ctx.auction_ids[bid.auction].clone(),
             amount: bid.amount,
             request_id: bid.request_id,
+            max_amount: None,
         };
         if writer.send(&frame).await.is_err() {
             break;

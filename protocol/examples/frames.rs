@@ -132,6 +132,7 @@ fn main() {
             auction_id: "42".into(),
             amount: 125_000,
             request_id: "7f3c-0001".into(),
+            max_amount: Some(150_000),
         },
     );
 
@@ -302,6 +303,8 @@ fn main() {
                 next_min_bid: 125_500,
                 ends_at: 1795334200000,
                 server_ts: 1795333703380,
+                leading: true,
+                max_amount: Some(150_000),
             },
         },
     );
@@ -335,6 +338,7 @@ fn main() {
                 next_min_bid: 125_500,
                 ends_at: 1795334200000,
                 server_ts: 1795333703380,
+                automatic: false,
             })
             .expect("bid_placed"),
         }),

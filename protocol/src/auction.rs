@@ -155,6 +155,9 @@ pub struct BidPlaced {
     pub next_min_bid: i64,
     pub ends_at: u64,
     pub server_ts: u64,
+    /// Placed by the broker for a bidder's maximum (proxy bidding), not typed by them.
+    #[serde(default)]
+    pub automatic: bool,
 }
 
 /// `outbid` event data, on the previous leader's `user:{id}` channel.

@@ -69,6 +69,10 @@ pub enum ClientFrame {
         amount: i64,
         /// The client's idempotency key: 1 to 64 characters.
         request_id: String,
+        /// A secret maximum (proxy bid, at least `amount`): the broker bids for this user, one
+        /// increment above the competition, up to it. Never shown to anyone else.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_amount: Option<i64>,
     },
 }
 
@@ -191,12 +195,19 @@ pub enum Reply {
         /// The bid's seq in the auction's bid log (gap-free from 1).
         bid_seq: u64,
         amount: i64,
-        /// The auction's price now (this bid).
+        /// The auction's price once this bid was judged: this bid, unless a leader's maximum
+        /// answered it at once (then `leading` is false).
         price: i64,
         bid_count: u64,
         next_min_bid: i64,
         ends_at: u64,
         server_ts: u64,
+        /// Whether this bidder leads now.
+        #[serde(default = "leading_default")]
+        leading: bool,
+        /// This bidder's maximum (proxy bid), if they sent one; only ever sent to them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_amount: Option<i64>,
     },
     /// To `place_bid`: nothing was placed.
     BidRejected {
@@ -314,4 +325,9 @@ impl ServerFrame {
             ServerFrame::Left { .. } => "left",
         }
     }
+}
+
+/// Answers from brokers before proxy bidding had no `leading`: every accepted bid led.
+fn leading_default() -> bool {
+    true
 }

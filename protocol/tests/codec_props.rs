@@ -86,14 +86,22 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             .prop_map(|(id, channel, limit)| ClientFrame::Presence { id, channel, limit }),
         any::<u64>().prop_map(|id| ClientFrame::Ping { id }),
         (any::<u64>(), ".{0,200}").prop_map(|(id, token)| ClientFrame::Auth { id, token }),
-        (any::<u64>(), id_string(), any::<i64>(), id_string()).prop_map(
-            |(id, auction_id, amount, request_id)| ClientFrame::PlaceBid {
-                id,
-                auction_id,
-                amount,
-                request_id
-            }
-        ),
+        (
+            any::<u64>(),
+            id_string(),
+            any::<i64>(),
+            id_string(),
+            any::<Option<i64>>()
+        )
+            .prop_map(|(id, auction_id, amount, request_id, max_amount)| {
+                ClientFrame::PlaceBid {
+                    id,
+                    auction_id,
+                    amount,
+                    request_id,
+                    max_amount,
+                }
+            }),
     ]
 }
 
@@ -166,7 +174,8 @@ fn reply() -> impl Strategy<Value = Reply> {
             id_string(),
             id_string(),
             any::<[u64; 4]>(),
-            any::<[i64; 3]>()
+            any::<[i64; 3]>(),
+            (any::<bool>(), any::<Option<i64>>())
         )
             .prop_map(
                 |(
@@ -174,6 +183,7 @@ fn reply() -> impl Strategy<Value = Reply> {
                     request_id,
                     [bid_seq, bid_count, ends_at, server_ts],
                     [amount, price, next_min_bid],
+                    (leading, max_amount),
                 )| {
                     Reply::BidAccepted {
                         auction_id,
@@ -185,6 +195,8 @@ fn reply() -> impl Strategy<Value = Reply> {
                         next_min_bid,
                         ends_at,
                         server_ts,
+                        leading,
+                        max_amount,
                     }
                 }
             ),

@@ -8,7 +8,7 @@ use gavel_protocol::{AuctionSnapshot, BidPlaced, Channel, Outbid, UserId};
 use serde_json::{json, Value};
 
 use super::ledger::Announcement;
-use super::rules::{Accepted, Change};
+use super::rules::{Accepted, Auction, Change};
 use crate::store::BidRecord;
 
 /// Bidders on the leaderboard.
@@ -82,32 +82,39 @@ pub fn changes(
         .collect()
 }
 
-/// An accepted bid: `bid_placed`, then `extended` if it moved the end, then `outbid` to the
-/// leader it displaced.
+/// An accepted bid: a `bid_placed` per bid it placed (the room's state rides on the last),
+/// then `extended` if it moved the end, then `outbid` to whoever stopped leading.
 pub fn bid(
     id: &str,
     accepted: &Accepted,
-    record: &BidRecord,
+    records: &[BidRecord],
     snapshot: &AuctionSnapshot,
+    auction: &Auction,
 ) -> Vec<Announcement> {
-    let placed = BidPlaced {
-        auction_id: id.to_owned(),
-        bid_seq: record.seq,
-        amount: record.amount,
-        bidder: record.user.clone(),
-        bid_count: snapshot.bid_count,
-        next_min_bid: snapshot.next_min_bid,
-        ends_at: snapshot.ends_at,
-        server_ts: record.ts,
+    let mut out = Vec::with_capacity(records.len() + 2);
+    for (n, record) in records.iter().enumerate() {
+        let last = n + 1 == records.len();
+        let placed = BidPlaced {
+            auction_id: id.to_owned(),
+            bid_seq: record.seq,
+            amount: record.amount,
+            bidder: record.user.clone(),
+            bid_count: record.seq,
+            next_min_bid: if last {
+                snapshot.next_min_bid
+            } else {
+                auction.next_min_bid_after(record.amount)
+            },
+            ends_at: snapshot.ends_at,
+            server_ts: record.ts,
+            automatic: record.automatic,
+        };
+        let state = last.then(|| to_value(snapshot));
+        out.extend(in_room(id, "bid_placed", to_value(&placed), state));
+    }
+    let Some(record) = records.last() else {
+        return out;
     };
-    let mut out: Vec<Announcement> = in_room(
-        id,
-        "bid_placed",
-        to_value(&placed),
-        Some(to_value(snapshot)),
-    )
-    .into_iter()
-    .collect();
     if let Some(previous_end) = accepted.extended_from {
         out.extend(in_room(
             id,

@@ -126,9 +126,13 @@ impl RedisLedger {
         for bid in turn.bids {
             let bytes = rmp_serde::to_vec_named(bid)
                 .map_err(|e| ClusterError::Protocol(format!("bid record: {e}")))?;
-            invocation
-                .arg(bytes)
-                .arg(request_key(&bid.user, &bid.request_id));
+            // A leader's automatic bid answers no request: no index entry.
+            let key = if bid.has_request() {
+                request_key(&bid.user, &bid.request_id)
+            } else {
+                String::new()
+            };
+            invocation.arg(bytes).arg(key);
         }
         invocation.arg(turn.announcements.len());
         for event in turn.announcements.into_iter().map(outgoing) {

@@ -196,7 +196,7 @@ return out
 "#;
 
 /// ARGV: prefix, auction, node token, expected version, record, new epoch, room ttl ms,
-/// history size, bid count n, n × (bid, idempotency key), event count m,
+/// history size, bid count n, n × (bid, idempotency key or "" for an automatic bid), event count m,
 /// m × (channel, body, state, known epoch, known seq).
 /// The compare-and-set at the heart of cluster bidding: only the lock holder whose view is
 /// the current version may append. Bids, record, version and the room events are one atomic
@@ -212,7 +212,7 @@ local n = tonumber(ARGV[9])
 local i = 10
 for _ = 1, n do
   local seq = redis.call('RPUSH', base .. ':bids', ARGV[i])
-  redis.call('HSET', base .. ':req', ARGV[i + 1], seq)
+  if ARGV[i + 1] ~= '' then redis.call('HSET', base .. ':req', ARGV[i + 1], seq) end
   i = i + 2
 end
 redis.call('SET', base .. ':r', ARGV[5])

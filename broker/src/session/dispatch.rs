@@ -115,6 +115,7 @@ impl Session {
                 auction_id,
                 amount,
                 request_id,
+                max_amount,
             } => {
                 self.token_fresh()?;
                 if request_id.is_empty() || request_id.len() > 64 {
@@ -138,6 +139,7 @@ impl Session {
                     auction_id,
                     amount,
                     request_id,
+                    max_amount,
                 };
                 self.shared.auctions.place_bid(bid, reply);
                 Ok(None)

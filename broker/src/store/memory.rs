@@ -34,10 +34,12 @@ impl BidLog for MemoryLog {
     fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
         let mut inner = self.inner();
         for bid in bids {
-            inner.requests.insert(
-                (auction.to_owned(), bid.user.clone(), bid.request_id.clone()),
-                bid.seq,
-            );
+            if bid.has_request() {
+                inner.requests.insert(
+                    (auction.to_owned(), bid.user.clone(), bid.request_id.clone()),
+                    bid.seq,
+                );
+            }
             inner
                 .bids
                 .insert((auction.to_owned(), bid.seq), bid.clone());

@@ -28,13 +28,44 @@ pub struct BidRecord {
     pub user: UserId,
     /// In the currency's minor unit.
     pub amount: i64,
-    /// The client's idempotency key for this bid.
+    /// The client's idempotency key for this bid; empty for a leader's automatic bid, which
+    /// answers no request (and is not in the idempotency index).
     pub request_id: String,
     /// Server time the bid was accepted, ms since the Unix epoch.
     pub ts: u64,
     /// The auction's end right after this bid (soft close included), for exact retries.
     #[serde(default)]
     pub ends_at: u64,
+    /// Placed by the broker for a bidder's maximum (proxy bidding).
+    #[serde(default)]
+    pub automatic: bool,
+    /// The bidder's maximum with this bid. Private: never in a public view of the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_amount: Option<i64>,
+    /// When a leader's maximum answered this bid at once (the next seq): that answer's amount,
+    /// so a retry gets the first answer again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answered_with: Option<i64>,
+}
+
+impl BidRecord {
+    /// Whether the bid answers a request (and so belongs in the idempotency index).
+    pub fn has_request(&self) -> bool {
+        !self.request_id.is_empty()
+    }
+
+    /// The bid as anyone may see it (the bid log's HTTP view): no maximum.
+    pub fn public_view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq": self.seq,
+            "user": self.user,
+            "amount": self.amount,
+            "automatic": self.automatic,
+            "request_id": self.request_id,
+            "ts": self.ts,
+            "ends_at": self.ends_at,
+        })
+    }
 }
 
 /// A storage failure. Cloneable so one flush result can answer every bid that shared it.
@@ -169,6 +200,9 @@ mod tests {
             request_id: format!("r{seq}"),
             ts: 1000 + seq,
             ends_at: 5000,
+            automatic: false,
+            max_amount: None,
+            answered_with: None,
         }
     }
 

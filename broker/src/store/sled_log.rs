@@ -82,10 +82,12 @@ impl BidLog for SledLog {
             let encoded =
                 rmp_serde::to_vec_named(bid).map_err(|e| StorageError::Corrupt(e.to_string()))?;
             batch.insert(bid_key(auction, bid.seq), encoded);
-            batch.insert(
-                request_key(auction, &bid.user, &bid.request_id),
-                &bid.seq.to_be_bytes(),
-            );
+            if bid.has_request() {
+                batch.insert(
+                    request_key(auction, &bid.user, &bid.request_id),
+                    &bid.seq.to_be_bytes(),
+                );
+            }
         }
         batch.insert(auction_key(auction), record);
         self.db.apply_batch(batch).map_err(io)
@@ -185,7 +187,9 @@ impl BidLog for SledLog {
         let mut batch = sled::Batch::default();
         for bid in self.bids(auction, last_seq, usize::MAX)? {
             batch.remove(bid_key(auction, bid.seq));
-            batch.remove(request_key(auction, &bid.user, &bid.request_id));
+            if bid.has_request() {
+                batch.remove(request_key(auction, &bid.user, &bid.request_id));
+            }
         }
         batch.insert(auction_key(auction), record);
         self.db.apply_batch(batch).map_err(io)

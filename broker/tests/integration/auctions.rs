@@ -471,6 +471,7 @@ async fn acknowledged_bids_survive_kill_9() {
                     auction_id: "crash".into(),
                     amount,
                     request_id,
+                    max_amount: None,
                 })
                 .await;
                 let reply = loop {

@@ -468,6 +468,7 @@ impl TestClient {
             auction_id,
             amount,
             request_id,
+            max_amount: None,
         })
         .await
         .expect("place_bid is answered with ok")

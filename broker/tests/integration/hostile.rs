@@ -56,6 +56,7 @@ fn valid_frame(rng: &mut Rng) -> ClientFrame {
             auction_id: "none".into(),
             amount: rng.next() as i64,
             request_id: "r".into(),
+            max_amount: None,
         },
         4 => ClientFrame::Presence {
             id,

@@ -90,6 +90,7 @@ async fn shutdown_answers_every_queued_bid_before_closing() {
                 auction_id: "last".into(),
                 amount: 1000 + 10 * i as i64,
                 request_id: format!("r{i}"),
+                max_amount: None,
             })
             .await;
     }

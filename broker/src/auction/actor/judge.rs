@@ -117,28 +117,54 @@ impl Actor {
         } else {
             at
         };
-        match self.auction.place_bid(&user, bid.amount, at) {
+        match self
+            .auction
+            .place_bid_with_max(&user, bid.amount, bid.max_amount, at)
+        {
             Ok(accepted) => {
-                let record = BidRecord {
-                    seq: accepted.seq,
-                    user: user.clone(),
-                    // The buy-now price when the bid met it, else the bid's amount.
-                    amount: accepted.amount,
-                    request_id: request_id.clone(),
-                    ts: at,
-                    ends_at: self.auction.state.ends_at,
+                let ends_at = self.auction.state.ends_at;
+                let answered_with = self.auction.state.price.filter(|_| !accepted.leading);
+                let records: Vec<BidRecord> = accepted
+                    .placed
+                    .iter()
+                    .map(|placed| BidRecord {
+                        seq: placed.seq,
+                        user: placed.user.clone(),
+                        // The buy-now price when the bid met it, else what the rules placed.
+                        amount: placed.amount,
+                        request_id: if placed.own {
+                            request_id.clone()
+                        } else {
+                            String::new()
+                        },
+                        ts: at,
+                        ends_at,
+                        automatic: placed.automatic,
+                        max_amount: accepted.max_amount.filter(|_| placed.own),
+                        answered_with: answered_with.filter(|_| placed.own),
+                    })
+                    .collect();
+                let answer = match records.iter().find(|r| r.has_request()) {
+                    Some(own) => accepted_reply(&self.id, own, &self.auction),
+                    // A leader raised their maximum: nothing placed.
+                    None => raised_reply(&self.id, &request_id, &accepted, &self.auction, at),
                 };
-                let answer = accepted_reply(&self.id, &record, &self.auction);
                 let key = (user.clone(), request_id);
                 self.outcomes.remember(key.clone(), answer.clone());
                 judged.voidable_keys.push(key);
-                let previous = self.highest.insert(user.clone(), accepted.amount);
-                judged.undo_highest.push((user, previous));
-                self.leaderboard_dirty = true;
+                for record in &records {
+                    let previous = self.highest.insert(record.user.clone(), record.amount);
+                    judged.undo_highest.push((record.user.clone(), previous));
+                }
+                self.leaderboard_dirty |= !records.is_empty();
                 let snapshot = self.auction.snapshot(at);
-                judged
-                    .announcements
-                    .extend(announce::bid(&self.id, &accepted, &record, &snapshot));
+                judged.announcements.extend(announce::bid(
+                    &self.id,
+                    &accepted,
+                    &records,
+                    &snapshot,
+                    &self.auction,
+                ));
                 if !accepted.bought.is_empty() {
                     // Bought now: the auction ended with this bid.
                     judged.announcements.extend(announce::changes(
@@ -148,7 +174,8 @@ impl Actor {
                         at,
                     ));
                 }
-                judged.bids.push(record);
+                judged.bids.extend(records);
+                // A raised maximum is in the record: written too.
                 judged.wrote = true;
                 judged.answers.push(Answer::Bid {
                     reply,

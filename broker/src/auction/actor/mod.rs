@@ -18,7 +18,8 @@ use super::idempotency::{Key, Outcomes};
 use super::ledger::{Announcement, CommitError, LedgerError, Turn};
 use super::rules::{Auction, Change, SpecError};
 use super::{
-    accepted_reply, decode, encode, rejected, AdminError, AdminOp, AdminReply, BidReply, Engine,
+    accepted_reply, decode, encode, raised_reply, rejected, AdminError, AdminOp, AdminReply,
+    BidReply, Engine,
 };
 use crate::metrics as m;
 
@@ -40,6 +41,8 @@ pub struct Bid {
     /// The bidder's token roles (`None`: no roles claim), for the auction's `required_role`.
     pub roles: Option<Vec<String>>,
     pub amount: i64,
+    /// A secret maximum (proxy bid).
+    pub max_amount: Option<i64>,
     pub request_id: String,
     /// When the broker received it (this node's clock, ms): the time it is judged at.
     pub at_ms: u64,

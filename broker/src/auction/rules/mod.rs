@@ -4,8 +4,10 @@
 
 //!
 //! Files: this one (the state machine), `spec` (what an admin defines and its validation),
-//! `tests`.
+//! `tests`, `proxy_tests` (proxy bidding against a reference model).
 
+#[cfg(test)]
+mod proxy_tests;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -30,6 +32,10 @@ pub struct AuctionState {
     pub paused_remaining_ms: Option<u64>,
     /// Set when the auction ended: the outcome, for late viewers and restarts.
     pub outcome: Option<Ended>,
+    /// The leader's secret maximum (proxy bid) while it is above the price. Only the leader's
+    /// matters: every other maximum was used up when it was beaten.
+    #[serde(default)]
+    pub leader_max: Option<i64>,
 }
 
 /// An auction: its spec and its state, stored together as one record.
@@ -39,12 +45,34 @@ pub struct Auction {
     pub state: AuctionState,
 }
 
+/// One bid in the log, as the rules placed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub seq: u64,
+    pub user: UserId,
+    pub amount: i64,
+    /// Placed for a maximum (proxy bidding) rather than at the amount a bidder sent.
+    pub automatic: bool,
+    /// The bid of the request being judged (the others are the leader's automatic bids).
+    pub own: bool,
+}
+
 /// A bid the rules accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Accepted {
+    /// The bidder's own bid; when a leader only raised their maximum, the leading bid.
     pub seq: u64,
     pub amount: i64,
-    /// The leader this bid displaced, and their amount (for the outbid notice).
+    /// The bids placed, in seq order: the bidder's own, preceded by the leader's last
+    /// automatic bid when a higher maximum beat it, or followed by the leader's automatic answer
+    /// when theirs was higher. Empty when a leader only raised their maximum.
+    pub placed: Vec<Placed>,
+    /// Whether the bidder leads now.
+    pub leading: bool,
+    /// The bidder's maximum, if they have one.
+    pub max_amount: Option<i64>,
+    /// Who no longer leads because of this bid, and their last amount (for the outbid
+    /// notice): the previous leader, or the bidder when a higher maximum answered at once.
     pub outbid: Option<(UserId, i64)>,
     /// The end before this bid, if the bid extended it.
     pub extended_from: Option<u64>,
@@ -86,6 +114,7 @@ impl Auction {
                 ends_at,
                 paused_remaining_ms: None,
                 outcome: None,
+                leader_max: None,
             },
         }
     }
@@ -133,13 +162,105 @@ impl Auction {
         }
     }
 
-    /// Judges a bid against the current price (call [`Auction::advance`] first) and applies it.
+    /// The maximum the leader bids up to: their secret maximum, or the price.
+    pub fn leading_max(&self) -> Option<i64> {
+        let price = self.state.price?;
+        Some(self.state.leader_max.map_or(price, |max| max.max(price)))
+    }
+
+    /// Judges a plain bid (no maximum); see [`Auction::place_bid_with_max`].
     pub fn place_bid(
         &mut self,
         user: &UserId,
         amount: i64,
         now: u64,
     ) -> Result<Accepted, Rejected> {
+        self.place_bid_with_max(user, amount, None, now)
+    }
+
+    /// Judges a bid against the current price (call [`Auction::advance`] first) and applies it.
+    /// With `max` (proxy bidding, eBay's rules): the broker bids for the bidder one increment
+    /// above the competition up to `max`; the earlier of two equal maxima leads; a leader's
+    /// maximum only ever rises and raising it does not move the price.
+    pub fn place_bid_with_max(
+        &mut self,
+        user: &UserId,
+        amount: i64,
+        max: Option<i64>,
+        now: u64,
+    ) -> Result<Accepted, Rejected> {
+        self.check_bid(amount, max)?;
+        // At or above the buy-now price (while it applies): placed at exactly that price.
+        if let Some(price) = self.buy_now_price().filter(|&price| amount >= price) {
+            let mut accepted = self.place(user, price, price, None, now);
+            self.state.ends_at = self.state.ends_at.min(now);
+            accepted.extended_from = None;
+            accepted.bought = self.close(now);
+            return Ok(accepted);
+        }
+        let leader = self.state.leader.clone();
+        let Some(leading_max) = self.leading_max().filter(|_| leader.is_some()) else {
+            // The first bid.
+            return Ok(self.place(user, amount, amount, max, now));
+        };
+        let leader = leader.unwrap_or_else(|| user.clone());
+        if &leader == user {
+            let Some(max) = max else {
+                // A leader's plain bid: placed as sent, their maximum kept.
+                return Ok(self.place(user, amount, amount, Some(leading_max), now));
+            };
+            // Raising one's own maximum: nothing placed, the price stays.
+            let max = max.max(leading_max);
+            self.state.leader_max = Some(max).filter(|&m| Some(m) > self.state.price);
+            return Ok(Accepted {
+                seq: self.state.last_seq,
+                amount: self.state.price.unwrap_or(amount),
+                placed: Vec::new(),
+                leading: true,
+                max_amount: Some(max),
+                outbid: None,
+                extended_from: None,
+                bought: Vec::new(),
+            });
+        }
+        let bid_max = max.unwrap_or(amount);
+        if bid_max > leading_max {
+            // The bidder's maximum wins: the leader's last automatic bid (at their maximum, if
+            // above the price), then this bid, one increment above it (capped by the maximum).
+            let defended = (Some(leading_max) > self.state.price)
+                .then(|| self.log_bid(&leader, leading_max, true, false));
+            let price = amount.max(bid_max.min(self.next_min_bid_after(leading_max)));
+            let mut accepted = self.place(user, amount, price, max, now);
+            accepted.placed.splice(0..0, defended);
+            accepted.outbid = Some((leader, leading_max));
+            return Ok(accepted);
+        }
+        // The leader's maximum answers at once: this bid at the bidder's maximum, then the
+        // leader's automatic bid one increment above it (the earlier maximum wins a tie).
+        let own = self.log_bid(user, bid_max, bid_max != amount, true);
+        let answer = if bid_max < leading_max {
+            leading_max.min(self.next_min_bid_after(bid_max))
+        } else {
+            leading_max
+        };
+        let defence = self.log_bid(&leader, answer, true, false);
+        self.state.leader_max = Some(leading_max).filter(|&m| m > answer);
+        let extended_from = self.soft_close(now);
+        Ok(Accepted {
+            seq: own.seq,
+            amount: own.amount,
+            placed: vec![own, defence],
+            leading: false,
+            max_amount: max,
+            outbid: Some((user.clone(), bid_max)),
+            extended_from,
+            bought: Vec::new(),
+        })
+    }
+
+    /// Whether a bid may be judged at all: the auction is open, the amounts are in range and
+    /// the amount is at least the next minimum.
+    fn check_bid(&self, amount: i64, max: Option<i64>) -> Result<(), Rejected> {
         let reject = |reason: BidRejection, message: String| Rejected {
             reason,
             min_amount: None,
@@ -172,6 +293,12 @@ impl Auction {
                 "amount must be between 1 and 10^15 minor units".into(),
             ));
         }
+        if max.is_some_and(|max| !(amount..=MAX_AMOUNT).contains(&max)) {
+            return Err(reject(
+                BidRejection::InvalidAmount,
+                "max_amount must be at least amount and at most 10^15 minor units".into(),
+            ));
+        }
         let min = self.next_min_bid();
         if amount < min {
             return Err(Rejected {
@@ -180,43 +307,71 @@ impl Auction {
                 message: format!("the next bid must be at least {min}"),
             });
         }
-        // At or above the buy-now price (while it applies): placed at exactly that price.
-        let buy_now = self.buy_now_price().filter(|&price| amount >= price);
-        let amount = buy_now.unwrap_or(amount);
-        let outbid = self
+        Ok(())
+    }
+
+    /// Appends a bid to the state (seq, count, price, leader) without judging it.
+    fn log_bid(&mut self, user: &UserId, amount: i64, automatic: bool, own: bool) -> Placed {
+        self.state.last_seq += 1;
+        self.state.bid_count += 1;
+        self.state.price = Some(amount);
+        self.state.leader = Some(user.clone());
+        Placed {
+            seq: self.state.last_seq,
+            user: user.clone(),
+            amount,
+            automatic,
+            own,
+        }
+    }
+
+    /// Places the bidder's own bid as the new leader at `price` (automatic unless it is the
+    /// amount they `sent`), with their maximum.
+    fn place(
+        &mut self,
+        user: &UserId,
+        sent: i64,
+        price: i64,
+        max: Option<i64>,
+        now: u64,
+    ) -> Accepted {
+        let previous = self
             .state
             .leader
             .clone()
             .zip(self.state.price)
             .filter(|(leader, _)| leader != user);
-        self.state.last_seq += 1;
-        self.state.bid_count += 1;
-        self.state.price = Some(amount);
-        self.state.leader = Some(user.clone());
-        let mut extended_from = None;
+        let own = self.log_bid(user, price, price != sent, true);
+        self.state.leader_max = max.filter(|&max| max > price);
+        let extended_from = self.soft_close(now);
+        Accepted {
+            seq: own.seq,
+            amount: own.amount,
+            placed: vec![own],
+            leading: true,
+            max_amount: max.filter(|&max| max >= price),
+            outbid: previous,
+            extended_from,
+            bought: Vec::new(),
+        }
+    }
+
+    /// Soft close: a bid in the last `window_ms` moves the end to `extend_ms` from now. The
+    /// end it replaced, if it moved.
+    fn soft_close(&mut self, now: u64) -> Option<u64> {
         let SoftClose {
             window_ms,
             extend_ms,
         } = self.spec.soft_close;
-        let mut bought = Vec::new();
-        if buy_now.is_some() {
-            // Sold: the auction ends now, with this bid.
-            self.state.ends_at = self.state.ends_at.min(now);
-            bought = self.close(now);
-        } else if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
+        if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
             let new_end = now.saturating_add(extend_ms);
             if new_end > self.state.ends_at {
-                extended_from = Some(self.state.ends_at);
+                let previous = self.state.ends_at;
                 self.state.ends_at = new_end;
+                return Some(previous);
             }
         }
-        Ok(Accepted {
-            seq: self.state.last_seq,
-            amount,
-            outbid,
-            extended_from,
-            bought,
-        })
+        None
     }
 
     /// Applies what time has made due: opening at `starts_at`, closing at `ends_at`.

@@ -130,6 +130,7 @@ fn request(user: &str, auction: &str, amount: i64, request_id: &str) -> BidReque
         auction_id: auction.into(),
         amount,
         request_id: request_id.into(),
+        max_amount: None,
     }
 }
 

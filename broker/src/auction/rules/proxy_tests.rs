@@ -1,0 +1,304 @@
+//! Proxy (maximum) bidding: worked cases, and random bid sequences checked against a reference
+//! model of eBay's rules (second-highest maximum plus one increment, capped by the highest).
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn user(id: &str) -> UserId {
+    UserId::parse(id).unwrap()
+}
+
+pub(crate) fn spec_with(increment: Increment) -> AuctionSpec {
+    AuctionSpec {
+        id: "p1".into(),
+        title: "Proxy lot".into(),
+        currency: "EUR".into(),
+        starting_price: 1000,
+        increment,
+        reserve: None,
+        starts_at: 1_000,
+        ends_at: 10_000_000,
+        soft_close: SoftClose::default(),
+        buy_now: None,
+        required_role: None,
+    }
+}
+
+fn active() -> Auction {
+    let mut a = Auction::new(spec_with(Increment::Fixed(100)));
+    a.advance(1_000);
+    a
+}
+
+fn amounts(accepted: &Accepted) -> Vec<(String, i64, bool)> {
+    accepted
+        .placed
+        .iter()
+        .map(|p| (p.user.to_string(), p.amount, p.automatic))
+        .collect()
+}
+
+#[test]
+fn a_maximum_answers_a_lower_bid_one_increment_above_it() {
+    let mut a = active();
+    let first = a
+        .place_bid_with_max(&user("ann"), 1000, Some(5000), 2_000)
+        .unwrap();
+    assert_eq!((first.amount, first.max_amount), (1000, Some(5000)));
+    assert_eq!(
+        a.state.price,
+        Some(1000),
+        "a maximum alone does not move the price"
+    );
+
+    let bob = a.place_bid(&user("bob"), 1500, 2_001).unwrap();
+    assert_eq!(
+        amounts(&bob),
+        vec![("bob".into(), 1500, false), ("ann".into(), 1600, true)]
+    );
+    assert!(!bob.leading);
+    assert_eq!(bob.outbid, Some((user("bob"), 1500)));
+    assert_eq!(
+        (a.state.price, a.state.leader.clone()),
+        (Some(1600), Some(user("ann")))
+    );
+    assert_eq!(a.state.bid_count, 3);
+    assert_eq!(a.leading_max(), Some(5000));
+}
+
+#[test]
+fn a_higher_maximum_wins_one_increment_above_the_old_one() {
+    let mut a = active();
+    a.place_bid_with_max(&user("ann"), 1000, Some(5000), 2_000)
+        .unwrap();
+    let bob = a
+        .place_bid_with_max(&user("bob"), 1100, Some(8000), 2_001)
+        .unwrap();
+    // Ann's maximum is used up (an automatic bid at 5000), then Bob leads at 5100.
+    assert_eq!(
+        amounts(&bob),
+        vec![("ann".into(), 5000, true), ("bob".into(), 5100, true)]
+    );
+    assert!(bob.leading);
+    assert_eq!(bob.outbid, Some((user("ann"), 5000)));
+    assert_eq!((bob.seq, bob.amount, bob.max_amount), (3, 5100, Some(8000)));
+    assert_eq!(a.leading_max(), Some(8000));
+}
+
+#[test]
+fn equal_maxima_go_to_the_earlier_one() {
+    let mut a = active();
+    a.place_bid_with_max(&user("ann"), 1000, Some(5000), 2_000)
+        .unwrap();
+    let bob = a
+        .place_bid_with_max(&user("bob"), 1100, Some(5000), 2_001)
+        .unwrap();
+    assert_eq!(
+        amounts(&bob),
+        vec![("bob".into(), 5000, true), ("ann".into(), 5000, true)]
+    );
+    assert_eq!(
+        (a.state.price, a.state.leader.clone()),
+        (Some(5000), Some(user("ann")))
+    );
+    assert_eq!(a.state.leader_max, None, "used up");
+}
+
+#[test]
+fn a_maximum_less_than_an_increment_above_the_leader_wins_at_itself() {
+    let mut a = active();
+    a.place_bid_with_max(&user("ann"), 1000, Some(5000), 2_000)
+        .unwrap();
+    let bob = a
+        .place_bid_with_max(&user("bob"), 1100, Some(5050), 2_001)
+        .unwrap();
+    assert_eq!(bob.amount, 5050);
+    assert_eq!(a.state.leader_max, None);
+}
+
+#[test]
+fn raising_ones_own_maximum_does_not_raise_the_price() {
+    let mut a = active();
+    a.place_bid_with_max(&user("ann"), 1000, Some(2000), 2_000)
+        .unwrap();
+    let raised = a
+        .place_bid_with_max(&user("ann"), 1100, Some(9000), 2_001)
+        .unwrap();
+    assert!(raised.placed.is_empty());
+    assert_eq!(
+        (raised.seq, raised.amount, raised.max_amount),
+        (1, 1000, Some(9000))
+    );
+    assert_eq!((a.state.price, a.state.bid_count), (Some(1000), 1));
+    // A lower maximum later changes nothing: maxima only rise.
+    let lower = a
+        .place_bid_with_max(&user("ann"), 1100, Some(3000), 2_002)
+        .unwrap();
+    assert_eq!(lower.max_amount, Some(9000));
+    let bob = a.place_bid(&user("bob"), 5000, 2_003).unwrap();
+    assert_eq!(amounts(&bob)[1], ("ann".into(), 5100, true));
+}
+
+#[test]
+fn a_maximum_below_the_amount_is_invalid() {
+    let mut a = active();
+    let refused = a
+        .place_bid_with_max(&user("ann"), 1000, Some(999), 2_000)
+        .unwrap_err();
+    assert_eq!(refused.reason, BidRejection::InvalidAmount);
+    assert_eq!(a.state.bid_count, 0);
+}
+
+#[test]
+fn the_maximum_is_not_in_the_public_snapshot() {
+    let mut a = active();
+    a.place_bid_with_max(&user("ann"), 1000, Some(987_654), 2_000)
+        .unwrap();
+    let public = serde_json::to_string(&a.snapshot(2_001)).unwrap();
+    assert!(!public.contains("987654"), "{public}");
+}
+
+/// eBay's rules restated over every maximum at once: the leader is the highest maximum
+/// (earliest on a tie) and, after each challenge, the price is the second-highest maximum plus
+/// its increment, capped by the highest (and never below what the bidder typed). A leader's own
+/// bids only raise their maximum (or, plain, set the price they typed).
+#[derive(Default)]
+struct Reference {
+    /// Per bidder: their highest maximum and when they reached it.
+    maxima: Vec<(UserId, i64, usize)>,
+    price: Option<i64>,
+    leader: Option<UserId>,
+}
+
+impl Reference {
+    fn max_of(&self, who: &UserId) -> Option<i64> {
+        self.maxima.iter().find(|m| &m.0 == who).map(|m| m.1)
+    }
+
+    fn set_max(&mut self, who: &UserId, max: i64, at: usize) {
+        match self.maxima.iter_mut().find(|m| &m.0 == who) {
+            Some(entry) if entry.1 < max => *entry = (who.clone(), max, at),
+            Some(_) => {}
+            None => self.maxima.push((who.clone(), max, at)),
+        }
+    }
+
+    /// `Some(accepted)`; `None` when the bid is refused.
+    fn bid(&mut self, a: &Auction, who: &UserId, amount: i64, max: Option<i64>, at: usize) -> bool {
+        let min = match self.price {
+            None => a.spec.starting_price,
+            Some(p) => p + a.spec.step_at(p),
+        };
+        if amount < min || max.is_some_and(|m| m < amount) {
+            return false;
+        }
+        if self.leader.as_ref() == Some(who) {
+            match max {
+                Some(max) => self.set_max(who, max, at),
+                None => {
+                    self.price = Some(amount);
+                    self.set_max(who, amount, at);
+                }
+            }
+            return true;
+        }
+        if self.price.is_none() {
+            self.price = Some(amount);
+            self.leader = Some(who.clone());
+            self.set_max(who, max.unwrap_or(amount), at);
+            return true;
+        }
+        // A challenger's earlier maximum was beaten already: this one replaces it.
+        self.maxima.retain(|m| &m.0 != who);
+        self.maxima.push((who.clone(), max.unwrap_or(amount), at));
+        let mut ranked = self.maxima.clone();
+        ranked.sort_by(|x, y| y.1.cmp(&x.1).then(x.2.cmp(&y.2)));
+        let (top, second) = (&ranked[0], &ranked[1]);
+        let second_price = if second.1 == top.1 {
+            top.1
+        } else {
+            top.1.min(second.1 + a.spec.step_at(second.1))
+        };
+        let typed = if &top.0 == who { amount } else { 0 };
+        self.price = Some(second_price.max(typed));
+        self.leader = Some(top.0.clone());
+        true
+    }
+}
+
+/// Increment tables whose step never shrinks as the price grows (as real tables are).
+fn increments() -> impl Strategy<Value = Increment> {
+    prop_oneof![
+        (1i64..500).prop_map(Increment::Fixed),
+        (
+            1i64..50,
+            1i64..200,
+            1i64..300,
+            1000i64..5000,
+            5000i64..20000
+        )
+            .prop_map(|(a, b, c, from1, from2)| Increment::Tiers(vec![
+                Tier { from: 0, step: a },
+                Tier {
+                    from: from1,
+                    step: a + b
+                },
+                Tier {
+                    from: from2,
+                    step: a + b + c
+                },
+            ])),
+    ]
+}
+
+/// One bid of a sequence: who (of five), how far above the next minimum the amount is
+/// (negative: too low), and the maximum's distance above the amount (`None`: a plain bid).
+type Step = (usize, i64, Option<i64>);
+
+fn sequences() -> impl Strategy<Value = (Increment, Vec<Step>)> {
+    (
+        increments(),
+        prop::collection::vec(
+            (
+                0usize..5,
+                prop_oneof![3 => Just(0i64), 1 => -50i64..0, 1 => 0i64..3000],
+                prop::option::weighted(0.6, 0i64..20_000),
+            ),
+            1..40,
+        ),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+    /// The acceptance test of proxy bidding: after every bid of 10,000 random sequences the
+    /// rules and the reference agree on acceptance, price and leader; and the price never
+    /// passes the leader's maximum, nor falls.
+    #[test]
+    fn proxy_bidding_matches_the_reference((increment, steps) in sequences()) {
+        let mut auction = Auction::new(spec_with(increment));
+        auction.advance(1_000);
+        let mut reference = Reference::default();
+        let users: Vec<UserId> = (0..5).map(|n| user(&format!("u{n}"))).collect();
+        for (at, (who, over, max)) in steps.into_iter().enumerate() {
+            let who = &users[who];
+            let amount = (auction.next_min_bid() + over).max(1);
+            let max = max.map(|extra| amount + extra);
+            let before = auction.state.price;
+            let engine = auction.place_bid_with_max(who, amount, max, 2_000 + at as u64);
+            let expected = reference.bid(&auction, who, amount, max, at);
+            // The reference judged on the state before the bid: compare after.
+            prop_assert_eq!(engine.is_ok(), expected, "bid {} by {}: {:?}", amount, who, max);
+            prop_assert_eq!(auction.state.price, reference.price);
+            prop_assert_eq!(&auction.state.leader, &reference.leader);
+            prop_assert!(auction.state.price >= before);
+            prop_assert!(auction.state.price <= auction.leading_max());
+            if let Some(leader) = &auction.state.leader {
+                prop_assert_eq!(auction.leading_max(), reference.max_of(leader).max(auction.state.price));
+            }
+            prop_assert_eq!(auction.state.bid_count, auction.state.last_seq);
+        }
+    }
+}
