@@ -52,6 +52,7 @@ fn engine(rt: &tokio::runtime::Runtime, mode: GroupCommit) -> Engine {
             bid_burst: u32::MAX,
             group_commit: mode,
             archive_after: Duration::from_secs(3600),
+            webhooks: None,
         };
         let events: Arc<dyn AuctionEvents> = rooms;
         let auctions =

@@ -38,7 +38,14 @@ pub(crate) async fn handle(
             Err(response) => response,
         },
         (&Method::GET, [id]) => match shared.auctions.find(id).await {
-            Ok(Some(snapshot)) => json_response(StatusCode::OK, json!(snapshot)),
+            Ok(Some(snapshot)) => {
+                let mut body = json!(snapshot);
+                if let Some(pending) = shared.auctions.pending_webhooks(id) {
+                    // With --webhook-url: what is not delivered yet, with its last error.
+                    body["webhooks"] = json!({ "pending": pending });
+                }
+                json_response(StatusCode::OK, body)
+            }
             Ok(None) => error_for(&AdminError::NotFound((*id).to_owned())),
             Err(error) => error_for(&error),
         },

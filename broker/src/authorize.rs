@@ -5,12 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use gavel_protocol::{Channel, UserId};
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper::{StatusCode, Uri};
 
 /// How long one call to the backend may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,10 +32,7 @@ pub enum AuthorizeError {
 impl Authorizer {
     /// `url` must be `http://host:port/path`.
     pub fn new(url: &str, ttl: Duration) -> Result<Authorizer, String> {
-        let url: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        if url.scheme_str() != Some("http") || url.host().is_none() {
-            return Err(format!("{url}: expected http://host:port/path"));
-        }
+        let url = crate::backend_http::parse_url(url)?;
         Ok(Authorizer {
             url,
             ttl,
@@ -65,31 +59,12 @@ impl Authorizer {
     }
 
     async fn ask(&self, user: &UserId, channel: &Channel) -> Result<bool, AuthorizeError> {
-        let failed = |e: &dyn std::fmt::Display| AuthorizeError::Failed(e.to_string());
-        let host = self.url.host().unwrap_or("127.0.0.1");
-        let port = self.url.port_u16().unwrap_or(80);
-        let stream = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| failed(&e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| failed(&e))?;
-        tokio::spawn(conn);
         let body = serde_json::json!({ "user": user, "channel": channel }).to_string();
-        let request = Request::post(self.url.path())
-            .header(hyper::header::HOST, format!("{host}:{port}"))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| failed(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
-        match response.status() {
+        let (status, bytes) = crate::backend_http::post_json(&self.url, &[], body)
+            .await
+            .map_err(AuthorizeError::Failed)?;
+        match status {
             StatusCode::OK => {
-                let bytes = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| failed(&e))?
-                    .to_bytes();
                 let verdict: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
                 Ok(verdict
                     .and_then(|v| v.get("allow").and_then(|a| a.as_bool()))

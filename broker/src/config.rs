@@ -223,6 +223,31 @@ pub struct Config {
     #[arg(long, env = "GAVEL_NODE_TTL", default_value = "10s", value_parser = duration)]
     pub node_ttl: Duration,
 
+    /// Results to the backend: POST a signed JSON webhook (`auction.ended`: winner, price,
+    /// reserve met, bid count) to this `http://host:port/path` when an auction ends, from a
+    /// durable outbox written with the bids, retried with exponential backoff until a 2xx
+    /// answer, across restarts. Single-node mode only (not with --redis-url) for now.
+    #[arg(long, env = "GAVEL_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// The key that signs webhooks (HMAC-SHA256 in the `Gavel-Signature` header), at least 16
+    /// bytes. Required with --webhook-url.
+    #[arg(long, env = "GAVEL_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Also send a `bid.accepted` webhook for every accepted bid (automatic ones included).
+    #[arg(long, env = "GAVEL_WEBHOOK_BIDS")]
+    pub webhook_bids: bool,
+
+    /// How long one webhook attempt (connect, POST, answer) may take before it counts as failed.
+    #[arg(long, env = "GAVEL_WEBHOOK_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub webhook_timeout: Duration,
+
+    /// The longest wait between two attempts of one webhook: the first retry comes 1 s after a
+    /// failure, then 2 s, 4 s, ... up to this.
+    #[arg(long, env = "GAVEL_WEBHOOK_MAX_BACKOFF", default_value = "10m", value_parser = duration)]
+    pub webhook_max_backoff: Duration,
+
     /// Log format.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -318,6 +343,32 @@ impl Config {
                 "--cluster-prefix",
                 "non-empty, without spaces",
                 &self.cluster_prefix,
+            ));
+        }
+        if let Some(url) = &self.webhook_url {
+            if crate::backend_http::parse_url(url).is_err() {
+                return Err(bad("--webhook-url", "http://host:port/path", url));
+            }
+            if self.webhook_secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(bad(
+                    "--webhook-secret",
+                    "set, at least 16 bytes, with --webhook-url",
+                    "missing or short",
+                ));
+            }
+            if self.redis_url.is_some() {
+                return Err(bad(
+                    "--webhook-url",
+                    "used without --redis-url (webhooks are single-node only for now)",
+                    url,
+                ));
+            }
+        }
+        if self.webhook_timeout.is_zero() || self.webhook_max_backoff < Duration::from_secs(1) {
+            return Err(bad(
+                "--webhook-timeout / --webhook-max-backoff",
+                "above zero / at least 1s",
+                (self.webhook_timeout, self.webhook_max_backoff),
             ));
         }
         if self.presence_interval.is_zero() {
@@ -418,6 +469,14 @@ impl fmt::Debug for Config {
             .field("cluster_prefix", &self.cluster_prefix)
             .field("node_id", &self.node_id)
             .field("node_ttl", &self.node_ttl)
+            .field("webhook_url", &self.webhook_url)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("webhook_bids", &self.webhook_bids)
+            .field("webhook_timeout", &self.webhook_timeout)
+            .field("webhook_max_backoff", &self.webhook_max_backoff)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

@@ -16,6 +16,7 @@ pub mod admission;
 pub mod auction;
 pub mod auth;
 mod authorize;
+mod backend_http;
 pub mod backplane;
 pub mod clock;
 pub mod cluster;
@@ -33,6 +34,7 @@ mod subscribers;
 pub mod testing;
 pub mod tls;
 mod users;
+pub mod webhooks;
 mod ws;
 mod wsframe;
 
@@ -181,6 +183,7 @@ impl Broker {
                 config::Toggle::Off => store::GroupCommit::Off,
             },
             archive_after: config.archive_after,
+            webhooks: None,
         };
         // Stopped first at shutdown, so every queued bid is answered while its connection
         // can still carry the answer.
@@ -190,6 +193,16 @@ impl Broker {
         let (rooms, auctions, backplane, follow) = match &config.redis_url {
             None => {
                 let rooms = Arc::new(rooms::Rooms::new(limits));
+                let mut engine = engine;
+                engine.webhooks = webhook_config(&config).map(|webhook| webhooks::Reporting {
+                    bids: webhook.bids,
+                    wake: webhooks::Deliverer::start(
+                        Arc::clone(&log),
+                        webhook,
+                        clock,
+                        shutdown.child_token(),
+                    ),
+                });
                 let auctions = auction::Auctions::open(
                     log,
                     Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
@@ -494,4 +507,16 @@ pub async fn run(
     }
     broker.shutdown().await;
     Ok(())
+}
+
+/// The webhook settings, when `--webhook-url` is set (validated before).
+fn webhook_config(config: &Config) -> Option<webhooks::WebhookConfig> {
+    let url = backend_http::parse_url(config.webhook_url.as_deref()?).ok()?;
+    Some(webhooks::WebhookConfig {
+        url,
+        secret: config.webhook_secret.clone()?,
+        bids: config.webhook_bids,
+        timeout: config.webhook_timeout,
+        max_backoff: config.webhook_max_backoff,
+    })
 }

@@ -38,6 +38,9 @@ pub const CLUSTER_ERRORS: &str = "gavel_cluster_errors_total";
 pub const CLUSTER_ROOMS: &str = "gavel_cluster_rooms";
 pub const CLUSTER_NODES_REAPED: &str = "gavel_cluster_nodes_reaped_total";
 pub const CLUSTER_LOCK_WAIT_SECONDS: &str = "gavel_cluster_lock_wait_seconds";
+pub const WEBHOOK_DELIVERIES: &str = "gavel_webhook_attempts_total";
+pub const WEBHOOK_PENDING: &str = "gavel_webhook_outbox_pending";
+pub const WEBHOOK_SECONDS: &str = "gavel_webhook_attempt_duration_seconds";
 
 /// Bids per group-commit flush: 1 up to the 512 of a full actor turn (and more when the
 /// flusher merges turns of several auctions).
@@ -180,6 +183,19 @@ fn describe() {
         Unit::Seconds,
         "Cluster mode: time an auction turn waited for the auction's cluster-wide lock."
     );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts, by outcome (delivered, failed)."
+    );
+    describe_gauge!(
+        WEBHOOK_PENDING,
+        "Webhooks in the outbox not delivered yet (read at each pass of the deliverer)."
+    );
+    describe_histogram!(
+        WEBHOOK_SECONDS,
+        Unit::Seconds,
+        "Time of one webhook delivery attempt (connect, POST, answer)."
+    );
 }
 
 /// The `reason` values of `gavel_upgrades_refused_total` (the `code`s of `ws::upgrade`'s
@@ -222,6 +238,10 @@ fn zero() {
         metrics::counter!(ERRORS_SENT, "code" => code.as_str()).absolute(0);
     }
     metrics::counter!(BIDS, "outcome" => "accepted").absolute(0);
+    for outcome in ["delivered", "failed"] {
+        metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).absolute(0);
+    }
+    metrics::gauge!(WEBHOOK_PENDING).set(0.0);
     for reason in BidRejection::ALL {
         metrics::counter!(BIDS, "outcome" => reason.as_str()).absolute(0);
     }

@@ -21,6 +21,17 @@ fn root() -> &'static Path {
 
 async fn broker(redis_url: Option<String>) -> SocketAddr {
     common::broker(|config| {
+        if redis_url.is_none() {
+            // Webhooks for every bid, to a loopback port nobody listens on: attempts fail
+            // (and are retried), so the webhook metrics are exported too.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            config.webhook_url = Some(format!("http://{closed}/hooks"));
+            config.webhook_secret = Some("metric-names-webhook-secret".into());
+            config.webhook_bids = true;
+        }
         config.redis_url = redis_url;
         config.node_ttl = Duration::from_secs(2);
     })

@@ -11,7 +11,7 @@ use gavel_protocol::{Channel, UserId};
 use serde_json::Value;
 
 use crate::clock::Clock;
-use crate::store::{BidLog, BidRecord, Durability, GroupCommit, StorageError};
+use crate::store::{BidLog, BidRecord, Durability, GroupCommit, Outboxed, StorageError};
 
 /// A ledger call in flight. Boxed: the ledger is a trait object, and there is one call per
 /// turn (not per bid), so the allocation does not matter.
@@ -77,6 +77,9 @@ pub struct Turn<'a> {
     pub previous_seq: u64,
     /// The accepted bids, in seq order.
     pub bids: &'a [BidRecord],
+    /// Webhooks the turn reports (auction ended, bids accepted), for the outbox: written with
+    /// the turn, atomically.
+    pub webhooks: &'a [Outboxed],
     /// The turn's events, published only once the turn is durable.
     pub announcements: Vec<Announcement>,
 }
@@ -125,6 +128,10 @@ pub trait Ledger: Send + Sync + 'static {
         last_seq: u64,
         record: &'a [u8],
     ) -> LedgerFuture<'a, ()>;
+    /// Webhooks of `auction` still in the outbox (none where the ledger keeps no outbox).
+    fn pending_webhooks(&self, _auction: &str) -> Vec<Outboxed> {
+        Vec::new()
+    }
     /// Publishes events that need no turn (leaderboards).
     fn announce(&self, announcements: Vec<Announcement>);
     /// Shows an auction's state in its room without an event (creation, start-up).
@@ -167,6 +174,8 @@ pub struct LocalLedger {
     durability: Durability,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
+    /// Woken after a durable turn that wrote webhooks (the webhook deliverer).
+    webhook_wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LocalLedger {
@@ -182,7 +191,14 @@ impl LocalLedger {
             durability,
             events,
             clock,
+            webhook_wake: None,
         }
+    }
+
+    /// Wakes `wake` after every durable turn that wrote webhooks.
+    pub fn waking(mut self, wake: Option<Arc<tokio::sync::Notify>>) -> LocalLedger {
+        self.webhook_wake = wake;
+        self
     }
 
     /// The bid log itself (start-up reads it synchronously).
@@ -190,13 +206,26 @@ impl LocalLedger {
         &self.store
     }
 
-    /// The turn's bids and record, in one atomic batch.
+    /// The turn's bids, record and webhooks, in one atomic batch.
     fn write(&self, turn: &Turn<'_>) -> Result<(), StorageError> {
-        if turn.bids.is_empty() {
+        if turn.bids.is_empty() && turn.webhooks.is_empty() {
             self.store.put_auction(turn.auction, turn.record)
         } else {
-            self.store.append(turn.auction, turn.bids, turn.record)
+            self.store
+                .append(turn.auction, turn.bids, turn.record, turn.webhooks)
         }
+    }
+
+    /// Undoes a turn whose flush failed (its bids after `last_seq`, its webhooks), durably.
+    async fn undo(
+        &self,
+        auction: &str,
+        last_seq: u64,
+        record: &[u8],
+        webhooks: &[String],
+    ) -> Result<(), LedgerError> {
+        self.store.revert(auction, last_seq, record, webhooks)?;
+        Ok(self.durability.sync().await?)
     }
 }
 
@@ -205,6 +234,14 @@ fn ready<'a, T: Send + 'a>(value: Result<T, LedgerError>) -> LedgerFuture<'a, T>
 }
 
 impl Ledger for LocalLedger {
+    fn pending_webhooks(&self, auction: &str) -> Vec<Outboxed> {
+        let ended = format!("auction.ended/{auction}");
+        let bids = format!("bid.accepted/{auction}/");
+        let mut pending = self.store.outbox().unwrap_or_default();
+        pending.retain(|w| w.id == ended || w.id.starts_with(&bids));
+        pending
+    }
+
     fn reads_unflushed(&self) -> bool {
         true
     }
@@ -229,8 +266,9 @@ impl Ledger for LocalLedger {
                 // The writes are in the store's memory: a later flush (of any auction) would
                 // make them durable. Undo them first, durably, so the disk never holds a bid
                 // that was answered as not placed.
+                let webhooks: Vec<String> = turn.webhooks.iter().map(|w| w.id.clone()).collect();
                 let undone = self
-                    .repair(turn.auction, turn.previous_seq, turn.previous)
+                    .undo(turn.auction, turn.previous_seq, turn.previous, &webhooks)
                     .await;
                 return Err(match undone {
                     Ok(()) => CommitError::NotRecorded(error.into()),
@@ -238,6 +276,9 @@ impl Ledger for LocalLedger {
                 });
             }
             self.events.publish(turn.announcements);
+            if let (false, Some(wake)) = (turn.webhooks.is_empty(), &self.webhook_wake) {
+                wake.notify_one();
+            }
             Ok(0)
         })
     }
@@ -252,10 +293,7 @@ impl Ledger for LocalLedger {
         last_seq: u64,
         record: &'a [u8],
     ) -> LedgerFuture<'a, ()> {
-        Box::pin(async move {
-            self.store.revert(auction, last_seq, record)?;
-            Ok(self.durability.sync().await?)
-        })
+        Box::pin(self.undo(auction, last_seq, record, &[]))
     }
 
     fn announce(&self, announcements: Vec<Announcement>) {

@@ -94,13 +94,16 @@ impl From<LedgerError> for AdminError {
 }
 
 /// Settings of the auction engine.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub bid_rate: f64,
     pub bid_burst: u32,
     pub group_commit: GroupCommit,
     /// How long an ended auction stays live (task, room, state) before it is archived.
     pub archive_after: Duration,
+    /// Results to the backend (`--webhook-url`): which webhooks turns write to the outbox, and
+    /// how the deliverer hears of them. `None`: no webhooks.
+    pub webhooks: Option<crate::webhooks::Reporting>,
 }
 
 /// What every actor shares.
@@ -111,6 +114,7 @@ pub(crate) struct Engine {
     map: DashMap<String, Handle>,
     max_turn: usize,
     archive_after: Duration,
+    webhooks: Option<crate::webhooks::Reporting>,
 }
 
 struct Handle {
@@ -222,6 +226,7 @@ impl Auctions {
                     GroupCommit::Off => 1,
                 },
                 archive_after: config.archive_after,
+                webhooks: config.webhooks.clone(),
             }),
             stop,
             tasks: TaskTracker::new(),
@@ -239,7 +244,8 @@ impl Auctions {
         config: EngineConfig,
         stop: CancellationToken,
     ) -> Result<Auctions, StorageError> {
-        let ledger = LocalLedger::new(Arc::clone(&store), events, clock, config.group_commit);
+        let ledger = LocalLedger::new(Arc::clone(&store), events, clock, config.group_commit)
+            .waking(config.webhooks.as_ref().map(|w| Arc::clone(&w.wake)));
         let auctions = Auctions::new(Arc::new(ledger), clock, config, stop);
         for (id, bytes) in store.auctions()? {
             let auction = decode(&id, &bytes)?;
@@ -569,6 +575,20 @@ impl Auctions {
     /// How many auctions this node runs (live, with an actor).
     pub fn live_count(&self) -> usize {
         self.engine.map.len()
+    }
+
+    /// With webhooks on: the auction's webhooks not delivered yet, as `GET /api/auctions/{id}`
+    /// shows them.
+    pub fn pending_webhooks(&self, id: &str) -> Option<Vec<serde_json::Value>> {
+        self.engine.webhooks.as_ref()?;
+        let pending = self.engine.ledger.pending_webhooks(id);
+        Some(
+            pending
+                .iter()
+                .filter_map(|w| crate::webhooks::OutboxEntry::decode(&w.entry))
+                .map(|entry| entry.status_view())
+                .collect(),
+        )
     }
 
     /// Bid history from the ledger: only durable bids (a bid being flushed is not shown).

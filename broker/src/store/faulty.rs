@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use gavel_protocol::UserId;
 
-use super::{BidLog, BidRecord, StorageError};
+use super::{BidLog, BidRecord, Outboxed, StorageError};
 
 pub struct FaultyLog {
     inner: Arc<dyn BidLog>,
@@ -52,9 +52,15 @@ impl FaultyLog {
 }
 
 impl BidLog for FaultyLog {
-    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
+    fn append(
+        &self,
+        auction: &str,
+        bids: &[BidRecord],
+        record: &[u8],
+        outbox: &[Outboxed],
+    ) -> Result<(), StorageError> {
         self.write()?;
-        self.inner.append(auction, bids, record)
+        self.inner.append(auction, bids, record, outbox)
     }
 
     fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError> {
@@ -105,9 +111,29 @@ impl BidLog for FaultyLog {
         self.inner.find_bid(auction, user, request_id)
     }
 
-    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError> {
+    fn revert(
+        &self,
+        auction: &str,
+        last_seq: u64,
+        record: &[u8],
+        outbox: &[String],
+    ) -> Result<(), StorageError> {
         self.write()?;
-        self.inner.revert(auction, last_seq, record)
+        self.inner.revert(auction, last_seq, record, outbox)
+    }
+
+    fn outbox(&self) -> Result<Vec<Outboxed>, StorageError> {
+        self.inner.outbox()
+    }
+
+    fn put_outbox(&self, id: &str, entry: &[u8]) -> Result<(), StorageError> {
+        self.write()?;
+        self.inner.put_outbox(id, entry)
+    }
+
+    fn remove_outbox(&self, id: &str) -> Result<(), StorageError> {
+        self.write()?;
+        self.inner.remove_outbox(id)
     }
 
     fn archive(&self, auction: &str) -> Result<(), StorageError> {

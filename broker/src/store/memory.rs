@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use gavel_protocol::UserId;
 
-use super::{BidLog, BidRecord, StorageError};
+use super::{BidLog, BidRecord, Outboxed, StorageError};
 
 #[derive(Default)]
 pub struct MemoryLog {
@@ -22,6 +22,8 @@ struct Inner {
     bids: BTreeMap<(String, u64), BidRecord>,
     /// (auction, user, request id) → seq.
     requests: BTreeMap<(String, UserId, String), u64>,
+    /// Webhook id → entry.
+    outbox: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryLog {
@@ -31,8 +33,19 @@ impl MemoryLog {
 }
 
 impl BidLog for MemoryLog {
-    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
+    fn append(
+        &self,
+        auction: &str,
+        bids: &[BidRecord],
+        record: &[u8],
+        outbox: &[Outboxed],
+    ) -> Result<(), StorageError> {
         let mut inner = self.inner();
+        for webhook in outbox {
+            inner
+                .outbox
+                .insert(webhook.id.clone(), webhook.entry.clone());
+        }
         for bid in bids {
             if bid.has_request() {
                 inner.requests.insert(
@@ -124,8 +137,17 @@ impl BidLog for MemoryLog {
             .cloned())
     }
 
-    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError> {
+    fn revert(
+        &self,
+        auction: &str,
+        last_seq: u64,
+        record: &[u8],
+        outbox: &[String],
+    ) -> Result<(), StorageError> {
         let mut inner = self.inner();
+        for id in outbox {
+            inner.outbox.remove(id);
+        }
         let from = (auction.to_owned(), last_seq.saturating_add(1));
         let to = (auction.to_owned(), u64::MAX);
         let dropped: Vec<BidRecord> = inner
@@ -140,6 +162,28 @@ impl BidLog for MemoryLog {
                 .remove(&(auction.to_owned(), bid.user, bid.request_id));
         }
         inner.auctions.insert(auction.to_owned(), record.to_vec());
+        Ok(())
+    }
+
+    fn outbox(&self) -> Result<Vec<Outboxed>, StorageError> {
+        Ok(self
+            .inner()
+            .outbox
+            .iter()
+            .map(|(id, entry)| Outboxed {
+                id: id.clone(),
+                entry: entry.clone(),
+            })
+            .collect())
+    }
+
+    fn put_outbox(&self, id: &str, entry: &[u8]) -> Result<(), StorageError> {
+        self.inner().outbox.insert(id.to_owned(), entry.to_vec());
+        Ok(())
+    }
+
+    fn remove_outbox(&self, id: &str) -> Result<(), StorageError> {
+        self.inner().outbox.remove(id);
         Ok(())
     }
 

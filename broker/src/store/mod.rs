@@ -68,6 +68,13 @@ impl BidRecord {
     }
 }
 
+/// A webhook waiting in the outbox: its id and its entry as the `webhooks` module stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outboxed {
+    pub id: String,
+    pub entry: Vec<u8>,
+}
+
 /// A storage failure. Cloneable so one flush result can answer every bid that shared it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StorageError {
@@ -82,9 +89,15 @@ pub enum StorageError {
 /// The operations the auction engine needs from storage. Writes become durable only after
 /// [`BidLog::sync`]; callers go through [`Durability`] for that.
 pub trait BidLog: Send + Sync + 'static {
-    /// Writes bids (with their idempotency index entries) and the auction's record after them,
-    /// in one atomic batch.
-    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError>;
+    /// Writes bids (with their idempotency index entries), the auction's record after them and
+    /// the turn's webhooks (into the outbox), in one atomic batch.
+    fn append(
+        &self,
+        auction: &str,
+        bids: &[BidRecord],
+        record: &[u8],
+        outbox: &[Outboxed],
+    ) -> Result<(), StorageError>;
     /// Writes an auction's record (definition and state) on its own.
     fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError>;
     /// Makes every write so far durable. Blocking.
@@ -112,9 +125,24 @@ pub trait BidLog: Send + Sync + 'static {
         request_id: &str,
     ) -> Result<Option<BidRecord>, StorageError>;
     /// Undoes unflushed writes: removes the bids after `last_seq` (and their index entries)
-    /// and puts `record` back, atomically. Used after a failed flush, so that no later flush
-    /// makes durable what was answered as not placed.
-    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError>;
+    /// and the `outbox` entries of the failed turn, and puts `record` back, atomically. Used
+    /// after a failed flush, so that no later flush makes durable what was answered as not
+    /// placed.
+    fn revert(
+        &self,
+        auction: &str,
+        last_seq: u64,
+        record: &[u8],
+        outbox: &[String],
+    ) -> Result<(), StorageError>;
+    /// Every webhook not delivered yet.
+    fn outbox(&self) -> Result<Vec<Outboxed>, StorageError>;
+    /// Replaces one outbox entry (after a failed attempt). Not flushed: a lost update only
+    /// repeats an attempt.
+    fn put_outbox(&self, id: &str, entry: &[u8]) -> Result<(), StorageError>;
+    /// Removes a delivered webhook. Not flushed: a lost removal means one more delivery, which
+    /// the backend dedupes by id.
+    fn remove_outbox(&self, id: &str) -> Result<(), StorageError>;
     /// Moves an ended auction out of the live set: [`BidLog::auctions`] no longer lists it; its
     /// record and bids stay readable.
     fn archive(&self, auction: &str) -> Result<(), StorageError>;
@@ -213,14 +241,20 @@ mod tests {
         log.put_auction("a1", b"created").unwrap();
         log.put_auction("a10", b"other").unwrap();
         for seq in 1..=5 {
+            let webhook = Outboxed {
+                id: format!("w{seq}"),
+                entry: format!("entry {seq}").into_bytes(),
+            };
             log.append(
                 "a1",
                 &[bid(seq, 100 * seq as i64)],
                 format!("after {seq}").as_bytes(),
+                &[webhook],
             )
             .unwrap();
         }
-        log.append("a10", &[bid(1, 7)], b"a10 after 1").unwrap();
+        log.append("a10", &[bid(1, 7)], b"a10 after 1", &[])
+            .unwrap();
         log.sync().unwrap();
         assert_eq!(log.last_seq("a1").unwrap(), 5);
         assert_eq!(log.last_seq("a10").unwrap(), 1);
@@ -258,7 +292,20 @@ mod tests {
         );
 
         // A revert drops the bids after a seq, their index entries, and restores the record.
-        log.revert("a1", 3, b"after 3").unwrap();
+        assert_eq!(log.outbox().unwrap().len(), 5);
+        log.revert("a1", 3, b"after 3", &["w4".into(), "w5".into()])
+            .unwrap();
+        let ids: Vec<String> = log.outbox().unwrap().into_iter().map(|o| o.id).collect();
+        assert_eq!(
+            ids,
+            vec!["w1", "w2", "w3"],
+            "the reverted turns' webhooks are gone"
+        );
+        log.put_outbox("w1", b"attempted").unwrap();
+        log.remove_outbox("w2").unwrap();
+        let left = log.outbox().unwrap();
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[0].entry, b"attempted");
         assert_eq!(log.last_seq("a1").unwrap(), 3);
         assert_eq!(log.find_bid("a1", &u1, "r4").unwrap(), None);
         assert_eq!(log.auction("a1").unwrap(), Some(b"after 3".to_vec()));

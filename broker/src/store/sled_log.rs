@@ -1,14 +1,15 @@
 //! The sled [`BidLog`]: one tree; `a\0{auction}` holds a live auction's record (`x\0{auction}`
 //! once archived), `b\0{auction}\0{seq}` (seq big-endian, so keys sort by seq) holds its bids,
-//! and `r\0{auction}\0{user}\0{request id}` maps a bid's idempotency key to its seq. A bid, its
-//! index entry and the auction record after it are written in one atomic batch. Durable once `sync` (sled's `flush`) returns; see the README
+//! and `r\0{auction}\0{user}\0{request id}` maps a bid's idempotency key to its seq;
+//! `o\0{webhook id}` is the webhook outbox. A turn's bids, their index entries, the auction
+//! record after them and the turn's webhooks are written in one atomic batch. Durable once `sync` (sled's `flush`) returns; see the README
 //! for exactly what that survives.
 
 use std::path::Path;
 
 use gavel_protocol::UserId;
 
-use super::{BidLog, BidRecord, StorageError};
+use super::{BidLog, BidRecord, Outboxed, StorageError};
 
 /// sled's page cache. Its default (1 GiB) is far more than a bid log needs.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -75,9 +76,24 @@ impl SledLog {
     }
 }
 
+fn outbox_key(id: &str) -> Vec<u8> {
+    let mut key = b"o\0".to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
 impl BidLog for SledLog {
-    fn append(&self, auction: &str, bids: &[BidRecord], record: &[u8]) -> Result<(), StorageError> {
+    fn append(
+        &self,
+        auction: &str,
+        bids: &[BidRecord],
+        record: &[u8],
+        outbox: &[Outboxed],
+    ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
+        for webhook in outbox {
+            batch.insert(outbox_key(&webhook.id), webhook.entry.as_slice());
+        }
         for bid in bids {
             let encoded =
                 rmp_serde::to_vec_named(bid).map_err(|e| StorageError::Corrupt(e.to_string()))?;
@@ -183,8 +199,17 @@ impl BidLog for SledLog {
         }
     }
 
-    fn revert(&self, auction: &str, last_seq: u64, record: &[u8]) -> Result<(), StorageError> {
+    fn revert(
+        &self,
+        auction: &str,
+        last_seq: u64,
+        record: &[u8],
+        outbox: &[String],
+    ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
+        for id in outbox {
+            batch.remove(outbox_key(id));
+        }
         for bid in self.bids(auction, last_seq, usize::MAX)? {
             batch.remove(bid_key(auction, bid.seq));
             if bid.has_request() {
@@ -193,6 +218,29 @@ impl BidLog for SledLog {
         }
         batch.insert(auction_key(auction), record);
         self.db.apply_batch(batch).map_err(io)
+    }
+
+    fn outbox(&self) -> Result<Vec<Outboxed>, StorageError> {
+        self.db
+            .scan_prefix(b"o\0")
+            .map(|item| {
+                let (key, value) = item.map_err(io)?;
+                Ok(Outboxed {
+                    id: String::from_utf8_lossy(&key[2..]).into_owned(),
+                    entry: value.to_vec(),
+                })
+            })
+            .collect()
+    }
+
+    fn put_outbox(&self, id: &str, entry: &[u8]) -> Result<(), StorageError> {
+        self.db.insert(outbox_key(id), entry).map_err(io)?;
+        Ok(())
+    }
+
+    fn remove_outbox(&self, id: &str) -> Result<(), StorageError> {
+        self.db.remove(outbox_key(id)).map_err(io)?;
+        Ok(())
     }
 
     fn archive(&self, auction: &str) -> Result<(), StorageError> {

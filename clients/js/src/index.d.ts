@@ -84,6 +84,10 @@ export interface BidAccepted {
   next_min_bid: number;
   ends_at: number;
   server_ts: number;
+  /** Whether you lead now (false when another bidder's maximum answered this bid at once). */
+  leading: boolean;
+  /** Your maximum, for a proxy bid. */
+  max_amount?: number;
 }
 
 export interface BidRejected {
@@ -136,7 +140,7 @@ export declare class GavelClient {
   subscribe(channel: string, handlers?: SubscriptionHandlers): Promise<Subscription>;
   unsubscribe(channel: string): Promise<void>;
   /** Resent with the same request_id across reconnects until answered; placed at most once. */
-  placeBid(auctionId: string, amount: number, options?: { requestId?: string; timeout?: number; retries?: number }): Promise<BidAccepted | BidRejected>;
+  placeBid(auctionId: string, amount: number, options?: { requestId?: string; timeout?: number; retries?: number; maxAmount?: number }): Promise<BidAccepted | BidRejected>;
   publish(channel: string, data: any): Promise<{ kind: "published"; channel: string; seq: number }>;
   typing(channel: string, typing?: boolean): Promise<{ kind: "done" }>;
   read(channel: string, seq: number): Promise<{ kind: "published"; channel: string; seq: number }>;

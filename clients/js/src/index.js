@@ -587,7 +587,9 @@ export class GavelClient {
    * the `bid_accepted` or `bid_rejected` result.
    * @param {string} auctionId
    * @param {number} amount in the currency's minor unit
-   * @param {{requestId?: string, timeout?: number, retries?: number}} [options]
+   * @param {{requestId?: string, timeout?: number, retries?: number, maxAmount?: number}} [options]
+   *   `maxAmount`: a proxy bid, the secret maximum the broker bids up to for you (send
+   *   `amount` = the current `next_min_bid`); the answer's `leading` says whether you lead.
    */
   placeBid(auctionId, amount, options = {}) {
     const requestId = options.requestId
@@ -595,7 +597,7 @@ export class GavelClient {
     const timeout = options.timeout ?? 60_000;
     return new Promise((resolve, reject) => {
       const bid = {
-        auctionId, amount, requestId, resolve, reject,
+        auctionId, amount, maxAmount: options.maxAmount, requestId, resolve, reject,
         retriesLeft: options.retries ?? 3, attempts: 0, timer: null,
       };
       bid.timer = setTimeout(() => {
@@ -659,6 +661,7 @@ export class GavelClient {
     });
     this._send({
       type: "place_bid", id, auction_id: bid.auctionId, amount: bid.amount, request_id: bid.requestId,
+      ...(bid.maxAmount === undefined ? {} : { max_amount: bid.maxAmount }),
     });
   }
 

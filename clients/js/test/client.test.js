@@ -80,6 +80,27 @@ test("two bidders bid against each other and both see the same price and leader"
   await until(() => subs[1].viewers?.connections === 2, 5000, "viewer counts");
 });
 
+test("a proxy bid (maxAmount) answers a lower bid at once with an automatic bid", async () => {
+  await broker.createAuction("jsproxy");
+  const alice = client("alice");
+  const bob = client("bob");
+  await Promise.all([alice.connect(), bob.connect()]);
+  const seen = [];
+  await bob.subscribe("auction:jsproxy", { onEvent: (e) => seen.push(e) });
+  const mine = await alice.placeBid("jsproxy", 100, { maxAmount: 500 });
+  assert.equal(mine.kind, "bid_accepted");
+  assert.equal(mine.leading, true);
+  assert.equal(mine.max_amount, 500);
+  const beaten = await bob.placeBid("jsproxy", 110);
+  assert.equal(beaten.kind, "bid_accepted");
+  assert.equal(beaten.leading, false);
+  assert.equal(beaten.price, 120);
+  const placed = () => seen.filter((e) => e.event === "bid_placed").map((e) => [e.data.amount, e.data.bidder, e.data.automatic]);
+  await until(() => placed().length === 3, 5000, "three bids seen");
+  assert.deepEqual(placed(), [[100, "alice", false], [110, "bob", false], [120, "alice", true]]);
+  assert.ok(!JSON.stringify(seen).includes("500"), "the maximum is never broadcast");
+});
+
 test("a dropped connection resubscribes with since and epoch and replays every missed bid", async () => {
   await broker.createAuction("js2");
   const viewer = client("viewer", { backoff: { initial: 600, max: 1000 } });

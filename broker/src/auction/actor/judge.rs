@@ -10,6 +10,7 @@ impl Actor {
             answers: Vec::with_capacity(commands.len()),
             announcements: Vec::new(),
             bids: Vec::new(),
+            webhooks: Vec::new(),
             wrote: false,
             before: self.auction.clone(),
             undo_highest: Vec::new(),
@@ -67,9 +68,24 @@ impl Actor {
             judged.announcements.extend(self.leaderboard(at));
         }
         let snapshot = self.auction.snapshot(at);
+        self.report_end(&changes, at, judged);
         judged
             .announcements
             .extend(announce::changes(&self.id, changes, &snapshot, at));
+    }
+
+    /// `auction.ended` for the backend (with `--webhook-url`), written with the turn.
+    fn report_end(&self, changes: &[Change], at: u64, judged: &mut Judged) {
+        if self.engine.webhooks.is_none() {
+            return;
+        }
+        for change in changes {
+            if let Change::Ended(ended) = change {
+                judged
+                    .webhooks
+                    .push(OutboxEntry::ended(ended, at).outboxed());
+            }
+        }
     }
 
     fn judge_bid(&mut self, bid: Bid, at: u64, reply: BidReply, judged: &mut Judged) {
@@ -165,8 +181,15 @@ impl Actor {
                     &snapshot,
                     &self.auction,
                 ));
+                if self.engine.webhooks.as_ref().is_some_and(|w| w.bids) {
+                    for record in &records {
+                        let entry = OutboxEntry::bid(&self.id, record, at);
+                        judged.webhooks.push(entry.outboxed());
+                    }
+                }
                 if !accepted.bought.is_empty() {
                     // Bought now: the auction ended with this bid.
+                    self.report_end(&accepted.bought, at, judged);
                     judged.announcements.extend(announce::changes(
                         &self.id,
                         accepted.bought.clone(),

@@ -26,7 +26,8 @@ use crate::metrics as m;
 mod failure;
 mod judge;
 
-use crate::store::BidRecord;
+use crate::store::{BidRecord, Outboxed};
+use crate::webhooks::OutboxEntry;
 use failure::Parked;
 
 /// The leaderboard is sent at most this often per auction.
@@ -80,6 +81,8 @@ struct Judged {
     answers: Vec<Answer>,
     announcements: Vec<Announcement>,
     bids: Vec<BidRecord>,
+    /// Webhooks for the outbox, written with the turn.
+    webhooks: Vec<Outboxed>,
     wrote: bool,
     /// What to restore if the commit fails (memory must not run ahead of the ledger).
     before: Auction,
@@ -339,6 +342,7 @@ impl Actor {
             previous: &self.durable_record,
             previous_seq: judged.before.state.last_seq,
             bids: &judged.bids,
+            webhooks: &judged.webhooks,
             announcements: std::mem::take(&mut judged.announcements),
         };
         match ledger.commit(turn).await {

@@ -4,14 +4,16 @@
 
 //!
 //! Files: this one (the state machine), `spec` (what an admin defines and its validation),
-//! `tests`, `proxy_tests` (proxy bidding against a reference model).
+//! `reference` (a reference model of proxy bidding, for tests), `tests`, `proxy_tests`.
 
 #[cfg(test)]
 mod proxy_tests;
+mod reference;
 mod spec;
 #[cfg(test)]
 mod tests;
 
+pub use reference::ProxyReference;
 pub use spec::{AuctionSpec, Increment, SoftClose, SpecError, Tier, MAX_AMOUNT, MAX_TIME_MS};
 
 use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Ended, UserId};

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::auction::rules::ProxyReference;
 
 fn user(id: &str) -> UserId {
     UserId::parse(id).unwrap()
@@ -159,74 +160,6 @@ fn the_maximum_is_not_in_the_public_snapshot() {
     assert!(!public.contains("987654"), "{public}");
 }
 
-/// eBay's rules restated over every maximum at once: the leader is the highest maximum
-/// (earliest on a tie) and, after each challenge, the price is the second-highest maximum plus
-/// its increment, capped by the highest (and never below what the bidder typed). A leader's own
-/// bids only raise their maximum (or, plain, set the price they typed).
-#[derive(Default)]
-struct Reference {
-    /// Per bidder: their highest maximum and when they reached it.
-    maxima: Vec<(UserId, i64, usize)>,
-    price: Option<i64>,
-    leader: Option<UserId>,
-}
-
-impl Reference {
-    fn max_of(&self, who: &UserId) -> Option<i64> {
-        self.maxima.iter().find(|m| &m.0 == who).map(|m| m.1)
-    }
-
-    fn set_max(&mut self, who: &UserId, max: i64, at: usize) {
-        match self.maxima.iter_mut().find(|m| &m.0 == who) {
-            Some(entry) if entry.1 < max => *entry = (who.clone(), max, at),
-            Some(_) => {}
-            None => self.maxima.push((who.clone(), max, at)),
-        }
-    }
-
-    /// `Some(accepted)`; `None` when the bid is refused.
-    fn bid(&mut self, a: &Auction, who: &UserId, amount: i64, max: Option<i64>, at: usize) -> bool {
-        let min = match self.price {
-            None => a.spec.starting_price,
-            Some(p) => p + a.spec.step_at(p),
-        };
-        if amount < min || max.is_some_and(|m| m < amount) {
-            return false;
-        }
-        if self.leader.as_ref() == Some(who) {
-            match max {
-                Some(max) => self.set_max(who, max, at),
-                None => {
-                    self.price = Some(amount);
-                    self.set_max(who, amount, at);
-                }
-            }
-            return true;
-        }
-        if self.price.is_none() {
-            self.price = Some(amount);
-            self.leader = Some(who.clone());
-            self.set_max(who, max.unwrap_or(amount), at);
-            return true;
-        }
-        // A challenger's earlier maximum was beaten already: this one replaces it.
-        self.maxima.retain(|m| &m.0 != who);
-        self.maxima.push((who.clone(), max.unwrap_or(amount), at));
-        let mut ranked = self.maxima.clone();
-        ranked.sort_by(|x, y| y.1.cmp(&x.1).then(x.2.cmp(&y.2)));
-        let (top, second) = (&ranked[0], &ranked[1]);
-        let second_price = if second.1 == top.1 {
-            top.1
-        } else {
-            top.1.min(second.1 + a.spec.step_at(second.1))
-        };
-        let typed = if &top.0 == who { amount } else { 0 };
-        self.price = Some(second_price.max(typed));
-        self.leader = Some(top.0.clone());
-        true
-    }
-}
-
 /// Increment tables whose step never shrinks as the price grows (as real tables are).
 fn increments() -> impl Strategy<Value = Increment> {
     prop_oneof![
@@ -280,7 +213,7 @@ proptest! {
     fn proxy_bidding_matches_the_reference((increment, steps) in sequences()) {
         let mut auction = Auction::new(spec_with(increment));
         auction.advance(1_000);
-        let mut reference = Reference::default();
+        let mut reference = ProxyReference::new(auction.spec.clone());
         let users: Vec<UserId> = (0..5).map(|n| user(&format!("u{n}"))).collect();
         for (at, (who, over, max)) in steps.into_iter().enumerate() {
             let who = &users[who];
@@ -288,7 +221,7 @@ proptest! {
             let max = max.map(|extra| amount + extra);
             let before = auction.state.price;
             let engine = auction.place_bid_with_max(who, amount, max, 2_000 + at as u64);
-            let expected = reference.bid(&auction, who, amount, max, at);
+            let expected = reference.bid(who, amount, max);
             // The reference judged on the state before the bid: compare after.
             prop_assert_eq!(engine.is_ok(), expected, "bid {} by {}: {:?}", amount, who, max);
             prop_assert_eq!(auction.state.price, reference.price);
@@ -301,4 +234,46 @@ proptest! {
             prop_assert_eq!(auction.state.bid_count, auction.state.last_seq);
         }
     }
+}
+
+/// The worked example of docs/protocol.md §5.6.8, step by step.
+#[test]
+fn the_documented_proxy_example_holds() {
+    let mut a = active();
+    let (ann, bob, cid, dan) = (user("ann"), user("bob"), user("cid"), user("dan"));
+    let step1 = a.place_bid_with_max(&ann, 1000, Some(5000), 2_000).unwrap();
+    assert_eq!(
+        (step1.seq, step1.leading, step1.max_amount),
+        (1, true, Some(5000))
+    );
+    let step2 = a.place_bid(&bob, 1500, 2_001).unwrap();
+    assert_eq!(
+        amounts(&step2),
+        vec![("bob".into(), 1500, false), ("ann".into(), 1600, true)]
+    );
+    assert!(!step2.leading);
+    let step3 = a.place_bid_with_max(&ann, 1700, Some(9000), 2_002).unwrap();
+    assert_eq!(
+        (step3.seq, step3.amount, step3.max_amount),
+        (3, 1600, Some(9000))
+    );
+    assert!(step3.placed.is_empty());
+    let step4 = a
+        .place_bid_with_max(&cid, 1700, Some(12000), 2_003)
+        .unwrap();
+    assert_eq!(
+        amounts(&step4),
+        vec![("ann".into(), 9000, true), ("cid".into(), 9100, true)]
+    );
+    assert_eq!(step4.outbid, Some((ann.clone(), 9000)));
+    let step5 = a
+        .place_bid_with_max(&dan, 9200, Some(12000), 2_004)
+        .unwrap();
+    assert_eq!(
+        amounts(&step5),
+        vec![("dan".into(), 12000, true), ("cid".into(), 12000, true)]
+    );
+    assert!(!step5.leading);
+    assert_eq!((a.state.price, a.state.leader), (Some(12000), Some(cid)));
+    assert_eq!(a.state.bid_count, 7);
 }

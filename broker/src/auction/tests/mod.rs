@@ -69,6 +69,7 @@ fn config() -> EngineConfig {
         bid_burst: 1000,
         group_commit: GroupCommit::On,
         archive_after: Duration::from_secs(3600),
+        webhooks: None,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Auctions across a cluster: one bid order for every node, bids refused while Redis is gone,
-//! and buy-now ending an auction everywhere.
+//! buy-now ending an auction everywhere, and proxy bidding with its maxima in Redis.
 
 use super::*;
 use crate::auctions::{bidder, check_log, Acks};
@@ -197,4 +197,17 @@ async fn buy_now_on_one_node_ends_the_auction_on_every_node() {
             other => panic!("expected ended, got {other:?}"),
         }
     }
+}
+
+/// Proxy bidding's acceptance in a cluster: 10,000 random sequences, each sequence's bidders
+/// split over two nodes (the maxima live in the auction record in Redis), checked bid by bid
+/// against the reference model and read back from the other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_bidding_matches_the_reference_across_two_nodes() {
+    let cluster = Cluster::start(2).await;
+    crate::proxy::run_sequences(
+        vec![cluster.addr(0), cluster.addr(1)],
+        crate::proxy::SEQUENCES,
+    )
+    .await;
 }

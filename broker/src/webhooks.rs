@@ -1,0 +1,319 @@
+//! Results to the backend: signed JSON webhooks (`auction.ended`, and `bid.accepted` with
+//! `--webhook-bids`) from a durable outbox in the bid log's store. The auction engine only makes
+//! [`OutboxEntry`]s, written in the same atomic batch as the turn that caused them; the
+//! [`Deliverer`] POSTs them, at least once, with exponential backoff, across restarts.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gavel_protocol::Ended;
+use hmac::{Hmac, Mac};
+use hyper::Uri;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::metrics as m;
+use crate::store::{BidLog, BidRecord, Outboxed};
+
+/// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub const SIGNATURE_HEADER: &str = "gavel-signature";
+/// The webhook's id, the same on every attempt: what the backend dedupes on.
+pub const ID_HEADER: &str = "idempotency-key";
+/// The first retry comes this long after a failure; each next one twice as long after.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// How often the outbox is looked at when nothing wakes the deliverer.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Where and how webhooks go (`--webhook-*`).
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    pub url: Uri,
+    pub secret: String,
+    /// Also one webhook per accepted bid.
+    pub bids: bool,
+    /// How long one attempt may take.
+    pub timeout: Duration,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+}
+
+/// What the auction engine needs to know of webhooks: whether accepted bids are reported too,
+/// and what wakes the deliverer after a turn wrote some.
+#[derive(Clone, Debug)]
+pub struct Reporting {
+    pub bids: bool,
+    pub wake: Arc<Notify>,
+}
+
+/// One webhook waiting in the outbox (stored as JSON under its id).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// `auction.ended/{auction}` or `bid.accepted/{auction}/{bid_seq}`: stable across retries
+    /// and restarts, sent as `Idempotency-Key`.
+    pub id: String,
+    pub auction_id: String,
+    /// The exact body POSTed on every attempt.
+    pub body: String,
+    pub attempts: u32,
+    /// When the next attempt is due (ms since the Unix epoch; 0: now).
+    pub next_attempt_at: u64,
+    pub last_error: Option<String>,
+}
+
+impl OutboxEntry {
+    fn new(id: String, auction_id: &str, kind: &str, now: u64, data: Value) -> OutboxEntry {
+        let body = json!({ "id": id, "type": kind, "created_at": now, "data": data }).to_string();
+        OutboxEntry {
+            id,
+            auction_id: auction_id.to_owned(),
+            body,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+        }
+    }
+
+    /// `auction.ended`: winner, final price, reserve met or not, bid count.
+    pub fn ended(ended: &Ended, now: u64) -> OutboxEntry {
+        let id = format!("auction.ended/{}", ended.auction_id);
+        let data = serde_json::to_value(ended).unwrap_or(Value::Null);
+        OutboxEntry::new(id, &ended.auction_id, "auction.ended", now, data)
+    }
+
+    /// `bid.accepted`: one durable bid (automatic ones included; never a maximum).
+    pub fn bid(auction_id: &str, bid: &BidRecord, now: u64) -> OutboxEntry {
+        let id = format!("bid.accepted/{auction_id}/{}", bid.seq);
+        let data = json!({
+            "auction_id": auction_id,
+            "bid_seq": bid.seq,
+            "amount": bid.amount,
+            "bidder": bid.user,
+            "automatic": bid.automatic,
+            "server_ts": bid.ts,
+        });
+        OutboxEntry::new(id, auction_id, "bid.accepted", now, data)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The entry as the store keeps it.
+    pub fn outboxed(&self) -> Outboxed {
+        Outboxed {
+            id: self.id.clone(),
+            entry: self.encode(),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<OutboxEntry> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// What `GET /api/auctions/{id}` shows of a webhook not delivered yet.
+    pub fn status_view(&self) -> Value {
+        json!({
+            "id": self.id,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+        })
+    }
+}
+
+/// The `Gavel-Signature` value for `body` sent at `t` (unix seconds).
+pub fn signature(secret: &[u8], t: u64, body: &str) -> String {
+    format!("t={t},v1={}", hex(&mac(secret, t, body)))
+}
+
+/// Checks a `Gavel-Signature` value against `body`, as a backend would (without the freshness
+/// check of `t`, which is the backend's policy).
+pub fn verify(secret: &[u8], header: &str, body: &str) -> bool {
+    let mut t = None;
+    let mut v1 = None;
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", value)) => t = value.parse::<u64>().ok(),
+            Some(("v1", value)) => v1 = Some(value),
+            _ => {}
+        }
+    }
+    let (Some(t), Some(v1)) = (t, v1) else {
+        return false;
+    };
+    let Ok(mut check) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    check.update(format!("{t}.{body}").as_bytes());
+    let Some(expected) = unhex(v1) else {
+        return false;
+    };
+    check.verify_slice(&expected).is_ok()
+}
+
+fn mac(secret: &[u8], t: u64, body: &str) -> Vec<u8> {
+    // HMAC takes a key of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(format!("{t}.{body}").as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    text.len()
+        .is_multiple_of(2)
+        .then(|| {
+            (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten()
+}
+
+/// The wait before attempt `attempts + 1`, after `attempts` failures.
+pub fn backoff(attempts: u32, max: Duration) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(20))
+        .min(max)
+}
+
+/// Delivers the outbox: woken after every durable turn that added webhooks, and once a second.
+pub struct Deliverer {
+    store: Arc<dyn BidLog>,
+    config: WebhookConfig,
+    clock: Clock,
+    wake: Arc<Notify>,
+}
+
+impl Deliverer {
+    /// Starts delivering in the background until `stop`; the returned `Notify` wakes it.
+    pub fn start(
+        store: Arc<dyn BidLog>,
+        config: WebhookConfig,
+        clock: Clock,
+        stop: CancellationToken,
+    ) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
+        let deliverer = Deliverer {
+            store,
+            config,
+            clock,
+            wake: Arc::clone(&wake),
+        };
+        tokio::spawn(async move {
+            loop {
+                deliverer.pass().await;
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = deliverer.wake.notified() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+        });
+        wake
+    }
+
+    /// One look at the outbox: every entry that is due gets one attempt.
+    async fn pass(&self) {
+        let entries = match self.store.outbox() {
+            Ok(entries) => entries
+                .iter()
+                .filter_map(|stored| OutboxEntry::decode(&stored.entry))
+                .collect::<Vec<_>>(),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the webhook outbox");
+                return;
+            }
+        };
+        metrics::gauge!(m::WEBHOOK_PENDING).set(entries.len() as f64);
+        for mut entry in entries {
+            if entry.next_attempt_at > self.clock.now_ms() {
+                continue;
+            }
+            let started = Instant::now();
+            let result = self.attempt(&entry).await;
+            metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed());
+            let outcome = match result {
+                Ok(()) => {
+                    if let Err(error) = self.store.remove_outbox(&entry.id) {
+                        tracing::error!(%error, id = entry.id, "cannot clear a delivered webhook");
+                    }
+                    "delivered"
+                }
+                Err(error) => {
+                    entry.attempts = entry.attempts.saturating_add(1);
+                    let wait = backoff(entry.attempts, self.config.max_backoff);
+                    entry.next_attempt_at = self.clock.now_ms() + wait.as_millis() as u64;
+                    tracing::warn!(id = entry.id, attempts = entry.attempts, %error, ?wait,
+                        "webhook delivery failed; retrying later");
+                    entry.last_error = Some(error);
+                    if let Err(error) = self.store.put_outbox(&entry.id, &entry.encode()) {
+                        tracing::error!(%error, id = entry.id, "cannot record a webhook attempt");
+                    }
+                    "failed"
+                }
+            };
+            metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
+        }
+    }
+
+    /// One POST; `Ok` on any 2xx answer.
+    async fn attempt(&self, entry: &OutboxEntry) -> Result<(), String> {
+        let t = self.clock.now_ms() / 1000;
+        let headers = [
+            (
+                SIGNATURE_HEADER,
+                signature(self.config.secret.as_bytes(), t, &entry.body),
+            ),
+            (ID_HEADER, entry.id.clone()),
+            ("user-agent", format!("gavel/{}", env!("CARGO_PKG_VERSION"))),
+        ];
+        let call = crate::backend_http::post_json(&self.config.url, &headers, entry.body.clone());
+        match tokio::time::timeout(self.config.timeout, call).await {
+            Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
+            Ok(Err(error)) => Err(error),
+            Ok(Ok((status, _))) if status.is_success() => Ok(()),
+            Ok(Ok((status, _))) => Err(format!("status {}", status.as_u16())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_verify_and_tampering_does_not() {
+        let header = signature(b"whsec-test", 1_795_333_703, r#"{"id":"x"}"#);
+        assert!(header.starts_with("t=1795333703,v1="));
+        assert!(verify(b"whsec-test", &header, r#"{"id":"x"}"#));
+        assert!(!verify(b"whsec-test", &header, r#"{"id":"y"}"#));
+        assert!(!verify(b"other-secret", &header, r#"{"id":"x"}"#));
+        assert!(!verify(b"whsec-test", "t=1,v1=zz", r#"{"id":"x"}"#));
+    }
+
+    /// The test vector of docs/protocol.md §11 (Webhooks).
+    #[test]
+    fn the_documented_test_vector_holds() {
+        let body = r#"{"id":"auction.ended/42","type":"auction.ended","created_at":1795334200012,"data":{"auction_id":"42","winner":"u7","final_price":125000,"reserve_met":true,"bid_count":33,"ends_at":1795334200000,"server_ts":1795334200012}}"#;
+        assert_eq!(
+            signature(b"whsec-test-0123456789", 1_795_334_201, body),
+            "t=1795334201,v1=a3e69d5f7783b34e022063d97044773525af55dd71d429f3662fa775a1fb598e"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let cap = Duration::from_secs(60);
+        let waits: Vec<u64> = (1..=8).map(|n| backoff(n, cap).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60]);
+    }
+}

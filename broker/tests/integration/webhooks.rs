@@ -1,0 +1,259 @@
+//! Results to the backend: a real HTTP receiver on a loopback port that refuses the first
+//! attempts, and a broker killed with SIGKILL between the auction's end and the delivery. Every
+//! webhook arrives, signed, with one idempotency key and one body on every attempt.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use gavel_broker::webhooks::verify;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::common::*;
+
+const SECRET: &str = "whsec-test-0123456789";
+
+/// One request the receiver got: its idempotency key, signature header and body.
+#[derive(Clone, Debug)]
+struct Received {
+    key: String,
+    signature: String,
+    body: String,
+}
+
+/// A webhook receiver that answers 503 to its first `refuse` requests, then 200.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(listener: TcpListener, refuse: usize) -> Receiver {
+        let receiver = Receiver::default();
+        let got = Arc::clone(&receiver.got);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let got = Arc::clone(&got);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let got = Arc::clone(&got);
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_owned()
+                            };
+                            let (key, signature) =
+                                (header("idempotency-key"), header("gavel-signature"));
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let body = String::from_utf8_lossy(&body).into_owned();
+                            let n = {
+                                let mut got = got.lock().unwrap();
+                                got.push(Received {
+                                    key,
+                                    signature,
+                                    body,
+                                });
+                                got.len()
+                            };
+                            let status = if n <= refuse { 503 } else { 200 };
+                            Ok::<_, hyper::Error>(
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        receiver
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// The delivered webhooks (the last attempt of each id), by id.
+    fn delivered(&self) -> HashMap<String, Value> {
+        self.got()
+            .into_iter()
+            .map(|r| (r.key, serde_json::from_str(&r.body).unwrap()))
+            .collect()
+    }
+}
+
+fn webhook_config(url: String) -> impl FnOnce(&mut gavel_broker::Config) {
+    move |config| {
+        config.webhook_url = Some(url);
+        config.webhook_secret = Some(SECRET.into());
+        config.webhook_bids = true;
+        config.webhook_max_backoff = std::time::Duration::from_secs(1);
+    }
+}
+
+async fn ended(addr: SocketAddr, auction: &str) {
+    let path = format!("/api/auctions/{auction}");
+    eventually(&format!("{auction} ends"), || async {
+        api(addr, "GET", &path, None).await.1["status"] == "ended"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
+    let receiver = Receiver::start(listener, 3).await;
+    let broker = TestBroker::start(webhook_config(url)).await;
+    let (status, _) = api(
+        broker.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("w1", 1_500)),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut ann = broker.connect(Some("ann")).await;
+    let mut bob = broker.connect(Some("bob")).await;
+    assert!(matches!(
+        ann.bid("w1", 1000, "a1").await,
+        gavel_broker::protocol::Reply::BidAccepted { .. }
+    ));
+    assert!(matches!(
+        bob.bid("w1", 1200, "b1").await,
+        gavel_broker::protocol::Reply::BidAccepted { .. }
+    ));
+    // While the receiver refuses, the auction's view says what is pending and why.
+    eventually("a failed attempt shows in /api/auctions/w1", || async {
+        let view = api(broker.addr, "GET", "/api/auctions/w1", None).await.1;
+        view["webhooks"]["pending"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|w| w["attempts"].as_u64() >= Some(1) && w["last_error"] == "status 503")
+        })
+    })
+    .await;
+    ended(broker.addr, "w1").await;
+    eventually("every webhook delivered", || async {
+        let delivered = receiver.delivered();
+        delivered.len() == 3
+            && api(broker.addr, "GET", "/api/auctions/w1", None).await.1["webhooks"]["pending"]
+                == serde_json::json!([])
+    })
+    .await;
+    let delivered = receiver.delivered();
+    let end = &delivered["auction.ended/w1"];
+    assert_eq!(end["type"], "auction.ended");
+    assert_eq!(end["data"]["winner"], "bob");
+    assert_eq!(end["data"]["final_price"], 1200);
+    assert_eq!(end["data"]["bid_count"], 2);
+    assert_eq!(end["data"]["reserve_met"], true);
+    assert_eq!(delivered["bid.accepted/w1/1"]["data"]["bidder"], "ann");
+    assert_eq!(delivered["bid.accepted/w1/2"]["data"]["amount"], 1200);
+    // Every attempt: a valid signature; one body per idempotency key.
+    let mut bodies: HashMap<String, String> = HashMap::new();
+    let attempts = receiver.got();
+    assert!(attempts.len() >= 6, "3 refused + 3 delivered: {attempts:?}");
+    for attempt in &attempts {
+        assert!(
+            verify(SECRET.as_bytes(), &attempt.signature, &attempt.body),
+            "{attempt:?}"
+        );
+        assert!(!verify(
+            b"another-secret-0123",
+            &attempt.signature,
+            &attempt.body
+        ));
+        let body = bodies
+            .entry(attempt.key.clone())
+            .or_insert(attempt.body.clone());
+        assert_eq!(
+            body, &attempt.body,
+            "a retry changed the body of {}",
+            attempt.key
+        );
+        let id = serde_json::from_str::<Value>(&attempt.body).unwrap()["id"].clone();
+        assert_eq!(id, attempt.key.as_str());
+    }
+    let (_, metrics) = http(broker.addr, "GET", "/metrics", &[], None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains("gavel_webhook_attempts_total{outcome=\"failed\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gavel_webhook_attempts_total{outcome=\"delivered\"} 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_auctions_webhook_survives_kill_9_before_delivery() {
+    // The receiver's port, not listening yet: every attempt before the restart fails.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{port}/hooks");
+    let args = [
+        "--api-key",
+        API_KEY,
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-max-backoff",
+        "1s",
+    ];
+    let data_dir = temp_dir("webhook-kill");
+    let (mut child, addr) = spawn_broker_process(&args, &data_dir);
+    let (status, _) = api(
+        addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("k1", 1_000)),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut ann =
+        TestClient::connect(addr, Some("ann"), gavel_broker::protocol::Format::MsgPack).await;
+    ann.bid("k1", 1500, "a1").await;
+    ended(addr, "k1").await;
+    eventually("the first attempt failed", || async {
+        let view = api(addr, "GET", "/api/auctions/k1", None).await.1;
+        view["webhooks"]["pending"][0]["attempts"].as_u64() >= Some(1)
+    })
+    .await;
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+
+    let receiver = Receiver::start(TcpListener::bind(port).await.unwrap(), 0).await;
+    let (_child, addr) = spawn_broker_process(&args, &data_dir);
+    eventually("the webhook arrives after the restart", || async {
+        receiver.delivered().contains_key("auction.ended/k1")
+    })
+    .await;
+    let got = receiver.got();
+    let end: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(end["data"]["winner"], "ann");
+    assert_eq!(end["data"]["final_price"], 1500);
+    assert!(verify(SECRET.as_bytes(), &got[0].signature, &got[0].body));
+    eventually("nothing pending", || async {
+        api(addr, "GET", "/api/auctions/k1", None).await.1["webhooks"]["pending"]
+            == serde_json::json!([])
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
