@@ -40,7 +40,7 @@ pub(crate) async fn handle(
         (&Method::GET, [id]) => match shared.auctions.find(id).await {
             Ok(Some(snapshot)) => {
                 let mut body = json!(snapshot);
-                if let Some(pending) = shared.auctions.pending_webhooks(id) {
+                if let Some(pending) = shared.auctions.pending_webhooks(id).await {
                     // With --webhook-url: what is not delivered yet, with its last error.
                     body["webhooks"] = json!({ "pending": pending });
                 }

@@ -226,7 +226,7 @@ pub struct Config {
     /// Results to the backend: POST a signed JSON webhook (`auction.ended`: winner, price,
     /// reserve met, bid count) to this `http://host:port/path` when an auction ends, from a
     /// durable outbox written with the bids, retried with exponential backoff until a 2xx
-    /// answer, across restarts. Single-node mode only (not with --redis-url) for now.
+    /// answer, across restarts (in cluster mode the outbox is in Redis, and any node delivers).
     #[arg(long, env = "GAVEL_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
 
@@ -354,13 +354,6 @@ impl Config {
                     "--webhook-secret",
                     "set, at least 16 bytes, with --webhook-url",
                     "missing or short",
-                ));
-            }
-            if self.redis_url.is_some() {
-                return Err(bad(
-                    "--webhook-url",
-                    "used without --redis-url (webhooks are single-node only for now)",
-                    url,
                 ));
             }
         }

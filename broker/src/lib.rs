@@ -194,15 +194,12 @@ impl Broker {
             None => {
                 let rooms = Arc::new(rooms::Rooms::new(limits));
                 let mut engine = engine;
-                engine.webhooks = webhook_config(&config).map(|webhook| webhooks::Reporting {
-                    bids: webhook.bids,
-                    wake: webhooks::Deliverer::start(
-                        Arc::clone(&log),
-                        webhook,
-                        clock,
-                        shutdown.child_token(),
-                    ),
-                });
+                engine.webhooks = reporting(
+                    &config,
+                    Arc::new(webhooks::LocalOutbox(Arc::clone(&log))),
+                    clock,
+                    &shutdown,
+                );
                 let auctions = auction::Auctions::open(
                     log,
                     Arc::clone(&rooms) as Arc<dyn auction::AuctionEvents>,
@@ -230,6 +227,16 @@ impl Broker {
                     limits,
                     shutdown.child_token(),
                 )?;
+                let mut engine = engine;
+                engine.webhooks = reporting(
+                    &config,
+                    Arc::new(cluster::outbox::RedisOutbox::new(
+                        Arc::clone(&started.cluster),
+                        config.webhook_timeout,
+                    )),
+                    clock,
+                    &shutdown,
+                );
                 let auctions = auction::Auctions::new(
                     Arc::new(cluster::ledger::RedisLedger::new(Arc::clone(
                         &started.cluster,
@@ -509,14 +516,27 @@ pub async fn run(
     Ok(())
 }
 
-/// The webhook settings, when `--webhook-url` is set (validated before).
-fn webhook_config(config: &Config) -> Option<webhooks::WebhookConfig> {
+/// With `--webhook-url` (validated before): starts the deliverer over `outbox` and tells the
+/// auction engine what to report.
+fn reporting(
+    config: &Config,
+    outbox: Arc<dyn webhooks::Outbox>,
+    clock: clock::Clock,
+    shutdown: &CancellationToken,
+) -> Option<webhooks::Reporting> {
     let url = backend_http::parse_url(config.webhook_url.as_deref()?).ok()?;
-    Some(webhooks::WebhookConfig {
+    let settings = webhooks::WebhookConfig {
         url,
         secret: config.webhook_secret.clone()?,
         bids: config.webhook_bids,
         timeout: config.webhook_timeout,
         max_backoff: config.webhook_max_backoff,
+    };
+    let wake =
+        webhooks::Deliverer::start(Arc::clone(&outbox), settings, clock, shutdown.child_token());
+    Some(webhooks::Reporting {
+        bids: config.webhook_bids,
+        wake,
+        outbox,
     })
 }

@@ -273,6 +273,7 @@ pub fn zero_cluster() {
         "create_auction",
         "list_auctions",
         "bids",
+        "webhooks",
         "gap",
     ] {
         metrics::counter!(CLUSTER_ERRORS, "op" => op).absolute(0);

@@ -3,6 +3,8 @@
 //! [`OutboxEntry`]s, written in the same atomic batch as the turn that caused them; the
 //! [`Deliverer`] POSTs them, at least once, with exponential backoff, across restarts.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,11 +44,65 @@ pub struct WebhookConfig {
 }
 
 /// What the auction engine needs to know of webhooks: whether accepted bids are reported too,
-/// and what wakes the deliverer after a turn wrote some.
-#[derive(Clone, Debug)]
+/// what wakes the deliverer after a turn wrote some, and where they wait.
+#[derive(Clone)]
 pub struct Reporting {
     pub bids: bool,
     pub wake: Arc<Notify>,
+    pub outbox: Arc<dyn Outbox>,
+}
+
+impl std::fmt::Debug for Reporting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporting")
+            .field("bids", &self.bids)
+            .finish()
+    }
+}
+
+/// An outbox call in flight.
+pub type OutboxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// Where webhooks wait until delivered: the bid log's store on one node ([`LocalOutbox`]),
+/// Redis in a cluster. The turns that cause them write them (through the ledger); the
+/// deliverer reads, updates and removes them here.
+pub trait Outbox: Send + Sync + 'static {
+    /// Every webhook not delivered yet.
+    fn pending(&self) -> OutboxFuture<'_, Vec<Outboxed>>;
+    /// Takes the right to attempt `id` now. One node: always. A cluster: one node at a time,
+    /// for a while (a lease), so nodes do not deliver the same webhook together.
+    fn claim<'a>(&'a self, _id: &'a str) -> OutboxFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+    /// Records a failed attempt (unless the webhook was delivered meanwhile).
+    fn update<'a>(&'a self, webhook: &'a Outboxed) -> OutboxFuture<'a, ()>;
+    /// Removes a delivered webhook.
+    fn delivered<'a>(&'a self, id: &'a str) -> OutboxFuture<'a, ()>;
+}
+
+/// The outbox of a single node: in the bid log (written there by the turns, atomically).
+pub struct LocalOutbox(pub Arc<dyn BidLog>);
+
+impl Outbox for LocalOutbox {
+    fn pending(&self) -> OutboxFuture<'_, Vec<Outboxed>> {
+        Box::pin(std::future::ready(
+            self.0.outbox().map_err(|e| e.to_string()),
+        ))
+    }
+
+    fn update<'a>(&'a self, webhook: &'a Outboxed) -> OutboxFuture<'a, ()> {
+        Box::pin(std::future::ready(
+            self.0
+                .put_outbox(&webhook.id, &webhook.entry)
+                .map_err(|e| e.to_string()),
+        ))
+    }
+
+    fn delivered<'a>(&'a self, id: &'a str) -> OutboxFuture<'a, ()> {
+        Box::pin(std::future::ready(
+            self.0.remove_outbox(id).map_err(|e| e.to_string()),
+        ))
+    }
 }
 
 /// One webhook waiting in the outbox (stored as JSON under its id).
@@ -187,7 +243,7 @@ pub fn backoff(attempts: u32, max: Duration) -> Duration {
 
 /// Delivers the outbox: woken after every durable turn that added webhooks, and once a second.
 pub struct Deliverer {
-    store: Arc<dyn BidLog>,
+    outbox: Arc<dyn Outbox>,
     config: WebhookConfig,
     clock: Clock,
     wake: Arc<Notify>,
@@ -196,14 +252,14 @@ pub struct Deliverer {
 impl Deliverer {
     /// Starts delivering in the background until `stop`; the returned `Notify` wakes it.
     pub fn start(
-        store: Arc<dyn BidLog>,
+        outbox: Arc<dyn Outbox>,
         config: WebhookConfig,
         clock: Clock,
         stop: CancellationToken,
     ) -> Arc<Notify> {
         let wake = Arc::new(Notify::new());
         let deliverer = Deliverer {
-            store,
+            outbox,
             config,
             clock,
             wake: Arc::clone(&wake),
@@ -223,7 +279,7 @@ impl Deliverer {
 
     /// One look at the outbox: every entry that is due gets one attempt.
     async fn pass(&self) {
-        let entries = match self.store.outbox() {
+        let entries = match self.outbox.pending().await {
             Ok(entries) => entries
                 .iter()
                 .filter_map(|stored| OutboxEntry::decode(&stored.entry))
@@ -238,12 +294,21 @@ impl Deliverer {
             if entry.next_attempt_at > self.clock.now_ms() {
                 continue;
             }
+            match self.outbox.claim(&entry.id).await {
+                Ok(true) => {}
+                // Another node is attempting it.
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot claim a webhook");
+                    return;
+                }
+            }
             let started = Instant::now();
             let result = self.attempt(&entry).await;
             metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed());
             let outcome = match result {
                 Ok(()) => {
-                    if let Err(error) = self.store.remove_outbox(&entry.id) {
+                    if let Err(error) = self.outbox.delivered(&entry.id).await {
                         tracing::error!(%error, id = entry.id, "cannot clear a delivered webhook");
                     }
                     "delivered"
@@ -255,7 +320,7 @@ impl Deliverer {
                     tracing::warn!(id = entry.id, attempts = entry.attempts, %error, ?wait,
                         "webhook delivery failed; retrying later");
                     entry.last_error = Some(error);
-                    if let Err(error) = self.store.put_outbox(&entry.id, &entry.encode()) {
+                    if let Err(error) = self.outbox.update(&entry.outboxed()).await {
                         tracing::error!(%error, id = entry.id, "cannot record a webhook attempt");
                     }
                     "failed"

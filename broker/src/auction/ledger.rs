@@ -128,10 +128,6 @@ pub trait Ledger: Send + Sync + 'static {
         last_seq: u64,
         record: &'a [u8],
     ) -> LedgerFuture<'a, ()>;
-    /// Webhooks of `auction` still in the outbox (none where the ledger keeps no outbox).
-    fn pending_webhooks(&self, _auction: &str) -> Vec<Outboxed> {
-        Vec::new()
-    }
     /// Publishes events that need no turn (leaderboards).
     fn announce(&self, announcements: Vec<Announcement>);
     /// Shows an auction's state in its room without an event (creation, start-up).
@@ -174,8 +170,6 @@ pub struct LocalLedger {
     durability: Durability,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
-    /// Woken after a durable turn that wrote webhooks (the webhook deliverer).
-    webhook_wake: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl LocalLedger {
@@ -191,14 +185,7 @@ impl LocalLedger {
             durability,
             events,
             clock,
-            webhook_wake: None,
         }
-    }
-
-    /// Wakes `wake` after every durable turn that wrote webhooks.
-    pub fn waking(mut self, wake: Option<Arc<tokio::sync::Notify>>) -> LocalLedger {
-        self.webhook_wake = wake;
-        self
     }
 
     /// The bid log itself (start-up reads it synchronously).
@@ -234,14 +221,6 @@ fn ready<'a, T: Send + 'a>(value: Result<T, LedgerError>) -> LedgerFuture<'a, T>
 }
 
 impl Ledger for LocalLedger {
-    fn pending_webhooks(&self, auction: &str) -> Vec<Outboxed> {
-        let ended = format!("auction.ended/{auction}");
-        let bids = format!("bid.accepted/{auction}/");
-        let mut pending = self.store.outbox().unwrap_or_default();
-        pending.retain(|w| w.id == ended || w.id.starts_with(&bids));
-        pending
-    }
-
     fn reads_unflushed(&self) -> bool {
         true
     }
@@ -276,9 +255,6 @@ impl Ledger for LocalLedger {
                 });
             }
             self.events.publish(turn.announcements);
-            if let (false, Some(wake)) = (turn.webhooks.is_empty(), &self.webhook_wake) {
-                wake.notify_one();
-            }
             Ok(0)
         })
     }

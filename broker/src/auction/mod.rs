@@ -1,12 +1,13 @@
 //! Auctions: the registry of live auctions ([`Auctions`]), one actor task per auction that owns
 //! its state (`actor`), what they announce (`announce`), the bounded memory of answers for
-//! retries (`idempotency`), and where turns become durable ([`ledger::Ledger`]: this node's bid
+//! retries (`idempotency`), the answers to bids (`replies`), and where turns become durable ([`ledger::Ledger`]: this node's bid
 //! log, or the cluster's Redis). Knows nothing of WebSockets, rooms or Redis.
 
 mod actor;
 pub mod announce;
 pub mod idempotency;
 pub mod ledger;
+mod replies;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ use crate::ratelimit::RateLimiter;
 use crate::store::{BidLog, BidRecord, GroupCommit, StorageError};
 use actor::{Actor, Bid, Command};
 use ledger::{Ledger, LedgerError, LocalLedger};
+use replies::{accepted_reply, raised_reply, rejected};
 use rules::{Auction, AuctionSpec, SpecError};
 
 pub use actor::LEADERBOARD_INTERVAL;
@@ -142,71 +144,6 @@ pub(crate) fn decode(id: &str, bytes: &[u8]) -> Result<Auction, StorageError> {
     rmp_serde::from_slice(bytes).map_err(|e| StorageError::Corrupt(format!("auction {id}: {e}")))
 }
 
-fn rejected(
-    auction_id: &str,
-    request_id: &str,
-    reason: BidRejection,
-    min: Option<i64>,
-    message: String,
-) -> Reply {
-    Reply::BidRejected {
-        auction_id: auction_id.to_owned(),
-        request_id: request_id.to_owned(),
-        reason,
-        min_amount: min,
-        message,
-    }
-}
-
-/// The `bid_accepted` reply for a logged bid, from the record alone, so a retry (even after a
-/// restart) gets exactly the first answer: at acceptance the bid was the price (or a leader's
-/// maximum answered it at once with the next seq, `answered_with`), the next minimum followed
-/// from it, and the record keeps the `ends_at` of that moment.
-fn accepted_reply(auction_id: &str, bid: &BidRecord, auction: &Auction) -> Reply {
-    let (price, bid_count) = match bid.answered_with {
-        Some(answer) => (answer, bid.seq + 1),
-        None => (bid.amount, bid.seq),
-    };
-    Reply::BidAccepted {
-        auction_id: auction_id.to_owned(),
-        request_id: bid.request_id.clone(),
-        bid_seq: bid.seq,
-        amount: bid.amount,
-        price,
-        bid_count,
-        next_min_bid: auction.next_min_bid_after(price),
-        ends_at: bid.ends_at,
-        server_ts: bid.ts,
-        leading: bid.answered_with.is_none(),
-        max_amount: bid.max_amount,
-    }
-}
-
-/// The `bid_accepted` reply when a leader raised their maximum: nothing placed, the leading
-/// bid and the price unchanged. (Not in the log: a retry is judged again, which is harmless:
-/// it raises to the same maximum while they lead, and is too low once they do not.)
-fn raised_reply(
-    auction_id: &str,
-    request_id: &str,
-    accepted: &rules::Accepted,
-    auction: &Auction,
-    now: u64,
-) -> Reply {
-    Reply::BidAccepted {
-        auction_id: auction_id.to_owned(),
-        request_id: request_id.to_owned(),
-        bid_seq: accepted.seq,
-        amount: accepted.amount,
-        price: accepted.amount,
-        bid_count: auction.state.bid_count,
-        next_min_bid: auction.next_min_bid(),
-        ends_at: auction.state.ends_at,
-        server_ts: now,
-        leading: true,
-        max_amount: accepted.max_amount,
-    }
-}
-
 impl Auctions {
     /// A registry over `ledger`, with no auction yet: [`Auctions::load`] (or `adopt`) fills it.
     pub fn new(
@@ -244,8 +181,7 @@ impl Auctions {
         config: EngineConfig,
         stop: CancellationToken,
     ) -> Result<Auctions, StorageError> {
-        let ledger = LocalLedger::new(Arc::clone(&store), events, clock, config.group_commit)
-            .waking(config.webhooks.as_ref().map(|w| Arc::clone(&w.wake)));
+        let ledger = LocalLedger::new(Arc::clone(&store), events, clock, config.group_commit);
         let auctions = Auctions::new(Arc::new(ledger), clock, config, stop);
         for (id, bytes) in store.auctions()? {
             let auction = decode(&id, &bytes)?;
@@ -579,13 +515,14 @@ impl Auctions {
 
     /// With webhooks on: the auction's webhooks not delivered yet, as `GET /api/auctions/{id}`
     /// shows them.
-    pub fn pending_webhooks(&self, id: &str) -> Option<Vec<serde_json::Value>> {
-        self.engine.webhooks.as_ref()?;
-        let pending = self.engine.ledger.pending_webhooks(id);
+    pub async fn pending_webhooks(&self, id: &str) -> Option<Vec<serde_json::Value>> {
+        let outbox = &self.engine.webhooks.as_ref()?.outbox;
+        let pending = outbox.pending().await.unwrap_or_default();
         Some(
             pending
                 .iter()
                 .filter_map(|w| crate::webhooks::OutboxEntry::decode(&w.entry))
+                .filter(|entry| entry.auction_id == id)
                 .map(|entry| entry.status_view())
                 .collect(),
         )

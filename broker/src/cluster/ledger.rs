@@ -134,6 +134,10 @@ impl RedisLedger {
             };
             invocation.arg(bytes).arg(key);
         }
+        invocation.arg(turn.webhooks.len());
+        for webhook in turn.webhooks {
+            invocation.arg(&webhook.id).arg(&webhook.entry);
+        }
         invocation.arg(turn.announcements.len());
         for event in turn.announcements.into_iter().map(outgoing) {
             let (known_epoch, known_seq) = self.cluster.known(&event.channel);

@@ -6,6 +6,7 @@
 
 mod follow;
 pub mod ledger;
+pub mod outbox;
 mod presence;
 mod pubsub;
 mod relay;
@@ -110,6 +111,7 @@ struct Scripts {
     commit: Script,
     create_auction: Script,
     find_bids: Script,
+    update_webhook: Script,
 }
 
 impl Scripts {
@@ -127,6 +129,7 @@ impl Scripts {
             commit: Script::new(&with_helpers(COMMIT)),
             create_auction: Script::new(CREATE_AUCTION),
             find_bids: Script::new(FIND_BIDS),
+            update_webhook: Script::new(UPDATE_WEBHOOK),
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - `P:auction:A:r` (record), `:v` (version), `:bids` (list, index = seq - 1), `:req` (hash
 //!   `user\0request id` → seq, the idempotency index), `:lock`; `P:auctions` (set of live
 //!   ids), `P:archived` (set of archived ids).
+//! - `P:webhooks` (hash webhook id → entry: the outbox), `P:webhook-lease:ID` (the node
+//!   attempting a webhook now).
 //!
 //! Pub/sub channels: `P:ch:C` per room, `P:control` for auction notices.
 //! Messages: `E<seq> <epoch> <json>` (an event), `S<json>` (a signal),
@@ -196,8 +198,9 @@ return out
 "#;
 
 /// ARGV: prefix, auction, node token, expected version, record, new epoch, room ttl ms,
-/// history size, bid count n, n × (bid, idempotency key or "" for an automatic bid), event count m,
-/// m × (channel, body, state, known epoch, known seq).
+/// history size, bid count n, n × (bid, idempotency key or "" for an automatic bid), webhook
+/// count w, w × (id, entry), event count m, m × (channel, body, state, known epoch, known seq).
+/// The webhooks go to the outbox `P:webhooks` with the bids, in the same step.
 /// The compare-and-set at the heart of cluster bidding: only the lock holder whose view is
 /// the current version may append. Bids, record, version and the room events are one atomic
 /// step; then the lock is released and the other nodes are told. Returns {new version}, or
@@ -213,6 +216,12 @@ local i = 10
 for _ = 1, n do
   local seq = redis.call('RPUSH', base .. ':bids', ARGV[i])
   if ARGV[i + 1] ~= '' then redis.call('HSET', base .. ':req', ARGV[i + 1], seq) end
+  i = i + 2
+end
+local w = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, w do
+  redis.call('HSET', P .. ':webhooks', ARGV[i], ARGV[i + 1])
   i = i + 2
 end
 redis.call('SET', base .. ':r', ARGV[5])
@@ -261,3 +270,12 @@ return out
 pub fn with_helpers(body: &str) -> String {
     format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{REDIS_NOW}\n{body}")
 }
+
+/// KEYS: the outbox hash. ARGV: webhook id, entry. Records a failed attempt, unless the webhook
+/// was delivered (removed) meanwhile by another node: it must not come back.
+pub const UPDATE_WEBHOOK: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+"#;

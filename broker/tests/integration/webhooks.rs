@@ -17,24 +17,24 @@ use tokio::net::TcpListener;
 
 use crate::common::*;
 
-const SECRET: &str = "whsec-test-0123456789";
+pub const SECRET: &str = "whsec-test-0123456789";
 
 /// One request the receiver got: its idempotency key, signature header and body.
 #[derive(Clone, Debug)]
-struct Received {
-    key: String,
-    signature: String,
-    body: String,
+pub struct Received {
+    pub key: String,
+    pub signature: String,
+    pub body: String,
 }
 
 /// A webhook receiver that answers 503 to its first `refuse` requests, then 200.
 #[derive(Clone, Default)]
-struct Receiver {
+pub struct Receiver {
     got: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {
-    async fn start(listener: TcpListener, refuse: usize) -> Receiver {
+    pub async fn start(listener: TcpListener, refuse: usize) -> Receiver {
         let receiver = Receiver::default();
         let got = Arc::clone(&receiver.got);
         tokio::spawn(async move {
@@ -85,12 +85,12 @@ impl Receiver {
         receiver
     }
 
-    fn got(&self) -> Vec<Received> {
+    pub fn got(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
 
     /// The delivered webhooks (the last attempt of each id), by id.
-    fn delivered(&self) -> HashMap<String, Value> {
+    pub fn delivered(&self) -> HashMap<String, Value> {
         self.got()
             .into_iter()
             .map(|r| (r.key, serde_json::from_str(&r.body).unwrap()))

@@ -347,6 +347,10 @@ impl Actor {
         };
         match ledger.commit(turn).await {
             Ok(version) => {
+                if let (false, Some(webhooks)) = (judged.webhooks.is_empty(), &self.engine.webhooks)
+                {
+                    webhooks.wake.notify_one();
+                }
                 self.version = version;
                 self.durable_record = record;
                 self.durable_seq

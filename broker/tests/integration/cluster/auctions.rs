@@ -211,3 +211,72 @@ async fn proxy_bidding_matches_the_reference_across_two_nodes() {
     )
     .await;
 }
+
+/// Webhooks in a cluster: the outbox is in Redis, written with the turn that ended the auction,
+/// so a webhook outlives the node that wrote it (killed with SIGKILL while the receiver was
+/// down) and another node delivers it, signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_auctions_webhook_outlives_the_node_that_wrote_it() {
+    use crate::webhooks::{Receiver, SECRET};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{port}/hooks");
+    let flags = [
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-max-backoff",
+        "1s",
+    ];
+    let mut cluster = Cluster::start_with(2, &flags).await;
+    let (status, body) = api(
+        cluster.addr(0),
+        "POST",
+        "/api/auctions",
+        Some(open_auction("cw1", 1_500)),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let mut ann = cluster.connect(0, Some("ann")).await;
+    assert!(matches!(
+        ann.bid("cw1", 1200, "a1").await,
+        Reply::BidAccepted { .. }
+    ));
+    eventually("cw1 ended and its webhook failed once", || async {
+        let view = api(cluster.addr(0), "GET", "/api/auctions/cw1", None)
+            .await
+            .1;
+        view["status"] == "ended" && view["webhooks"]["pending"][0]["attempts"].as_u64() >= Some(1)
+    })
+    .await;
+    cluster.nodes[0].0.kill().expect("SIGKILL");
+    let receiver = Receiver::start(tokio::net::TcpListener::bind(port).await.unwrap(), 0).await;
+    eventually("node 1 delivers it", || async {
+        receiver.delivered().contains_key("auction.ended/cw1")
+    })
+    .await;
+    let got = receiver.got();
+    assert!(gavel_broker::webhooks::verify(
+        SECRET.as_bytes(),
+        &got[0].signature,
+        &got[0].body
+    ));
+    let end: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(
+        (
+            end["data"]["winner"].clone(),
+            end["data"]["final_price"].clone()
+        ),
+        (json!("ann"), json!(1200))
+    );
+    eventually("nothing pending on node 1", || async {
+        api(cluster.addr(1), "GET", "/api/auctions/cw1", None)
+            .await
+            .1["webhooks"]["pending"]
+            == json!([])
+    })
+    .await;
+}
