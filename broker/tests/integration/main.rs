@@ -12,6 +12,7 @@ mod errors;
 mod fan_out;
 mod hostile;
 mod http_api;
+mod limits;
 mod pages;
 mod presence;
 mod proxy;

@@ -98,6 +98,15 @@ impl Receiver {
     }
 }
 
+/// A free loopback port for a receiver that is not listening yet, and the webhook URL on it.
+pub fn receiver_not_yet_listening() -> (SocketAddr, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    (port, format!("http://{port}/hooks"))
+}
+
 fn webhook_config(url: String) -> impl FnOnce(&mut gavel_broker::Config) {
     move |config| {
         config.webhook_url = Some(url);
@@ -202,11 +211,7 @@ async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_auctions_webhook_survives_kill_9_before_delivery() {
     // The receiver's port, not listening yet: every attempt before the restart fails.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let url = format!("http://{port}/hooks");
+    let (port, url) = receiver_not_yet_listening();
     let args = [
         "--api-key",
         API_KEY,

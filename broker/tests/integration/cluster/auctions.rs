@@ -217,12 +217,8 @@ async fn proxy_bidding_matches_the_reference_across_two_nodes() {
 /// down) and another node delivers it, signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_auctions_webhook_outlives_the_node_that_wrote_it() {
-    use crate::webhooks::{Receiver, SECRET};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let url = format!("http://{port}/hooks");
+    use crate::webhooks::{receiver_not_yet_listening, Receiver, SECRET};
+    let (port, url) = receiver_not_yet_listening();
     let flags = [
         "--webhook-url",
         &url,
