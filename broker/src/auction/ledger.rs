@@ -142,6 +142,11 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> LedgerFuture<'a, Option<u64>>;
     /// Ids of the live (not archived) auctions.
     fn live(&self) -> LedgerFuture<'_, Vec<String>>;
+    /// Whether one auction is live (not archived): by default from [`Ledger::live`]; a ledger
+    /// with many auctions answers it without listing them all.
+    fn is_live<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, bool> {
+        Box::pin(async move { Ok(self.live().await?.iter().any(|id| id == auction)) })
+    }
     /// An auction's record, live or archived.
     fn load<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, Option<Stored>>;
     /// The bids placed under these (user, request id) keys, where there are any.

@@ -221,14 +221,7 @@ impl Auctions {
     /// Starts an actor for an auction the ledger has and this node does not run (cluster
     /// mode: one another node created). Archived auctions are left alone.
     pub async fn adopt(&self, id: &str) -> Result<(), AdminError> {
-        if !self
-            .engine
-            .ledger
-            .live()
-            .await?
-            .iter()
-            .any(|live| live == id)
-        {
+        if !self.engine.ledger.is_live(id).await? {
             return Ok(());
         }
         self.adopt_live(id).await
@@ -461,7 +454,25 @@ impl Auctions {
         }
         let engine = Arc::clone(&self.engine);
         tokio::spawn(async move {
-            let answer = answer_archived(&engine, &auction_id, bid).await;
+            let answer = match answer_archived(&engine, &auction_id, bid).await {
+                Ok(answer) => answer,
+                Err(bid) => match wait_for_actor(&engine, &auction_id).await {
+                    // Adopted meanwhile: judged like any bid (and counted by the actor).
+                    Some(commands_tx) => match commands_tx.try_send(Command::Bid(bid, reply)) {
+                        Ok(()) => return,
+                        Err(
+                            mpsc::error::TrySendError::Full(Command::Bid(bid, reply))
+                            | mpsc::error::TrySendError::Closed(Command::Bid(bid, reply)),
+                        ) => {
+                            let answer = not_here(&auction_id, &bid);
+                            metrics::counter!(m::BIDS, "outcome" => "unavailable").increment(1);
+                            return reply(answer);
+                        }
+                        Err(_) => return,
+                    },
+                    None => not_here(&auction_id, &bid),
+                },
+            };
             let outcome = match &answer {
                 Reply::BidRejected { reason, .. } => reason.as_str(),
                 _ => "accepted",
@@ -599,24 +610,56 @@ impl Auctions {
 /// A bid for an auction this node does not run: a retry of a logged bid gets its first answer,
 /// anything else on an archived auction is `ended`, and an id the ledger does not know is
 /// `unknown_auction`.
-async fn answer_archived(engine: &Engine, auction_id: &str, bid: Bid) -> Reply {
+/// How long a bid waits for this node to take up an auction that is live in the ledger but not
+/// run here yet (cluster mode: another node created it a moment ago).
+const ADOPTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The actor of `auction_id` once this node runs it, waiting up to [`ADOPTION_WAIT`].
+async fn wait_for_actor(engine: &Engine, auction_id: &str) -> Option<mpsc::Sender<Command>> {
+    let deadline = tokio::time::Instant::now() + ADOPTION_WAIT;
+    loop {
+        if let Some(handle) = engine.map.get(auction_id) {
+            return Some(handle.commands_tx.clone());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A bid on a live auction this node does not run (yet): retry, with the same request id.
+fn not_here(auction_id: &str, bid: &Bid) -> Reply {
+    rejected(
+        auction_id,
+        &bid.request_id,
+        BidRejection::Unavailable,
+        None,
+        "the auction is not taking bids on this node right now; retry".into(),
+    )
+}
+
+/// The answer to a bid on an auction this node does not run: from the ledger when it is
+/// archived or unknown; `Err` (the bid back) when it is live there but not run here.
+async fn answer_archived(engine: &Engine, auction_id: &str, bid: Bid) -> Result<Reply, Bid> {
+    let request_id = bid.request_id.clone();
     let refused = |error: LedgerError| {
         let (reason, message) = match error {
             LedgerError::Storage(e) => (BidRejection::Unavailable, e.to_string()),
             LedgerError::Unavailable(e) => (BidRejection::ClusterUnavailable, e),
         };
-        rejected(auction_id, &bid.request_id, reason, None, message)
+        Ok(rejected(auction_id, &request_id, reason, None, message))
     };
     let stored = match engine.ledger.load(auction_id).await {
         Ok(Some(stored)) => stored,
         Ok(None) => {
-            return rejected(
+            return Ok(rejected(
                 auction_id,
-                &bid.request_id,
+                &request_id,
                 BidRejection::UnknownAuction,
                 None,
                 "no such auction".into(),
-            )
+            ))
         }
         Err(error) => return refused(error),
     };
@@ -631,23 +674,17 @@ async fn answer_archived(engine: &Engine, auction_id: &str, bid: Bid) -> Reply {
     let keys = [(bid.user.clone(), bid.request_id.clone())];
     match engine.ledger.find_bids(auction_id, &keys).await {
         Ok(found) => match found.into_iter().next().flatten() {
-            Some(logged) => accepted_reply(auction_id, &logged, &auction),
+            Some(logged) => Ok(accepted_reply(auction_id, &logged, &auction)),
             // Not over, yet not run here: being created or loaded (cluster: another node made
-            // it a moment ago), or the broker is shutting down. A retry will be judged.
-            None if !over => rejected(
+            // it a moment ago), or the broker is shutting down.
+            None if !over => Err(bid),
+            None => Ok(rejected(
                 auction_id,
-                &bid.request_id,
-                BidRejection::Unavailable,
-                None,
-                "the auction is not taking bids on this node right now; retry".into(),
-            ),
-            None => rejected(
-                auction_id,
-                &bid.request_id,
+                &request_id,
                 BidRejection::Ended,
                 None,
                 format!("the auction is {}", auction.state.status.as_str()),
-            ),
+            )),
         },
         Err(error) => refused(error),
     }

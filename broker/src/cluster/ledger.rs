@@ -346,6 +346,17 @@ impl Ledger for RedisLedger {
         boxed(self.live_ids())
     }
 
+    fn is_live<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, bool> {
+        boxed(async move {
+            let mut conn = self.cluster.conn();
+            let live: bool = conn
+                .sismember(self.cluster.key("auctions"), auction)
+                .await
+                .inspect_err(|e| self.cluster.command_failed("list_auctions", e))?;
+            Ok(live)
+        })
+    }
+
     fn load<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, Option<Stored>> {
         boxed(self.read(auction))
     }

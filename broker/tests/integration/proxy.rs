@@ -52,8 +52,9 @@ fn auction_for(n: u64, rng: &mut Rng) -> Value {
     auction
 }
 
-/// Places one bid, retrying while the answer is transient (a cluster node that has not seen
-/// the new auction yet answers `unavailable`; a retry with the same request id is safe).
+/// Places one bid, retrying while the answer is transient (a cluster node that has not taken up
+/// a new auction within a second answers `unavailable`; a retry with the same request id is
+/// safe).
 async fn place(client: &mut TestClient, frame: impl Fn(u64) -> ClientFrame) -> Reply {
     for _ in 0..200 {
         let reply = client
@@ -62,12 +63,12 @@ async fn place(client: &mut TestClient, frame: impl Fn(u64) -> ClientFrame) -> R
             .expect("place_bid is answered with ok");
         match &reply {
             Reply::BidRejected { reason, .. } if reason.is_transient() => {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
             }
             _ => return reply,
         }
     }
-    panic!("a bid stayed unavailable for 1 s");
+    panic!("a bid stayed unavailable for 6 s");
 }
 
 /// One sequence, bid by bid against the reference; bidder `k` talks to `nodes[k % len]`.
