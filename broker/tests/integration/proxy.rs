@@ -34,7 +34,8 @@ impl Rng {
     }
 }
 
-/// Sequence `n`'s auction: open now, a random fixed or tiered increment (steps never shrink).
+/// Sequence `n`'s auction: open now, a random fixed or tiered increment (steps never shrink),
+/// a reserve one time in three.
 fn auction_for(n: u64, rng: &mut Rng) -> Value {
     let mut auction = open_auction(&format!("px{n}"), 600_000);
     auction["increment"] = match rng.below(3) {
@@ -49,6 +50,9 @@ fn auction_for(n: u64, rng: &mut Rng) -> Value {
             ] })
         }
     };
+    if rng.below(3) == 0 {
+        auction["reserve"] = json!(1000 + rng.below(20_000));
+    }
     auction
 }
 

@@ -211,8 +211,14 @@ impl Auction {
                 // A leader's plain bid: placed as sent, their maximum kept.
                 return Ok(self.place(user, amount, amount, Some(leading_max), now));
             };
-            // Raising one's own maximum: nothing placed, the price stays.
+            // Raising one's own maximum: nothing placed, the price stays (unless the maximum
+            // now reaches the reserve: then the price rises to it).
             let max = max.max(leading_max);
+            let price = self.state.price.unwrap_or(amount);
+            let lifted = self.lifted(price, Some(max));
+            if lifted > price {
+                return Ok(self.place(user, amount, lifted, Some(max), now));
+            }
             self.state.leader_max = Some(max).filter(|&m| Some(m) > self.state.price);
             return Ok(Accepted {
                 seq: self.state.last_seq,
@@ -245,6 +251,7 @@ impl Auction {
         } else {
             leading_max
         };
+        let answer = self.lifted(answer, Some(leading_max));
         let defence = self.log_bid(&leader, answer, true, false);
         self.state.leader_max = Some(leading_max).filter(|&m| m > answer);
         let extended_from = self.soft_close(now);
@@ -337,6 +344,7 @@ impl Auction {
         max: Option<i64>,
         now: u64,
     ) -> Accepted {
+        let price = self.lifted(price, max);
         let previous = self
             .state
             .leader
@@ -355,6 +363,15 @@ impl Auction {
             outbid: previous,
             extended_from,
             bought: Vec::new(),
+        }
+    }
+
+    /// eBay's reserve rule: a leading maximum that reaches the reserve lifts the price to the
+    /// reserve at once (else the item would go unsold to a bidder willing to pay it).
+    fn lifted(&self, price: i64, max: Option<i64>) -> i64 {
+        match (self.spec.reserve, max) {
+            (Some(reserve), Some(max)) if max >= reserve && price < reserve => reserve,
+            _ => price,
         }
     }
 

@@ -11,13 +11,17 @@ fn user(id: &str) -> UserId {
 }
 
 pub(crate) fn spec_with(increment: Increment) -> AuctionSpec {
+    spec_with_reserve(increment, None)
+}
+
+fn spec_with_reserve(increment: Increment, reserve: Option<i64>) -> AuctionSpec {
     AuctionSpec {
         id: "p1".into(),
         title: "Proxy lot".into(),
         currency: "EUR".into(),
         starting_price: 1000,
         increment,
-        reserve: None,
+        reserve,
         starts_at: 1_000,
         ends_at: 10_000_000,
         soft_close: SoftClose::default(),
@@ -189,9 +193,10 @@ fn increments() -> impl Strategy<Value = Increment> {
 /// (negative: too low), and the maximum's distance above the amount (`None`: a plain bid).
 type Step = (usize, i64, Option<i64>);
 
-fn sequences() -> impl Strategy<Value = (Increment, Vec<Step>)> {
+fn sequences() -> impl Strategy<Value = (Increment, Option<i64>, Vec<Step>)> {
     (
         increments(),
+        prop::option::of(1000i64..30_000),
         prop::collection::vec(
             (
                 0usize..5,
@@ -210,8 +215,8 @@ proptest! {
     /// rules and the reference agree on acceptance, price and leader; and the price never
     /// passes the leader's maximum, nor falls.
     #[test]
-    fn proxy_bidding_matches_the_reference((increment, steps) in sequences()) {
-        let mut auction = Auction::new(spec_with(increment));
+    fn proxy_bidding_matches_the_reference((increment, reserve, steps) in sequences()) {
+        let mut auction = Auction::new(spec_with_reserve(increment, reserve));
         auction.advance(1_000);
         let mut reference = ProxyReference::new(auction.spec.clone());
         let users: Vec<UserId> = (0..5).map(|n| user(&format!("u{n}"))).collect();
@@ -276,4 +281,33 @@ fn the_documented_proxy_example_holds() {
     assert!(!step5.leading);
     assert_eq!((a.state.price, a.state.leader), (Some(12000), Some(cid)));
     assert_eq!(a.state.bid_count, 7);
+}
+
+/// eBay's reserve rule: a maximum that reaches the reserve lifts the price to it at once, so a
+/// bidder willing to pay the reserve does not lose the item to an unmet reserve.
+#[test]
+fn a_maximum_that_reaches_the_reserve_lifts_the_price_to_it() {
+    let mut a = Auction::new(spec_with_reserve(Increment::Fixed(100), Some(5000)));
+    a.advance(1_000);
+    let first = a
+        .place_bid_with_max(&user("ann"), 1000, Some(3000), 2_000)
+        .unwrap();
+    assert_eq!(
+        (first.amount, a.reserve_met()),
+        (1000, false),
+        "3000 is short of it"
+    );
+    let raised = a
+        .place_bid_with_max(&user("ann"), 1100, Some(8000), 2_001)
+        .unwrap();
+    assert_eq!(amounts(&raised), vec![("ann".into(), 5000, true)]);
+    assert!(a.reserve_met());
+    let bob = a.place_bid(&user("bob"), 5100, 2_002).unwrap();
+    assert_eq!(amounts(&bob)[1], ("ann".into(), 5200, true));
+    let mut b = Auction::new(spec_with_reserve(Increment::Fixed(100), Some(5000)));
+    b.advance(1_000);
+    let opening = b
+        .place_bid_with_max(&user("cid"), 1000, Some(6000), 2_000)
+        .unwrap();
+    assert_eq!((opening.amount, b.reserve_met()), (5000, true));
 }

@@ -1,6 +1,6 @@
 //! A reference model of proxy (maximum) bidding, for tests of the rules and of whole brokers:
 //! eBay's rules restated over every maximum at once, independent of the incremental state
-//! machine in `rules`. Not used by the broker itself.
+//! machine in `rules`, reserve rule included. Not used by the broker itself.
 
 use gavel_protocol::UserId;
 
@@ -53,6 +53,19 @@ impl ProxyReference {
 
     /// Judges a bid (`max`: a proxy bid's maximum); whether it is accepted.
     pub fn bid(&mut self, who: &UserId, amount: i64, max: Option<i64>) -> bool {
+        let accepted = self.judge(who, amount, max);
+        // The reserve rule: a leading maximum that reaches the reserve lifts the price to it.
+        if let (true, Some(reserve), Some(price), Some(leader)) =
+            (accepted, self.spec.reserve, self.price, self.leader.clone())
+        {
+            if price < reserve && self.max_of(&leader).is_some_and(|m| m >= reserve) {
+                self.price = Some(reserve);
+            }
+        }
+        accepted
+    }
+
+    fn judge(&mut self, who: &UserId, amount: i64, max: Option<i64>) -> bool {
         let at = self.bids;
         self.bids += 1;
         if amount < self.next_min_bid() || max.is_some_and(|m| m < amount) {
