@@ -107,6 +107,18 @@ pub fn receiver_not_yet_listening() -> (SocketAddr, String) {
     (port, format!("http://{port}/hooks"))
 }
 
+/// The broker flags that send webhooks to `url`, signed with [`SECRET`], retried every second.
+pub fn webhook_flags(url: &str) -> [&str; 6] {
+    [
+        "--webhook-url",
+        url,
+        "--webhook-secret",
+        SECRET,
+        "--webhook-max-backoff",
+        "1s",
+    ]
+}
+
 fn webhook_config(url: String) -> impl FnOnce(&mut gavel_broker::Config) {
     move |config| {
         config.webhook_url = Some(url);
@@ -212,16 +224,8 @@ async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
 async fn an_ended_auctions_webhook_survives_kill_9_before_delivery() {
     // The receiver's port, not listening yet: every attempt before the restart fails.
     let (port, url) = receiver_not_yet_listening();
-    let args = [
-        "--api-key",
-        API_KEY,
-        "--webhook-url",
-        &url,
-        "--webhook-secret",
-        SECRET,
-        "--webhook-max-backoff",
-        "1s",
-    ];
+    let mut args = vec!["--api-key", API_KEY];
+    args.extend(webhook_flags(&url));
     let data_dir = temp_dir("webhook-kill");
     let (mut child, addr) = spawn_broker_process(&args, &data_dir);
     let (status, _) = api(

@@ -200,12 +200,11 @@ impl Auction {
             accepted.bought = self.close(now);
             return Ok(accepted);
         }
-        let leader = self.state.leader.clone();
-        let Some(leading_max) = self.leading_max().filter(|_| leader.is_some()) else {
+        let (Some(leader), Some(leading_max)) = (self.state.leader.clone(), self.leading_max())
+        else {
             // The first bid.
             return Ok(self.place(user, amount, amount, max, now));
         };
-        let leader = leader.unwrap_or_else(|| user.clone());
         if &leader == user {
             let Some(max) = max else {
                 // A leader's plain bid: placed as sent, their maximum kept.
@@ -245,13 +244,14 @@ impl Auction {
         }
         // The leader's maximum answers at once: this bid at the bidder's maximum, then the
         // leader's automatic bid one increment above it (the earlier maximum wins a tie).
+        // (No reserve lift here: a leading maximum at or above the reserve lifted the price
+        // when it was placed or raised.)
         let own = self.log_bid(user, bid_max, bid_max != amount, true);
         let answer = if bid_max < leading_max {
             leading_max.min(self.next_min_bid_after(bid_max))
         } else {
             leading_max
         };
-        let answer = self.lifted(answer, Some(leading_max));
         let defence = self.log_bid(&leader, answer, true, false);
         self.state.leader_max = Some(leading_max).filter(|&m| m > answer);
         let extended_from = self.soft_close(now);

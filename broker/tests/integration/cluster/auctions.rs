@@ -217,16 +217,9 @@ async fn proxy_bidding_matches_the_reference_across_two_nodes() {
 /// down) and another node delivers it, signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_auctions_webhook_outlives_the_node_that_wrote_it() {
-    use crate::webhooks::{receiver_not_yet_listening, Receiver, SECRET};
+    use crate::webhooks::{receiver_not_yet_listening, webhook_flags, Receiver, SECRET};
     let (port, url) = receiver_not_yet_listening();
-    let flags = [
-        "--webhook-url",
-        &url,
-        "--webhook-secret",
-        SECRET,
-        "--webhook-max-backoff",
-        "1s",
-    ];
+    let flags = webhook_flags(&url);
     let mut cluster = Cluster::start_with(2, &flags).await;
     let (status, body) = api(
         cluster.addr(0),
