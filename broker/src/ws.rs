@@ -97,19 +97,19 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         let Some((read, write)) = upgraded(upgrade).await else {
             return;
         };
-        // Boxed: the task's future would otherwise hold room for the upgrade's state and the
-        // session's side by side for the connection's whole life (4.9 KiB where the session
-        // needs 2.3 KiB).
+        // The session is a task of its own, and this one ends: awaited here, the session's
+        // future would sit beside the upgrade's state in this task for the connection's
+        // whole life.
         let inbound = session::Inbound::websocket(read, task_shared.config.max_message_size);
-        Box::pin(session::serve(
-            task_shared,
+        let session = session::serve(
+            Arc::clone(&task_shared),
             inbound,
             write,
             Wire::websocket(format),
             identity,
             slot,
-        ))
-        .await;
+        );
+        task_shared.tracker.spawn(session);
     });
 
     let (mut parts, _) = response.into_parts();

@@ -89,7 +89,9 @@ pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut w
         );
     }
     if let Some(code) = reason.close_code().filter(|_| whole_frames) {
-        let mut batch = Batch::new(&conn);
+        // The same batch (nothing in it is pending: it was written or the loop broke before
+        // filling it): a second one would make every idle writer's future larger.
+        batch.clear();
         batch.close(code);
         let _ = batch.write(&mut write, CLOSE_WRITE_TIMEOUT).await;
     }
@@ -98,10 +100,14 @@ pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut w
 
 /// Bytes for one socket write: WebSocket frames laid end to end, at most about
 /// `MAX_WRITE_BATCH`; what was taken from the queue and does not fit waits in `taken` (and the
-/// rest of a long item in `carry`) for the next write.
+/// rest of a long item in `carry`) for the next write. A lone frame is written straight from
+/// its shared buffer (`lone`), so a quiet connection copies nothing and keeps no buffer.
 struct Batch<'a> {
     conn: &'a ConnHandle,
+    /// Allocated for a write of more than one frame, freed when the writer goes idle.
     buf: Vec<u8>,
+    /// The batch's only frame so far, not yet copied into `buf`.
+    lone: Option<Arc<SharedFrame>>,
     /// Creation time of the oldest data frame in the batch.
     oldest: Option<Instant>,
     /// Items taken from the connection's queue, not yet in `buf`.
@@ -116,6 +122,7 @@ impl<'a> Batch<'a> {
         Batch {
             conn,
             buf: Vec::new(),
+            lone: None,
             oldest: None,
             taken: VecDeque::new(),
             carry: None,
@@ -123,7 +130,30 @@ impl<'a> Batch<'a> {
     }
 
     fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.buf.is_empty() && self.lone.is_none()
+    }
+
+    /// Drops what is taken and not yet written (the loop stopped early).
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.lone = None;
+        self.oldest = None;
+    }
+
+    /// The bytes of the next write.
+    fn bytes(&self) -> &[u8] {
+        match &self.lone {
+            Some(frame) => frame.framed(self.conn.wire).unwrap_or_default(),
+            None => &self.buf,
+        }
+    }
+
+    /// Copies the lone frame into `buf`, before anything joins it there.
+    fn unlone(&mut self) {
+        if let Some(frame) = self.lone.take() {
+            let framed = frame.framed(self.conn.wire).unwrap_or_default();
+            self.buf.extend_from_slice(framed);
+        }
     }
 
     /// Whether anything taken is not yet in `buf`.
@@ -132,11 +162,19 @@ impl<'a> Batch<'a> {
     }
 
     fn full(&self) -> bool {
-        self.buf.len() >= MAX_WRITE_BATCH
+        self.buf.len() >= MAX_WRITE_BATCH || self.bytes().len() >= MAX_WRITE_BATCH
     }
 
     fn push(&mut self, item: Outbound) {
         match item {
+            Outbound::Frame(frame) if self.is_empty() => {
+                let wire = self.conn.wire;
+                self.conn.written(crate::outbound::wire_size(&frame, wire));
+                if frame.framed(wire).is_some() {
+                    self.oldest.get_or_insert(frame.created);
+                    self.lone = Some(frame);
+                }
+            }
             Outbound::Frame(frame) => self.frame(&frame),
             Outbound::Batch(frames) => {
                 self.carry = Some((frames, 0));
@@ -184,6 +222,7 @@ impl<'a> Batch<'a> {
             return;
         };
         self.oldest.get_or_insert(frame.created);
+        self.unlone();
         // Framed once per wire by whoever encoded it: one copy into the write buffer.
         self.buf.extend_from_slice(framed);
     }
@@ -191,6 +230,7 @@ impl<'a> Batch<'a> {
     /// A WebSocket control frame; on SSE, a ping is a comment line and a pong is not sent
     /// (SSE clients cannot ping). A close is written by [`Batch::close`].
     fn control(&mut self, opcode: OpCode, payload: &[u8]) {
+        self.unlone();
         match self.conn.wire {
             Wire::Sse => {
                 if opcode == OpCode::Ping {
@@ -203,6 +243,7 @@ impl<'a> Batch<'a> {
 
     /// The close frame that says why; on SSE, a `close` event with the same code and reason.
     fn close(&mut self, code: gavel_protocol::CloseCode) {
+        self.unlone();
         match self.conn.wire {
             Wire::Sse => {
                 let event = serde_json::json!({"code": code.code(), "reason": code.reason()});
@@ -222,28 +263,32 @@ impl<'a> Batch<'a> {
         write: &mut BoxWrite,
         timeout: Duration,
     ) -> Result<(), DisconnectReason> {
-        if self.buf.is_empty() {
+        if self.is_empty() {
             return Ok(());
         }
         // Not abandoned when the connection is marked closing meanwhile (a full queue, say):
         // a frame cut in half would corrupt the stream, and the close frame that says why
         // must follow whole frames. The write timeout bounds each write's wait, so a large
         // replay to a slow but live reader is judged by its progress, not by its size.
-        match tokio::time::timeout(timeout, write.write_all(&self.buf)).await {
+        let bytes = self.bytes();
+        match tokio::time::timeout(timeout, write.write_all(bytes)).await {
             Err(_) => return Err(DisconnectReason::WriteStalled),
             Ok(Err(_)) => return Err(DisconnectReason::ConnectionLost),
             Ok(Ok(())) => {}
         }
         let handles = m::writer();
-        handles.bytes_sent.increment(self.buf.len() as u64);
+        handles.bytes_sent.increment(bytes.len() as u64);
         if let Some(oldest) = self.oldest.take() {
             handles
                 .delivery_seconds
                 .record(oldest.elapsed().as_secs_f64());
         }
-        self.buf.clear();
-        if self.buf.capacity() > 2 * MAX_WRITE_BATCH {
-            // A single huge frame grew it: do not keep that much per connection.
+        self.lone = None;
+        if self.has_more() {
+            self.buf.clear();
+        } else {
+            // Idle until the next wake-up: an idle connection keeps no write buffer (a
+            // wake-up that coalesces several frames allocates one).
             self.buf = Vec::new();
         }
         Ok(())
