@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use gavel_broker::auction::rules::{AuctionSpec, Increment, SoftClose};
-use gavel_broker::auction::{AuctionEvents, Auctions, BidRequest, EngineConfig};
+use gavel_broker::auction::{AuctionEvents, Auctions, BidKey, BidRequest, EngineConfig};
 use gavel_broker::clock::Clock;
 use gavel_broker::protocol::{Reply, UserId};
 use gavel_broker::rooms::{HistoryLimits, Rooms};
@@ -109,7 +109,8 @@ async fn run(engine: &Arc<Engine>, total: u64) -> Duration {
                                 roles: None,
                                 auction_id: "bench".into(),
                                 amount,
-                                request_id: format!("{b}-{amount}-{i}"),
+                                request_id: BidKey::parse(format!("{b}-{amount}-{i}"))
+                                    .expect("a short key"),
                                 max_amount: None,
                             },
                             Box::new(move |reply| {

@@ -55,9 +55,36 @@ pub struct BidRequest {
     pub roles: Option<Vec<String>>,
     pub auction_id: String,
     pub amount: i64,
-    pub request_id: String,
+    pub request_id: BidKey,
     /// A secret maximum (proxy bid).
     pub max_amount: Option<i64>,
+}
+
+/// A bid's idempotency key (`request_id`), chosen by the bidder: 1 to 64 bytes. A retry with
+/// the same key gets the first answer. Never empty: the log marks the broker's own automatic
+/// bids by an empty key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BidKey(String);
+
+/// A `request_id` that is empty or longer than [`BidKey::MAX_LEN`] bytes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("request_id must be 1 to 64 bytes")]
+pub struct InvalidBidKey;
+
+impl BidKey {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(key: impl Into<String>) -> Result<BidKey, InvalidBidKey> {
+        let key = key.into();
+        if key.is_empty() || key.len() > Self::MAX_LEN {
+            return Err(InvalidBidKey);
+        }
+        Ok(BidKey(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// An admin operation on an existing auction.
@@ -390,7 +417,7 @@ impl Auctions {
             metrics::counter!(m::BIDS, "outcome" => reason.as_str()).increment(1);
             reply(rejected(
                 &auction_id,
-                &request_id,
+                request_id.as_str(),
                 reason,
                 None,
                 message.to_owned(),
@@ -423,7 +450,7 @@ impl Auctions {
             roles,
             amount,
             max_amount,
-            request_id: request_id.clone(),
+            request_id: request_id.0.clone(),
             at_ms,
         };
         let commands_tx = self

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use gavel_protocol::{Channel, ChannelKind, ClientFrame, ErrorCode, Reply, ServerFrame, UserId};
 
-use crate::auction::BidRequest;
+use crate::auction::{BidKey, BidRequest};
 use crate::auth::{AuthError, Identity};
 use crate::clock::now_ms;
 use crate::outbound::SharedFrame;
@@ -118,12 +118,8 @@ impl Session {
                 max_amount,
             } => {
                 self.token_fresh()?;
-                if request_id.is_empty() || request_id.len() > 64 {
-                    return Err((
-                        ErrorCode::InvalidRequest,
-                        "request_id must be 1 to 64 bytes".to_owned(),
-                    ));
-                }
+                let request_id = BidKey::parse(request_id)
+                    .map_err(|invalid| (ErrorCode::InvalidRequest, invalid.to_string()))?;
                 let conn = Arc::clone(&self.conn);
                 let reply = Box::new(move |result: Reply| {
                     conn.offer_frame(SharedFrame::new(ServerFrame::Ok { id, result }));

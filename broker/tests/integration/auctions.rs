@@ -242,6 +242,20 @@ async fn bad_bids_get_their_documented_outcome_and_write_nothing() {
         Reply::BidRejected { reason, .. } => reason,
         other => panic!("expected a rejection, got {other:?}"),
     };
+    // A request id is 1 to 64 bytes: otherwise an error, before the bid limiter or the log.
+    for request_id in [String::new(), "k".repeat(65)] {
+        let err = c
+            .request(|id| gavel_broker::protocol::ClientFrame::PlaceBid {
+                id,
+                auction_id: "x".into(),
+                amount: 5000,
+                request_id,
+                max_amount: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, gavel_broker::protocol::ErrorCode::InvalidRequest);
+    }
     assert_eq!(
         reason(c.bid("x", 0, "z").await),
         BidRejection::InvalidAmount

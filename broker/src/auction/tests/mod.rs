@@ -130,7 +130,7 @@ fn request(user: &str, auction: &str, amount: i64, request_id: &str) -> BidReque
         roles: None,
         auction_id: auction.into(),
         amount,
-        request_id: request_id.into(),
+        request_id: BidKey::parse(request_id).unwrap(),
         max_amount: None,
     }
 }
@@ -394,5 +394,18 @@ async fn retries_are_not_charged_to_the_bid_rate() {
     assert_eq!(
         reason(&bid(&auctions, "ann", 1200, "r3").await),
         Some(BidRejection::RateLimited)
+    );
+}
+
+#[test]
+fn a_bid_key_is_one_to_64_bytes() {
+    // An empty key marks the broker's own automatic bids in the log: no bidder may send one,
+    // through the WebSocket or through the library.
+    assert_eq!(BidKey::parse(""), Err(InvalidBidKey));
+    assert_eq!(BidKey::parse("x".repeat(65)), Err(InvalidBidKey));
+    assert_eq!(BidKey::parse("r").unwrap().as_str(), "r");
+    assert_eq!(
+        BidKey::parse("x".repeat(64)).unwrap().as_str(),
+        "x".repeat(64)
     );
 }
