@@ -157,53 +157,121 @@ pub enum GroupCommit {
     Off,
 }
 
-type Waiter = oneshot::Sender<Result<(), StorageError>>;
+/// A write for the flusher to make before its next flush (see [`Durability::commit`]).
+pub type Write = Box<dyn FnOnce(&dyn BidLog) -> Result<(), StorageError> + Send>;
 
-/// The group-commit flusher: [`Durability::sync`] resolves once everything written before the
-/// call is durable. Calls that arrive while a flush is running are answered together by the
-/// next one, so throughput does not fall to one fsync per bid.
+/// Why [`Durability::commit`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommitFailure {
+    /// The write failed: nothing of it is in the store.
+    #[error("write failed: {0}")]
+    Write(StorageError),
+    /// The write is in the store, but the flush after it failed: it may or may not be on disk.
+    #[error("flush failed: {0}")]
+    Flush(StorageError),
+}
+
+/// A write (or none: a flush alone) and who waits for it to be durable.
+struct Job {
+    write: Option<Write>,
+    reply: oneshot::Sender<Result<(), CommitFailure>>,
+}
+
+/// The group-commit flusher: [`Durability::commit`] makes a write and resolves once it is
+/// durable; [`Durability::sync`] resolves once everything written before the call is. Jobs
+/// that arrive while a flush is running share the next one, so throughput does not fall to one
+/// fsync per bid.
+///
+/// For a log whose writes and flushes block (sled), writes and flushes run on one thread of
+/// their own, never on the runtime's workers: sled's batch write takes a process-wide lock that
+/// waits for a running flush, which holds the other side of it until its IO is done, so a
+/// batch written on a worker stalled that worker (one of two here) for the flush's duration.
 #[derive(Clone)]
 pub struct Durability {
-    waiters_tx: mpsc::UnboundedSender<Waiter>,
+    jobs_tx: mpsc::UnboundedSender<Job>,
 }
 
 impl Durability {
-    /// Starts the flusher task for `log`.
+    /// Starts the flusher for `log`: a thread when `log.sync_blocks()` (it ends when the last
+    /// `Durability` is dropped), a task otherwise (an in-memory log, and tests under paused
+    /// time).
     pub fn start(log: Arc<dyn BidLog>, mode: GroupCommit) -> Durability {
-        let (waiters_tx, mut waiters_rx) = mpsc::unbounded_channel::<Waiter>();
-        tokio::spawn(async move {
-            while let Some(first) = waiters_rx.recv().await {
-                let mut waiters = vec![first];
-                if mode == GroupCommit::On {
-                    while let Ok(more) = waiters_rx.try_recv() {
-                        waiters.push(more);
+        let (jobs_tx, mut jobs_rx) = mpsc::unbounded_channel::<Job>();
+        if log.sync_blocks() {
+            let spawned = std::thread::Builder::new()
+                .name("gavel-flusher".into())
+                .spawn(move || {
+                    while let Some(first) = jobs_rx.blocking_recv() {
+                        run_jobs(&*log, mode, first, &mut jobs_rx);
                     }
-                }
-                let started = Instant::now();
-                let result = if log.sync_blocks() {
-                    let log = Arc::clone(&log);
-                    tokio::task::spawn_blocking(move || log.sync())
-                        .await
-                        .unwrap_or_else(|e| Err(StorageError::Io(format!("flush task: {e}"))))
-                } else {
-                    log.sync()
-                };
-                record_flush(started.elapsed(), waiters.len(), &result);
-                for waiter in waiters {
-                    let _ = waiter.send(result.clone());
-                }
+                });
+            if let Err(error) = spawned {
+                // Every commit is then answered `Stopped`: nothing is acknowledged undurable.
+                tracing::error!(%error, "could not start the bid log's flusher thread");
             }
-        });
-        Durability { waiters_tx }
+        } else {
+            tokio::spawn(async move {
+                while let Some(first) = jobs_rx.recv().await {
+                    run_jobs(&*log, mode, first, &mut jobs_rx);
+                }
+            });
+        }
+        Durability { jobs_tx }
+    }
+
+    /// Makes `write` (in the order commits arrive) and resolves once it is durable.
+    pub async fn commit(&self, write: Write) -> Result<(), CommitFailure> {
+        self.submit(Some(write)).await
     }
 
     /// Resolves when every write made before this call is durable.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        let (tx, rx) = oneshot::channel();
-        self.waiters_tx
-            .send(tx)
-            .map_err(|_| StorageError::Stopped)?;
-        rx.await.unwrap_or(Err(StorageError::Stopped))
+        self.submit(None).await.map_err(|failure| match failure {
+            CommitFailure::Write(error) | CommitFailure::Flush(error) => error,
+        })
+    }
+
+    async fn submit(&self, write: Option<Write>) -> Result<(), CommitFailure> {
+        let (reply, answer) = oneshot::channel();
+        if self.jobs_tx.send(Job { write, reply }).is_err() {
+            // The flusher is gone: nothing of this was written.
+            return Err(CommitFailure::Write(StorageError::Stopped));
+        }
+        // Dropped unanswered (the flusher died during the job): whether the write is in the
+        // store is unknown, so it counts as unflushed.
+        answer
+            .await
+            .unwrap_or(Err(CommitFailure::Flush(StorageError::Stopped)))
+    }
+}
+
+/// One flush for `first` and (with group commit) every job queued behind it: their writes in
+/// order, then the flush.
+fn run_jobs(
+    log: &dyn BidLog,
+    mode: GroupCommit,
+    first: Job,
+    jobs_rx: &mut mpsc::UnboundedReceiver<Job>,
+) {
+    let mut jobs = vec![first];
+    if mode == GroupCommit::On {
+        while let Ok(more) = jobs_rx.try_recv() {
+            jobs.push(more);
+        }
+    }
+    let written: Vec<Result<(), StorageError>> = jobs
+        .iter_mut()
+        .map(|job| job.write.take().map_or(Ok(()), |write| write(log)))
+        .collect();
+    let started = Instant::now();
+    let flushed = log.sync();
+    record_flush(started.elapsed(), jobs.len(), &flushed);
+    for (job, written) in jobs.into_iter().zip(written) {
+        let answer = match written {
+            Err(error) => Err(CommitFailure::Write(error)),
+            Ok(()) => flushed.clone().map_err(CommitFailure::Flush),
+        };
+        let _ = job.reply.send(answer);
     }
 }
 
