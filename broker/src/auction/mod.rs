@@ -5,6 +5,7 @@
 
 mod actor;
 pub mod announce;
+mod bid_request;
 pub mod idempotency;
 pub mod ledger;
 mod replies;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Reply, UserId};
+use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Reply};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +33,7 @@ use replies::{accepted_reply, raised_reply, rejected};
 use rules::{Auction, AuctionSpec, SpecError};
 
 pub use actor::LEADERBOARD_INTERVAL;
+pub use bid_request::{BidKey, BidRequest, InvalidBidKey};
 pub use ledger::{Announcement, AuctionEvents};
 
 /// Commands queued per auction before bids are turned away as `unavailable`.
@@ -45,47 +47,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Called once with the outcome of a bid (`bid_accepted` or `bid_rejected`).
 pub type BidReply = Box<dyn FnOnce(Reply) + Send>;
 type AdminReply = oneshot::Sender<Result<AuctionSnapshot, AdminError>>;
-
-/// A bid as the session hands it over.
-pub struct BidRequest {
-    pub user: Option<UserId>,
-    /// False when the user's token has roles but not `bidder` (or `admin`).
-    pub may_bid: bool,
-    /// The token's roles claim (`None`: the token has none), for an auction's `required_role`.
-    pub roles: Option<Vec<String>>,
-    pub auction_id: String,
-    pub amount: i64,
-    pub request_id: BidKey,
-    /// A secret maximum (proxy bid).
-    pub max_amount: Option<i64>,
-}
-
-/// A bid's idempotency key (`request_id`), chosen by the bidder: 1 to 64 bytes. A retry with
-/// the same key gets the first answer. Never empty: the log marks the broker's own automatic
-/// bids by an empty key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct BidKey(String);
-
-/// A `request_id` that is empty or longer than [`BidKey::MAX_LEN`] bytes.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("request_id must be 1 to 64 bytes")]
-pub struct InvalidBidKey;
-
-impl BidKey {
-    pub const MAX_LEN: usize = 64;
-
-    pub fn parse(key: impl Into<String>) -> Result<BidKey, InvalidBidKey> {
-        let key = key.into();
-        if key.is_empty() || key.len() > Self::MAX_LEN {
-            return Err(InvalidBidKey);
-        }
-        Ok(BidKey(key))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
 
 /// An admin operation on an existing auction.
 #[derive(Clone, Debug)]
@@ -450,7 +411,7 @@ impl Auctions {
             roles,
             amount,
             max_amount,
-            request_id: request_id.0.clone(),
+            request_id: request_id.as_str().to_owned(),
             at_ms,
         };
         let commands_tx = self

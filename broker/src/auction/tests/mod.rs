@@ -7,7 +7,7 @@ mod lifecycle;
 use super::rules::{Increment, SoftClose};
 use super::*;
 use crate::store::{FaultyLog, MemoryLog};
-use gavel_protocol::Channel;
+use gavel_protocol::{Channel, UserId};
 use serde_json::Value;
 use std::sync::Mutex;
 
