@@ -531,6 +531,7 @@ fn reporting(
         bids: config.webhook_bids,
         timeout: config.webhook_timeout,
         max_backoff: config.webhook_max_backoff,
+        concurrency: config.webhook_concurrency,
     };
     let wake =
         webhooks::Deliverer::start(Arc::clone(&outbox), settings, clock, shutdown.child_token());

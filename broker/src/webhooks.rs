@@ -3,11 +3,14 @@
 //! [`OutboxEntry`]s, written in the same atomic batch as the turn that caused them; the
 //! [`Deliverer`] POSTs them, at least once, with exponential backoff, across restarts.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 use gavel_protocol::Ended;
 use hmac::{Hmac, Mac};
 use hyper::Uri;
@@ -41,6 +44,8 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     /// The longest wait between two attempts.
     pub max_backoff: Duration,
+    /// Attempts in flight at once.
+    pub concurrency: usize,
 }
 
 /// What the auction engine needs to know of webhooks: whether accepted bids are reported too,
@@ -264,21 +269,44 @@ impl Deliverer {
             clock,
             wake: Arc::clone(&wake),
         };
-        tokio::spawn(async move {
-            loop {
-                deliverer.pass().await;
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = deliverer.wake.notified() => {}
-                    () = tokio::time::sleep(POLL) => {}
-                }
-            }
-        });
+        tokio::spawn(async move { deliverer.run(stop).await });
         wake
     }
 
-    /// One look at the outbox: every entry that is due gets one attempt.
-    async fn pass(&self) {
+    /// Keeps up to `concurrency` attempts in flight, so one slow answer (or an attempt waiting
+    /// out its timeout) holds up no other webhook; reads the outbox again when a turn wrote
+    /// webhooks (`wake`) and every [`POLL`] (for retries whose backoff is over). Webhooks
+    /// carry no order between them: a failed one is retried later anyway.
+    async fn run(&self, stop: CancellationToken) {
+        let mut due: VecDeque<OutboxEntry> = VecDeque::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut flying: HashSet<String> = HashSet::new();
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = true;
+        loop {
+            if look {
+                look = false;
+                due = self.due(&flying).await;
+            }
+            while in_flight.len() < self.config.concurrency.max(1) {
+                let Some(entry) = due.pop_front() else { break };
+                flying.insert(entry.id.clone());
+                in_flight.push(self.deliver(entry));
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                Some(id) = in_flight.next(), if !in_flight.is_empty() => {
+                    flying.remove(&id);
+                }
+                () = self.wake.notified() => look = true,
+                _ = poll.tick() => look = true,
+            }
+        }
+    }
+
+    /// The outbox's entries that are due and not in flight here, oldest attempt first.
+    async fn due(&self, flying: &HashSet<String>) -> VecDeque<OutboxEntry> {
         let entries = match self.outbox.pending().await {
             Ok(entries) => entries
                 .iter()
@@ -286,48 +314,56 @@ impl Deliverer {
                 .collect::<Vec<_>>(),
             Err(error) => {
                 tracing::error!(%error, "cannot read the webhook outbox");
-                return;
+                return VecDeque::new();
             }
         };
         metrics::gauge!(m::WEBHOOK_PENDING).set(entries.len() as f64);
-        for mut entry in entries {
-            if entry.next_attempt_at > self.clock.now_ms() {
-                continue;
+        let now = self.clock.now_ms();
+        let mut due: Vec<OutboxEntry> = entries
+            .into_iter()
+            .filter(|e| e.next_attempt_at <= now && !flying.contains(&e.id))
+            .collect();
+        due.sort_by_key(|e| e.next_attempt_at);
+        due.into()
+    }
+
+    /// One attempt at `entry`, if this node wins its claim; the outcome recorded. Returns the
+    /// entry's id.
+    async fn deliver(&self, mut entry: OutboxEntry) -> String {
+        match self.outbox.claim(&entry.id).await {
+            Ok(true) => {}
+            // Another node is attempting it.
+            Ok(false) => return entry.id,
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim a webhook");
+                return entry.id;
             }
-            match self.outbox.claim(&entry.id).await {
-                Ok(true) => {}
-                // Another node is attempting it.
-                Ok(false) => continue,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot claim a webhook");
-                    return;
-                }
-            }
-            let started = Instant::now();
-            let result = self.attempt(&entry).await;
-            metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed());
-            let outcome = match result {
-                Ok(()) => {
-                    if let Err(error) = self.outbox.delivered(&entry.id).await {
-                        tracing::error!(%error, id = entry.id, "cannot clear a delivered webhook");
-                    }
-                    "delivered"
-                }
-                Err(error) => {
-                    entry.attempts = entry.attempts.saturating_add(1);
-                    let wait = backoff(entry.attempts, self.config.max_backoff);
-                    entry.next_attempt_at = self.clock.now_ms() + wait.as_millis() as u64;
-                    tracing::warn!(id = entry.id, attempts = entry.attempts, %error, ?wait,
-                        "webhook delivery failed; retrying later");
-                    entry.last_error = Some(error);
-                    if let Err(error) = self.outbox.update(&entry.outboxed()).await {
-                        tracing::error!(%error, id = entry.id, "cannot record a webhook attempt");
-                    }
-                    "failed"
-                }
-            };
-            metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
         }
+        let started = Instant::now();
+        let result = self.attempt(&entry).await;
+        metrics::histogram!(m::WEBHOOK_SECONDS).record(started.elapsed());
+        let outcome = match result {
+            Ok(()) => {
+                if let Err(error) = self.outbox.delivered(&entry.id).await {
+                    tracing::error!(%error, id = entry.id, "cannot clear a delivered webhook");
+                }
+                "delivered"
+            }
+            Err(error) => {
+                entry.attempts = entry.attempts.saturating_add(1);
+                let wait = backoff(entry.attempts, self.config.max_backoff);
+                entry.next_attempt_at = self.clock.now_ms() + wait.as_millis() as u64;
+                tracing::warn!(id = entry.id, attempts = entry.attempts, %error, ?wait,
+                    "webhook delivery failed; retrying later");
+                entry.last_error = Some(error);
+                if let Err(error) = self.outbox.update(&entry.outboxed()).await {
+                    tracing::error!(%error, id = entry.id, "cannot record a webhook attempt");
+                }
+                "failed"
+            }
+        };
+        metrics::counter!(m::WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
+        entry.id
     }
 
     /// One POST; `Ok` on any 2xx answer.

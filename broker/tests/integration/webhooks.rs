@@ -35,6 +35,20 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(listener: TcpListener, refuse: usize) -> Receiver {
+        Receiver::serve(listener, refuse, None)
+    }
+
+    /// A receiver that holds every request until `n` are open at once, then answers them all:
+    /// a broker that sends one webhook at a time never gets an answer.
+    pub async fn gathering(listener: TcpListener, n: usize) -> Receiver {
+        Receiver::serve(listener, 0, Some(Arc::new(tokio::sync::Barrier::new(n))))
+    }
+
+    fn serve(
+        listener: TcpListener,
+        refuse: usize,
+        gather: Option<Arc<tokio::sync::Barrier>>,
+    ) -> Receiver {
         let receiver = Receiver::default();
         let got = Arc::clone(&receiver.got);
         tokio::spawn(async move {
@@ -43,10 +57,15 @@ impl Receiver {
                     return;
                 };
                 let got = Arc::clone(&got);
+                let gather = gather.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let got = Arc::clone(&got);
+                        let gather = gather.clone();
                         async move {
+                            if let Some(barrier) = gather {
+                                barrier.wait().await;
+                            }
                             let header = |name: &str| {
                                 req.headers()
                                     .get(name)
@@ -218,6 +237,43 @@ async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
         "{metrics}"
     );
     assert!(metrics.contains("gavel_webhook_attempts_total{outcome=\"delivered\"} 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_go_out_several_at_once() {
+    // Four bid webhooks, and a receiver that answers none until four requests are open at
+    // once: delivered only if the broker has several attempts in flight (the default is 8).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
+    let receiver = Receiver::gathering(listener, 4).await;
+    let broker = TestBroker::start(webhook_config(url)).await;
+    let (status, _) = api(
+        broker.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("c1", 600_000)),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let mut ann = broker.connect(Some("ann")).await;
+    for (i, amount) in [1000, 1100, 1200, 1300].into_iter().enumerate() {
+        let reply = ann.bid("c1", amount, &format!("c{i}")).await;
+        assert!(matches!(
+            reply,
+            gavel_broker::protocol::Reply::BidAccepted { .. }
+        ));
+    }
+    eventually("the four bid webhooks delivered together", || async {
+        receiver.delivered().len() == 4
+    })
+    .await;
+    let delivered = receiver.delivered();
+    for seq in 1..=4 {
+        assert_eq!(
+            delivered[&format!("bid.accepted/c1/{seq}")]["data"]["amount"],
+            900 + 100 * seq
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
