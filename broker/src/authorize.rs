@@ -9,6 +9,8 @@ use dashmap::DashMap;
 use gavel_protocol::{Channel, UserId};
 use hyper::{StatusCode, Uri};
 
+use crate::backend_http::Backend;
+
 /// How long one call to the backend may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Entries kept before the cache is cleared (it refills from the backend).
@@ -16,6 +18,7 @@ const CACHE_MAX: usize = 100_000;
 
 pub struct Authorizer {
     url: Uri,
+    backend: Backend,
     ttl: Duration,
     cache: DashMap<(UserId, Channel), (bool, Instant)>,
 }
@@ -30,11 +33,12 @@ pub enum AuthorizeError {
 }
 
 impl Authorizer {
-    /// `url` must be `http://host:port/path`.
-    pub fn new(url: &str, ttl: Duration) -> Result<Authorizer, String> {
+    /// `url` must be `http(s)://host:port/path`.
+    pub fn new(url: &str, ttl: Duration, backend: Backend) -> Result<Authorizer, String> {
         let url = crate::backend_http::parse_url(url)?;
         Ok(Authorizer {
             url,
+            backend,
             ttl,
             cache: DashMap::new(),
         })
@@ -60,7 +64,9 @@ impl Authorizer {
 
     async fn ask(&self, user: &UserId, channel: &Channel) -> Result<bool, AuthorizeError> {
         let body = serde_json::json!({ "user": user, "channel": channel }).to_string();
-        let (status, bytes) = crate::backend_http::post_json(&self.url, &[], body)
+        let (status, bytes) = self
+            .backend
+            .post_json(&self.url, &[], body)
             .await
             .map_err(AuthorizeError::Failed)?;
         match status {

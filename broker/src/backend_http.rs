@@ -1,39 +1,96 @@
-//! Calls from the broker to the application's backend over plain HTTP/1.1: one POST of a JSON
-//! body on a fresh connection, with the caller's headers. Used by the conversation
-//! authorization check (`authorize`) and by webhooks (`webhooks`).
+//! Calls from the broker to the application's backend over HTTP/1.1, plain or over TLS: one
+//! POST of a JSON body on a fresh connection, with the caller's headers. Used by the
+//! conversation authorization check (`authorize`) and by webhooks (`webhooks`).
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 
-/// Parses a backend URL: `http://host:port/path` (no TLS: put the backend, or a TLS proxy, on
-/// a private network).
+/// Parses a backend URL: `http://host:port/path` or `https://host:port/path`.
 pub fn parse_url(url: &str) -> Result<Uri, String> {
     let parsed: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
-        return Err(format!("{url}: expected http://host:port/path"));
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || parsed.host().is_none() {
+        return Err(format!("{url}: expected http(s)://host:port/path"));
     }
     Ok(parsed)
 }
 
-/// POSTs `body` as JSON to `url` with `headers`; the status and the whole response body. No
-/// timeout here: callers put their own around it.
-pub async fn post_json(
+/// Whether `url` asks for TLS.
+pub fn is_https(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
+/// The broker's client for its backend: TLS for `https` URLs when built with a client
+/// configuration (the system's roots plus `--backend-ca`, see `tls::client_config`).
+#[derive(Clone, Default)]
+pub struct Backend {
+    tls: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Backend {
+    pub fn new(tls: Option<Arc<ClientConfig>>) -> Backend {
+        Backend {
+            tls: tls.map(TlsConnector::from),
+        }
+    }
+
+    /// POSTs `body` as JSON to `url` with `headers`; the status and the whole response body.
+    /// No timeout here: callers put their own around it.
+    pub async fn post_json(
+        &self,
+        url: &Uri,
+        headers: &[(&'static str, String)],
+        body: String,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let failed = |e: &dyn std::fmt::Display| e.to_string();
+        let host = url.host().unwrap_or("127.0.0.1");
+        let https = url.scheme_str() == Some("https");
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| failed(&e))?;
+        let request = request(url, host, port, headers, body)?;
+        if !https {
+            return send(stream, request).await;
+        }
+        let Some(connector) = &self.tls else {
+            return Err("https is not set up in this broker".into());
+        };
+        // An IP address in brackets (IPv6) is named without them.
+        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+            .map_err(|e| failed(&e))?;
+        let tls = connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        send(tls, request).await
+    }
+}
+
+fn request(
     url: &Uri,
+    host: &str,
+    port: u16,
     headers: &[(&'static str, String)],
     body: String,
-) -> Result<(StatusCode, Bytes), String> {
-    let failed = |e: &dyn std::fmt::Display| e.to_string();
-    let host = url.host().unwrap_or("127.0.0.1");
-    let port = url.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| failed(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| failed(&e))?;
-    tokio::spawn(conn);
+) -> Result<Request<Full<Bytes>>, String> {
     let path = url.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::post(path)
         .header(hyper::header::HOST, format!("{host}:{port}"))
@@ -41,9 +98,20 @@ pub async fn post_json(
     for (name, value) in headers {
         request = request.header(*name, value);
     }
-    let request = request
+    request
         .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())
+}
+
+async fn send<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), String>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let failed = |e: &dyn std::fmt::Display| e.to_string();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
         .map_err(|e| failed(&e))?;
+    tokio::spawn(conn);
     let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
     let status = response.status();
     let bytes = response

@@ -144,7 +144,7 @@ pub struct Config {
     #[arg(long, env = "GAVEL_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
-    /// Ask this backend URL (`http://host:port/path`) whether a user may join a conversation
+    /// Ask this backend URL (`http(s)://host:port/path`) whether a user may join a conversation
     /// their token does not list: POST `{"user", "channel"}`, 200 allows, 403 or 404 denies.
     #[arg(long, env = "GAVEL_CONVERSATION_AUTH_URL")]
     pub conversation_auth_url: Option<String>,
@@ -224,7 +224,7 @@ pub struct Config {
     pub node_ttl: Duration,
 
     /// Results to the backend: POST a signed JSON webhook (`auction.ended`: winner, price,
-    /// reserve met, bid count) to this `http://host:port/path` when an auction ends, from a
+    /// reserve met, bid count) to this `http(s)://host:port/path` when an auction ends, from a
     /// durable outbox written with the bids, retried with exponential backoff until a 2xx
     /// answer, across restarts (in cluster mode the outbox is in Redis, and any node delivers).
     #[arg(long, env = "GAVEL_WEBHOOK_URL")]
@@ -247,6 +247,11 @@ pub struct Config {
     /// failure, then 2 s, 4 s, ... up to this.
     #[arg(long, env = "GAVEL_WEBHOOK_MAX_BACKOFF", default_value = "10m", value_parser = duration)]
     pub webhook_max_backoff: Duration,
+
+    /// A PEM file of CA certificates to trust for https backend URLs (--webhook-url,
+    /// --conversation-auth-url), besides the system's: for a backend behind a private CA.
+    #[arg(long, env = "GAVEL_BACKEND_CA")]
+    pub backend_ca: Option<PathBuf>,
 
     /// Webhook attempts this node makes at once (1 to 256). With --webhook-bids a receiver
     /// that answers in 20 ms takes 50 webhooks/s per attempt in flight.
@@ -352,7 +357,7 @@ impl Config {
         }
         if let Some(url) = &self.webhook_url {
             if crate::backend_http::parse_url(url).is_err() {
-                return Err(bad("--webhook-url", "http://host:port/path", url));
+                return Err(bad("--webhook-url", "http(s)://host:port/path", url));
             }
             if self.webhook_secret.as_ref().is_none_or(|s| s.len() < 16) {
                 return Err(bad(
@@ -483,6 +488,7 @@ impl fmt::Debug for Config {
             .field("webhook_timeout", &self.webhook_timeout)
             .field("webhook_max_backoff", &self.webhook_max_backoff)
             .field("webhook_concurrency", &self.webhook_concurrency)
+            .field("backend_ca", &self.backend_ca)
             .field("log_format", &self.log_format)
             .field("log", &self.log)
             .finish()

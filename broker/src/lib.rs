@@ -16,7 +16,7 @@ pub mod admission;
 pub mod auction;
 pub mod auth;
 mod authorize;
-mod backend_http;
+pub mod backend_http;
 pub mod backplane;
 pub mod clock;
 pub mod cluster;
@@ -169,6 +169,7 @@ impl Broker {
         clock: clock::Clock,
     ) -> Result<Broker, Error> {
         config.validate()?;
+        let backend = backend_client(&config)?;
         let metrics = metrics::install();
         let shutdown = CancellationToken::new();
         let limits = rooms::HistoryLimits {
@@ -197,6 +198,7 @@ impl Broker {
                 engine.webhooks = reporting(
                     &config,
                     Arc::new(webhooks::LocalOutbox(Arc::clone(&log))),
+                    backend.clone(),
                     clock,
                     &shutdown,
                 );
@@ -234,6 +236,7 @@ impl Broker {
                         Arc::clone(&started.cluster),
                         config.webhook_timeout,
                     )),
+                    backend.clone(),
                     clock,
                     &shutdown,
                 );
@@ -271,7 +274,9 @@ impl Broker {
         let authorizer = config
             .conversation_auth_url
             .as_deref()
-            .map(|url| authorize::Authorizer::new(url, config.conversation_auth_cache))
+            .map(|url| {
+                authorize::Authorizer::new(url, config.conversation_auth_cache, backend.clone())
+            })
             .transpose()
             .map_err(Error::AuthorizeUrl)?;
         let tls = match (&config.tls_cert, &config.tls_key) {
@@ -516,11 +521,27 @@ pub async fn run(
     Ok(())
 }
 
+/// The client for calls to the backend (webhooks, conversation authorization): TLS is set up
+/// when one of their URLs is https or `--backend-ca` is given, and a bad CA file stops start-up.
+fn backend_client(config: &Config) -> Result<backend_http::Backend, Error> {
+    let urls = [&config.webhook_url, &config.conversation_auth_url];
+    let https = urls
+        .into_iter()
+        .flatten()
+        .any(|u| backend_http::is_https(u));
+    if !https && config.backend_ca.is_none() {
+        return Ok(backend_http::Backend::new(None));
+    }
+    let tls = tls::client_config(config.backend_ca.as_deref())?;
+    Ok(backend_http::Backend::new(Some(tls)))
+}
+
 /// With `--webhook-url` (validated before): starts the deliverer over `outbox` and tells the
 /// auction engine what to report.
 fn reporting(
     config: &Config,
     outbox: Arc<dyn webhooks::Outbox>,
+    backend: backend_http::Backend,
     clock: clock::Clock,
     shutdown: &CancellationToken,
 ) -> Option<webhooks::Reporting> {
@@ -532,6 +553,7 @@ fn reporting(
         timeout: config.webhook_timeout,
         max_backoff: config.webhook_max_backoff,
         concurrency: config.webhook_concurrency,
+        backend,
     };
     let wake =
         webhooks::Deliverer::start(Arc::clone(&outbox), settings, clock, shutdown.child_token());

@@ -46,6 +46,8 @@ pub struct WebhookConfig {
     pub max_backoff: Duration,
     /// Attempts in flight at once.
     pub concurrency: usize,
+    /// The HTTP(S) client.
+    pub backend: crate::backend_http::Backend,
 }
 
 /// What the auction engine needs to know of webhooks: whether accepted bids are reported too,
@@ -377,7 +379,7 @@ impl Deliverer {
             (ID_HEADER, entry.id.clone()),
             ("user-agent", format!("gavel/{}", env!("CARGO_PKG_VERSION"))),
         ];
-        let call = crate::backend_http::post_json(&self.config.url, &headers, entry.body.clone());
+        let call = (self.config.backend).post_json(&self.config.url, &headers, entry.body.clone());
         match tokio::time::timeout(self.config.timeout, call).await {
             Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
             Ok(Err(error)) => Err(error),

@@ -19,6 +19,10 @@ use crate::common::*;
 
 pub const SECRET: &str = "whsec-test-0123456789";
 
+/// A receiver's connection, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// One request the receiver got: its idempotency key, signature header and body.
 #[derive(Clone, Debug)]
 pub struct Received {
@@ -35,30 +39,46 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(listener: TcpListener, refuse: usize) -> Receiver {
-        Receiver::serve(listener, refuse, None)
+        Receiver::serve(listener, refuse, None, None)
     }
 
     /// A receiver that holds every request until `n` are open at once, then answers them all:
     /// a broker that sends one webhook at a time never gets an answer.
     pub async fn gathering(listener: TcpListener, n: usize) -> Receiver {
-        Receiver::serve(listener, 0, Some(Arc::new(tokio::sync::Barrier::new(n))))
+        let barrier = Arc::new(tokio::sync::Barrier::new(n));
+        Receiver::serve(listener, 0, Some(barrier), None)
+    }
+
+    /// A receiver that speaks HTTPS with `tls`.
+    pub async fn https(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) -> Receiver {
+        Receiver::serve(listener, 0, None, Some(tls))
     }
 
     fn serve(
         listener: TcpListener,
         refuse: usize,
         gather: Option<Arc<tokio::sync::Barrier>>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Receiver {
         let receiver = Receiver::default();
         let got = Arc::clone(&receiver.got);
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let got = Arc::clone(&got);
                 let gather = gather.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
+                    let stream: Box<dyn Io> = match tls {
+                        None => Box::new(tcp),
+                        Some(tls) => match tls.accept(tcp).await {
+                            Ok(stream) => Box::new(stream),
+                            // The broker refused our certificate: nothing was received.
+                            Err(_) => return,
+                        },
+                    };
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let got = Arc::clone(&got);
                         let gather = gather.clone();
@@ -274,6 +294,101 @@ async fn webhooks_go_out_several_at_once() {
             900 + 100 * seq
         );
     }
+}
+
+/// A self-signed certificate for `localhost`, written as PEM files; its acceptor.
+fn localhost_tls(tag: &str) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = temp_dir(tag);
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let acceptor = gavel_broker::tls::acceptor(&cert, &key).unwrap();
+    (cert, acceptor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_reach_an_https_receiver_whose_ca_the_broker_trusts() {
+    let (cert, acceptor) = localhost_tls("webhook-tls");
+    let (stranger, _) = localhost_tls("webhook-tls-other");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}/hooks",
+        listener.local_addr().unwrap().port()
+    );
+    let receiver = Receiver::https(listener, acceptor).await;
+
+    // Trusting another CA: the handshake fails, the webhook waits, and the reason shows.
+    let untrusting = TestBroker::start({
+        let url = url.clone();
+        move |c| {
+            webhook_config(url)(c);
+            c.backend_ca = Some(stranger);
+        }
+    })
+    .await;
+    api(
+        untrusting.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("t0", 600_000)),
+    )
+    .await;
+    let mut ann = untrusting.connect(Some("ann")).await;
+    ann.bid("t0", 1000, "a").await;
+    eventually(
+        "the certificate is refused, and the view says so",
+        || async {
+            let view = api(untrusting.addr, "GET", "/api/auctions/t0", None)
+                .await
+                .1;
+            view["webhooks"]["pending"].as_array().is_some_and(|p| {
+                p.iter().any(|w| {
+                    w["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("TLS:"))
+                })
+            })
+        },
+    )
+    .await;
+    assert!(receiver.got().is_empty());
+
+    // Trusting the receiver's certificate: delivered, over TLS.
+    let broker = TestBroker::start(move |c| {
+        webhook_config(url)(c);
+        c.backend_ca = Some(cert);
+    })
+    .await;
+    api(
+        broker.addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction("t1", 600_000)),
+    )
+    .await;
+    let mut bob = broker.connect(Some("bob")).await;
+    bob.bid("t1", 1000, "b").await;
+    eventually("the webhook is delivered over https", || async {
+        receiver.delivered().contains_key("bid.accepted/t1/1")
+    })
+    .await;
+    let delivered = receiver.delivered();
+    assert_eq!(delivered["bid.accepted/t1/1"]["data"]["bidder"], "bob");
+
+    // A CA file that is not there stops the broker at start-up.
+    let mut config = gavel_broker::Config::defaults();
+    config.backend_ca = Some(temp_dir("no-ca").join("missing.pem"));
+    config.webhook_url = Some("https://localhost:1/hooks".into());
+    config.webhook_secret = Some(SECRET.into());
+    let error = gavel_broker::Broker::with_store(
+        config,
+        Arc::new(gavel_broker::store::MemoryLog::default()),
+        gavel_broker::clock::Clock::System,
+    )
+    .err()
+    .expect("a missing --backend-ca is refused");
+    assert!(error.to_string().contains("missing.pem"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,11 @@ async fn thirty_bidders_on_three_nodes_bid_in_one_cluster_wide_order() {
     }
     // The log (read through any node) is gap-free and strictly increasing, every ack is in it.
     let accepted = check_log(cluster.addr(1), "shared", &acks).await;
-    assert!(accepted >= 30, "bids were accepted: {accepted}");
+    // How many get in depends on the interleaving (26 seen on a loaded machine, against 30 or
+    // more usually). What is certain: each of a bidder's bids after its first either is
+    // accepted or was outbid by one accepted after its previous bid was judged, so at least 7
+    // of one bidder's 8 bids account for distinct accepted bids.
+    assert!(accepted >= 7, "bids were accepted: {accepted}");
     assert_eq!(all_bids(cluster.addr(2), "shared").await.len(), accepted);
     // Every node's viewers saw the same bids, in seq order, with rising amounts.
     let mut streams = Vec::new();
