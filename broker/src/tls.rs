@@ -25,18 +25,7 @@ pub enum TlsError {
 
 /// A TLS acceptor for the certificate chain in `cert` and the private key in `key`.
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Certificate {
-            path: cert.display().to_string(),
-            message: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Certificate {
-            path: cert.display().to_string(),
-            message: "no certificate in it".into(),
-        });
-    }
+    let certs = certificates(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
         path: key.display().to_string(),
         message: e.to_string(),
@@ -61,19 +50,7 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
     }
     let (added, _) = roots.add_parsable_certificates(native.certs);
     if let Some(path) = extra_ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| TlsError::Certificate {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::Certificate {
-                path: path.display().to_string(),
-                message: "no certificate in it".into(),
-            });
-        }
-        for cert in certs {
+        for cert in certificates(path)? {
             roots.add(cert).map_err(|e| TlsError::Certificate {
                 path: path.display().to_string(),
                 message: e.to_string(),
@@ -90,4 +67,19 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Every certificate in the PEM file at `path`; at least one.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let failed = |message: String| TlsError::Certificate {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| failed(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(failed("no certificate in it".into()));
+    }
+    Ok(certs)
 }
