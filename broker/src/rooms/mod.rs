@@ -415,13 +415,15 @@ impl Rooms {
                 frames.push(room.store(&mut log, incoming, started, self.limits));
             }
             let seq = log.last_seq;
-            let delivered = match frames.len() {
+            let count = frames.len();
+            let delivered = match count {
                 0 => 0,
                 1 => room.fan_out(&frames[0], Skip::Nobody),
                 _ => room.fan_out_all(frames.into(), Skip::Nobody),
             };
             drop(log);
-            m::record_fan_out("event", delivered, started.elapsed());
+            // Frames, not queue items: a turn's events reach each subscriber as one item.
+            m::record_fan_out("event", delivered * count, started.elapsed());
             return Published { seq, delivered };
         }
     }

@@ -90,7 +90,7 @@ struct Judged {
     /// Outcomes remembered in this turn whose answers a failed commit voids (accepted bids,
     /// and rejections judged after a write): forgotten if it fails.
     voidable_keys: Vec<Key>,
-    leaderboard_dirty_before: bool,
+    leaderboard_dirty_before: Option<u64>,
 }
 
 impl Judged {
@@ -122,7 +122,10 @@ pub struct Actor {
     /// Each bidder's highest accepted bid, for the leaderboard.
     highest: HashMap<UserId, i64>,
     outcomes: Outcomes,
-    leaderboard_dirty: bool,
+    /// Since when (ledger ms) accepted bids changed the leaderboard without one sent.
+    leaderboard_dirty: Option<u64>,
+    /// When (ledger ms) the last leaderboard was taken.
+    leaderboard_sent_at: u64,
     /// Cluster mode: a commit failed; the next turn reloads the auction first.
     stale: bool,
     /// The stamp of the last command judged: stamps never go back.
@@ -163,7 +166,8 @@ impl Actor {
             durable_seq,
             highest,
             outcomes: Outcomes::default(),
-            leaderboard_dirty: false,
+            leaderboard_dirty: None,
+            leaderboard_sent_at: 0,
             stale: false,
             last_stamp: 0,
             offset_ms: 0,
@@ -179,10 +183,9 @@ impl Actor {
 
     pub async fn run(mut self, stop: CancellationToken) {
         self.turn(Vec::new()).await;
-        let mut leaderboard = tokio::time::interval(LEADERBOARD_INTERVAL);
-        leaderboard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.archived {
             let wake = self.next_wake();
+            let board_at = self.leaderboard_at();
             tokio::select! {
                 _ = stop.cancelled() => {
                     // Shutdown: take no more, answer what is queued, then stop.
@@ -210,7 +213,8 @@ impl Actor {
                         self.turn(batch).await;
                     }
                 }
-                _ = leaderboard.tick(), if self.leaderboard_dirty && self.parked.is_none() => {
+                _ = tokio::time::sleep_until(board_at.unwrap_or_else(far_future)),
+                    if board_at.is_some() && self.parked.is_none() => {
                     self.send_leaderboard();
                 }
             }
@@ -491,8 +495,25 @@ impl Actor {
     }
 
     fn leaderboard(&mut self, now: u64) -> Option<Announcement> {
-        self.leaderboard_dirty = false;
+        self.leaderboard_dirty = None;
+        self.leaderboard_sent_at = now;
         announce::leaderboard(&self.id, &self.highest, self.auction.state.ends_at, now)
+    }
+
+    /// Whether a leaderboard may go out at `now` (ledger ms): bids changed it, and the last
+    /// one is at least [`LEADERBOARD_INTERVAL`] old.
+    fn leaderboard_due(&self, now: u64) -> bool {
+        let interval = LEADERBOARD_INTERVAL.as_millis() as u64;
+        self.leaderboard_dirty.is_some() && now >= self.leaderboard_sent_at + interval
+    }
+
+    /// When the timer sends a pending leaderboard that no turn with bids took along: an
+    /// interval after the change (and after the last one sent).
+    fn leaderboard_at(&self) -> Option<tokio::time::Instant> {
+        let since = self.leaderboard_dirty?.max(self.leaderboard_sent_at);
+        let ledger_ms = since + LEADERBOARD_INTERVAL.as_millis() as u64;
+        let local_ms = ledger_ms.saturating_add_signed(-self.offset_ms);
+        Some(self.engine.clock.instant_at(local_ms))
     }
 
     fn send_leaderboard(&mut self) {

@@ -15,6 +15,8 @@ use std::sync::Mutex;
 #[derive(Default)]
 struct Recorder {
     events: Mutex<Vec<(String, String, Value)>>,
+    /// The event names of each `publish` call: one call reaches a viewer as one write.
+    batches: Mutex<Vec<Vec<String>>>,
     released: Mutex<Vec<Channel>>,
 }
 
@@ -31,6 +33,8 @@ impl Recorder {
 
 impl AuctionEvents for Recorder {
     fn publish(&self, announcements: Vec<Announcement>) {
+        let names = announcements.iter().map(|a| a.event.to_string()).collect();
+        self.batches.lock().unwrap().push(names);
         let mut events = self.events.lock().unwrap();
         for a in announcements {
             events.push((a.channel.to_string(), a.event.into(), a.data));
@@ -274,6 +278,22 @@ async fn the_leaderboard_is_coalesced_and_ranks_each_bidders_highest_bid() {
         sent,
         "nothing new, nothing sent: {:?}",
         events.named("leaderboard")
+    );
+    // After a quiet spell the next bid's turn carries the leaderboard itself (one write to
+    // each viewer), with no wait for a timer.
+    bid(&auctions, "bob", 1500, "r9").await;
+    settle().await;
+    let boards = events.named("leaderboard");
+    assert_eq!(boards.len(), sent + 1, "{boards:?}");
+    assert_eq!(
+        boards.last().unwrap()["top"][0],
+        serde_json::json!({"user": "bob", "amount": 1500})
+    );
+    let batches = events.batches.lock().unwrap();
+    let last = batches.last().unwrap();
+    assert!(
+        last.contains(&"bid_placed".to_owned()) && last.ends_with(&["leaderboard".to_owned()]),
+        "{batches:?}"
     );
 }
 
