@@ -100,14 +100,7 @@ pub(crate) async fn check_log(
 async fn fifty_bidders_two_thousand_bids_and_a_parallel_auction() {
     let b = TestBroker::start(fast_bidding).await;
     for id in ["hot", "side"] {
-        let (status, body) = api(
-            b.addr,
-            "POST",
-            "/api/auctions",
-            Some(open_auction(id, 600_000)),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
+        create_auction(b.addr, id, 600_000).await;
     }
     let mut tasks = Vec::new();
     for (auction, bidders, per) in [("hot", 50, 40), ("side", 10, 40)] {
@@ -145,13 +138,7 @@ async fn fifty_bidders_two_thousand_bids_and_a_parallel_auction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_get_the_snapshot_then_bids_and_the_old_leader_is_told_on_every_tab() {
     let b = TestBroker::start(fast_bidding).await;
-    api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("lot7", 600_000)),
-    )
-    .await;
+    create_auction(b.addr, "lot7", 600_000).await;
     let mut viewer = b.connect(None).await;
     let Reply::Subscribed { state, .. } = viewer.subscribe("auction:lot7").await else {
         panic!()
@@ -230,13 +217,7 @@ async fn bad_bids_get_their_documented_outcome_and_write_nothing() {
         c.bid_burst = 12;
     })
     .await;
-    api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("x", 600_000)),
-    )
-    .await;
+    create_auction(b.addr, "x", 600_000).await;
     let mut c = b.connect(Some("carol")).await;
     let reason = |r: Reply| match r {
         Reply::BidRejected { reason, .. } => reason,
@@ -409,13 +390,7 @@ async fn admin_api_lifecycle_and_errors() {
     );
 
     // Pagination of the bid history.
-    api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("pg", 600_000)),
-    )
-    .await;
+    create_auction(b.addr, "pg", 600_000).await;
     let mut c = b.connect(Some("dan")).await;
     for i in 0..5 {
         c.bid("pg", 1000 + i * 10, &format!("r{i}")).await;
@@ -589,14 +564,7 @@ async fn a_retry_after_resume_gets_the_same_rejection_and_costs_no_token() {
         c.bid_burst = 3;
     })
     .await;
-    let (status, _) = api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("y", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create_auction(b.addr, "y", 600_000).await;
     let mut c = b.connect(Some("dan")).await;
     api(b.addr, "POST", "/api/auctions/y/pause", None).await;
     let paused = c.bid("y", 1000, "while-paused").await;

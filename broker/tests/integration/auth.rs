@@ -110,13 +110,7 @@ async fn without_anonymous_access_a_connection_must_authenticate_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_connections_are_read_only() {
     let b = TestBroker::start(fast_bids).await;
-    api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("ro", 600_000)),
-    )
-    .await;
+    create_auction(b.addr, "ro", 600_000).await;
     let mut anon = b.connect(None).await;
     anon.subscribe("auction:ro").await;
     anon.subscribe("broadcast").await;
@@ -166,13 +160,7 @@ async fn conversations_need_the_channels_claim_and_bids_the_bidder_role() {
         ErrorCode::Forbidden
     );
 
-    api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("roles", 600_000)),
-    )
-    .await;
+    create_auction(b.addr, "roles", 600_000).await;
     let viewer = token_with("kit", Some(vec!["viewer".into()]), None, 3600);
     let mut kit = TestClient::connect_with(b.addr, Some(viewer), Format::MsgPack).await;
     let Reply::BidRejected { reason, .. } = kit.bid("roles", 5000, "k").await else {

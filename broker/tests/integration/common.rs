@@ -387,6 +387,18 @@ pub fn spawn_broker_process(args: &[&str], data_dir: &std::path::Path) -> (KillO
 }
 
 /// An auction definition that is open now and ends in `ends_in_ms`.
+/// Creates an open auction `id` (see [`open_auction`]) through the admin API; 201 expected.
+pub async fn create_auction(addr: SocketAddr, id: &str, ends_in_ms: u64) {
+    let (status, body) = api(
+        addr,
+        "POST",
+        "/api/auctions",
+        Some(open_auction(id, ends_in_ms)),
+    )
+    .await;
+    assert_eq!(status, 201, "creating {id}: {body}");
+}
+
 pub fn open_auction(id: &str, ends_in_ms: u64) -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -201,14 +201,7 @@ async fn proxy_bidding_matches_the_reference_on_one_node() {
 #[tokio::test]
 async fn automatic_bids_are_announced_and_logged_and_maxima_stay_private() {
     let broker = TestBroker::start(fast_bids).await;
-    let (status, _) = api(
-        broker.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("pv1", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create_auction(broker.addr, "pv1", 600_000).await;
     let mut viewer = broker.connect(None).await;
     viewer.subscribe("auction:pv1").await;
     let mut ann = broker.connect(Some("ann")).await;

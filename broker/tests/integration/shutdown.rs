@@ -73,14 +73,7 @@ async fn shutdown_answers_every_queued_bid_before_closing() {
         c.client_burst = 10_000;
     })
     .await;
-    let (status, body) = api(
-        b.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("last", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    create_auction(b.addr, "last", 600_000).await;
     let mut bidder = b.connect(Some("ann")).await;
     const BIDS: u64 = 300;
     for i in 0..BIDS {

@@ -181,14 +181,7 @@ async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
     let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
     let receiver = Receiver::start(listener, 3).await;
     let broker = TestBroker::start(webhook_config(url)).await;
-    let (status, _) = api(
-        broker.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("w1", 1_500)),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create_auction(broker.addr, "w1", 1_500).await;
     let mut ann = broker.connect(Some("ann")).await;
     let mut bob = broker.connect(Some("bob")).await;
     assert!(matches!(
@@ -267,14 +260,7 @@ async fn webhooks_go_out_several_at_once() {
     let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
     let receiver = Receiver::gathering(listener, 4).await;
     let broker = TestBroker::start(webhook_config(url)).await;
-    let (status, _) = api(
-        broker.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("c1", 600_000)),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create_auction(broker.addr, "c1", 600_000).await;
     let mut ann = broker.connect(Some("ann")).await;
     for (i, amount) in [1000, 1100, 1200, 1300].into_iter().enumerate() {
         let reply = ann.bid("c1", amount, &format!("c{i}")).await;
@@ -327,13 +313,7 @@ async fn webhooks_reach_an_https_receiver_whose_ca_the_broker_trusts() {
         }
     })
     .await;
-    api(
-        untrusting.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("t0", 600_000)),
-    )
-    .await;
+    create_auction(untrusting.addr, "t0", 600_000).await;
     let mut ann = untrusting.connect(Some("ann")).await;
     ann.bid("t0", 1000, "a").await;
     eventually(
@@ -360,13 +340,7 @@ async fn webhooks_reach_an_https_receiver_whose_ca_the_broker_trusts() {
         c.backend_ca = Some(cert);
     })
     .await;
-    api(
-        broker.addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("t1", 600_000)),
-    )
-    .await;
+    create_auction(broker.addr, "t1", 600_000).await;
     let mut bob = broker.connect(Some("bob")).await;
     bob.bid("t1", 1000, "b").await;
     eventually("the webhook is delivered over https", || async {
@@ -399,14 +373,7 @@ async fn an_ended_auctions_webhook_survives_kill_9_before_delivery() {
     args.extend(webhook_flags(&url));
     let data_dir = temp_dir("webhook-kill");
     let (mut child, addr) = spawn_broker_process(&args, &data_dir);
-    let (status, _) = api(
-        addr,
-        "POST",
-        "/api/auctions",
-        Some(open_auction("k1", 1_000)),
-    )
-    .await;
-    assert_eq!(status, 201);
+    create_auction(addr, "k1", 1_000).await;
     let mut ann =
         TestClient::connect(addr, Some("ann"), gavel_broker::protocol::Format::MsgPack).await;
     ann.bid("k1", 1500, "a1").await;

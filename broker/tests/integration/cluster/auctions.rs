@@ -225,14 +225,7 @@ async fn an_ended_auctions_webhook_outlives_the_node_that_wrote_it() {
     let (port, url) = receiver_not_yet_listening();
     let flags = webhook_flags(&url);
     let mut cluster = Cluster::start_with(2, &flags).await;
-    let (status, body) = api(
-        cluster.addr(0),
-        "POST",
-        "/api/auctions",
-        Some(open_auction("cw1", 1_500)),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    create_auction(cluster.addr(0), "cw1", 1_500).await;
     let mut ann = cluster.connect(0, Some("ann")).await;
     assert!(matches!(
         ann.bid("cw1", 1200, "a1").await,

@@ -98,14 +98,7 @@ impl Cluster {
 
     /// Creates an open auction through `node` and waits until every node runs it.
     async fn create_auction(&self, node: usize, id: &str) {
-        let (status, body) = api(
-            self.addr(node),
-            "POST",
-            "/api/auctions",
-            Some(open_auction(id, 600_000)),
-        )
-        .await;
-        assert_eq!(status, 201, "{body}");
+        create_auction(self.addr(node), id, 600_000).await;
         for other in 0..self.nodes.len() {
             eventually("the auction reaches every node", || async {
                 api(
