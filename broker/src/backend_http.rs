@@ -23,12 +23,6 @@ pub fn parse_url(url: &str) -> Result<Uri, String> {
     Ok(parsed)
 }
 
-/// Whether `url` asks for TLS.
-pub fn is_https(url: &str) -> bool {
-    url.get(..8)
-        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-}
-
 /// The broker's client for its backend: TLS for `https` URLs when built with a client
 /// configuration (the system's roots plus `--backend-ca`, see `tls::client_config`).
 #[derive(Clone, Default)]

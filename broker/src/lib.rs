@@ -528,7 +528,7 @@ fn backend_client(config: &Config) -> Result<backend_http::Backend, Error> {
     let https = urls
         .into_iter()
         .flatten()
-        .any(|u| backend_http::is_https(u));
+        .any(|url| backend_http::parse_url(url).is_ok_and(|url| url.scheme_str() == Some("https")));
     if !https && config.backend_ca.is_none() {
         return Ok(backend_http::Backend::new(None));
     }

@@ -162,16 +162,13 @@ impl<'a> Batch<'a> {
     }
 
     fn full(&self) -> bool {
-        self.buf.len() >= MAX_WRITE_BATCH || self.bytes().len() >= MAX_WRITE_BATCH
+        self.bytes().len() >= MAX_WRITE_BATCH
     }
 
     fn push(&mut self, item: Outbound) {
         match item {
             Outbound::Frame(frame) if self.is_empty() => {
-                let wire = self.conn.wire;
-                self.conn.written(crate::outbound::wire_size(&frame, wire));
-                if frame.framed(wire).is_some() {
-                    self.oldest.get_or_insert(frame.created);
+                if self.admit(&frame).is_some() {
                     self.lone = Some(frame);
                 }
             }
@@ -216,15 +213,23 @@ impl<'a> Batch<'a> {
     }
 
     fn frame(&mut self, frame: &SharedFrame) {
-        let wire = self.conn.wire;
-        self.conn.written(crate::outbound::wire_size(frame, wire));
-        let Some(framed) = frame.framed(wire) else {
+        let Some(framed) = self.admit(frame) else {
             return;
         };
-        self.oldest.get_or_insert(frame.created);
         self.unlone();
         // Framed once per wire by whoever encoded it: one copy into the write buffer.
         self.buf.extend_from_slice(framed);
+    }
+
+    /// Counts `frame` as taken off the pending bound and notes its age; its bytes on this
+    /// connection's wire, if it has any.
+    fn admit<'f>(&mut self, frame: &'f SharedFrame) -> Option<&'f [u8]> {
+        let framed = frame.framed(self.conn.wire);
+        self.conn.written(framed.map_or(0, <[u8]>::len));
+        if framed.is_some() {
+            self.oldest.get_or_insert(frame.created);
+        }
+        framed
     }
 
     /// A WebSocket control frame; on SSE, a ping is a comment line and a pong is not sent

@@ -246,8 +246,13 @@ impl Actor {
                     .max(self.retry_at.unwrap_or(0))
             }
         };
+        Some(self.instant_at(ledger_ms))
+    }
+
+    /// The local instant of a moment on the ledger's clock.
+    fn instant_at(&self, ledger_ms: u64) -> tokio::time::Instant {
         let local_ms = ledger_ms.saturating_add_signed(-self.offset_ms);
-        Some(self.engine.clock.instant_at(local_ms))
+        self.engine.clock.instant_at(local_ms)
     }
 
     fn ledger_now(&self) -> u64 {
@@ -511,9 +516,7 @@ impl Actor {
     /// interval after the change (and after the last one sent).
     fn leaderboard_at(&self) -> Option<tokio::time::Instant> {
         let since = self.leaderboard_dirty?.max(self.leaderboard_sent_at);
-        let ledger_ms = since + LEADERBOARD_INTERVAL.as_millis() as u64;
-        let local_ms = ledger_ms.saturating_add_signed(-self.offset_ms);
-        Some(self.engine.clock.instant_at(local_ms))
+        Some(self.instant_at(since + LEADERBOARD_INTERVAL.as_millis() as u64))
     }
 
     fn send_leaderboard(&mut self) {
