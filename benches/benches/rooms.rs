@@ -1,26 +1,26 @@
 //! The room registry alone, no sockets: one publish fanned out through `Rooms` to 1, 100 and
-//! 10,000 in-process subscribers (encode once, then a non-blocking queue push per subscriber),
+//! 10,000 in-process subscribers (encode once, append to the room's feed, wake each subscriber),
 //! and presence-count coalescing: 100 joins and leaves in a 1,000-viewer room followed by one
 //! presence tick (one `viewers` frame to each subscriber) against a tick after every change.
-//! `fan_out_woken` is the same publish with a Tokio task per subscriber waiting on its queue, as
-//! a connection's writer does: the time runs until every task has taken every event, so it
-//! includes the wake-ups and the polls that a real delivery costs.
+//! `fan_out_woken` is the same publish with a Tokio task per subscriber reading its inbox (queue
+//! and feed), as a connection's writer does: the time runs until every task has read every
+//! event, so it includes the wake-ups, the polls and the reads that a real delivery costs.
 //! Throughput is in deliveries (fan-out) and in membership changes (presence).
 //!
 //! `cargo bench -p gavel-benches --bench rooms`
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use gavel_broker::inbox::Inbox;
 use gavel_broker::outbound::{ConnHandle, WriterSignal};
 use gavel_broker::protocol::{Channel, Format};
 use gavel_broker::rooms::{HistoryLimits, Rooms};
 use serde_json::json;
 
-/// Publishes between two drains of the subscribers' queues (below the queue size, so every
-/// offer is queued and none closes a connection as a slow consumer).
+/// Publishes between two drains of the subscribers' inboxes (below the lag bound, so none
+/// counts as a slow consumer).
 const BATCH: u64 = 200;
 const QUEUE: usize = 256;
 
@@ -33,21 +33,23 @@ fn limits() -> HistoryLimits {
 
 struct Subscribers {
     conns: Vec<Arc<ConnHandle>>,
+    inboxes: Vec<Inbox>,
 }
 
 fn subscribers(n: usize, first_id: u64) -> Subscribers {
     let conns = (0..n as u64)
         .map(|i| ConnHandle::new(first_id + i, None, Format::MsgPack, QUEUE, usize::MAX))
         .collect();
-    Subscribers { conns }
+    let inboxes = (0..n).map(|_| Inbox::default()).collect();
+    Subscribers { conns, inboxes }
 }
 
 impl Subscribers {
+    /// Reads every subscriber's inbox to its end, as the writers would.
     fn drain(&mut self) {
-        let mut taken = VecDeque::new();
-        for conn in &self.conns {
-            conn.take_queued(&mut taken);
-            taken.clear();
+        for (conn, inbox) in self.conns.iter().zip(&mut self.inboxes) {
+            inbox.take(conn);
+            while inbox.pop().is_some() {}
         }
     }
 }
@@ -140,16 +142,16 @@ fn fan_out_woken(c: &mut Criterion) {
         .expect("runtime");
     for n in [100usize, 10_000] {
         let rooms = Rooms::new(limits());
-        let Subscribers { conns } = subscribers(n, 1);
+        let Subscribers { conns, .. } = subscribers(n, 1);
         let received = Arc::new(Received::default());
         for conn in &conns {
             let (received, conn) = (Arc::clone(&received), Arc::clone(conn));
-            // As a writer does: wait for the signal, take everything queued at once.
+            // As a writer does: wait for the signal, then read the queue and the feed.
             runtime.spawn(async move {
-                let mut taken = VecDeque::new();
+                let mut inbox = Inbox::default();
                 while conn.writer_signal().await == WriterSignal::Items {
-                    conn.take_queued(&mut taken);
-                    for _ in taken.drain(..) {
+                    inbox.take(&conn);
+                    while inbox.pop().is_some() {
                         received.one();
                     }
                 }

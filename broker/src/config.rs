@@ -53,13 +53,14 @@ pub struct Config {
     #[arg(long, env = "GAVEL_IDLE_TIMEOUT", default_value = "45s", value_parser = duration)]
     pub idle_timeout: Duration,
 
-    /// Frames queued for one connection before it counts as a slow consumer and is closed
-    /// (close code 4001).
+    /// Frames queued for one connection (replies, signals), or events it may lag behind in one
+    /// room, before it counts as a slow consumer and is closed (close code 4001).
     #[arg(long, env = "GAVEL_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
-    /// Bytes queued for one connection (encoded frames not yet written) before it counts as a
-    /// slow consumer and is closed (4001). A `since` replay larger than this is not sent: the
+    /// Bytes queued for one connection (encoded frames not yet written), or of events it may lag
+    /// behind in one room (their MessagePack size), before it counts as a slow consumer and is
+    /// closed (4001). A `since` replay larger than this is not sent: the
     /// subscribe answers `recovered: false` with a snapshot instead.
     #[arg(long, env = "GAVEL_OUTBOUND_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub outbound_bytes: usize,

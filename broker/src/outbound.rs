@@ -13,6 +13,7 @@ use futures_util::task::AtomicWaker;
 use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
 use tokio_util::sync::CancellationToken;
 
+use crate::feed::Cursor;
 use crate::wsframe::OpCode;
 
 /// Process-unique connection number (also in logs and the `hello` frame).
@@ -135,14 +136,13 @@ impl SharedFrame {
 /// One item of a connection's outbound queue.
 pub enum Outbound {
     Frame(Arc<SharedFrame>),
-    /// Several frames that must stay together and in order (a subscribe reply and its replay,
-    /// or one auction turn's events in a room); one queue slot, so a long replay cannot
-    /// overflow the queue by itself. Shared: a turn's events to 10,000 subscribers are one
-    /// allocation.
-    Batch(Arc<[Arc<SharedFrame>]>),
     /// A control frame the reader owes the peer (a pong). Boxed: rare, and it keeps every
     /// queue slot small.
     Control(Box<(OpCode, Bytes)>),
+    /// A subscribe's reply and its replay (one queue slot, so a long replay cannot overflow the
+    /// queue by itself), then the room's live events from the cursor on: the writer starts
+    /// reading the room's feed once these frames are out.
+    Follow(Box<(Arc<[Arc<SharedFrame>]>, Cursor)>),
 }
 
 /// Bytes a frame takes on the wire.
@@ -155,7 +155,7 @@ impl Outbound {
     pub fn wire_size(&self, wire: Wire) -> usize {
         match self {
             Outbound::Frame(frame) => wire_size(frame, wire),
-            Outbound::Batch(frames) => frames.iter().map(|f| wire_size(f, wire)).sum(),
+            Outbound::Follow(follow) => follow.0.iter().map(|f| wire_size(f, wire)).sum(),
             Outbound::Control(control) => control.1.len() + 2,
         }
     }
@@ -424,11 +424,7 @@ impl ConnHandle {
         // The first offer since the writer last took the queue wakes it; the others find it
         // woken. (The writer clears the flag before it takes, so nothing queued after its take
         // goes unnoticed.)
-        if !self.writer_woken.load(Ordering::Acquire)
-            && !self.writer_woken.swap(true, Ordering::AcqRel)
-        {
-            self.writer_signal.wake();
-        }
+        self.wake_writer();
         Offer::Queued
     }
 
@@ -454,10 +450,36 @@ impl ConnHandle {
         std::future::poll_fn(|cx| self.poll_writer(cx)).await
     }
 
+    /// Wakes the writer for something other than a queued item (a room's feed grew); a writer
+    /// already woken is not woken again.
+    pub fn wake_writer(&self) {
+        if !self.writer_woken.load(Ordering::Acquire)
+            && !self.writer_woken.swap(true, Ordering::AcqRel)
+        {
+            self.writer_signal.wake();
+        }
+    }
+
+    /// Most items (or, in each room, events) the connection may lag before it is a slow
+    /// consumer.
+    pub fn max_items(&self) -> usize {
+        self.max_items
+    }
+
+    /// Most bytes the connection may lag (in its queue, or in each room) before it is a slow
+    /// consumer.
+    pub fn max_pending(&self) -> usize {
+        self.max_pending
+    }
+
     /// Moves every queued item to the end of `into`; returns whether there were any. Swaps
-    /// buffers when `into` is empty, so neither side allocates once both have grown.
+    /// buffers when `into` is empty, so neither side allocates once both have grown. Whoever
+    /// reads rooms' feeds reads them after this: the fence pairs with the publisher's (see
+    /// `Rooms::wake`), so an event appended before the flag was cleared is read now or wakes
+    /// the writer again.
     pub fn take_queued(&self, into: &mut VecDeque<Outbound>) -> bool {
         self.writer_woken.store(false, Ordering::Release);
+        std::sync::atomic::fence(Ordering::SeqCst);
         let mut queue = lock(&self.queue);
         if queue.items.is_empty() {
             return false;

@@ -1,17 +1,18 @@
-//! A room's subscriber set, copy-on-write in fixed-size chunks. Publishers read an immutable
+//! A room's subscriber set (its subscriptions), copy-on-write in fixed-size chunks. Publishers read an immutable
 //! [`Snapshot`] without locking; a join or leave copies at most two chunks and the chunk list,
 //! so a join storm into a 10,000-viewer room costs O(n/CHUNK) per join, not O(n).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::outbound::{ConnHandle, ConnId};
+use crate::feed::Subscription;
+use crate::outbound::ConnId;
 
 /// Connections per chunk: big enough that the chunk list stays short, small enough that
 /// copying one chunk on a join is cheap.
 const CHUNK: usize = 256;
 
-type Chunk = Arc<Vec<Arc<ConnHandle>>>;
+type Chunk = Arc<Vec<Arc<Subscription>>>;
 
 /// What a publish iterates: every subscriber at one instant.
 #[derive(Default)]
@@ -20,8 +21,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<ConnHandle>> {
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Subscription>> {
         self.chunks.iter().flat_map(|chunk| chunk.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(|chunk| chunk.len()).sum()
     }
 }
 
@@ -43,52 +48,53 @@ impl SubscriberSet {
         self.index.is_empty()
     }
 
-    /// Adds a connection; false if it was already there.
-    pub fn insert(&mut self, conn: &Arc<ConnHandle>) -> bool {
-        if self.index.contains_key(&conn.id) {
+    /// Adds a connection's subscription; false if the connection was already there.
+    pub fn insert(&mut self, sub: &Arc<Subscription>) -> bool {
+        let id = sub.conn.id;
+        if self.index.contains_key(&id) {
             return false;
         }
         match self.chunks.last_mut() {
             Some(last) if last.len() < CHUNK => {
                 let mut copy = Vec::with_capacity(CHUNK.min(last.len() + 1));
                 copy.extend(last.iter().cloned());
-                copy.push(Arc::clone(conn));
+                copy.push(Arc::clone(sub));
                 self.index
-                    .insert(conn.id, (self.chunks.len() - 1, copy.len() - 1));
+                    .insert(id, (self.chunks.len() - 1, copy.len() - 1));
                 *self.chunks.last_mut().expect("non-empty") = Arc::new(copy);
             }
             _ => {
-                self.chunks.push(Arc::new(vec![Arc::clone(conn)]));
-                self.index.insert(conn.id, (self.chunks.len() - 1, 0));
+                self.chunks.push(Arc::new(vec![Arc::clone(sub)]));
+                self.index.insert(id, (self.chunks.len() - 1, 0));
             }
         }
         true
     }
 
-    /// Removes a connection; false if it was not there. The last subscriber moves into the hole.
-    pub fn remove(&mut self, id: ConnId) -> bool {
-        let Some((chunk, slot)) = self.index.remove(&id) else {
-            return false;
-        };
+    /// Removes a connection's subscription; `None` if it was not there. The last subscriber
+    /// moves into the hole.
+    pub fn remove(&mut self, id: ConnId) -> Option<Arc<Subscription>> {
+        let (chunk, slot) = self.index.remove(&id)?;
         let last_chunk = self.chunks.len() - 1;
-        let mut tail: Vec<Arc<ConnHandle>> = self.chunks[last_chunk].iter().cloned().collect();
+        let removed = Arc::clone(&self.chunks[chunk][slot]);
+        let mut tail: Vec<Arc<Subscription>> = self.chunks[last_chunk].iter().cloned().collect();
         let moved = tail.pop().expect("the last chunk is never empty");
-        if moved.id != id {
+        if moved.conn.id != id {
             if chunk == last_chunk {
                 tail[slot] = Arc::clone(&moved);
             } else {
-                let mut copy: Vec<Arc<ConnHandle>> = self.chunks[chunk].iter().cloned().collect();
+                let mut copy: Vec<Arc<Subscription>> = self.chunks[chunk].iter().cloned().collect();
                 copy[slot] = Arc::clone(&moved);
                 self.chunks[chunk] = Arc::new(copy);
             }
-            self.index.insert(moved.id, (chunk, slot));
+            self.index.insert(moved.conn.id, (chunk, slot));
         }
         if tail.is_empty() {
             self.chunks.pop();
         } else {
             self.chunks[last_chunk] = Arc::new(tail);
         }
-        true
+        Some(removed)
     }
 
     /// An immutable view for publishers (clones the chunk pointers, not the connections).
@@ -102,12 +108,14 @@ impl SubscriberSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbound::ConnHandle;
     use gavel_protocol::Format;
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
-    fn conn(id: ConnId) -> Arc<ConnHandle> {
-        ConnHandle::new(id, None, Format::MsgPack, 1, usize::MAX)
+    fn conn(id: ConnId) -> Arc<Subscription> {
+        let conn = ConnHandle::new(id, None, Format::MsgPack, 1, usize::MAX);
+        Subscription::new(conn)
     }
 
     proptest! {
@@ -122,18 +130,18 @@ mod tests {
             let conns: Vec<_> = (0..600).map(conn).collect();
             for (add, id) in ops {
                 let before = set.snapshot();
-                let before_ids: BTreeSet<ConnId> = before.iter().map(|c| c.id).collect();
+                let before_ids: BTreeSet<ConnId> = before.iter().map(|c| c.conn.id).collect();
                 if add {
                     prop_assert_eq!(set.insert(&conns[id as usize]), model.insert(id));
                 } else {
-                    prop_assert_eq!(set.remove(id), model.remove(&id));
+                    prop_assert_eq!(set.remove(id).map(|s| s.conn.id), model.take(&id));
                 }
-                let ids: Vec<ConnId> = set.snapshot().iter().map(|c| c.id).collect();
+                let ids: Vec<ConnId> = set.snapshot().iter().map(|c| c.conn.id).collect();
                 let unique: BTreeSet<ConnId> = ids.iter().copied().collect();
                 prop_assert_eq!(ids.len(), unique.len());
                 prop_assert_eq!(&unique, &model);
                 prop_assert_eq!(set.len(), model.len());
-                let still: BTreeSet<ConnId> = before.iter().map(|c| c.id).collect();
+                let still: BTreeSet<ConnId> = before.iter().map(|c| c.conn.id).collect();
                 prop_assert_eq!(still, before_ids);
                 prop_assert!(set.chunks.iter().rev().skip(1).all(|c| c.len() == CHUNK));
                 prop_assert!(set.chunks.last().is_none_or(|c| !c.is_empty()));

@@ -20,6 +20,7 @@ impl RoomLog {
             last_seq: 0,
             history: VecDeque::new(),
             state: Value::Null,
+            feed: Feed::default(),
         }
     }
 

@@ -1,6 +1,7 @@
-//! The room registry: channel → room, and per room its subscribers, sequence, bounded history
-//! and viewer counts. It owns fan-out (encode once, offer the shared bytes to every subscriber)
-//! and `since` recovery. It knows nothing of sockets: it only offers frames to [`ConnHandle`]s.
+//! The room registry: channel → room, and per room its subscribers, sequence, bounded history,
+//! live feed and viewer counts. It owns fan-out (encode once, append to the room's feed, wake
+//! each subscriber's writer) and `since` recovery. It knows nothing of sockets: it wakes and
+//! offers frames to [`ConnHandle`]s.
 //!
 //! Files: this one (the registry: subscribe, unsubscribe, publish, sweep), `room` (a room's
 //! members and fan-out), `log` (the pure seq/history log, property-tested), `presence`
@@ -29,6 +30,7 @@ use gavel_protocol::{
 use serde_json::Value;
 
 use crate::clock::now_ms;
+use crate::feed::{Cursor, Feed, Subscription};
 use crate::metrics as m;
 use crate::outbound::{wire_size, ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
 use crate::subscribers::{Snapshot, SubscriberSet};
@@ -83,10 +85,11 @@ pub struct Room {
     /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write,
     /// in chunks) by joins and leaves, so a publish never waits for a join or a leave to copy.
     subscribers: ArcSwap<Snapshot>,
-    /// Sequence and history. A publish holds it while it assigns the seq, appends to the history
-    /// and offers the frame to each subscriber (a non-blocking queue push, no IO, no await), so
-    /// every subscriber receives the room's events in seq order. Joins and leaves take it only
-    /// to swap in their new snapshot and read the history tail, never to build the snapshot.
+    /// Sequence, history and feed. A publish holds it while it assigns the seq and appends to
+    /// the history and the feed (O(1) per event); it wakes the subscribers after releasing it.
+    /// Each subscriber's writer reads the feed in order, so it receives the room's events in
+    /// seq order. Joins and leaves take it only to swap in their new snapshot and read the
+    /// history and the feed's tail, never to build the snapshot.
     log: Mutex<RoomLog>,
     /// Membership, for joins and leaves only (publishers never take it). Lock order: `members`
     /// before `log`.
@@ -115,6 +118,8 @@ struct RoomLog {
     /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
     /// Changed only together with an event, so a subscriber's state and stream agree.
     state: Value,
+    /// The live events, for the subscribers' writers to read.
+    feed: Feed,
 }
 
 struct Stored {
@@ -258,13 +263,21 @@ impl Rooms {
             if room.retired.load(Ordering::Acquire) {
                 continue;
             }
-            let first_of_viewer = members.add(conn);
+            let sub = Subscription::new(Arc::clone(conn));
+            // `None`: already subscribed (the session refuses that first). The reply still
+            // goes out, without a second cursor.
+            let added = members.add(&sub);
             room.store_counts(&members);
             // The new snapshot is built here, under `members` only: publishers do not wait.
             let subscribers = Arc::new(members.set.snapshot());
 
             let mut log = lock(&room.log);
             log.expire(self.limits, Instant::now());
+            let start = log.feed.tail();
+            sub.start_at(&start);
+            if added.is_none() {
+                sub.leave();
+            }
             let (recovered, replay) = match since {
                 None => (None, Vec::new()),
                 Some(since) => match log.replay_after(since, epoch, room.epoch()) {
@@ -298,22 +311,21 @@ impl Rooms {
                     state: log.state.clone(),
                 },
             });
-            let item = if replay.is_empty() {
-                Outbound::Frame(reply)
-            } else {
-                let mut batch = Vec::with_capacity(replay.len() + 1);
-                batch.push(reply);
-                batch.extend(replay);
-                Outbound::Batch(batch.into())
-            };
-            // Queue the reply first, then publish the new snapshot: anything offered from the
-            // snapshot on (events under this lock, signals without it) comes after the reply.
-            conn.offer(item);
+            let mut frames = Vec::with_capacity(replay.len() + 1);
+            frames.push(reply);
+            frames.extend(replay);
+            // Queue the reply and the cursor first, then publish the new snapshot: anything
+            // appended from here on is read after the reply, and signals offered from the
+            // snapshot on come after it.
+            conn.offer(Outbound::Follow(Box::new((
+                frames.into(),
+                Cursor::new(sub, start),
+            ))));
             room.subscribers.store(subscribers);
             drop(log);
             // Still under `members`, so a user's joined and left reach everyone in the order
             // they happened (the offers do not block).
-            if first_of_viewer {
+            if added == Some(true) {
                 room.announce(conn, true, self.relay.as_ref());
             }
             drop(members);
@@ -329,7 +341,7 @@ impl Rooms {
     /// Removes `conn` from `room`. Returns false if it was not subscribed.
     pub fn unsubscribe(&self, conn: &ConnHandle, room: &Arc<Room>) -> bool {
         let mut members = lock(&room.members);
-        let Some(last_of_viewer) = members.remove(conn) else {
+        let Some((sub, last_of_viewer)) = members.remove(conn) else {
             return false;
         };
         if members.set.is_empty() {
@@ -338,9 +350,10 @@ impl Rooms {
         room.store_counts(&members);
         let snapshot = Arc::new(members.set.snapshot());
         {
-            // Swapped under `log` so that an event is either queued before the caller's
-            // `unsubscribed` reply or not at all.
+            // Under `log`, so that an event is either appended before the writer learns of the
+            // leave (and may be read before the caller's `unsubscribed` reply) or never read.
             let _log = lock(&room.log);
+            sub.leave();
             room.subscribers.store(snapshot);
         }
         if last_of_viewer {
@@ -384,9 +397,9 @@ impl Rooms {
         )
     }
 
-    /// Appends several events to `channel`'s room in order, under one lock, and offers them to
-    /// each subscriber as one queue item: one wake-up and one socket write per subscriber for a
-    /// producer's whole turn, instead of one per event. Returns the last event's seq.
+    /// Appends several events to `channel`'s room in order, under one lock, then wakes each
+    /// subscriber once: one wake-up and one socket write per subscriber for a producer's whole
+    /// turn, instead of one per event. Returns the last event's seq.
     pub fn publish_all(
         &self,
         channel: &Channel,
@@ -412,17 +425,14 @@ impl Rooms {
                     data,
                     state,
                 };
-                frames.push(room.store(&mut log, incoming, started, self.limits));
+                frames.push(room.append(&mut log, incoming, started, self.limits));
             }
             let seq = log.last_seq;
             let count = frames.len();
-            let delivered = match count {
-                0 => 0,
-                1 => room.fan_out(&frames[0], Skip::Nobody),
-                _ => room.fan_out_all(frames.into(), Skip::Nobody),
-            };
+            let end = log.feed.end();
             drop(log);
-            // Frames, not queue items: a turn's events reach each subscriber as one item.
+            let delivered = if count == 0 { 0 } else { room.wake(end) };
+            // Frames, not wake-ups: a turn's events reach each subscriber in one wake-up.
             m::record_fan_out("event", delivered * count, started.elapsed());
             return Published { seq, delivered };
         }

@@ -52,16 +52,18 @@ impl Room {
         }
     }
 
-    /// Appends the next event (its seq is `last_seq + 1`) and offers it to every subscriber.
+    /// Appends the next event (its seq is `last_seq + 1`) to the history and to the feed;
+    /// returns its frame. Nobody is woken yet: see [`Room::wake`].
     pub(super) fn append(
         &self,
         log: &mut RoomLog,
         event: Incoming,
         at: Instant,
         limits: HistoryLimits,
-    ) -> usize {
+    ) -> Arc<SharedFrame> {
         let frame = self.store(log, event, at, limits);
-        self.fan_out(&frame, Skip::Nobody)
+        log.feed.append(Arc::clone(&frame));
+        frame
     }
 
     /// Appends the next event to the history (and its state) without offering it to anyone;
@@ -88,26 +90,32 @@ impl Room {
         frame
     }
 
-    /// Offers `frame` to every subscriber but `skip`; returns how many queued it. Called with
-    /// `log` held for sequenced events (see the field's comment), without it for signals.
-    pub(super) fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
-        self.offer_each(skip, || Outbound::Frame(Arc::clone(frame)))
+    /// After appending to the feed, which then ended at `end`, and with the log lock released:
+    /// wakes every subscriber's writer (or closes it as a slow consumer); returns how many were
+    /// woken.
+    pub(super) fn wake(&self, end: (u64, u64)) -> usize {
+        // Pairs with the fence in `ConnHandle::take_queued`: a writer that cleared its wake flag
+        // before this point reads the new events; one that clears it after is woken below.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let subscribers = self.subscribers.load();
+        subscribers.iter().filter(|sub| sub.wake(end)).count()
     }
 
-    /// [`Room::fan_out`] for several frames that travel as one queue item.
-    pub(super) fn fan_out_all(&self, frames: Arc<[Arc<SharedFrame>]>, skip: Skip<'_>) -> usize {
-        self.offer_each(skip, || Outbound::Batch(Arc::clone(&frames)))
+    /// Offers `frame` to every subscriber but `skip` (an unsequenced signal); returns how many
+    /// queued it.
+    pub(super) fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
+        self.offer_each(skip, || Outbound::Frame(Arc::clone(frame)))
     }
 
     /// Offers `item()` to every subscriber but `skip`; returns how many queued it.
     fn offer_each(&self, skip: Skip<'_>, item: impl Fn() -> Outbound) -> usize {
         let subscribers = self.subscribers.load();
         let mut queued = 0;
-        for conn in subscribers.iter() {
-            if skip.skips(conn) {
+        for sub in subscribers.iter() {
+            if skip.skips(&sub.conn) {
                 continue;
             }
-            if conn.offer(item()) == Offer::Queued {
+            if sub.conn.offer(item()) == Offer::Queued {
                 queued += 1;
             }
         }
@@ -187,21 +195,21 @@ impl Room {
 }
 
 impl Members {
-    /// Adds a connection; returns whether it is its viewer's first in the room.
-    pub(super) fn add(&mut self, conn: &Arc<ConnHandle>) -> bool {
-        if !self.set.insert(conn) {
-            return false;
-        }
-        let count = self.viewers.entry(conn.viewer_key()).or_insert(0);
-        *count += 1;
-        *count == 1
-    }
-
-    /// Removes a connection; `None` if absent, else whether it was its viewer's last.
-    pub(super) fn remove(&mut self, conn: &ConnHandle) -> Option<bool> {
-        if !self.set.remove(conn.id) {
+    /// Adds a connection's subscription; `None` if the connection is already a member, else
+    /// whether it is its viewer's first in the room.
+    pub(super) fn add(&mut self, sub: &Arc<Subscription>) -> Option<bool> {
+        if !self.set.insert(sub) {
             return None;
         }
+        let count = self.viewers.entry(sub.conn.viewer_key()).or_insert(0);
+        *count += 1;
+        Some(*count == 1)
+    }
+
+    /// Removes a connection; `None` if absent, else its subscription and whether it was its
+    /// viewer's last.
+    pub(super) fn remove(&mut self, conn: &ConnHandle) -> Option<(Arc<Subscription>, bool)> {
+        let sub = self.set.remove(conn.id)?;
         let key = conn.viewer_key();
         let last = match self.viewers.get_mut(&key) {
             Some(count) if *count > 1 => {
@@ -213,6 +221,6 @@ impl Members {
                 true
             }
         };
-        Some(last)
+        Some((sub, last))
     }
 }

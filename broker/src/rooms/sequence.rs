@@ -1,7 +1,7 @@
 //! Access to a room's sequence for a backplane that sequences events elsewhere (cluster mode:
 //! Redis assigns seqs and epochs, and `cluster::replica` keeps each followed room in step). A
 //! [`Sequence`] is the room's log under its lock: events applied through it reach the local
-//! subscribers in seq order, like local publishes.
+//! subscribers in seq order, like local publishes (woken once the lock is released).
 
 use super::*;
 
@@ -22,6 +22,8 @@ pub struct Sequence<'a> {
     room: &'a Room,
     log: MutexGuard<'a, RoomLog>,
     limits: HistoryLimits,
+    /// Whether an event went into the feed: the subscribers are woken after the lock.
+    appended: bool,
 }
 
 impl Sequence<'_> {
@@ -48,10 +50,12 @@ impl Sequence<'_> {
         self.log.state = state;
     }
 
-    /// Appends the next event (its seq must be `last_seq + 1`) and offers it to every local
-    /// subscriber; returns how many queued it.
+    /// Appends the next event (its seq must be `last_seq + 1`) for every local subscriber
+    /// (woken when the sequence is released); returns how many there are.
     pub fn append(&mut self, event: Incoming, at: Instant) -> usize {
-        self.room.append(&mut self.log, event, at, self.limits)
+        self.room.append(&mut self.log, event, at, self.limits);
+        self.appended = true;
+        self.room.subscribers.load().len()
     }
 
     /// Appends the next event to the history only (a subscriber gets it by replay).
@@ -98,8 +102,15 @@ impl Rooms {
             room: &room,
             log,
             limits: self.limits,
+            appended: false,
         };
-        Some(work(&mut sequence))
+        let result = work(&mut sequence);
+        let (appended, end) = (sequence.appended, sequence.log.feed.end());
+        drop(sequence);
+        if appended {
+            room.wake(end);
+        }
+        Some(result)
     }
 
     /// Cluster mode: the cluster's viewer counts of a room, sent to its local subscribers.

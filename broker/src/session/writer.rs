@@ -1,15 +1,15 @@
-//! A connection's writer task: drains the outbound queue into the socket in writes of at most
-//! `MAX_WRITE_BATCH` bytes (a long replay goes out piece by piece), pings on schedule, and ends
-//! with the close frame that says why.
+//! A connection's writer task: sends what its inbox gives (its queue and the feeds of its rooms)
+//! in writes of at most `MAX_WRITE_BATCH` bytes (a long replay goes out piece by piece), pings on
+//! schedule, and ends with the close frame that says why.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
+use crate::inbox::{Inbox, Next};
 use crate::metrics as m;
-use crate::outbound::{ConnHandle, DisconnectReason, Outbound, SharedFrame, Wire, WriterSignal};
+use crate::outbound::{ConnHandle, DisconnectReason, SharedFrame, Wire, WriterSignal};
 use crate::wsframe::{put_frame, OpCode};
 use crate::Shared;
 
@@ -17,13 +17,11 @@ use super::BoxWrite;
 
 /// Most bytes one coalesced socket write carries.
 const MAX_WRITE_BATCH: usize = 256 * 1024;
-/// Capacity of the writer's item buffer kept between bursts; a larger one is freed once empty.
-const SPARE_ITEMS: usize = 64;
 /// How long a close frame may take to write before the socket is just dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The writer: drains the outbound queue into the socket, coalescing what is queued into
-/// writes of at most `MAX_WRITE_BATCH` bytes (a long replay goes out in such pieces, so no
+/// The writer: drains the outbound queue and the rooms' feeds into the socket, coalescing what
+/// is waiting into writes of at most `MAX_WRITE_BATCH` bytes (a long replay goes out in such pieces, so no
 /// connection ever holds more than one piece in its own buffer); pings on schedule; on close,
 /// sends the close frame that says why.
 pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut write: BoxWrite) {
@@ -51,18 +49,19 @@ pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut w
                 signal = conn.writer_signal() => match signal {
                     WriterSignal::Close => break,
                     WriterSignal::Drain => {
-                        // What is queued goes out; nothing more is taken.
-                        batch.taken.extend(conn.shut_queue());
+                        // What is queued goes out (and the feeds up to their end); nothing more
+                        // is taken from the queue.
+                        batch.inbox.extend(conn.shut_queue());
                         draining = true;
                     }
                     WriterSignal::Items => {
-                        conn.take_queued(&mut batch.taken);
+                        batch.inbox.take(&conn);
                     }
                 },
             }
         }
         batch.fill();
-        if !batch.full() && !draining && conn.take_queued(&mut batch.taken) {
+        if !batch.full() && !draining && batch.inbox.take(&conn) {
             batch.fill();
         }
         let done = draining && !batch.has_more() && batch.is_empty();
@@ -99,9 +98,9 @@ pub(super) async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnHandle>, mut w
 }
 
 /// Bytes for one socket write: WebSocket frames laid end to end, at most about
-/// `MAX_WRITE_BATCH`; what was taken from the queue and does not fit waits in `taken` (and the
-/// rest of a long item in `carry`) for the next write. A lone frame is written straight from
-/// its shared buffer (`lone`), so a quiet connection copies nothing and keeps no buffer.
+/// `MAX_WRITE_BATCH`; what does not fit waits in the inbox for the next write. A lone frame is
+/// written straight from its shared buffer (`lone`), so a quiet connection copies nothing and
+/// keeps no buffer.
 struct Batch<'a> {
     conn: &'a ConnHandle,
     /// Allocated for a write of more than one frame, freed when the writer goes idle.
@@ -110,11 +109,8 @@ struct Batch<'a> {
     lone: Option<Arc<SharedFrame>>,
     /// Creation time of the oldest data frame in the batch.
     oldest: Option<Instant>,
-    /// Items taken from the connection's queue, not yet in `buf`.
-    taken: VecDeque<Outbound>,
-    /// A multi-frame item (a subscribe reply and its replay, a turn's events) not yet all in
-    /// `buf`, and the index of its next frame.
-    carry: Option<(Arc<[Arc<SharedFrame>]>, usize)>,
+    /// What is taken and not yet in `buf`, and the rooms' feeds.
+    inbox: Inbox,
 }
 
 impl<'a> Batch<'a> {
@@ -124,8 +120,7 @@ impl<'a> Batch<'a> {
             buf: Vec::new(),
             lone: None,
             oldest: None,
-            taken: VecDeque::new(),
-            carry: None,
+            inbox: Inbox::default(),
         }
     }
 
@@ -156,80 +151,47 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Whether anything taken is not yet in `buf`.
+    /// Whether anything is waiting that is not yet in `buf`.
     fn has_more(&self) -> bool {
-        self.carry.is_some() || !self.taken.is_empty()
+        self.inbox.has_more()
     }
 
     fn full(&self) -> bool {
         self.bytes().len() >= MAX_WRITE_BATCH
     }
 
-    fn push(&mut self, item: Outbound) {
-        match item {
-            Outbound::Frame(frame) if self.is_empty() => {
-                if self.admit(&frame).is_some() {
-                    self.lone = Some(frame);
-                }
-            }
-            Outbound::Frame(frame) => self.frame(&frame),
-            Outbound::Batch(frames) => {
-                self.carry = Some((frames, 0));
-                self.take_carried();
-            }
-            Outbound::Control(control) => {
-                self.conn.written(control.1.len() + 2);
-                self.control(control.0, &control.1);
-            }
-        }
-    }
-
-    /// Moves what fits into `buf`: first the rest of a carried item, then what was taken.
+    /// Moves what fits into `buf`, in the inbox's order.
     fn fill(&mut self) {
-        self.take_carried();
-        while !self.full() && self.carry.is_none() {
-            match self.taken.pop_front() {
-                Some(item) => self.push(item),
+        while !self.full() {
+            match self.inbox.pop() {
+                Some(Next::Queued(frame)) => self.add(frame, true),
+                Some(Next::Event(frame)) => self.add(frame, false),
+                Some(Next::Control(control)) => {
+                    self.conn.written(control.1.len() + 2);
+                    self.control(control.0, &control.1);
+                }
                 None => break,
             }
         }
-        if self.taken.is_empty() && self.taken.capacity() > SPARE_ITEMS {
-            // A burst grew it: do not keep that much per connection.
-            self.taken = VecDeque::new();
-        }
     }
 
-    fn take_carried(&mut self) {
-        let Some((frames, mut next)) = self.carry.take() else {
+    /// Adds a frame: as the lone frame of an empty batch, else copied into `buf` (framed once
+    /// per wire by whoever encoded it). A queued frame's bytes come off the pending bound.
+    fn add(&mut self, frame: Arc<SharedFrame>, queued: bool) {
+        let Some(len) = frame.framed(self.conn.wire).map(<[u8]>::len) else {
             return;
         };
-        while next < frames.len() && !self.full() {
-            self.frame(&frames[next]);
-            next += 1;
+        if queued {
+            self.conn.written(len);
         }
-        if next < frames.len() {
-            self.carry = Some((frames, next));
+        self.oldest.get_or_insert(frame.created);
+        if self.is_empty() {
+            self.lone = Some(frame);
+        } else {
+            self.unlone();
+            self.buf
+                .extend_from_slice(frame.framed(self.conn.wire).unwrap_or_default());
         }
-    }
-
-    fn frame(&mut self, frame: &SharedFrame) {
-        let Some(framed) = self.admit(frame) else {
-            return;
-        };
-        self.unlone();
-        // Framed once per wire by whoever encoded it: one copy into the write buffer.
-        self.buf.extend_from_slice(framed);
-    }
-
-    /// Counts `frame` as taken off the pending bound and notes its age; its bytes on this
-    /// connection's wire, if it has any.
-    fn admit<'f>(&mut self, frame: &'f SharedFrame) -> Option<&'f [u8]> {
-        let framed = frame.framed(self.conn.wire);
-        self.conn.written(framed.map_or(0, <[u8]>::len));
-        if framed.is_some() {
-            self.oldest.get_or_insert(frame.created);
-        }
-        framed
     }
 
     /// A WebSocket control frame; on SSE, a ping is a comment line and a pong is not sent
