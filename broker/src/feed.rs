@@ -4,7 +4,7 @@
 //! instead of a fixed ring: a caught-up feed holds one node). A subscriber that lags more than its
 //! bound is a slow consumer; the publisher checks that as it wakes each writer.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::outbound::{wire_size, ConnHandle, DisconnectReason, SharedFrame, Wire};
@@ -83,9 +83,6 @@ pub struct Subscription {
     pub conn: Arc<ConnHandle>,
     taken_pos: AtomicU64,
     taken_bytes: AtomicU64,
-    /// Set (under the room's log lock) when the connection unsubscribes: its writer drops the
-    /// cursor without reading further.
-    left: AtomicBool,
 }
 
 impl Subscription {
@@ -95,7 +92,6 @@ impl Subscription {
             conn,
             taken_pos: AtomicU64::new(0),
             taken_bytes: AtomicU64::new(0),
-            left: AtomicBool::new(false),
         })
     }
 
@@ -103,11 +99,6 @@ impl Subscription {
     pub fn start_at(&self, start: &Node) {
         self.taken_pos.store(start.pos, Ordering::Release);
         self.taken_bytes.store(start.bytes, Ordering::Release);
-    }
-
-    /// The connection left the room: no event after this is read for it.
-    pub fn leave(&self) {
-        self.left.store(true, Ordering::Release);
     }
 
     /// After an append that ended the feed at `end` (position, bytes): closes the connection as
@@ -140,11 +131,6 @@ pub struct Cursor {
 impl Cursor {
     pub fn new(sub: Arc<Subscription>, at: Arc<Node>) -> Cursor {
         Cursor { sub, at }
-    }
-
-    /// Whether the subscription ended (the cursor is to be dropped).
-    pub fn left(&self) -> bool {
-        self.sub.left.load(Ordering::Acquire)
     }
 
     /// Whether an event follows the cursor.

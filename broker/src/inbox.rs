@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::feed::Cursor;
-use crate::outbound::{ConnHandle, Outbound, SharedFrame};
+use crate::outbound::{ConnHandle, Follow, Outbound, SharedFrame};
 use crate::wsframe::OpCode;
 
 /// Capacity of the item buffer kept between bursts; a larger one is freed once empty.
@@ -57,9 +57,7 @@ impl Inbox {
 
     /// Whether anything is left to send right now.
     pub fn has_more(&self) -> bool {
-        self.carry.is_some()
-            || !self.taken.is_empty()
-            || self.cursors.iter().any(|c| !c.left() && c.behind())
+        self.carry.is_some() || !self.taken.is_empty() || self.cursors.iter().any(Cursor::behind)
     }
 
     /// The next frame to send, if any. Feeds are read to their end before each queue item:
@@ -90,12 +88,17 @@ impl Inbox {
                 Some(Outbound::Frame(frame)) => return Some(Next::Queued(frame)),
                 Some(Outbound::Control(control)) => return Some(Next::Control(control)),
                 Some(Outbound::Follow(follow)) => {
-                    let (frames, cursor) = *follow;
+                    let Follow { frames, cursor } = *follow;
                     self.carry = Some(Box::new(Carry {
                         frames,
                         next: 0,
-                        then: Some(cursor),
+                        then: cursor,
                     }));
+                }
+                Some(Outbound::Unfollow(sub)) => {
+                    // The feeds were just read to their end, this one included.
+                    self.cursors
+                        .retain(|cursor| !Arc::ptr_eq(cursor.subscription(), &sub));
                 }
             }
         }
@@ -109,20 +112,9 @@ impl Inbox {
         self.cursors.push(cursor);
     }
 
-    /// The next event of any followed room; drops the cursors of rooms left.
+    /// The next event of any followed room.
     fn next_event(&mut self) -> Option<Arc<SharedFrame>> {
-        let mut i = 0;
-        while i < self.cursors.len() {
-            if self.cursors[i].left() {
-                self.cursors.swap_remove(i);
-                continue;
-            }
-            if let Some(event) = self.cursors[i].read() {
-                return Some(event);
-            }
-            i += 1;
-        }
-        None
+        self.cursors.iter_mut().find_map(Cursor::read)
     }
 }
 
@@ -131,11 +123,16 @@ mod tests {
     use super::*;
     use crate::feed::{Feed, Subscription};
     use gavel_protocol::{Channel, EventFrame, Format, Reply, ServerFrame};
+    use proptest::prelude::*;
     use serde_json::Value;
 
     fn event(seq: u64) -> Arc<SharedFrame> {
+        event_in(0, seq)
+    }
+
+    fn event_in(room: usize, seq: u64) -> Arc<SharedFrame> {
         SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
-            channel: Channel::parse("broadcast").unwrap(),
+            channel: Channel::parse(&format!("conversation:c{room}")).unwrap(),
             seq,
             ts: 0,
             event: "e".into(),
@@ -175,21 +172,172 @@ mod tests {
         let sub = Subscription::new(Arc::clone(&conn));
         sub.start_at(&start);
         // The subscribe reply (id 1) with a replay of seq 1.
-        conn.offer(Outbound::Follow(Box::new((
-            vec![reply(1), event(1)].into(),
-            Cursor::new(Arc::clone(&sub), start),
-        ))));
+        conn.offer(Outbound::Follow(Box::new(Follow {
+            frames: vec![reply(1), event(1)].into(),
+            cursor: Some(Cursor::new(Arc::clone(&sub), start)),
+        })));
         // Live events 2 and 3, then a reply (id 2) queued after them.
         feed.append(event(2));
         feed.append(event(3));
         conn.offer_frame(reply(2));
         let mut inbox = Inbox::default();
         assert_eq!(drain(&mut inbox, &conn), vec![-1, 1, 2, 3, -2]);
-        // After leaving, nothing more of the room is read.
+        // Leaving: what was appended before still goes out, then nothing more of the room.
         feed.append(event(4));
-        sub.leave();
+        conn.offer(Outbound::Unfollow(sub));
         conn.offer_frame(reply(3));
-        assert_eq!(drain(&mut inbox, &conn), vec![-3]);
+        assert_eq!(drain(&mut inbox, &conn), vec![4, -3]);
+        feed.append(event(5));
+        assert_eq!(drain(&mut inbox, &conn), Vec::<i64>::new());
         assert!(!inbox.has_more());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// An event appended to room r.
+        Append(usize),
+        /// A reply queued.
+        Reply,
+        /// Subscribe to room r (if not subscribed): reply, cursor.
+        Subscribe(usize),
+        /// Unsubscribe from room r (if subscribed): leave, then the reply.
+        Unsubscribe(usize),
+        /// The writer takes its queue and sends up to n frames.
+        Send(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3usize).prop_map(Op::Append),
+            2 => Just(Op::Reply),
+            2 => (0..3usize).prop_map(Op::Subscribe),
+            1 => (0..3usize).prop_map(Op::Unsubscribe),
+            3 => (0..6usize).prop_map(Op::Send),
+        ]
+    }
+
+    /// What a reply was, for the checks.
+    enum Kind {
+        Subscribed {
+            room: usize,
+            seq: u64,
+        },
+        Unsubscribed {
+            room: usize,
+        },
+        /// A plain reply, and per room the last seq it must follow (rooms subscribed then).
+        Plain {
+            after: Vec<Option<u64>>,
+        },
+    }
+
+    enum Sent {
+        Event(usize, u64),
+        Reply(u64),
+    }
+
+    fn sent(next: Next) -> Sent {
+        match next {
+            Next::Queued(f) | Next::Event(f) => match f.frame() {
+                ServerFrame::Event(e) => {
+                    let room = e.channel.as_str()["conversation:c".len()..]
+                        .parse()
+                        .unwrap();
+                    Sent::Event(room, e.seq)
+                }
+                ServerFrame::Ok { id, .. } => Sent::Reply(*id),
+                other => panic!("unexpected {other:?}"),
+            },
+            Next::Control(_) => panic!("no control frames here"),
+        }
+    }
+
+    proptest! {
+        /// Whatever the interleaving of publishes, replies, subscribes, unsubscribes and partial
+        /// sends: a room's events come after its `subscribed` reply, in seq order from the
+        /// reply's seq + 1 without gaps, and none after its `unsubscribed` reply; a reply comes
+        /// after every event its connection's rooms had when it was queued.
+        #[test]
+        fn the_inbox_keeps_the_protocols_order(ops in prop::collection::vec(op(), 0..120)) {
+            let conn = ConnHandle::new(1, None, Format::MsgPack, 10_000, usize::MAX);
+            let mut feeds: Vec<Feed> = (0..3).map(|_| Feed::default()).collect();
+            let mut seqs = [0u64; 3];
+            let mut subs: Vec<Option<Arc<Subscription>>> = vec![None, None, None];
+            let mut kinds = Vec::new();
+            let mut inbox = Inbox::default();
+            let mut out = Vec::new();
+            for op in ops.into_iter().chain([Op::Send(usize::MAX)]) {
+                match op {
+                    Op::Append(room) => {
+                        seqs[room] += 1;
+                        feeds[room].append(event_in(room, seqs[room]));
+                    }
+                    Op::Reply => {
+                        let after = (0..3).map(|r| subs[r].as_ref().map(|_| seqs[r])).collect();
+                        kinds.push(Kind::Plain { after });
+                        conn.offer_frame(reply(kinds.len() as u64 - 1));
+                    }
+                    Op::Subscribe(room) if subs[room].is_none() => {
+                        let sub = Subscription::new(Arc::clone(&conn));
+                        let start = feeds[room].tail();
+                        sub.start_at(&start);
+                        kinds.push(Kind::Subscribed { room, seq: seqs[room] });
+                        conn.offer(Outbound::Follow(Box::new(Follow {
+                            frames: vec![reply(kinds.len() as u64 - 1)].into(),
+                            cursor: Some(Cursor::new(Arc::clone(&sub), start)),
+                        })));
+                        subs[room] = Some(sub);
+                    }
+                    Op::Unsubscribe(room) => {
+                        if let Some(sub) = subs[room].take() {
+                            conn.offer(Outbound::Unfollow(sub));
+                            kinds.push(Kind::Unsubscribed { room });
+                            conn.offer_frame(reply(kinds.len() as u64 - 1));
+                        }
+                    }
+                    Op::Subscribe(_) => {}
+                    Op::Send(n) => {
+                        inbox.take(&conn);
+                        for _ in 0..n {
+                            match inbox.pop() {
+                                Some(next) => out.push(sent(next)),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            prop_assert!(!inbox.has_more());
+            // Per room: the next seq expected while subscribed.
+            let mut expect: [Option<u64>; 3] = [None; 3];
+            let mut replies = 0;
+            for sent in out {
+                match sent {
+                    Sent::Event(room, seq) => {
+                        prop_assert_eq!(expect[room], Some(seq), "room {} event {}", room, seq);
+                        expect[room] = Some(seq + 1);
+                    }
+                    Sent::Reply(id) => {
+                        prop_assert_eq!(id, replies, "replies in the order queued");
+                        replies += 1;
+                        match &kinds[id as usize] {
+                            Kind::Subscribed { room, seq } => expect[*room] = Some(seq + 1),
+                            Kind::Unsubscribed { room } => expect[*room] = None,
+                            Kind::Plain { after } => {
+                                for (room, last) in after.iter().enumerate() {
+                                    if let Some(last) = last {
+                                        prop_assert!(
+                                            expect[room].is_some_and(|next| next > *last),
+                                            "reply {} before event {} of room {}", id, last, room
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(replies as usize, kinds.len());
+        }
     }
 }

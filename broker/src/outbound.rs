@@ -13,7 +13,7 @@ use futures_util::task::AtomicWaker;
 use gavel_protocol::{encode, CloseCode, Format, ServerFrame, UserId};
 use tokio_util::sync::CancellationToken;
 
-use crate::feed::Cursor;
+use crate::feed::{Cursor, Subscription};
 use crate::wsframe::OpCode;
 
 /// Process-unique connection number (also in logs and the `hello` frame).
@@ -142,7 +142,17 @@ pub enum Outbound {
     /// A subscribe's reply and its replay (one queue slot, so a long replay cannot overflow the
     /// queue by itself), then the room's live events from the cursor on: the writer starts
     /// reading the room's feed once these frames are out.
-    Follow(Box<(Arc<[Arc<SharedFrame>]>, Cursor)>),
+    Follow(Box<Follow>),
+    /// An unsubscribe: the writer stops reading the room's feed here (everything the room
+    /// appended before goes out first), before the `unsubscribed` reply queued after it.
+    Unfollow(Arc<Subscription>),
+}
+
+/// A subscribe's queue item: the frames to send first, then where to start reading the room's
+/// feed (`None` when the connection already had a cursor there).
+pub struct Follow {
+    pub frames: Arc<[Arc<SharedFrame>]>,
+    pub cursor: Option<Cursor>,
 }
 
 /// Bytes a frame takes on the wire.
@@ -155,8 +165,9 @@ impl Outbound {
     pub fn wire_size(&self, wire: Wire) -> usize {
         match self {
             Outbound::Frame(frame) => wire_size(frame, wire),
-            Outbound::Follow(follow) => follow.0.iter().map(|f| wire_size(f, wire)).sum(),
+            Outbound::Follow(follow) => follow.frames.iter().map(|f| wire_size(f, wire)).sum(),
             Outbound::Control(control) => control.1.len() + 2,
+            Outbound::Unfollow(_) => 0,
         }
     }
 }

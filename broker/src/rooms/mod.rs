@@ -32,7 +32,9 @@ use serde_json::Value;
 use crate::clock::now_ms;
 use crate::feed::{Cursor, Feed, Subscription};
 use crate::metrics as m;
-use crate::outbound::{wire_size, ConnHandle, ConnId, Offer, Outbound, SharedFrame, ViewerKey};
+use crate::outbound::{
+    wire_size, ConnHandle, ConnId, Follow, Offer, Outbound, SharedFrame, ViewerKey,
+};
 use crate::subscribers::{Snapshot, SubscriberSet};
 
 /// Locks a mutex, recovering the data if a panic elsewhere poisoned it: every critical section
@@ -275,9 +277,7 @@ impl Rooms {
             log.expire(self.limits, Instant::now());
             let start = log.feed.tail();
             sub.start_at(&start);
-            if added.is_none() {
-                sub.leave();
-            }
+            let cursor = added.map(|_| Cursor::new(sub, start));
             let (recovered, replay) = match since {
                 None => (None, Vec::new()),
                 Some(since) => match log.replay_after(since, epoch, room.epoch()) {
@@ -317,10 +317,10 @@ impl Rooms {
             // Queue the reply and the cursor first, then publish the new snapshot: anything
             // appended from here on is read after the reply, and signals offered from the
             // snapshot on come after it.
-            conn.offer(Outbound::Follow(Box::new((
-                frames.into(),
-                Cursor::new(sub, start),
-            ))));
+            conn.offer(Outbound::Follow(Box::new(Follow {
+                frames: frames.into(),
+                cursor,
+            })));
             room.subscribers.store(subscribers);
             drop(log);
             // Still under `members`, so a user's joined and left reach everyone in the order
@@ -350,10 +350,10 @@ impl Rooms {
         room.store_counts(&members);
         let snapshot = Arc::new(members.set.snapshot());
         {
-            // Under `log`, so that an event is either appended before the writer learns of the
-            // leave (and may be read before the caller's `unsubscribed` reply) or never read.
+            // The writer reads the room's feed up to this item, which comes before the
+            // caller's `unsubscribed` reply: no event of the room follows that reply.
             let _log = lock(&room.log);
-            sub.leave();
+            conn.offer(Outbound::Unfollow(sub));
             room.subscribers.store(snapshot);
         }
         if last_of_viewer {
