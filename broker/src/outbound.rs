@@ -471,6 +471,12 @@ impl ConnHandle {
         }
     }
 
+    /// Whether anything was offered (or appended to a followed room) since the writer last took
+    /// its queue: one atomic load.
+    pub fn has_news(&self) -> bool {
+        self.writer_woken.load(Ordering::Acquire)
+    }
+
     /// Most items (or, in each room, events) the connection may lag before it is a slow
     /// consumer.
     pub fn max_items(&self) -> usize {

@@ -1,9 +1,9 @@
 //! Viewer counts: connections vs unique users, peaks, coalesced updates, heartbeat cleanup.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gavel_broker::protocol::{Reply, ServerFrame, UserId};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::*;
 
@@ -117,4 +117,37 @@ async fn silent_connections_are_dropped_after_the_heartbeat_timeout() {
         assert_eq!(tab.closed().await, Some(4000));
     }
     live_reader.abort();
+}
+
+/// A client that only listens, on a connection that is never quiet for long (an event every
+/// couple of milliseconds), is still pinged on schedule: its pongs keep it alive well past the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_listener_is_still_pinged_and_stays_connected() {
+    let b = TestBroker::start(|c| {
+        c.ping_interval = Duration::from_millis(100);
+        c.idle_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let mut listener = b.connect(Some("bob")).await;
+    listener.subscribe("broadcast").await;
+    // It never sends anything but the pongs its client library answers pings with.
+    let reader = tokio::spawn(async move {
+        let mut last = 0;
+        loop {
+            let event = listener.next_event().await;
+            assert_eq!(event.seq, last + 1, "no gap");
+            last = event.seq;
+            if event.event == "done" {
+                return last;
+            }
+        }
+    });
+    let room = channel("broadcast");
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        b.broker.publish(&room, "tick", json!({}));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let last = b.broker.publish(&room, "done", json!(null)).seq;
+    assert_eq!(reader.await.expect("still connected"), last);
 }
