@@ -37,8 +37,9 @@ struct Carry {
 pub enum Next {
     /// A frame from the connection's queue: its bytes were counted against the pending bound.
     Queued(Arc<SharedFrame>),
-    /// An event from a room's feed.
-    Event(Arc<SharedFrame>),
+    /// An event from a room's feed: the frame the cursor with this index is at now, read with
+    /// [`Inbox::event`] before the next [`Inbox::pop`] (the cursor holds it; nothing is cloned).
+    Event(usize),
     /// A control frame the reader owes the peer.
     Control(Box<(OpCode, Bytes)>),
 }
@@ -74,8 +75,8 @@ impl Inbox {
                     self.follow(cursor);
                 }
             }
-            if let Some(event) = self.next_event() {
-                return Some(Next::Event(event));
+            if let Some(cursor) = self.cursors.iter_mut().position(Cursor::advance) {
+                return Some(Next::Event(cursor));
             }
             match self.taken.pop_front() {
                 None => {
@@ -112,9 +113,9 @@ impl Inbox {
         self.cursors.push(cursor);
     }
 
-    /// The next event of any followed room.
-    fn next_event(&mut self) -> Option<Arc<SharedFrame>> {
-        self.cursors.iter_mut().find_map(Cursor::read)
+    /// The frame of the event that [`Next::Event`]`(cursor)` named.
+    pub fn event(&self, cursor: usize) -> Option<&Arc<SharedFrame>> {
+        self.cursors.get(cursor)?.frame()
     }
 }
 
@@ -151,16 +152,20 @@ mod tests {
     /// What the inbox sends, as seqs of events and -id of replies.
     fn drain(inbox: &mut Inbox, conn: &ConnHandle) -> Vec<i64> {
         inbox.take(conn);
-        std::iter::from_fn(|| inbox.pop())
-            .map(|next| match next {
-                Next::Queued(f) | Next::Event(f) => match f.frame() {
-                    ServerFrame::Event(e) => e.seq as i64,
-                    ServerFrame::Ok { id, .. } => -(*id as i64),
-                    _ => 0,
-                },
-                Next::Control(_) => 0,
-            })
-            .collect()
+        let mut sent = Vec::new();
+        while let Some(next) = inbox.pop() {
+            let frame = match next {
+                Next::Queued(f) => f,
+                Next::Event(i) => Arc::clone(inbox.event(i).unwrap()),
+                Next::Control(_) => continue,
+            };
+            sent.push(match frame.frame() {
+                ServerFrame::Event(e) => e.seq as i64,
+                ServerFrame::Ok { id, .. } => -(*id as i64),
+                _ => 0,
+            });
+        }
+        sent
     }
 
     #[test]
@@ -236,19 +241,21 @@ mod tests {
         Reply(u64),
     }
 
-    fn sent(next: Next) -> Sent {
-        match next {
-            Next::Queued(f) | Next::Event(f) => match f.frame() {
-                ServerFrame::Event(e) => {
-                    let room = e.channel.as_str()["conversation:c".len()..]
-                        .parse()
-                        .unwrap();
-                    Sent::Event(room, e.seq)
-                }
-                ServerFrame::Ok { id, .. } => Sent::Reply(*id),
-                other => panic!("unexpected {other:?}"),
-            },
+    fn sent(inbox: &Inbox, next: Next) -> Sent {
+        let frame = match next {
+            Next::Queued(f) => f,
+            Next::Event(i) => Arc::clone(inbox.event(i).unwrap()),
             Next::Control(_) => panic!("no control frames here"),
+        };
+        match frame.frame() {
+            ServerFrame::Event(e) => {
+                let room = e.channel.as_str()["conversation:c".len()..]
+                    .parse()
+                    .unwrap();
+                Sent::Event(room, e.seq)
+            }
+            ServerFrame::Ok { id, .. } => Sent::Reply(*id),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -300,7 +307,7 @@ mod tests {
                         inbox.take(&conn);
                         for _ in 0..n {
                             match inbox.pop() {
-                                Some(next) => out.push(sent(next)),
+                                Some(next) => out.push(sent(&inbox, next)),
                                 None => break,
                             }
                         }

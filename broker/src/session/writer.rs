@@ -158,6 +158,14 @@ impl PingSchedule {
     }
 }
 
+/// A batch's only frame, written from where it already is.
+enum Lone {
+    /// A frame taken from the queue.
+    Queued(Arc<SharedFrame>),
+    /// The event the inbox's cursor with this index is at (no reference taken).
+    Event(usize),
+}
+
 /// Bytes for one socket write: WebSocket frames laid end to end, at most about
 /// `MAX_WRITE_BATCH`; what does not fit waits in the inbox for the next write. A lone frame is
 /// written straight from its shared buffer (`lone`), so a quiet connection copies nothing and
@@ -167,7 +175,7 @@ struct Batch<'a> {
     /// Allocated for a write of more than one frame, freed when the writer goes idle.
     buf: Vec<u8>,
     /// The batch's only frame so far, not yet copied into `buf`.
-    lone: Option<Arc<SharedFrame>>,
+    lone: Option<Lone>,
     /// Creation time of the oldest data frame in the batch.
     oldest: Option<Instant>,
     /// What is taken and not yet in `buf`, and the rooms' feeds.
@@ -198,16 +206,25 @@ impl<'a> Batch<'a> {
 
     /// The bytes of the next write.
     fn bytes(&self) -> &[u8] {
-        match &self.lone {
-            Some(frame) => frame.framed(self.conn.wire).unwrap_or_default(),
-            None => &self.buf,
-        }
+        let lone = match &self.lone {
+            None => return &self.buf,
+            Some(Lone::Queued(frame)) => Some(frame),
+            Some(Lone::Event(cursor)) => self.inbox.event(*cursor),
+        };
+        lone.and_then(|frame| frame.framed(self.conn.wire))
+            .unwrap_or_default()
     }
 
     /// Copies the lone frame into `buf`, before anything joins it there.
     fn unlone(&mut self) {
-        if let Some(frame) = self.lone.take() {
-            let framed = frame.framed(self.conn.wire).unwrap_or_default();
+        let Some(lone) = self.lone.take() else {
+            return;
+        };
+        let frame = match &lone {
+            Lone::Queued(frame) => Some(frame),
+            Lone::Event(cursor) => self.inbox.event(*cursor),
+        };
+        if let Some(framed) = frame.and_then(|frame| frame.framed(self.conn.wire)) {
             self.buf.extend_from_slice(framed);
         }
     }
@@ -224,9 +241,17 @@ impl<'a> Batch<'a> {
     /// Moves what fits into `buf`, in the inbox's order.
     fn fill(&mut self) {
         while !self.full() {
+            if matches!(self.lone, Some(Lone::Event(_))) {
+                // The lone frame is the one a cursor is at, and the next pop may move it: copy
+                // it first, but only if something is coming.
+                if !self.inbox.has_more() {
+                    break;
+                }
+                self.unlone();
+            }
             match self.inbox.pop() {
-                Some(Next::Queued(frame)) => self.add(frame, true),
-                Some(Next::Event(frame)) => self.add(frame, false),
+                Some(Next::Queued(frame)) => self.add_queued(frame),
+                Some(Next::Event(cursor)) => self.add_event(cursor),
                 Some(Next::Control(control)) => {
                     self.conn.written(control.1.len() + 2);
                     self.control(control.0, &control.1);
@@ -236,22 +261,40 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Adds a frame: as the lone frame of an empty batch, else copied into `buf` (framed once
-    /// per wire by whoever encoded it). A queued frame's bytes come off the pending bound.
-    fn add(&mut self, frame: Arc<SharedFrame>, queued: bool) {
+    /// Adds a queued frame: as the lone frame of an empty batch, else copied into `buf` (framed
+    /// once per wire by whoever encoded it). Its bytes come off the pending bound.
+    fn add_queued(&mut self, frame: Arc<SharedFrame>) {
         let Some(len) = frame.framed(self.conn.wire).map(<[u8]>::len) else {
             return;
         };
-        if queued {
-            self.conn.written(len);
-        }
+        self.conn.written(len);
         self.oldest.get_or_insert(frame.created);
         if self.is_empty() {
-            self.lone = Some(frame);
+            self.lone = Some(Lone::Queued(frame));
         } else {
             self.unlone();
             self.buf
                 .extend_from_slice(frame.framed(self.conn.wire).unwrap_or_default());
+        }
+    }
+
+    /// Adds the event a cursor is at, the same way; a lone one stays where the cursor holds it.
+    fn add_event(&mut self, cursor: usize) {
+        let lone = self.is_empty();
+        if !lone {
+            self.unlone();
+        }
+        let Some(frame) = self.inbox.event(cursor) else {
+            return;
+        };
+        let Some(framed) = frame.framed(self.conn.wire) else {
+            return;
+        };
+        self.oldest.get_or_insert(frame.created);
+        if lone {
+            self.lone = Some(Lone::Event(cursor));
+        } else {
+            self.buf.extend_from_slice(framed);
         }
     }
 
