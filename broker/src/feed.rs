@@ -169,18 +169,11 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gavel_protocol::{Channel, EventFrame, Format, ServerFrame};
-    use serde_json::Value;
+    use crate::outbound::test_event;
+    use gavel_protocol::{Format, ServerFrame};
 
     fn frame(seq: u64) -> Arc<SharedFrame> {
-        SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
-            channel: Channel::parse("broadcast").unwrap(),
-            seq,
-            ts: seq,
-            event: "e".into(),
-            from: None,
-            data: Value::Null,
-        }))
+        test_event("broadcast", seq)
     }
 
     fn seq(frame: &SharedFrame) -> u64 {

@@ -123,23 +123,16 @@ impl Inbox {
 mod tests {
     use super::*;
     use crate::feed::{Feed, Subscription};
-    use gavel_protocol::{Channel, EventFrame, Format, Reply, ServerFrame};
+    use crate::outbound::test_event;
+    use gavel_protocol::{Format, Reply, ServerFrame};
     use proptest::prelude::*;
-    use serde_json::Value;
 
     fn event(seq: u64) -> Arc<SharedFrame> {
         event_in(0, seq)
     }
 
     fn event_in(room: usize, seq: u64) -> Arc<SharedFrame> {
-        SharedFrame::for_fan_out(ServerFrame::Event(EventFrame {
-            channel: Channel::parse(&format!("conversation:c{room}")).unwrap(),
-            seq,
-            ts: 0,
-            event: "e".into(),
-            from: None,
-            data: Value::Null,
-        }))
+        test_event(&format!("conversation:c{room}"), seq)
     }
 
     fn reply(id: u64) -> Arc<SharedFrame> {

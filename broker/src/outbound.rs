@@ -133,6 +133,19 @@ impl SharedFrame {
     }
 }
 
+/// A room event with no data, for unit tests of what carries frames.
+#[cfg(test)]
+pub(crate) fn test_event(channel: &str, seq: u64) -> Arc<SharedFrame> {
+    SharedFrame::for_fan_out(ServerFrame::Event(gavel_protocol::EventFrame {
+        channel: gavel_protocol::Channel::parse(channel).expect("a valid channel"),
+        seq,
+        ts: seq,
+        event: "e".into(),
+        from: None,
+        data: serde_json::Value::Null,
+    }))
+}
+
 /// One item of a connection's outbound queue.
 pub enum Outbound {
     Frame(Arc<SharedFrame>),

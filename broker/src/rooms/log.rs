@@ -97,14 +97,7 @@ mod tests {
     const EPOCH: u64 = 77;
 
     fn frame(seq: u64) -> Arc<SharedFrame> {
-        SharedFrame::new(ServerFrame::Event(EventFrame {
-            channel: Channel::parse("broadcast").unwrap(),
-            seq,
-            ts: seq,
-            event: "e".into(),
-            from: None,
-            data: Value::Null,
-        }))
+        crate::outbound::test_event("broadcast", seq)
     }
 
     fn seqs(frames: &[Arc<SharedFrame>]) -> Vec<u64> {
