@@ -53,13 +53,12 @@ impl Backend {
         headers: &[(&'static str, String)],
         body: String,
     ) -> Result<(StatusCode, Bytes), String> {
-        let failed = |e: &dyn std::fmt::Display| e.to_string();
         let host = url.host().unwrap_or("127.0.0.1");
         let https = url.scheme_str() == Some("https");
         let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
         let stream = tokio::net::TcpStream::connect((host, port))
             .await
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| e.to_string())?;
         let request = request(url, host, port, headers, body)?;
         if !https {
             return send(stream, request).await;
@@ -69,7 +68,7 @@ impl Backend {
         };
         // An IP address in brackets (IPv6) is named without them.
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| e.to_string())?;
         let tls = connector
             .connect(name, stream)
             .await
@@ -101,18 +100,20 @@ async fn send<IO>(io: IO, request: Request<Full<Bytes>>) -> Result<(StatusCode, 
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let failed = |e: &dyn std::fmt::Display| e.to_string();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     let bytes = response
         .into_body()
         .collect()
         .await
-        .map_err(|e| failed(&e))?
+        .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, bytes))
 }

@@ -233,11 +233,10 @@ impl LocalLedger {
 
     /// `write`, made durable by the flusher; either failure is an error.
     async fn durably(&self, write: Write) -> Result<(), LedgerError> {
-        self.durability.commit(write).await.map_err(|failure| {
-            LedgerError::from(match failure {
-                CommitFailure::Write(error) | CommitFailure::Flush(error) => error,
-            })
-        })
+        self.durability
+            .commit(write)
+            .await
+            .map_err(|failure| LedgerError::from(StorageError::from(failure)))
     }
 }
 
@@ -321,8 +320,10 @@ impl Ledger for LocalLedger {
             if self.store.auction(auction)?.is_some() {
                 return Ok(None);
             }
-            self.store.put_auction(auction, record)?;
-            self.durability.sync().await?;
+            // On the flusher's thread, like every other write (see `Durability`).
+            let (id, record) = (auction.to_owned(), record.to_vec());
+            self.durably(Box::new(move |store| store.put_auction(&id, &record)))
+                .await?;
             Ok(Some(0))
         })
     }

@@ -414,7 +414,7 @@ impl Rooms {
                 continue;
             }
             let started = Instant::now();
-            let mut frames = Vec::with_capacity(events.len());
+            let mut count = 0;
             while let Some(TurnEvent { event, data, state }) = events.pop_front() {
                 let incoming = Incoming {
                     seq: log.last_seq + 1,
@@ -425,10 +425,10 @@ impl Rooms {
                     data,
                     state,
                 };
-                frames.push(room.append(&mut log, incoming, started, self.limits));
+                room.append(&mut log, incoming, started, self.limits);
+                count += 1;
             }
             let seq = log.last_seq;
-            let count = frames.len();
             let end = log.feed.end();
             drop(log);
             let delivered = if count == 0 { 0 } else { room.wake(end) };

@@ -52,18 +52,17 @@ impl Room {
         }
     }
 
-    /// Appends the next event (its seq is `last_seq + 1`) to the history and to the feed;
-    /// returns its frame. Nobody is woken yet: see [`Room::wake`].
+    /// Appends the next event (its seq is `last_seq + 1`) to the history and to the feed.
+    /// Nobody is woken yet: see [`Room::wake`].
     pub(super) fn append(
         &self,
         log: &mut RoomLog,
         event: Incoming,
         at: Instant,
         limits: HistoryLimits,
-    ) -> Arc<SharedFrame> {
+    ) {
         let frame = self.store(log, event, at, limits);
-        log.feed.append(Arc::clone(&frame));
-        frame
+        log.feed.append(frame);
     }
 
     /// Appends the next event to the history (and its state) without offering it to anyone;
@@ -104,23 +103,18 @@ impl Room {
     /// Offers `frame` to every subscriber but `skip` (an unsequenced signal); returns how many
     /// queued it.
     pub(super) fn fan_out(&self, frame: &Arc<SharedFrame>, skip: Skip<'_>) -> usize {
-        self.offer_each(skip, || Outbound::Frame(Arc::clone(frame)))
-    }
-
-    /// Offers `item()` to every subscriber but `skip`; returns how many queued it.
-    fn offer_each(&self, skip: Skip<'_>, item: impl Fn() -> Outbound) -> usize {
         let subscribers = self.subscribers.load();
         let mut queued = 0;
         for sub in subscribers.iter() {
             if skip.skips(&sub.conn) {
                 continue;
             }
-            if sub.conn.offer(item()) == Offer::Queued {
+            if sub.conn.offer(Outbound::Frame(Arc::clone(frame))) == Offer::Queued {
                 queued += 1;
             }
         }
-        // No log line here (the room's lock may be held): each slow consumer's writer logs
-        // its own disconnection, and `gavel_slow_consumers_total` counts them.
+        // No log line here: each slow consumer's writer logs its own disconnection, and
+        // `gavel_slow_consumers_total` counts them.
         queued
     }
 

@@ -166,6 +166,19 @@ enum Lone {
     Event(usize),
 }
 
+impl Lone {
+    fn frame<'a>(&'a self, inbox: &'a Inbox) -> Option<&'a Arc<SharedFrame>> {
+        match self {
+            Lone::Queued(frame) => Some(frame),
+            Lone::Event(cursor) => inbox.event(*cursor),
+        }
+    }
+
+    fn framed<'a>(&'a self, inbox: &'a Inbox, wire: Wire) -> Option<&'a [u8]> {
+        self.frame(inbox)?.framed(wire)
+    }
+}
+
 /// Bytes for one socket write: WebSocket frames laid end to end, at most about
 /// `MAX_WRITE_BATCH`; what does not fit waits in the inbox for the next write. A lone frame is
 /// written straight from its shared buffer (`lone`), so a quiet connection copies nothing and
@@ -206,26 +219,18 @@ impl<'a> Batch<'a> {
 
     /// The bytes of the next write.
     fn bytes(&self) -> &[u8] {
-        let lone = match &self.lone {
-            None => return &self.buf,
-            Some(Lone::Queued(frame)) => Some(frame),
-            Some(Lone::Event(cursor)) => self.inbox.event(*cursor),
-        };
-        lone.and_then(|frame| frame.framed(self.conn.wire))
-            .unwrap_or_default()
+        match &self.lone {
+            None => &self.buf,
+            Some(lone) => lone.framed(&self.inbox, self.conn.wire).unwrap_or_default(),
+        }
     }
 
     /// Copies the lone frame into `buf`, before anything joins it there.
     fn unlone(&mut self) {
-        let Some(lone) = self.lone.take() else {
-            return;
-        };
-        let frame = match &lone {
-            Lone::Queued(frame) => Some(frame),
-            Lone::Event(cursor) => self.inbox.event(*cursor),
-        };
-        if let Some(framed) = frame.and_then(|frame| frame.framed(self.conn.wire)) {
-            self.buf.extend_from_slice(framed);
+        if let Some(lone) = self.lone.take() {
+            if let Some(framed) = lone.framed(&self.inbox, self.conn.wire) {
+                self.buf.extend_from_slice(framed);
+            }
         }
     }
 
@@ -250,8 +255,14 @@ impl<'a> Batch<'a> {
                 self.unlone();
             }
             match self.inbox.pop() {
-                Some(Next::Queued(frame)) => self.add_queued(frame),
-                Some(Next::Event(cursor)) => self.add_event(cursor),
+                Some(Next::Queued(frame)) => {
+                    // Its bytes come off the pending bound.
+                    if let Some(framed) = frame.framed(self.conn.wire) {
+                        self.conn.written(framed.len());
+                    }
+                    self.add(Lone::Queued(frame));
+                }
+                Some(Next::Event(cursor)) => self.add(Lone::Event(cursor)),
                 Some(Next::Control(control)) => {
                     self.conn.written(control.1.len() + 2);
                     self.control(control.0, &control.1);
@@ -261,40 +272,22 @@ impl<'a> Batch<'a> {
         }
     }
 
-    /// Adds a queued frame: as the lone frame of an empty batch, else copied into `buf` (framed
-    /// once per wire by whoever encoded it). Its bytes come off the pending bound.
-    fn add_queued(&mut self, frame: Arc<SharedFrame>) {
-        let Some(len) = frame.framed(self.conn.wire).map(<[u8]>::len) else {
+    /// Adds a frame: as the lone frame of an empty batch, written from where it is, else copied
+    /// into `buf` (framed once per wire by whoever encoded it).
+    fn add(&mut self, next: Lone) {
+        let Some(frame) = next.frame(&self.inbox) else {
             return;
         };
-        self.conn.written(len);
-        self.oldest.get_or_insert(frame.created);
-        if self.is_empty() {
-            self.lone = Some(Lone::Queued(frame));
-        } else {
-            self.unlone();
-            self.buf
-                .extend_from_slice(frame.framed(self.conn.wire).unwrap_or_default());
+        if frame.framed(self.conn.wire).is_none() {
+            return;
         }
-    }
-
-    /// Adds the event a cursor is at, the same way; a lone one stays where the cursor holds it.
-    fn add_event(&mut self, cursor: usize) {
-        let lone = self.is_empty();
-        if !lone {
+        self.oldest.get_or_insert(frame.created);
+        if !self.is_empty() {
             self.unlone();
         }
-        let Some(frame) = self.inbox.event(cursor) else {
-            return;
-        };
-        let Some(framed) = frame.framed(self.conn.wire) else {
-            return;
-        };
-        self.oldest.get_or_insert(frame.created);
-        if lone {
-            self.lone = Some(Lone::Event(cursor));
-        } else {
-            self.buf.extend_from_slice(framed);
+        self.lone = Some(next);
+        if !self.buf.is_empty() {
+            self.unlone();
         }
     }
 

@@ -171,6 +171,15 @@ pub enum CommitFailure {
     Flush(StorageError),
 }
 
+impl From<CommitFailure> for StorageError {
+    /// The storage error under either failure (callers that only report it).
+    fn from(failure: CommitFailure) -> StorageError {
+        match failure {
+            CommitFailure::Write(error) | CommitFailure::Flush(error) => error,
+        }
+    }
+}
+
 /// A write (or none: a flush alone) and who waits for it to be durable.
 struct Job {
     write: Option<Write>,
@@ -226,9 +235,7 @@ impl Durability {
 
     /// Resolves when every write made before this call is durable.
     pub async fn sync(&self) -> Result<(), StorageError> {
-        self.submit(None).await.map_err(|failure| match failure {
-            CommitFailure::Write(error) | CommitFailure::Flush(error) => error,
-        })
+        self.submit(None).await.map_err(StorageError::from)
     }
 
     async fn submit(&self, write: Option<Write>) -> Result<(), CommitFailure> {

@@ -386,7 +386,6 @@ pub fn spawn_broker_process(args: &[&str], data_dir: &std::path::Path) -> (KillO
     panic!("the broker never logged its address");
 }
 
-/// An auction definition that is open now and ends in `ends_in_ms`.
 /// Creates an open auction `id` (see [`open_auction`]) through the admin API; 201 expected.
 pub async fn create_auction(addr: SocketAddr, id: &str, ends_in_ms: u64) {
     let (status, body) = api(
@@ -399,6 +398,7 @@ pub async fn create_auction(addr: SocketAddr, id: &str, ends_in_ms: u64) {
     assert_eq!(status, 201, "creating {id}: {body}");
 }
 
+/// An auction definition that is open now and ends in `ends_in_ms`.
 pub fn open_auction(id: &str, ends_in_ms: u64) -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -74,13 +74,15 @@ async fn five_tabs_of_one_user_are_one_viewer_until_they_close() {
     assert_eq!(body["peak_connections"], Value::from(6));
 }
 
+/// Pings every 100 ms; a connection silent for 500 ms is closed.
+fn fast_heartbeat(c: &mut gavel_broker::Config) {
+    c.ping_interval = Duration::from_millis(100);
+    c.idle_timeout = Duration::from_millis(500);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_dropped_after_the_heartbeat_timeout() {
-    let b = TestBroker::start(|c| {
-        c.ping_interval = Duration::from_millis(100);
-        c.idle_timeout = Duration::from_millis(500);
-    })
-    .await;
+    let b = TestBroker::start(fast_heartbeat).await;
     // A live viewer that keeps reading (and so answers pings).
     let mut live = b.connect(Some("bob")).await;
     live.subscribe("auction:hb").await;
@@ -123,11 +125,7 @@ async fn silent_connections_are_dropped_after_the_heartbeat_timeout() {
 /// couple of milliseconds), is still pinged on schedule: its pongs keep it alive well past the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_listener_is_still_pinged_and_stays_connected() {
-    let b = TestBroker::start(|c| {
-        c.ping_interval = Duration::from_millis(100);
-        c.idle_timeout = Duration::from_millis(400);
-    })
-    .await;
+    let b = TestBroker::start(fast_heartbeat).await;
     let mut listener = b.connect(Some("bob")).await;
     listener.subscribe("broadcast").await;
     // It never sends anything but the pongs its client library answers pings with.

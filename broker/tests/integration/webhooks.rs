@@ -175,13 +175,24 @@ async fn ended(addr: SocketAddr, auction: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
+/// A receiver that `make` starts on a fresh port, a broker sending its webhooks there, and an
+/// open auction `id` on it.
+async fn hooked<F, Fut>(make: F, id: &str, ends_in_ms: u64) -> (Receiver, TestBroker)
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Receiver>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
-    let receiver = Receiver::start(listener, 3).await;
+    let receiver = make(listener).await;
     let broker = TestBroker::start(webhook_config(url)).await;
-    create_auction(broker.addr, "w1", 1_500).await;
+    create_auction(broker.addr, id, ends_in_ms).await;
+    (receiver, broker)
+}
+
+#[tokio::test]
+async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
+    let (receiver, broker) = hooked(|l| Receiver::start(l, 3), "w1", 1_500).await;
     let mut ann = broker.connect(Some("ann")).await;
     let mut bob = broker.connect(Some("bob")).await;
     assert!(matches!(
@@ -256,11 +267,7 @@ async fn webhooks_survive_a_failing_receiver_signed_with_one_key_per_webhook() {
 async fn webhooks_go_out_several_at_once() {
     // Four bid webhooks, and a receiver that answers none until four requests are open at
     // once: delivered only if the broker has several attempts in flight (the default is 8).
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks/gavel", listener.local_addr().unwrap());
-    let receiver = Receiver::gathering(listener, 4).await;
-    let broker = TestBroker::start(webhook_config(url)).await;
-    create_auction(broker.addr, "c1", 600_000).await;
+    let (receiver, broker) = hooked(|l| Receiver::gathering(l, 4), "c1", 600_000).await;
     let mut ann = broker.connect(Some("ann")).await;
     for (i, amount) in [1000, 1100, 1200, 1300].into_iter().enumerate() {
         let reply = ann.bid("c1", amount, &format!("c{i}")).await;

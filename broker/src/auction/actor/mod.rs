@@ -31,7 +31,9 @@ use crate::webhooks::OutboxEntry;
 use failure::Parked;
 
 /// The leaderboard is sent at most this often per auction.
-pub const LEADERBOARD_INTERVAL: Duration = Duration::from_millis(500);
+pub const LEADERBOARD_INTERVAL: Duration = Duration::from_millis(LEADERBOARD_INTERVAL_MS);
+/// [`LEADERBOARD_INTERVAL`] in the ledger's milliseconds.
+const LEADERBOARD_INTERVAL_MS: u64 = 500;
 /// First and longest wait between probes of a failed store.
 const PROBE_MIN: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(30);
@@ -508,15 +510,15 @@ impl Actor {
     /// Whether a leaderboard may go out at `now` (ledger ms): bids changed it, and the last
     /// one is at least [`LEADERBOARD_INTERVAL`] old.
     fn leaderboard_due(&self, now: u64) -> bool {
-        let interval = LEADERBOARD_INTERVAL.as_millis() as u64;
-        self.leaderboard_dirty.is_some() && now >= self.leaderboard_sent_at + interval
+        self.leaderboard_dirty.is_some()
+            && now >= self.leaderboard_sent_at + LEADERBOARD_INTERVAL_MS
     }
 
     /// When the timer sends a pending leaderboard that no turn with bids took along: an
     /// interval after the change (and after the last one sent).
     fn leaderboard_at(&self) -> Option<tokio::time::Instant> {
         let since = self.leaderboard_dirty?.max(self.leaderboard_sent_at);
-        Some(self.instant_at(since + LEADERBOARD_INTERVAL.as_millis() as u64))
+        Some(self.instant_at(since + LEADERBOARD_INTERVAL_MS))
     }
 
     fn send_leaderboard(&mut self) {
