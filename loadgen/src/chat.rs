@@ -43,13 +43,9 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
                             }
                             ctx.stats.chat_received.fetch_add(1, Ordering::Relaxed);
                             let due = e.data["k"].as_u64().and_then(|k| {
-                                let start = ctx.start.get()?;
-                                Some(
-                                    *start
-                                        + Duration::from_secs_f64(
-                                            k as f64 / ctx.scenario.chat_rate,
-                                        ),
-                                )
+                                let start = *ctx.start.get()?;
+                                let rate = ctx.scenario.chat_rate;
+                                Some(Schedule { start, rate }.due(k))
                             });
                             if let Some(at) = due {
                                 ctx.stats.chat.record(n, at.elapsed());
@@ -83,14 +79,17 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
             };
             let conversations = ctx.scenario.conversations;
             let total = (rate * ctx.scenario.duration.as_secs_f64()).round() as u64;
-            for k in 0..total {
-                let c = (k as usize) % conversations;
-                let m = (k as usize / conversations) % 2;
-                let Some((channel, writer)) = senders.get(&(c, m)) else {
+            let mine = Arc::clone(&senders);
+            let events =
+                (0..total).filter(move |k| mine.contains_key(&sender_of(*k, conversations)));
+            let mut ticks = match pacer::ticks(Schedule { start, rate }, events) {
+                Ok(ticks) => ticks,
+                Err(error) => return ctx.error("pacer", error.to_string()),
+            };
+            while let Some(k) = ticks.recv().await {
+                let Some((channel, writer)) = senders.get(&sender_of(k, conversations)) else {
                     continue;
                 };
-                let due = start + Duration::from_secs_f64(k as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
                 let frame = if typing {
                     ctx.stats.typing_sent.fetch_add(1, Ordering::Relaxed);
                     ClientFrame::Typing {
@@ -113,4 +112,13 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
         }));
     }
     tasks
+}
+
+/// Which conversation and member send message `k` of a schedule: conversations in turn, the
+/// two members alternating.
+fn sender_of(k: u64, conversations: usize) -> (usize, usize) {
+    (
+        (k as usize) % conversations,
+        (k as usize / conversations) % 2,
+    )
 }

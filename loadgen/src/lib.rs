@@ -6,6 +6,7 @@
 
 mod chat;
 mod gavel_driver;
+mod pacer;
 mod prometheus;
 pub mod scenario;
 mod socketio;
@@ -15,6 +16,7 @@ mod workers;
 
 use chat::chat;
 use gavel_driver::{bid, open, open_resuming, watch, Resume};
+use pacer::Schedule;
 use socketio_driver::{sio_bid, sio_join, sio_watch};
 
 use std::net::SocketAddr;
@@ -42,6 +44,8 @@ pub enum LoadgenError {
     Scenario(String),
     #[error("report: {0}")]
     Report(#[from] std::io::Error),
+    #[error("starting the schedule's thread: {0}")]
+    Pacer(std::io::Error),
 }
 
 /// The result of a run.
@@ -83,10 +87,17 @@ impl Ctx {
         }
     }
 
+    /// The bid schedule, once it has started.
+    fn bid_schedule(&self) -> Option<Schedule> {
+        Some(Schedule {
+            start: *self.start.get()?,
+            rate: self.scenario.bid_rate,
+        })
+    }
+
     /// The intended send time of bid `i`.
     fn due(&self, i: u64) -> Option<Instant> {
-        let start = self.start.get()?;
-        Some(*start + Duration::from_secs_f64(i as f64 / self.scenario.bid_rate))
+        Some(self.bid_schedule()?.due(i))
     }
 
     /// The intended send time of the bid of `amount` on auction `auction`.
@@ -353,16 +364,18 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     let chatting = chat(Arc::clone(&ctx), run_id).await;
     let auctions = ctx.auction_ids.len();
     let total = (scenario.bid_rate * scenario.duration.as_secs_f64()).round() as u64;
-    for i in 0..total {
+    let schedule = Schedule {
+        start,
+        rate: scenario.bid_rate,
+    };
+    let my_bids = (0..total).filter(move |i| (*i as usize) % auctions % parts == part);
+    let mut ticks = pacer::ticks(schedule, my_bids).map_err(LoadgenError::Pacer)?;
+    while let Some(i) = ticks.recv().await {
         let auction = (i as usize) % auctions;
-        if !mine(auction) {
-            continue;
-        }
-        let due = start + Duration::from_secs_f64(i as f64 / scenario.bid_rate);
-        tokio::time::sleep_until(due.into()).await;
-        let lag = due.elapsed();
-        // Timers fire up to a millisecond late; beyond two, the loadgen itself is behind.
-        if lag > Duration::from_millis(2) {
+        let lag = schedule.due(i).elapsed();
+        // The pacer wakes within tens of microseconds; beyond a millisecond, the loadgen
+        // itself is behind.
+        if lag > Duration::from_millis(1) {
             ctx.stats.behind_schedule.fetch_add(1, Ordering::Relaxed);
             ctx.stats
                 .max_lag_micros
