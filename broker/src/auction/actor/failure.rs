@@ -32,6 +32,7 @@ impl Actor {
             self.outcomes.forget(key);
         }
         self.leaderboard_dirty = judged.leaderboard_dirty_before;
+        self.leaderboard_sent_at = judged.leaderboard_sent_at_before;
         self.view.store(Arc::new(self.auction.snapshot(now)));
         let durable = self.durable_seq.load(Ordering::Acquire);
         let (reason, message) = refusal(&error);

@@ -16,6 +16,7 @@ impl Actor {
             undo_highest: Vec::new(),
             voidable_keys: Vec::new(),
             leaderboard_dirty_before: self.leaderboard_dirty,
+            leaderboard_sent_at_before: self.leaderboard_sent_at,
         };
         let mut last = self.last_stamp.min(now);
         for command in commands {

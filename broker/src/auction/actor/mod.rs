@@ -92,7 +92,10 @@ struct Judged {
     /// Outcomes remembered in this turn whose answers a failed commit voids (accepted bids,
     /// and rejections judged after a write): forgotten if it fails.
     voidable_keys: Vec<Key>,
+    /// The leaderboard's state at the turn's start: a leaderboard taken in a failed turn was
+    /// never sent, so the next one must not wait an interval for it.
     leaderboard_dirty_before: Option<u64>,
+    leaderboard_sent_at_before: u64,
 }
 
 impl Judged {

@@ -84,6 +84,50 @@ async fn a_failed_write_is_answered_unavailable_and_leaves_nothing_behind() {
     assert!(auctions.bids("a1", 0, 10).await.unwrap().is_empty());
 }
 
+/// A leaderboard taken in a turn whose write failed was never sent: the next accepted bid's
+/// turn carries one at once, rather than an interval after the failure.
+#[tokio::test(start_paused = true)]
+async fn a_leaderboard_lost_with_a_failed_write_does_not_delay_the_next() {
+    let (log, events, auctions) = faulty();
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    bid(&auctions, "ann", 1000, "r1").await;
+    settle().await;
+    assert_eq!(events.named("leaderboard").len(), 1);
+
+    // An interval later, a leaderboard is due with the next bid, whose write fails.
+    tokio::time::sleep(LEADERBOARD_INTERVAL + Duration::from_millis(100)).await;
+    log.fail_writes(true);
+    assert_eq!(
+        reason(&bid(&auctions, "bob", 1100, "r2").await),
+        Some(BidRejection::Unavailable)
+    );
+    log.fail_writes(false);
+    // Past the first probe of the store, well within an interval of the failed turn.
+    tokio::time::sleep(LEADERBOARD_INTERVAL / 2).await;
+    settle().await;
+    assert!(matches!(
+        bid(&auctions, "cy", 1200, "r3").await,
+        Reply::BidAccepted { .. }
+    ));
+    settle().await;
+    let boards = events.named("leaderboard");
+    assert_eq!(boards.len(), 2, "{boards:?}");
+    assert_eq!(
+        boards[1]["top"],
+        serde_json::json!([
+            {"user": "cy", "amount": 1200},
+            {"user": "ann", "amount": 1000}
+        ])
+    );
+    let batches = events.batches.lock().unwrap();
+    let last = batches.last().unwrap();
+    assert!(
+        last.contains(&"bid_placed".to_owned()) && last.ends_with(&["leaderboard".to_owned()]),
+        "the leaderboard rides with cy's bid: {batches:?}"
+    );
+}
+
 /// A ledger whose commits take `delay`: a slow disk, or a slow Redis.
 struct SlowLedger {
     inner: Arc<dyn Ledger>,
