@@ -109,6 +109,9 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
                     return;
                 }
             }
+            if let Err(error) = ticks.finished() {
+                ctx.error("pacer", error.to_string());
+            }
         }));
     }
     tasks

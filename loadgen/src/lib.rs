@@ -44,7 +44,7 @@ pub enum LoadgenError {
     Scenario(String),
     #[error("report: {0}")]
     Report(#[from] std::io::Error),
-    #[error("starting the schedule's thread: {0}")]
+    #[error("the schedule's pacer thread: {0}")]
     Pacer(std::io::Error),
 }
 
@@ -403,6 +403,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             ctx.error("queue_full", "loadgen bidder queue full".to_owned());
         }
     }
+    ticks
+        .finished()
+        .map_err(|panicked| LoadgenError::Pacer(std::io::Error::other(panicked)))?;
     drop(queues);
     for bidder in bidders {
         let _ = bidder.await;

@@ -22,6 +22,34 @@ impl Schedule {
     }
 }
 
+/// The ticks of one schedule, from the pacer's thread.
+pub(crate) struct Ticks {
+    rx: mpsc::Receiver<u64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticks {
+    /// The next event's index once it is due, or `None` after the last one.
+    pub async fn recv(&mut self) -> Option<u64> {
+        self.rx.recv().await
+    }
+
+    /// After [`Ticks::recv`] returned `None`: whether the schedule ran to its end, rather than
+    /// stopping early because the pacer's thread panicked.
+    pub fn finished(mut self) -> Result<(), PacerPanicked> {
+        // The thread has dropped its sender, so it is past its loop: this join is short.
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Err(_)) => Err(PacerPanicked),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The pacer's thread panicked: the schedule stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("the schedule's pacer thread panicked; the schedule stopped early")]
+pub(crate) struct PacerPanicked;
+
 /// Yields each of `events` (indices into `schedule`, rising) at its due time, from a thread
 /// of its own (`std::thread::sleep` wakes within tens of microseconds). If the receiver falls
 /// behind, the thread waits for it: the receiver sees the lag as `due(k).elapsed()`. The
@@ -29,9 +57,9 @@ impl Schedule {
 pub(crate) fn ticks(
     schedule: Schedule,
     events: impl Iterator<Item = u64> + Send + 'static,
-) -> std::io::Result<mpsc::Receiver<u64>> {
+) -> std::io::Result<Ticks> {
     let (tx, rx) = mpsc::channel(1024);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("loadgen-pacer".into())
         .spawn(move || {
             for k in events {
@@ -44,7 +72,10 @@ pub(crate) fn ticks(
                 }
             }
         })?;
-    Ok(rx)
+    Ok(Ticks {
+        rx,
+        thread: Some(thread),
+    })
 }
 
 #[cfg(test)]
@@ -65,5 +96,6 @@ mod tests {
         }
         let expected: Vec<u64> = (0..40).filter(|k| k % 3 != 1).collect();
         assert_eq!(seen, expected);
+        assert!(ticks.finished().is_ok());
     }
 }
