@@ -93,7 +93,8 @@ struct Judged {
     /// and rejections judged after a write): forgotten if it fails.
     voidable_keys: Vec<Key>,
     /// The leaderboard's state at the turn's start: a leaderboard taken in a failed turn was
-    /// never sent, so the next one must not wait an interval for it.
+    /// not sent (or, when a cluster commit's answer was lost after it ran, was sent), so the
+    /// next one must not wait an interval for it (at worst it comes early).
     leaderboard_dirty_before: Option<u64>,
     leaderboard_sent_at_before: u64,
 }
