@@ -80,10 +80,12 @@ pub struct Stats {
     pub bids_accepted: AtomicU64,
     pub deliveries: AtomicU64,
     pub gaps: AtomicU64,
+    /// Bids sent more than 1 ms after their due time: the loadgen itself was behind.
     pub behind_schedule: AtomicU64,
     pub reconnects: AtomicU64,
     pub recovered: AtomicU64,
     pub not_recovered: AtomicU64,
+    /// The latest a bid was sent after its due time.
     pub max_lag_micros: AtomicU64,
     pub rejections: Mutex<BTreeMap<String, u64>>,
     pub errors: Mutex<BTreeMap<String, u64>>,
