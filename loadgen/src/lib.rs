@@ -220,7 +220,8 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         return workers::run(scenario).await;
     }
     let (part, parts) = (scenario.worker_index.unwrap_or(0), scenario.workers.max(1));
-    let mine = |n: usize| n % parts == part;
+    // Copies what it needs, so the bid schedule's pacer thread can take it too.
+    let mine = move |n: usize| n % parts == part;
     if let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) {
         let connections = scenario.viewers + scenario.bidders + 2 * scenario.conversations;
         let needed = (connections / parts) as u64 + 64;
@@ -368,7 +369,7 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         start,
         rate: scenario.bid_rate,
     };
-    let my_bids = (0..total).filter(move |i| (*i as usize) % auctions % parts == part);
+    let my_bids = (0..total).filter(move |i| mine(*i as usize % auctions));
     let mut ticks = pacer::ticks(schedule, my_bids).map_err(LoadgenError::Pacer)?;
     while let Some(i) = ticks.recv().await {
         let auction = (i as usize) % auctions;
