@@ -200,7 +200,8 @@ impl LocalLedger {
         &self.store
     }
 
-    /// The turn's bids, record and webhooks, in one atomic batch, for the flusher to write.
+    /// The turn's bids, record and webhooks, as one turn (see [`BidLog::append`]), for the
+    /// flusher to write.
     /// Copied: the flusher runs it on its own thread (a hidden cost of a few hundred bytes per
     /// turn).
     fn write(turn: &Turn<'_>) -> Write {
@@ -263,14 +264,14 @@ impl Ledger for LocalLedger {
         Box::pin(async move {
             match self.durability.commit(Self::write(&turn)).await {
                 Ok(()) => {}
-                // One atomic batch that failed: nothing of it is in the store.
-                Err(CommitFailure::Write(error)) => {
+                // A write that failed and took itself back: nothing of it is in the store.
+                Err(CommitFailure::Write(error)) if !matches!(error, StorageError::Torn(_)) => {
                     return Err(CommitError::NotRecorded(error.into()))
                 }
-                // The writes are in the store's memory: a later flush (of any auction) would
-                // make them durable. Undo them first, durably, so the disk never holds a bid
-                // that was answered as not placed.
-                Err(CommitFailure::Flush(error)) => {
+                // The writes (or some of a torn one) are in the store's memory: a later flush
+                // (of any auction) would make them durable. Undo them first, durably, so the
+                // disk never holds a bid that was answered as not placed.
+                Err(CommitFailure::Write(error) | CommitFailure::Flush(error)) => {
                     let webhooks: Vec<String> =
                         turn.webhooks.iter().map(|w| w.id.clone()).collect();
                     let undone = self

@@ -174,8 +174,14 @@ impl Auctions {
         for (id, bytes) in store.auctions()? {
             let auction = decode(&id, &bytes)?;
             let last = store.last_seq(&id)?;
-            if last != auction.state.last_seq {
-                // A turn's bids and record are one atomic batch, so this means a damaged store.
+            if last > auction.state.last_seq {
+                // A turn cut by a crash before its record was written (see `BidLog::append`):
+                // its bids were never acknowledged.
+                tracing::warn!(auction = %id, from = auction.state.last_seq + 1, to = last,
+                    "removing bids of a turn a crash cut short (never acknowledged)");
+                store.revert(&id, auction.state.last_seq, &bytes, &[])?;
+                store.sync()?;
+            } else if last < auction.state.last_seq {
                 return Err(StorageError::Corrupt(format!(
                     "auction {id}: record says bid {} but the log ends at {last}",
                     auction.state.last_seq

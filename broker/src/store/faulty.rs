@@ -12,6 +12,7 @@ pub struct FaultyLog {
     inner: Arc<dyn BidLog>,
     fail_writes: AtomicBool,
     fail_syncs: AtomicBool,
+    tear_appends: AtomicBool,
     /// Flushes that reached the inner log, and flushes refused.
     syncs: AtomicU64,
     refused_syncs: AtomicU64,
@@ -23,6 +24,7 @@ impl FaultyLog {
             inner,
             fail_writes: AtomicBool::new(false),
             fail_syncs: AtomicBool::new(false),
+            tear_appends: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             refused_syncs: AtomicU64::new(0),
         }
@@ -36,6 +38,12 @@ impl FaultyLog {
     /// From now on, flushes fail, or work again.
     pub fn fail_syncs(&self, fail: bool) {
         self.fail_syncs.store(fail, Ordering::SeqCst);
+    }
+
+    /// From now on, appends write the turn and then fail as torn (some of the turn may be in
+    /// the store), or work again.
+    pub fn tear_appends(&self, tear: bool) {
+        self.tear_appends.store(tear, Ordering::SeqCst);
     }
 
     /// How many flushes were attempted (passed through or refused).
@@ -60,7 +68,11 @@ impl BidLog for FaultyLog {
         outbox: &[Outboxed],
     ) -> Result<(), StorageError> {
         self.write()?;
-        self.inner.append(auction, bids, record, outbox)
+        self.inner.append(auction, bids, record, outbox)?;
+        if self.tear_appends.load(Ordering::SeqCst) {
+            return Err(StorageError::Torn("injected torn write".into()));
+        }
+        Ok(())
     }
 
     fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError> {

@@ -84,13 +84,21 @@ pub enum StorageError {
     Corrupt(String),
     #[error("the storage flusher has stopped")]
     Stopped,
+    /// A write failed part way and taking back its first part failed too: some of it may be
+    /// in the store (and a later flush would make it durable) until it is undone.
+    #[error("write failed part way and could not be taken back: {0}")]
+    Torn(String),
 }
 
 /// The operations the auction engine needs from storage. Writes become durable only after
 /// [`BidLog::sync`]; callers go through [`Durability`] for that.
 pub trait BidLog: Send + Sync + 'static {
     /// Writes bids (with their idempotency index entries), the auction's record after them and
-    /// the turn's webhooks (into the outbox), in one atomic batch.
+    /// the turn's webhooks (into the outbox), as one turn: after a crash, either all of it is
+    /// there, or at most bids after the record's last seq (with their index entries), which
+    /// [`BidLog::revert`] removes at start-up (a store may write the record last rather than
+    /// atomically). On an error nothing of it is in the store, except with
+    /// [`StorageError::Torn`], after which the caller must revert.
     fn append(
         &self,
         auction: &str,
@@ -295,7 +303,7 @@ fn record_flush(took: Duration, batch: usize, result: &Result<(), StorageError>)
 mod tests {
     use super::*;
 
-    fn bid(seq: u64, amount: i64) -> BidRecord {
+    pub(crate) fn bid(seq: u64, amount: i64) -> BidRecord {
         BidRecord {
             seq,
             user: UserId::parse("u1").unwrap(),

@@ -84,6 +84,64 @@ async fn a_failed_write_is_answered_unavailable_and_leaves_nothing_behind() {
     assert!(auctions.bids("a1", 0, 10).await.unwrap().is_empty());
 }
 
+/// A write that failed part way and could not take itself back is undone like a failed
+/// flush: answered unavailable, and nothing of it stays in the log.
+#[tokio::test(start_paused = true)]
+async fn a_torn_write_is_undone_before_the_bid_is_refused() {
+    let (log, _, auctions) = faulty();
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    log.tear_appends(true);
+    assert_eq!(
+        reason(&bid(&auctions, "ann", 1000, "r1").await),
+        Some(BidRejection::Unavailable)
+    );
+    assert_eq!(
+        log.last_seq("a1").unwrap(),
+        0,
+        "the torn turn was taken back"
+    );
+    let ann = UserId::parse("ann").unwrap();
+    assert_eq!(log.find_bid("a1", &ann, "r1").unwrap(), None);
+    log.tear_appends(false);
+    tokio::time::sleep(LEADERBOARD_INTERVAL).await;
+    assert!(matches!(
+        bid(&auctions, "ann", 1000, "r1").await,
+        Reply::BidAccepted { bid_seq: 1, .. }
+    ));
+}
+
+/// A crash between a turn's bids and its record (a store that writes the record last) leaves
+/// bids after the record's last seq. They were never acknowledged: start-up removes them, and
+/// their seq and request ids are free again.
+#[tokio::test(start_paused = true)]
+async fn bids_of_a_turn_cut_by_a_crash_are_removed_at_start_up() {
+    let log: Arc<dyn BidLog> = Arc::new(MemoryLog::default());
+    let first_run = CancellationToken::new();
+    {
+        let auctions = engine(Arc::clone(&log), Arc::default(), first_run.clone());
+        auctions.create(spec("a1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        bid(&auctions, "ann", 1000, "r1").await;
+        first_run.cancel();
+    }
+    // What the crash left: bob's bid 2 without the record after it.
+    let record = log.auction("a1").unwrap().unwrap();
+    let mut cut = log.bids("a1", 0, 1).unwrap().remove(0);
+    (cut.seq, cut.user, cut.amount, cut.request_id) =
+        (2, UserId::parse("bob").unwrap(), 1100, "r2".into());
+    log.append("a1", &[cut], &record, &[]).unwrap();
+
+    let auctions = engine(Arc::clone(&log), Arc::default(), CancellationToken::new());
+    assert_eq!(log.last_seq("a1").unwrap(), 1);
+    let bob = UserId::parse("bob").unwrap();
+    assert_eq!(log.find_bid("a1", &bob, "r2").unwrap(), None);
+    assert!(matches!(
+        bid(&auctions, "bob", 1100, "r2").await,
+        Reply::BidAccepted { bid_seq: 2, .. }
+    ));
+}
+
 /// A leaderboard taken in a turn whose write failed was never sent: the next accepted bid's
 /// turn carries one at once, rather than an interval after the failure.
 #[tokio::test(start_paused = true)]
