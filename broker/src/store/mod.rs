@@ -125,7 +125,7 @@ pub trait BidLog: Send + Sync + 'static {
     /// One auction's record, live or archived.
     fn auction(&self, auction: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// The bid `user` placed with `request_id` in `auction`, if any (the idempotency index,
-    /// written by `append` in the same batch as the bid).
+    /// written by `append` after the bid; an entry whose bid is another's answers `None`).
     fn find_bid(
         &self,
         auction: &str,
@@ -134,8 +134,8 @@ pub trait BidLog: Send + Sync + 'static {
     ) -> Result<Option<BidRecord>, StorageError>;
     /// Undoes unflushed writes: removes the bids after `last_seq` (and their index entries)
     /// and the `outbox` entries of the failed turn, and puts `record` back, atomically. Used
-    /// after a failed flush, so that no later flush makes durable what was answered as not
-    /// placed.
+    /// after a failed flush or torn write, so that no later flush makes durable what was
+    /// answered as not placed, and at start-up for the bids of a turn a crash cut.
     fn revert(
         &self,
         auction: &str,
@@ -171,7 +171,8 @@ pub type Write = Box<dyn FnOnce(&dyn BidLog) -> Result<(), StorageError> + Send>
 /// Why [`Durability::commit`] failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommitFailure {
-    /// The write failed: nothing of it is in the store.
+    /// The write failed: nothing of it is in the store, except with [`StorageError::Torn`]
+    /// (some of it may be; the caller reverts).
     #[error("write failed: {0}")]
     Write(StorageError),
     /// The write is in the store, but the flush after it failed: it may or may not be on disk.

@@ -395,9 +395,11 @@ mod tests {
                 .map(|b| b.seq)
                 .collect();
             assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "no gap in the bids");
+            let whole = format!("r{record_seq}");
+            let u1 = UserId::parse("u1").unwrap();
+            assert!(log.find_bid("a1", &u1, &whole).unwrap().is_some());
             log.revert("a1", record_seq, &record, &[]).unwrap();
             assert_eq!(log.last_seq("a1").unwrap(), record_seq);
-            let u1 = UserId::parse("u1").unwrap();
             let cut = format!("r{}", record_seq + 1);
             assert_eq!(log.find_bid("a1", &u1, &cut).unwrap(), None);
             drop(log);
