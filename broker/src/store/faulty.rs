@@ -40,8 +40,8 @@ impl FaultyLog {
         self.fail_syncs.store(fail, Ordering::SeqCst);
     }
 
-    /// From now on, appends write the turn and then fail as torn (some of the turn may be in
-    /// the store), or work again.
+    /// From now on, appends write the turn's bids but not its record or outbox, and then fail
+    /// as torn, or work again.
     pub fn tear_appends(&self, tear: bool) {
         self.tear_appends.store(tear, Ordering::SeqCst);
     }
@@ -68,11 +68,15 @@ impl BidLog for FaultyLog {
         outbox: &[Outboxed],
     ) -> Result<(), StorageError> {
         self.write()?;
-        self.inner.append(auction, bids, record, outbox)?;
         if self.tear_appends.load(Ordering::SeqCst) {
+            // What a write cut mid-turn leaves: the turn's bids, with the record (and the
+            // outbox) as they were before it.
+            if let Some(before) = self.inner.auction(auction)? {
+                self.inner.append(auction, bids, &before, &[])?;
+            }
             return Err(StorageError::Torn("injected torn write".into()));
         }
-        Ok(())
+        self.inner.append(auction, bids, record, outbox)
     }
 
     fn put_auction(&self, auction: &str, record: &[u8]) -> Result<(), StorageError> {

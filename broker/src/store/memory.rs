@@ -134,6 +134,7 @@ impl BidLog for MemoryLog {
             .requests
             .get(&key)
             .and_then(|seq| inner.bids.get(&(auction.to_owned(), *seq)))
+            .filter(|bid| bid.user == *user && bid.request_id == request_id)
             .cloned())
     }
 
