@@ -13,6 +13,12 @@ use gavel_client::token::sign_hs256;
 struct Cli {
     #[command(flatten)]
     config: Config,
+    /// Threads that run connections, rooms and auctions (the tokio runtime's workers). 0: one per
+    /// CPU core the process may use. Fewer than the cores can cost less CPU per delivery when
+    /// other busy processes share the machine (docs/benchmarks.md, "One worker thread or two").
+    /// The bid log's flusher and sled's IO threads come on top
+    #[arg(long, env = "GAVEL_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -37,9 +43,27 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let Cli { config, command } = Cli::parse();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cli.worker_threads > 0 {
+        runtime.worker_threads(cli.worker_threads);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve(cli)),
+        Err(error) => {
+            eprintln!("gavel-broker: cannot start the runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> std::process::ExitCode {
+    let Cli {
+        config,
+        worker_threads,
+        command,
+    } = cli;
     init_tracing(&config);
     if let Err(error) = config.validate() {
         eprintln!("gavel-broker: {error}");
@@ -56,6 +80,10 @@ async fn main() -> std::process::ExitCode {
     }
     if config.check_config {
         println!("{config:#?}");
+        match worker_threads {
+            0 => println!("worker threads: one per CPU core"),
+            n => println!("worker threads: {n}"),
+        }
         return std::process::ExitCode::SUCCESS;
     }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {

@@ -1,4 +1,5 @@
-//! Graceful shutdown: every client gets close code 1001 after its queued frames.
+//! Graceful shutdown: every client gets close code 1001 after its queued frames. Also the
+//! binary's own runtime (`--worker-threads`).
 
 use std::process::Command;
 
@@ -54,6 +55,44 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
     for mut c in clients {
         assert_eq!(c.closed().await, Some(1001));
     }
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `--worker-threads 1`: the binary runs one tokio worker, serves on it, and shuts down as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_runs_on_as_many_workers_as_it_is_told() {
+    let data_dir = temp_dir("one-worker");
+    let (mut child, addr) =
+        spawn_broker_process(&["--worker-threads", "1", "--api-key", API_KEY], &data_dir);
+    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("tokio-rt-worker"))
+        .count();
+    assert_eq!(workers, 1, "tokio worker threads");
+
+    let mut viewer = TestClient::connect(addr, None, Format::MsgPack).await;
+    viewer.subscribe("broadcast").await;
+    let (status, body) = api(
+        addr,
+        "POST",
+        "/api/publish",
+        Some(json!({"channel": "broadcast", "event": "hello", "data": 1})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(viewer.next_event().await.event, "hello");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(viewer.closed().await, Some(1001));
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
