@@ -361,6 +361,29 @@ pub async fn connect_tcp(
         std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
+    #[cfg(target_os = "linux")]
+    port_at_connect(&socket);
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(addr).await
+}
+
+/// Asks Linux to choose the source port at `connect`, from the whole address four-tuple, and
+/// not at `bind` (`IP_BIND_ADDRESS_NO_PORT`). At `bind` a port still in TIME_WAIT from an earlier
+/// run cannot be reused, and with most of the range held each `bind` searches longer: a load
+/// test's connect storm then crawls. Best effort: without it, `bind` works as before.
+#[cfg(target_os = "linux")]
+fn port_at_connect(socket: &tokio::net::TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is the open socket `socket` owns; the option is an int, passed
+    // by pointer with its size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
