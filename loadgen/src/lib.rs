@@ -216,6 +216,15 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             "--publish works with the gavel driver only".into(),
         ));
     }
+    // Each worker process bids on its own share of the auctions through its own bidders.
+    let bidding_workers = scenario.workers.min(scenario.auctions);
+    if scenario.bidders < bidding_workers {
+        return Err(LoadgenError::Scenario(format!(
+            "--workers {} gives {bidding_workers} processes auctions to bid on, each through \
+             bidders of its own: use at least {bidding_workers} --bidders",
+            scenario.workers
+        )));
+    }
     if scenario.workers > 1 && scenario.worker_index.is_none() {
         return workers::run(scenario).await;
     }
@@ -336,7 +345,9 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
         ctx.stats.bidders_connected.fetch_add(1, Ordering::Relaxed);
         queues.push(tx);
     }
-    if queues.is_empty() {
+    // A worker with no auction of its own (more workers than auctions) has nothing to bid.
+    let bids_here = (0..ctx.auction_ids.len()).any(mine);
+    if queues.is_empty() && bids_here {
         return Err(LoadgenError::Scenario("no bidder could connect".into()));
     }
     // The schedule: bid i is due at start + i / rate, whatever happened before. Workers share
@@ -407,7 +418,14 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     ticks
         .finished()
         .map_err(|panicked| LoadgenError::Pacer(std::io::Error::other(panicked)))?;
+    // Every worker keeps its viewers watching to the schedule's end, then the cool-down (which
+    // each bidder waits once its queue closes): one whose own auctions' last bids come early,
+    // or one with no auction of its own, too.
+    tokio::time::sleep_until((start + scenario.duration).into()).await;
     drop(queues);
+    if bidders.is_empty() {
+        tokio::time::sleep(scenario.cooldown).await;
+    }
     for bidder in bidders {
         let _ = bidder.await;
     }

@@ -191,3 +191,49 @@ async fn every_accepted_bid_reaches_every_viewer_and_the_slo_decides() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// More worker processes than auctions: the worker with no auction of its own sends no bid but
+/// keeps its viewers to the end, so one room's events reach every viewer of both processes.
+/// Fewer bidders than the processes with auctions to bid on is a scenario error (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_beyond_the_auctions_watch_to_the_end() {
+    let (addr, dir) = broker(|_| {}).await;
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("one-room.json");
+    let run = move |auctions: &str, report: Option<&std::path::Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"));
+        cmd.args([
+            "--url",
+            &addr.to_string(),
+            "--jwt-secret",
+            SECRET,
+            "--api-key",
+            KEY,
+        ])
+        .args(["--auctions", auctions, "--viewers", "20", "--bidders", "1"])
+        .args(["--bid-rate", "20", "--duration", "2s", "--cooldown", "1s"])
+        .args(["--workers", "2", "--quiet"]);
+        if let Some(report) = report {
+            cmd.arg("--report").arg(report);
+        }
+        cmd.status().unwrap().code()
+    };
+    let path = report.clone();
+    let (one_room, too_few_bidders) =
+        tokio::task::spawn_blocking(move || (run("1", Some(&path)), run("4", None)))
+            .await
+            .unwrap();
+    assert_eq!(too_few_bidders, Some(2));
+    assert_eq!(one_room, Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["connections"]["viewers"], 20, "{r}");
+    let accepted = r["bids"]["accepted"].as_u64().unwrap();
+    assert_eq!(accepted, 40, "{r}");
+    assert_eq!(
+        r["deliveries"]["received"].as_u64().unwrap(),
+        accepted * 20,
+        "{r}"
+    );
+    assert_eq!(r["deliveries"]["expected"], r["deliveries"]["received"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
