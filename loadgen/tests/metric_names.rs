@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 
-use common::{KEY, SECRET};
+use common::loadgen_command;
 
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -88,15 +88,7 @@ fn named_in(text: &str) -> BTreeSet<String> {
 }
 
 fn loadgen(addr: SocketAddr, metrics: Option<SocketAddr>) -> std::process::Child {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"));
-    command.args([
-        "--url",
-        &addr.to_string(),
-        "--jwt-secret",
-        SECRET,
-        "--api-key",
-        KEY,
-    ]);
+    let mut command = loadgen_command(addr);
     command.args([
         "--auctions",
         "2",

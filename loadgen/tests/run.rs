@@ -5,37 +5,33 @@ use std::process::Command;
 
 mod common;
 
-use common::{broker, KEY, SECRET};
+use common::{broker, loadgen_command, target_args};
 
 fn args(addr: std::net::SocketAddr, slo: &str) -> Vec<String> {
-    [
-        "--url",
-        &addr.to_string(),
-        "--jwt-secret",
-        SECRET,
-        "--api-key",
-        KEY,
-        "--auctions",
-        "2",
-        "--viewers",
-        "60",
-        "--zipf",
-        "1.0",
-        "--bidders",
-        "4",
-        "--bid-rate",
-        "40",
-        "--duration",
-        "2s",
-        "--cooldown",
-        "1s",
-        "--quiet",
-        "--slo",
-        slo,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = target_args(addr);
+    args.extend(
+        [
+            "--auctions",
+            "2",
+            "--viewers",
+            "60",
+            "--zipf",
+            "1.0",
+            "--bidders",
+            "4",
+            "--bid-rate",
+            "40",
+            "--duration",
+            "2s",
+            "--cooldown",
+            "1s",
+            "--quiet",
+            "--slo",
+            slo,
+        ]
+        .map(String::from),
+    );
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,18 +197,10 @@ async fn workers_beyond_the_auctions_watch_to_the_end() {
     std::fs::create_dir_all(&dir).unwrap();
     let report = dir.join("one-room.json");
     let run = move |auctions: &str, report: Option<&std::path::Path>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"));
-        cmd.args([
-            "--url",
-            &addr.to_string(),
-            "--jwt-secret",
-            SECRET,
-            "--api-key",
-            KEY,
-        ])
-        .args(["--auctions", auctions, "--viewers", "20", "--bidders", "1"])
-        .args(["--bid-rate", "20", "--duration", "2s", "--cooldown", "1s"])
-        .args(["--workers", "2", "--quiet"]);
+        let mut cmd = loadgen_command(addr);
+        cmd.args(["--auctions", auctions, "--viewers", "20", "--bidders", "1"])
+            .args(["--bid-rate", "20", "--duration", "2s", "--cooldown", "1s"])
+            .args(["--workers", "2", "--quiet"]);
         if let Some(report) = report {
             cmd.arg("--report").arg(report);
         }

@@ -39,7 +39,6 @@ async fn in_process_shutdown_drains_then_closes_with_1001() {
 async fn sigterm_closes_clients_with_1001_and_exits_zero() {
     let data_dir = temp_dir("sigterm");
     let (child, addr) = spawn_broker_process(&[], &data_dir);
-    let mut child = child;
 
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -47,6 +46,12 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
         c.subscribe("broadcast").await;
         clients.push(c);
     }
+    terminate(child, clients).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// SIGTERM to a broker process: each of `clients` gets close code 1001, and the process exits 0.
+async fn terminate(mut child: KillOnDrop, clients: Vec<TestClient>) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -60,14 +65,13 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "exit status {exit:?}");
-    let _ = std::fs::remove_dir_all(&data_dir);
 }
 
 /// `--worker-threads 1`: the binary runs one tokio worker, serves on it, and shuts down as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_runs_on_as_many_workers_as_it_is_told() {
     let data_dir = temp_dir("one-worker");
-    let (mut child, addr) =
+    let (child, addr) =
         spawn_broker_process(&["--worker-threads", "1", "--api-key", API_KEY], &data_dir);
     let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
         .unwrap()
@@ -88,16 +92,7 @@ async fn the_binary_runs_on_as_many_workers_as_it_is_told() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(viewer.next_event().await.event, "hello");
 
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert_eq!(viewer.closed().await, Some(1001));
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "exit status {exit:?}");
+    terminate(child, vec![viewer]).await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 

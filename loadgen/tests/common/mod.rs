@@ -25,3 +25,18 @@ pub async fn broker(tweak: impl FnOnce(&mut Config)) -> (std::net::SocketAddr, s
     tokio::spawn(async move { broker.serve(listener).await });
     (addr, dir)
 }
+
+/// The flags that aim the loadgen at the broker at `addr` with the test's secret and API key.
+pub fn target_args(addr: std::net::SocketAddr) -> Vec<String> {
+    let addr = addr.to_string();
+    ["--url", &addr, "--jwt-secret", SECRET, "--api-key", KEY]
+        .map(String::from)
+        .to_vec()
+}
+
+/// The loadgen binary with [`target_args`].
+pub fn loadgen_command(addr: std::net::SocketAddr) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gavel-loadgen"));
+    command.args(target_args(addr));
+    command
+}
