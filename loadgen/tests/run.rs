@@ -200,7 +200,7 @@ async fn workers_beyond_the_auctions_watch_to_the_end() {
         let mut cmd = loadgen_command(addr);
         cmd.args(["--auctions", auctions, "--viewers", "20", "--bidders", "1"])
             .args(["--bid-rate", "20", "--duration", "2s", "--cooldown", "1s"])
-            .args(["--workers", "2", "--quiet"]);
+            .args(["--workers", "2", "--quiet", "--slo", "delivery.p99<10s"]);
         if let Some(report) = report {
             cmd.arg("--report").arg(report);
         }

@@ -73,6 +73,8 @@ async fn the_binary_runs_on_as_many_workers_as_it_is_told() {
     let data_dir = temp_dir("one-worker");
     let (child, addr) =
         spawn_broker_process(&["--worker-threads", "1", "--api-key", API_KEY], &data_dir);
+    // tokio's blocking-pool threads share the workers' name, but the broker starts none (it
+    // has no `spawn_blocking` and no `tokio::fs`): every thread so named is a worker.
     let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
         .unwrap()
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
