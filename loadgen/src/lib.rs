@@ -418,17 +418,13 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
     ticks
         .finished()
         .map_err(|panicked| LoadgenError::Pacer(std::io::Error::other(panicked)))?;
-    // Every worker keeps its viewers watching to the schedule's end, then the cool-down (which
-    // each bidder waits once its queue closes): one whose own auctions' last bids come early,
-    // or one with no auction of its own, too.
-    tokio::time::sleep_until((start + scenario.duration).into()).await;
     drop(queues);
-    if bidders.is_empty() {
-        tokio::time::sleep(scenario.cooldown).await;
-    }
     for bidder in bidders {
         let _ = bidder.await;
     }
+    // Every worker keeps its viewers watching to the schedule's end and its cool-down, also one
+    // whose own auctions' last bids came early, or one with no auction of its own.
+    tokio::time::sleep_until((start + scenario.duration + scenario.cooldown).into()).await;
     let deliveries = ctx.stats.deliveries.load(Ordering::Relaxed) - deliveries_start;
     let server_end = match &cpu_source {
         Some(source) => source.seconds().await,

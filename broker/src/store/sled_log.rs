@@ -355,12 +355,10 @@ mod tests {
     fn after_kill_9_the_log_holds_whole_turns_and_at_most_one_cut_turn() {
         const ROUNDS: u64 = 32;
         let mut cut_rounds = 0;
-        let mut rounds = 0;
         for round in 0..ROUNDS {
             if round >= 4 && cut_rounds > 0 {
                 break;
             }
-            rounds += 1;
             let dir = tempdir();
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args([
@@ -418,7 +416,7 @@ mod tests {
         }
         assert!(
             cut_rounds > 0,
-            "none of {rounds} kills cut a turn, so the cut case went unchecked"
+            "none of {ROUNDS} kills cut a turn, so the cut case went unchecked"
         );
     }
 }

@@ -267,14 +267,14 @@ async fn a_client_that_says_goodbye_leaves_its_rooms_at_once() {
     })
     .await;
     // A viewer-count update sent before the goodbye may still come first; then the end.
-    let mut after_goodbye = Vec::new();
+    let mut after_goodbye = 0;
     while let Some((_, frame)) = events.next().await {
         assert_eq!(
             frame["type"], "viewers",
             "only a pending viewer count comes after the goodbye"
         );
-        after_goodbye.push(frame);
-        assert!(after_goodbye.len() < 10, "the stream ended");
+        after_goodbye += 1;
+        assert!(after_goodbye < 10, "the stream ended");
     }
     let (status, body) = http(b.addr, "DELETE", &goodbye, &[], None).await;
     assert_eq!(
