@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
 
 /// An on/off switch.
@@ -156,13 +157,13 @@ pub struct Config {
 
     /// Let connections without a token in: read-only (watch auctions and broadcasts; no bids,
     /// no conversations, no personal channel).
-    #[arg(long, env = "GAVEL_ALLOW_ANONYMOUS")]
+    #[arg(long, env = "GAVEL_ALLOW_ANONYMOUS", value_parser = BoolishValueParser::new())]
     pub allow_anonymous: bool,
 
     /// Serve the live auction demo page at /demo/ with its development helpers: a public list of
     /// auctions and their bid logs, and a bidder token for anyone who asks (signed with
     /// --jwt-secret, which it needs). Development only: never on a broker users can reach.
-    #[arg(long, env = "GAVEL_DEMO")]
+    #[arg(long, env = "GAVEL_DEMO", value_parser = BoolishValueParser::new())]
     pub demo: bool,
 
     /// Without --allow-anonymous, a connection that has not authenticated this long after the
@@ -237,7 +238,7 @@ pub struct Config {
     pub webhook_secret: Option<String>,
 
     /// Also send a `bid.accepted` webhook for every accepted bid (automatic ones included).
-    #[arg(long, env = "GAVEL_WEBHOOK_BIDS")]
+    #[arg(long, env = "GAVEL_WEBHOOK_BIDS", value_parser = BoolishValueParser::new())]
     pub webhook_bids: bool,
 
     /// How long one webhook attempt (connect, POST, answer) may take before it counts as failed.
@@ -267,7 +268,9 @@ pub struct Config {
     #[arg(long, env = "GAVEL_LOG", default_value = "info")]
     pub log: String,
 
-    /// Check the configuration, print it (secrets redacted) and exit.
+    /// Check the configuration as a start would (values, key and certificate files, URLs, the
+    /// data dir), print it (secrets redacted) and exit: 0 when it would start, 1 (with the
+    /// reason) when not. A reachable Redis is not checked.
     #[arg(long)]
     pub check_config: bool,
 }

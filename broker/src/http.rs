@@ -53,28 +53,28 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     let path = req.uri().path().to_owned();
     if path.starts_with("/api/") {
         let origin = req.headers().get(ORIGIN).cloned();
-        let mut response = if req.method() == Method::OPTIONS {
+        // Refused requests are counted too (`route="refused"`), so that a backend with a wrong
+        // key or origin shows on the dashboards.
+        let (route, mut response) = if req.method() == Method::OPTIONS {
             // A CORS preflight: no key is sent with it.
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NO_CONTENT;
-            response
+            ("preflight", response)
         } else if !origin_allowed(&shared.config, req.headers()) {
-            error_response(
+            let response = error_response(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
                 "this origin may not call the API",
-            )
+            );
+            ("refused", response)
         } else {
             match check_api_key(shared, &req) {
-                Err(response) => response,
-                Ok(()) => {
-                    let (route, response) = api(shared, req, &path).await;
-                    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
-                        .increment(1);
-                    response
-                }
+                Err(response) => ("refused", response),
+                Ok(()) => api(shared, req, &path).await,
             }
         };
+        metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status_label(response.status()))
+            .increment(1);
         cors(&shared.config, origin.as_ref(), &mut response);
         return response;
     }

@@ -457,6 +457,7 @@ impl Broker {
     /// and waits (at most the configured shutdown timeout) for every connection to finish.
     pub async fn shutdown(&self) {
         tracing::info!("shutting down");
+        ::metrics::gauge!(crate::metrics::READY).set(0.0);
         // Auctions first: each answers the bids already queued and makes them durable, while
         // the connections that wait for those answers are still open.
         self.shared.auctions.shut_down().await;
@@ -505,6 +506,27 @@ fn spawn_every(shared: &Arc<Shared>, period: Duration, work: fn(&Shared)) {
             }
         }
     });
+}
+
+/// Checks `config` as a start would, without starting anything: its values and rules, the JWT
+/// key file, the TLS certificate and key, the backend CA, the URLs (`--redis-url`,
+/// `--conversation-auth-url`) and that `--data-dir` can be created. What only a running node
+/// can find (a reachable Redis, a bid log not locked by another process) is left to the start.
+pub fn check(config: &Config) -> Result<(), Error> {
+    config.validate()?;
+    backend_client(config)?;
+    verifier(config)?;
+    if let Some(url) = &config.conversation_auth_url {
+        backend_http::parse_url(url).map_err(Error::AuthorizeUrl)?;
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        tls::acceptor(cert, key)?;
+    }
+    match &config.redis_url {
+        Some(url) => cluster::check_url(url)?,
+        None => std::fs::create_dir_all(&config.data_dir)?,
+    }
+    Ok(())
 }
 
 /// Serves `listener` with `config` until `shutdown` resolves, then shuts down gracefully.

@@ -64,8 +64,9 @@ async fn serve(cli: Cli) -> std::process::ExitCode {
         worker_threads,
         command,
     } = cli;
-    init_tracing(&config);
-    if let Err(error) = config.validate() {
+    if let Err(error) =
+        init_tracing(&config).and_then(|()| config.validate().map_err(|e| e.to_string()))
+    {
         eprintln!("gavel-broker: {error}");
         return std::process::ExitCode::from(2);
     }
@@ -79,6 +80,10 @@ async fn serve(cli: Cli) -> std::process::ExitCode {
         return print_token(&config, sub, roles, channels, ttl);
     }
     if config.check_config {
+        if let Err(error) = gavel_broker::check(&config) {
+            eprintln!("gavel-broker: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
         println!("{config:#?}");
         match worker_threads {
             0 => println!("worker threads: one per CPU core"),
@@ -136,14 +141,19 @@ fn print_token(
     }
 }
 
-fn init_tracing(config: &Config) {
+/// Installs the log subscriber; a `--log` filter that does not parse is a configuration error.
+fn init_tracing(config: &Config) -> Result<(), String> {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        .map_err(|error| format!("invalid --log filter {:?}: {error}", config.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match config.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -273,8 +273,14 @@ pub fn zero_cluster() {
         "create_auction",
         "list_auctions",
         "bids",
+        "find_bids",
+        "archive",
         "webhooks",
         "gap",
+        "relay_full",
+        "publish_queue_full",
+        "control_queue_full",
+        "unsubscribe_queue_full",
     ] {
         metrics::counter!(CLUSTER_ERRORS, "op" => op).absolute(0);
     }
@@ -295,9 +301,10 @@ pub fn spawn_upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::Cancel
     });
 }
 
-/// One fan-out: `delivered` copies of a frame queued in `took`.
-pub fn record_fan_out(kind: &'static str, delivered: usize, took: Duration) {
-    metrics::counter!(PUBLISHES, "type" => kind).increment(1);
+/// One fan-out: `events` frames (a turn's events, or one signal), `delivered` copies of them
+/// in all, queued in `took`.
+pub fn record_fan_out(kind: &'static str, events: usize, delivered: usize, took: Duration) {
+    metrics::counter!(PUBLISHES, "type" => kind).increment(events as u64);
     metrics::counter!(MESSAGES_SENT, "type" => kind).increment(delivered as u64);
     metrics::histogram!(FAN_OUT_SECONDS).record(took.as_secs_f64());
 }

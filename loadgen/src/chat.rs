@@ -48,7 +48,7 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
                                 Some(Schedule { start, rate }.due(k))
                             });
                             if let Some(at) = due {
-                                ctx.stats.chat.record(n, at.elapsed());
+                                ctx.record(Metric::Chat, n, at.elapsed());
                             }
                         }
                         ServerFrame::Typing { .. } => {

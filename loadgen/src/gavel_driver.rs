@@ -52,7 +52,7 @@ pub(crate) async fn open_resuming(
         ctx.connect_failed();
         return None;
     }
-    ctx.stats.connect.record(n, started.elapsed());
+    ctx.record(Metric::Connect, n, started.elapsed());
     if let Some(channel) = channel {
         let started = Instant::now();
         let frame = ClientFrame::Subscribe {
@@ -88,7 +88,7 @@ pub(crate) async fn open_resuming(
                 _ => return None,
             }
         }
-        ctx.stats.subscribe.record(n, started.elapsed());
+        ctx.record(Metric::Subscribe, n, started.elapsed());
     }
     Some(client)
 }
@@ -183,11 +183,8 @@ pub(crate) async fn watch(
                 ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 let amount = probe.data.and_then(|d| d.amount).unwrap_or(0);
                 if let Some(at) = ctx.due_of(auction, amount) {
-                    let latency = at.elapsed();
-                    ctx.stats.delivery.record(n, latency);
+                    ctx.record(Metric::Delivery, n, at.elapsed());
                     if ctx.export {
-                        metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "delivery")
-                            .record(latency.as_secs_f64());
                         metrics::counter!("gavel_loadgen_deliveries_total").increment(1);
                     }
                 }
@@ -225,25 +222,15 @@ pub(crate) async fn bid(
                         request_id,
                         ..
                     } => {
-                        ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
-                        if let Some(index) = ctx.auction_ids.iter().position(|a| *a == auction_id) {
-                            ctx.accepted[index].fetch_add(1, Ordering::Relaxed);
-                            if ctx.export {
-                                // Every viewer of the auction is due this bid.
-                                metrics::counter!("gavel_loadgen_deliveries_expected_total")
-                                    .increment(ctx.watching[index].load(Ordering::Relaxed));
+                        match ctx.auction_ids.iter().position(|a| *a == auction_id) {
+                            Some(index) => ctx.accepted(index),
+                            None => {
+                                ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         let index = request_id.rsplit('-').next().and_then(|i| i.parse().ok());
                         if let Some(at) = index.and_then(|i| ctx.due(i)) {
-                            ctx.stats.bid_ack.record(n, at.elapsed());
-                            if ctx.export {
-                                metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "bid_ack")
-                                    .record(at.elapsed().as_secs_f64());
-                            }
-                        }
-                        if ctx.export {
-                            metrics::counter!("gavel_loadgen_bids_accepted_total").increment(1);
+                            ctx.record(Metric::BidAck, n, at.elapsed());
                         }
                     }
                     Reply::BidRejected { reason, .. } => {
@@ -330,19 +317,14 @@ pub(crate) async fn publish(
             stats::Stats::count(&ctx.stats.rejections, format!("http_{}", status.as_u16()));
             continue;
         }
-        ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
-        ctx.accepted[event.auction].fetch_add(1, Ordering::Relaxed);
+        ctx.accepted(event.auction);
         let index = event
             .request_id
             .rsplit('-')
             .next()
             .and_then(|i| i.parse().ok());
         if let Some(at) = index.and_then(|i| ctx.due(i)) {
-            ctx.stats.bid_ack.record(n, at.elapsed());
-            if ctx.export {
-                metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => "bid_ack")
-                    .record(at.elapsed().as_secs_f64());
-            }
+            ctx.record(Metric::BidAck, n, at.elapsed());
         }
     }
     // Give the viewers time to receive the last events (the run ends when publishers do).

@@ -32,7 +32,8 @@ use gavel_protocol::{Channel, ClientFrame, Reply, ServerFrame};
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 
-pub use scenario::{Driver, Scenario};
+use scenario::Metric;
+pub use scenario::{ArgsError, Driver, Scenario};
 pub use stats::Report;
 
 /// Why a run could not be carried out (a missed SLO is not an error: see [`Outcome`]).
@@ -79,6 +80,28 @@ impl Ctx {
         }
     }
 
+    /// Records one latency for the report and (with `--metrics-listen`) in
+    /// `gavel_loadgen_latency_seconds{metric}`.
+    fn record(&self, metric: Metric, shard: usize, latency: Duration) {
+        self.stats.latency(metric).record(shard, latency);
+        if self.export {
+            metrics::histogram!("gavel_loadgen_latency_seconds", "metric" => metric.name())
+                .record(latency.as_secs_f64());
+        }
+    }
+
+    /// Counts an accepted bid (or publish) on auction `index`: every viewer of it is due one
+    /// delivery.
+    fn accepted(&self, index: usize) {
+        self.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
+        self.accepted[index].fetch_add(1, Ordering::Relaxed);
+        if self.export {
+            metrics::counter!("gavel_loadgen_bids_accepted_total").increment(1);
+            metrics::counter!("gavel_loadgen_deliveries_expected_total")
+                .increment(self.watching[index].load(Ordering::Relaxed));
+        }
+    }
+
     /// Counts a connection that failed (connect, handshake or hello).
     fn connect_failed(&self) {
         self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -111,6 +134,15 @@ impl Ctx {
         let count = self.scenario.source_addrs.max(1) as usize;
         (count > 1).then(|| std::net::IpAddr::from([127, 0, 0, 1 + (n % count) as u8]))
     }
+}
+
+/// Runs a viewer's `watch`; when it ends, one viewer fewer in `gavel_loadgen_viewers`.
+async fn until_gone<F: std::future::Future>(ctx: Arc<Ctx>, watch: F) -> F::Output {
+    let output = watch.await;
+    if ctx.export {
+        metrics::gauge!("gavel_loadgen_viewers").decrement(1.0);
+    }
+    output
 }
 
 fn token(secret: &str, sub: &str, roles: Option<Vec<String>>) -> String {
@@ -284,12 +316,18 @@ pub async fn run(scenario: Scenario) -> Result<Outcome, LoadgenError> {
             opening.push(tokio::spawn(async move {
                 let watcher = if ctx.scenario.driver == Driver::Socketio {
                     let reader = sio_join(&ctx, n, auction).await?;
-                    tokio::spawn(sio_watch(Arc::clone(&ctx), n, auction, reader))
+                    tokio::spawn(until_gone(
+                        Arc::clone(&ctx),
+                        sio_watch(Arc::clone(&ctx), n, auction, reader),
+                    ))
                 } else {
                     let token = token(&ctx.scenario.jwt_secret, &format!("lgv{n}"), None);
                     let mut resume = Resume::default();
                     let client = open_resuming(&ctx, n, token, Some(&channel), &mut resume).await?;
-                    tokio::spawn(watch(Arc::clone(&ctx), n, auction, client, resume))
+                    tokio::spawn(until_gone(
+                        Arc::clone(&ctx),
+                        watch(Arc::clone(&ctx), n, auction, client, resume),
+                    ))
                 };
                 ctx.stats.viewers_connected.fetch_add(1, Ordering::Relaxed);
                 ctx.watching[auction].fetch_add(1, Ordering::Relaxed);

@@ -5,6 +5,8 @@
 async fn main() -> std::process::ExitCode {
     let scenario = match gavel_loadgen::Scenario::from_args(std::env::args().collect()) {
         Ok(scenario) => scenario,
+        // Help and version go to stdout with exit 0, bad flags to stderr with exit 2.
+        Err(gavel_loadgen::ArgsError::Args(error)) => error.exit(),
         Err(error) => {
             eprintln!("{error}");
             return std::process::ExitCode::from(2);

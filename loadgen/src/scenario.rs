@@ -172,15 +172,16 @@ pub enum Driver {
 
 impl Scenario {
     /// Parses the command line, reading `--scenario FILE` first when it is given.
-    pub fn from_args(args: Vec<String>) -> Result<Scenario, String> {
-        let first = Scenario::try_parse_from(&args).map_err(|e| e.to_string())?;
+    pub fn from_args(args: Vec<String>) -> Result<Scenario, ArgsError> {
+        let first = Scenario::try_parse_from(&args)?;
         let Some(path) = &first.scenario else {
             return Ok(first);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ArgsError::File(format!("{}: {e}", path.display())))?;
         let table: toml::Table = text
             .parse()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| ArgsError::File(format!("{}: {e}", path.display())))?;
         let mut merged = vec![args.first().cloned().unwrap_or_default()];
         for (key, value) in &table {
             let flag = format!("--{}", key.replace('_', "-"));
@@ -199,8 +200,20 @@ impl Scenario {
         }
         // The command line after the file: later occurrences win.
         merged.extend(args.into_iter().skip(1));
-        Scenario::try_parse_from(merged).map_err(|e| e.to_string())
+        Ok(Scenario::try_parse_from(merged)?)
     }
+}
+
+/// Why the command line (or the `--scenario` file) gave no scenario.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// From clap: a bad flag or value, or `--help` / `--version` (which are not failures:
+    /// [`clap::Error::exit`] prints them to stdout and exits 0).
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    /// The scenario file cannot be read or is not TOML.
+    #[error("{0}")]
+    File(String),
 }
 
 /// The measured latencies.

@@ -12,7 +12,7 @@ pub(crate) async fn sio_join(ctx: &Ctx, n: usize, auction: usize) -> Option<sock
         ctx.connect_failed();
         return None;
     };
-    ctx.stats.connect.record(n, started.elapsed());
+    ctx.record(Metric::Connect, n, started.elapsed());
     let started = Instant::now();
     let join = json!({ "auctionId": ctx.auction_ids[auction] });
     writer.emit("join-auction", &join, 0).await.ok()?;
@@ -23,7 +23,7 @@ pub(crate) async fn sio_join(ctx: &Ctx, n: usize, auction: usize) -> Option<sock
             _ => continue,
         }
     }
-    ctx.stats.subscribe.record(n, started.elapsed());
+    ctx.record(Metric::Subscribe, n, started.elapsed());
     Some(reader)
 }
 
@@ -40,7 +40,7 @@ pub(crate) async fn sio_watch(
                 ctx.stats.deliveries.fetch_add(1, Ordering::Relaxed);
                 let amount = data["amount"].as_i64().unwrap_or(0);
                 if let Some(at) = ctx.due_of(auction, amount) {
-                    ctx.stats.delivery.record(n, at.elapsed());
+                    ctx.record(Metric::Delivery, n, at.elapsed());
                 }
             }
             socketio::Packet::Closed => {
@@ -68,11 +68,9 @@ pub(crate) async fn sio_bid(
                     socketio::Packet::Ack(id, data) => {
                         let at = ctx.due(id);
                         if data["ok"] == true {
-                            ctx.stats.bids_accepted.fetch_add(1, Ordering::Relaxed);
-                            let auction = id as usize % ctx.auction_ids.len();
-                            ctx.accepted[auction].fetch_add(1, Ordering::Relaxed);
+                            ctx.accepted(id as usize % ctx.auction_ids.len());
                             if let Some(at) = at {
-                                ctx.stats.bid_ack.record(n, at.elapsed());
+                                ctx.record(Metric::BidAck, n, at.elapsed());
                             }
                         } else {
                             let reason = data["reason"].as_str().unwrap_or("rejected").to_owned();

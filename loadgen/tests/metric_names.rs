@@ -60,6 +60,14 @@ fn exported(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Series (name and labels, without the value) in a Prometheus exposition.
+fn series(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+        .collect()
+}
+
 /// Every `gavel_...` identifier in a text.
 fn named_in(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
@@ -110,6 +118,8 @@ fn loadgen(addr: SocketAddr, metrics: Option<SocketAddr>) -> std::process::Child
     ]);
     if let Some(metrics) = metrics {
         command.args(["--metrics-listen", &metrics.to_string()]);
+        // Chat too, so that every latency the loadgen dashboard shows is recorded.
+        command.args(["--conversations", "2", "--chat-rate", "10"]);
     }
     command.stdout(std::process::Stdio::null());
     command.spawn().expect("start gavel-loadgen")
@@ -138,9 +148,11 @@ async fn dashboards_and_alerts_name_only_exported_metrics_and_the_catalogue_list
     let mut first = loadgen(single, Some(metrics_addr));
     let mut second = loadgen(clustered, None);
     let mut from_loadgen = BTreeSet::new();
+    let mut loadgen_series = BTreeSet::new();
     loop {
         if let Some((200, body)) = get(metrics_addr, "/metrics").await {
             from_loadgen.extend(exported(&body));
+            loadgen_series.extend(series(&body));
         }
         if first.try_wait().unwrap().is_some() {
             break;
@@ -174,6 +186,25 @@ async fn dashboards_and_alerts_name_only_exported_metrics_and_the_catalogue_list
         missing.is_empty(),
         "named by dashboards or rules but exported by nobody: {missing:?}"
     );
+
+    // 1b. Every latency the loadgen dashboard shows (by its `metric` label) is recorded.
+    let dashboard = std::fs::read_to_string(root().join("dashboards/gavel-loadgen.json")).unwrap();
+    let shown: BTreeSet<&str> = dashboard
+        .split(r#"metric=\""#)
+        .skip(1)
+        .filter_map(|rest| rest.split('\\').next())
+        .collect();
+    assert!(
+        shown.len() >= 5,
+        "found the dashboard's latencies: {shown:?}"
+    );
+    for metric in shown {
+        let bucket = format!(r#"gavel_loadgen_latency_seconds_bucket{{metric="{metric}""#);
+        assert!(
+            loadgen_series.iter().any(|s| s.starts_with(&bucket)),
+            "the loadgen dashboard shows {metric:?}, which the loadgen never records"
+        );
+    }
 
     // 2. Everything exported is in the catalogue (histograms by their base name).
     let catalogue = std::fs::read_to_string(root().join("docs/metrics.md")).unwrap();

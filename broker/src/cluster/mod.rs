@@ -77,6 +77,13 @@ impl From<redis::RedisError> for ClusterError {
     }
 }
 
+/// Whether `url` is a Redis URL the adapter can use (without connecting).
+pub fn check_url(url: &str) -> Result<(), ClusterError> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| ClusterError::Url(e.to_string()))
+}
+
 /// Settings of the adapter.
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {

@@ -151,7 +151,7 @@ impl Replicas {
         });
         let delivery = delivery.unwrap_or(Delivery::Ignored);
         if let Delivery::Applied(delivered) = delivery {
-            m::record_fan_out("event", delivered, started.elapsed());
+            m::record_fan_out("event", 1, delivered, started.elapsed());
         }
         delivery
     }

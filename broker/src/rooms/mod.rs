@@ -433,7 +433,7 @@ impl Rooms {
             drop(log);
             let delivered = if count == 0 { 0 } else { room.wake(end) };
             // Frames, not wake-ups: a turn's events reach each subscriber in one wake-up.
-            m::record_fan_out("event", delivered * count, started.elapsed());
+            m::record_fan_out("event", count, delivered * count, started.elapsed());
             return Published { seq, delivered };
         }
     }

@@ -123,7 +123,7 @@ impl Room {
         let kind = frame.type_name();
         let frame = SharedFrame::for_fan_out(frame);
         let delivered = self.fan_out(&frame, skip);
-        m::record_fan_out(kind, delivered, started.elapsed());
+        m::record_fan_out(kind, 1, delivered, started.elapsed());
         delivered
     }
 

@@ -27,6 +27,22 @@ async fn publish_needs_the_key_and_reaches_every_connection_of_the_user() {
     )
     .await;
     assert_eq!(status, 401);
+    // Refused calls are counted, so a backend with a wrong key shows on the dashboards.
+    let (_, metrics) = http(b.addr, "GET", "/metrics", &[], None).await;
+    let refused = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find(|line| {
+            line.starts_with("gavel_http_requests_total")
+                && line.contains(r#"route="refused""#)
+                && line.contains(r#"status="4xx""#)
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(
+        refused >= Some(2.0),
+        "refused requests counted: {refused:?}"
+    );
 
     let (status, reply) = b.publish(body).await;
     assert_eq!(status, 200, "{reply}");

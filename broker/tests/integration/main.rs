@@ -5,6 +5,7 @@ mod common;
 
 mod auctions;
 mod auth;
+mod check_config;
 mod cluster;
 mod conversation;
 mod docs;
