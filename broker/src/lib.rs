@@ -199,7 +199,7 @@ impl Broker {
                 let mut engine = engine;
                 engine.webhooks = reporting(
                     &config,
-                    Arc::new(webhooks::LocalOutbox(Arc::clone(&log))),
+                    Arc::new(webhooks::LocalOutbox::open(Arc::clone(&log))?),
                     backend.clone(),
                     clock,
                     &shutdown,

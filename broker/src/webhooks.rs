@@ -6,7 +6,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::FuturesUnordered;
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::metrics as m;
-use crate::store::{BidLog, BidRecord, Outboxed};
+use crate::store::{BidLog, BidRecord, Outboxed, StorageError};
 
 /// The signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
 pub const SIGNATURE_HEADER: &str = "gavel-signature";
@@ -74,8 +74,12 @@ pub type OutboxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + 
 /// Redis in a cluster. The turns that cause them write them (through the ledger); the
 /// deliverer reads, updates and removes them here.
 pub trait Outbox: Send + Sync + 'static {
-    /// Every webhook not delivered yet.
+    /// Every webhook not delivered yet whose turn is durable.
     fn pending(&self) -> OutboxFuture<'_, Vec<Outboxed>>;
+    /// The turn that wrote `webhooks` is durable (its commit returned): they may go out. An
+    /// outbox whose writes are readable only once durable (Redis, where the turn's script
+    /// writes them with everything else) needs nothing here.
+    fn committed(&self, _webhooks: &[Outboxed]) {}
     /// Takes the right to attempt `id` now. One node: always. A cluster: one node at a time,
     /// for a while (a lease), so nodes do not deliver the same webhook together.
     fn claim<'a>(&'a self, _id: &'a str) -> OutboxFuture<'a, bool> {
@@ -88,27 +92,66 @@ pub trait Outbox: Send + Sync + 'static {
 }
 
 /// The outbox of a single node: in the bid log (written there by the turns, atomically).
-pub struct LocalOutbox(pub Arc<dyn BidLog>);
+///
+/// The store shows a turn's writes before the flush that makes them durable, and a turn whose
+/// flush fails is undone; so only webhooks known durable go out: those in the outbox at start
+/// (what the store recovered is on disk) and those of turns whose commit returned
+/// ([`Outbox::committed`]). Otherwise a webhook could report a bid that a crash or a failed
+/// flush then took back, and its id (the auction and seq) would go to another bid.
+pub struct LocalOutbox {
+    log: Arc<dyn BidLog>,
+    durable: Mutex<HashSet<String>>,
+}
+
+impl LocalOutbox {
+    /// The outbox in `log`: what it holds now is durable (call before any turn runs).
+    pub fn open(log: Arc<dyn BidLog>) -> Result<LocalOutbox, StorageError> {
+        let durable = log.outbox()?.into_iter().map(|w| w.id).collect();
+        Ok(LocalOutbox {
+            log,
+            durable: Mutex::new(durable),
+        })
+    }
+
+    fn is_durable(&self, id: &str) -> bool {
+        self.durable.lock().is_ok_and(|ids| ids.contains(id))
+    }
+}
 
 impl Outbox for LocalOutbox {
     fn pending(&self) -> OutboxFuture<'_, Vec<Outboxed>> {
-        Box::pin(std::future::ready(
-            self.0.outbox().map_err(|e| e.to_string()),
-        ))
+        let pending = self
+            .log
+            .outbox()
+            .map(|all| all.into_iter().filter(|w| self.is_durable(&w.id)).collect())
+            .map_err(|e| e.to_string());
+        Box::pin(std::future::ready(pending))
+    }
+
+    fn committed(&self, webhooks: &[Outboxed]) {
+        if let Ok(mut ids) = self.durable.lock() {
+            ids.extend(webhooks.iter().map(|w| w.id.clone()));
+        }
     }
 
     fn update<'a>(&'a self, webhook: &'a Outboxed) -> OutboxFuture<'a, ()> {
-        Box::pin(std::future::ready(
-            self.0
-                .put_outbox(&webhook.id, &webhook.entry)
-                .map_err(|e| e.to_string()),
-        ))
+        // Only a webhook still pending: one delivered meanwhile is not written back.
+        let updated = if self.is_durable(&webhook.id) {
+            self.log.put_outbox(&webhook.id, &webhook.entry)
+        } else {
+            Ok(())
+        };
+        Box::pin(std::future::ready(updated.map_err(|e| e.to_string())))
     }
 
     fn delivered<'a>(&'a self, id: &'a str) -> OutboxFuture<'a, ()> {
-        Box::pin(std::future::ready(
-            self.0.remove_outbox(id).map_err(|e| e.to_string()),
-        ))
+        let removed = self.log.remove_outbox(id);
+        if removed.is_ok() {
+            if let Ok(mut ids) = self.durable.lock() {
+                ids.remove(id);
+            }
+        }
+        Box::pin(std::future::ready(removed.map_err(|e| e.to_string())))
     }
 }
 
@@ -411,6 +454,43 @@ mod tests {
             signature(b"whsec-test-0123456789", 1_795_334_201, body),
             "t=1795334201,v1=a3e69d5f7783b34e022063d97044773525af55dd71d429f3662fa775a1fb598e"
         );
+    }
+
+    /// What the store shows before a turn's flush returns is not sent: only what was there at
+    /// start and what turns committed. An undone turn's webhook is never sent nor written back.
+    #[tokio::test]
+    async fn only_webhooks_of_durable_turns_go_out() {
+        let dir = crate::store::tests::tempdir();
+        let log: Arc<dyn BidLog> = Arc::new(crate::store::SledLog::open(&dir).unwrap());
+        let webhook = |id: &str| Outboxed {
+            id: id.to_owned(),
+            entry: id.as_bytes().to_vec(),
+        };
+        let ids = |pending: Result<Vec<Outboxed>, String>| {
+            let mut ids: Vec<String> = pending.unwrap().into_iter().map(|w| w.id).collect();
+            ids.sort();
+            ids
+        };
+        log.append("a", &[], b"one", &[webhook("recovered")]).unwrap();
+        let outbox = LocalOutbox::open(Arc::clone(&log)).unwrap();
+
+        // A turn written whose commit has not returned (its flush runs, or failed).
+        log.append("a", &[], b"two", &[webhook("flushing")]).unwrap();
+        assert_eq!(ids(outbox.pending().await), ["recovered"]);
+        outbox.committed(&[webhook("flushing")]);
+        assert_eq!(ids(outbox.pending().await), ["flushing", "recovered"]);
+
+        // A turn undone after its flush failed: a late failed attempt does not write it back.
+        log.append("a", &[], b"three", &[webhook("undone")]).unwrap();
+        log.revert("a", 0, b"two", &["undone".to_owned()]).unwrap();
+        outbox.update(&webhook("undone")).await.unwrap();
+        assert!(log.outbox().unwrap().iter().all(|w| w.id != "undone"));
+
+        outbox.delivered("recovered").await.unwrap();
+        assert_eq!(ids(outbox.pending().await), ["flushing"]);
+        drop(outbox);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -301,7 +301,7 @@ fn record_flush(took: Duration, batch: usize, result: &Result<(), StorageError>)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn bid(seq: u64, amount: i64) -> BidRecord {

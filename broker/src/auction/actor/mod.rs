@@ -364,6 +364,7 @@ impl Actor {
             Ok(version) => {
                 if let (false, Some(webhooks)) = (judged.webhooks.is_empty(), &self.engine.webhooks)
                 {
+                    webhooks.outbox.committed(&judged.webhooks);
                     webhooks.wake.notify_one();
                 }
                 self.version = version;
