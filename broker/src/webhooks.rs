@@ -471,17 +471,20 @@ mod tests {
             ids.sort();
             ids
         };
-        log.append("a", &[], b"one", &[webhook("recovered")]).unwrap();
+        log.append("a", &[], b"one", &[webhook("recovered")])
+            .unwrap();
         let outbox = LocalOutbox::open(Arc::clone(&log)).unwrap();
 
         // A turn written whose commit has not returned (its flush runs, or failed).
-        log.append("a", &[], b"two", &[webhook("flushing")]).unwrap();
+        log.append("a", &[], b"two", &[webhook("flushing")])
+            .unwrap();
         assert_eq!(ids(outbox.pending().await), ["recovered"]);
         outbox.committed(&[webhook("flushing")]);
         assert_eq!(ids(outbox.pending().await), ["flushing", "recovered"]);
 
         // A turn undone after its flush failed: a late failed attempt does not write it back.
-        log.append("a", &[], b"three", &[webhook("undone")]).unwrap();
+        log.append("a", &[], b"three", &[webhook("undone")])
+            .unwrap();
         log.revert("a", 0, b"two", &["undone".to_owned()]).unwrap();
         outbox.update(&webhook("undone")).await.unwrap();
         assert!(log.outbox().unwrap().iter().all(|w| w.id != "undone"));

@@ -160,6 +160,25 @@ fn parse<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<T, String>
     }
 }
 
+/// A frame's `type` and `id`, read without building the rest: every other field is skipped
+/// unread (no tree is built of `data`, however it is nested). For refusing a frame before
+/// paying for its decoding (e.g. before authentication). `None` when the message is not a
+/// map or object, is over `max_size`, or these two fields cannot be read.
+pub fn envelope(format: Format, bytes: &[u8], max_size: usize) -> Option<Envelope> {
+    if bytes.len() > max_size || not_a_map(format, bytes).is_some() {
+        return None;
+    }
+    parse::<Envelope>(format, bytes).ok()
+}
+
+/// What [`envelope`] reads.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Envelope {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub id: Option<RequestId>,
+}
+
 /// The fields every frame has, read on the error path to say which request failed and why.
 #[derive(Deserialize)]
 struct Probe {

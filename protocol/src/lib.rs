@@ -13,7 +13,7 @@ pub mod frame;
 pub use auction::{AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Ended, Outbid};
 pub use channel::{Channel, ChannelError, ChannelKind, UserId};
 pub use claims::Claims;
-pub use codec::{decode, encode, DecodeError, EncodeError, Format};
+pub use codec::{decode, encode, envelope, DecodeError, EncodeError, Envelope, Format};
 pub use codes::{CloseCode, ErrorCode};
 pub use frame::{
     ClientFrame, ErrorFrame, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot,

@@ -308,6 +308,17 @@ proptest! {
         }
     }
 
+    /// The envelope of any client frame is its type and id, in both formats.
+    #[test]
+    fn the_envelope_is_the_frames_type_and_id(frame in client_frame()) {
+        for format in [Format::MsgPack, Format::Json] {
+            let bytes = encode(format, &frame).unwrap();
+            let envelope = gavel_protocol::envelope(format, &bytes, MAX).unwrap();
+            prop_assert_eq!(envelope.type_name.as_str(), frame.type_name());
+            prop_assert_eq!(envelope.id, Some(frame.id()));
+        }
+    }
+
     #[test]
     fn server_frames_round_trip(frame in server_frame()) {
         for format in [Format::MsgPack, Format::Json] {

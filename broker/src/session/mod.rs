@@ -366,6 +366,25 @@ impl Session {
             );
             return Ok(());
         }
+        if self.identity.is_none() && !self.shared.config.allow_anonymous {
+            // Before authentication only `auth` and `ping` are served: any other known type is
+            // refused from its envelope, without decoding (and paying for) its `data`.
+            let max = self.shared.config.max_message_size;
+            if let Some(envelope) = gavel_protocol::envelope(format, bytes, max) {
+                let known = ClientFrame::TYPES
+                    .iter()
+                    .find(|t| **t == envelope.type_name);
+                if let Some(&kind) = known.filter(|t| !matches!(**t, "auth" | "ping")) {
+                    metrics::counter!(m::MESSAGES_RECEIVED, "type" => kind).increment(1);
+                    self.error(
+                        envelope.id,
+                        ErrorCode::Unauthenticated,
+                        UNAUTHENTICATED.into(),
+                    );
+                    return Ok(());
+                }
+            }
+        }
         let frame = match decode::<ClientFrame>(format, bytes, self.shared.config.max_message_size)
         {
             Ok(frame) => frame,
@@ -385,11 +404,7 @@ impl Session {
         let id = frame.id();
         let open = matches!(frame, ClientFrame::Auth { .. } | ClientFrame::Ping { .. });
         if self.identity.is_none() && !self.shared.config.allow_anonymous && !open {
-            self.error(
-                Some(id),
-                ErrorCode::Unauthenticated,
-                "authenticate first: send an auth frame with your token".into(),
-            );
+            self.error(Some(id), ErrorCode::Unauthenticated, UNAUTHENTICATED.into());
             return Ok(());
         }
         match self.dispatch(frame).await {
@@ -424,6 +439,9 @@ impl Drop for Session {
         metrics::gauge!(m::CONNECTIONS).decrement(1.0);
     }
 }
+
+/// The message of an `unauthenticated` error.
+const UNAUTHENTICATED: &str = "authenticate first: send an auth frame with your token";
 
 fn reason_for(error: &ReadError) -> DisconnectReason {
     match error {

@@ -255,3 +255,33 @@ async fn unsupported_subprotocols_and_plain_requests_are_refused() {
         (401, Some("token_invalid"))
     );
 }
+
+/// Before authentication a frame other than `auth` or `ping` is refused from its `type` and
+/// `id` alone: a publish whose `data` is 60,000 nested values gets `unauthenticated` with its
+/// id, an unknown type still gets `unknown_type`, and the connection can then authenticate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_authentication_frames_are_refused_from_their_envelope() {
+    let b = TestBroker::start(|c| c.allow_anonymous = false).await;
+    let mut c = b.connect(None).await;
+    let heavy = json!({
+        "type": "publish",
+        "id": 9,
+        "channel": "conversation:x",
+        "data": vec![json!([]); 60_000],
+    });
+    c.client
+        .send_raw(OpCode::Binary, rmp_serde::to_vec_named(&heavy).unwrap())
+        .await
+        .unwrap();
+    let e = expect_error(&mut c).await;
+    assert_eq!((e.id, e.code), (Some(9), ErrorCode::Unauthenticated));
+
+    let unknown = rmp_serde::to_vec_named(&json!({"type": "teleport", "id": 5})).unwrap();
+    c.client.send_raw(OpCode::Binary, unknown).await.unwrap();
+    let e = expect_error(&mut c).await;
+    assert_eq!((e.id, e.code), (Some(5), ErrorCode::UnknownType));
+
+    still_answers(&mut c).await;
+    c.auth(token("nia")).await.unwrap();
+    c.subscribe("user:nia").await;
+}
