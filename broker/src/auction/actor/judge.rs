@@ -198,14 +198,9 @@ impl Actor {
                     }
                 }
                 if !accepted.bought.is_empty() {
-                    // Bought now: the auction ended with this bid.
-                    self.report_end(&accepted.bought, at, judged);
-                    judged.announcements.extend(announce::changes(
-                        &self.id,
-                        accepted.bought.clone(),
-                        &snapshot,
-                        at,
-                    ));
+                    // Bought now: the auction ended with this bid (the final leaderboard
+                    // before the end, as at any end: nothing follows `ended`).
+                    self.push_changes(accepted.bought.clone(), at, judged);
                 }
                 judged.bids.extend(records);
                 // A raised maximum is in the record: written too.

@@ -14,7 +14,9 @@ mod spec;
 mod tests;
 
 pub use reference::ProxyReference;
-pub use spec::{AuctionSpec, Increment, SoftClose, SpecError, Tier, MAX_AMOUNT, MAX_TIME_MS};
+pub use spec::{
+    AuctionSpec, Increment, SoftClose, SpecError, Tier, MAX_AMOUNT, MAX_SOFT_CLOSE_MS, MAX_TIME_MS,
+};
 
 use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Ended, UserId};
 use serde::{Deserialize, Serialize};
@@ -383,7 +385,8 @@ impl Auction {
             extend_ms,
         } = self.spec.soft_close;
         if window_ms > 0 && self.state.ends_at.saturating_sub(now) <= window_ms {
-            let new_end = now.saturating_add(extend_ms);
+            // Never past the latest end a spec may have: every time stays within 53 bits.
+            let new_end = now.saturating_add(extend_ms).min(MAX_TIME_MS);
             if new_end > self.state.ends_at {
                 let previous = self.state.ends_at;
                 self.state.ends_at = new_end;

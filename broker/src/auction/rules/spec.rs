@@ -11,6 +11,9 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 /// (far from any overflow of the soft-close arithmetic and of clock offsets).
 pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
 
+/// The longest soft-close window and extension: a day.
+pub const MAX_SOFT_CLOSE_MS: u64 = 86_400_000;
+
 /// How much a bid must exceed the current price by.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,6 +118,11 @@ impl AuctionSpec {
         }
         if self.soft_close.window_ms > 0 && self.soft_close.extend_ms == 0 {
             return bad("a soft-close window needs an extend_ms above 0");
+        }
+        if self.soft_close.window_ms > MAX_SOFT_CLOSE_MS
+            || self.soft_close.extend_ms > MAX_SOFT_CLOSE_MS
+        {
+            return bad("window_ms and extend_ms must be at most 86400000 (a day)");
         }
         if let Some(buy_now) = self.buy_now {
             if buy_now < self.starting_price || buy_now > MAX_AMOUNT {

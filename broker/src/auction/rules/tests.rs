@@ -273,5 +273,30 @@ fn specs_are_validated() {
     let mut s = spec();
     s.required_role = Some("Verified!".into());
     assert!(s.validate().is_err());
+    let mut s = spec();
+    s.soft_close = SoftClose {
+        window_ms: 60_000,
+        extend_ms: u64::MAX,
+    };
+    assert!(s.validate().is_err(), "an extension beyond a day");
     spec().validate().unwrap();
+}
+
+/// An extension never moves the end past the latest end a spec may have (every time the
+/// broker sends fits in 53 bits).
+#[test]
+fn soft_close_never_ends_past_the_latest_time() {
+    let mut s = spec();
+    s.ends_at = MAX_TIME_MS;
+    s.soft_close = SoftClose {
+        window_ms: MAX_SOFT_CLOSE_MS,
+        extend_ms: MAX_SOFT_CLOSE_MS,
+    };
+    s.validate().unwrap();
+    let mut a = Auction::new(s);
+    a.advance(a.spec.starts_at);
+    let price = a.spec.starting_price;
+    a.place_bid(&user("u1"), price, MAX_TIME_MS - 1_000)
+        .unwrap();
+    assert_eq!(a.state.ends_at, MAX_TIME_MS);
 }
