@@ -113,6 +113,15 @@ pub trait Ledger: Send + Sync + 'static {
     fn reads_unflushed(&self) -> bool {
         false
     }
+    /// How long after an auction's end its close waits (ledger ms): 0 where one task sees every
+    /// bid as it arrives (one node). In a cluster, a bid that reached one node before the end
+    /// may still wait for the auction's lock when another node's timer fires; the close waits
+    /// this long so that it is judged in time (see [`Auction::advance_with_grace`]).
+    ///
+    /// [`Auction::advance_with_grace`]: super::rules::Auction::advance_with_grace
+    fn close_grace_ms(&self) -> u64 {
+        0
+    }
     /// Starts a turn (cluster mode: takes the auction's lock).
     fn begin<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, TurnStart>;
     /// Makes a turn durable and publishes its announcements (releasing the lock).

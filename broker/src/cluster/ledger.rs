@@ -24,6 +24,10 @@ use crate::store::BidRecord;
 const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// A lock not released (its node died mid-turn) expires after this.
 const LOCK_TTL: Duration = Duration::from_secs(5);
+/// How long after its end an auction closes in a cluster: a bid that reached any node before
+/// the end and gets the auction's lock within this is judged in time (and may extend a soft
+/// close), rather than refused as `ended` because another node's timer closed first.
+pub const CLOSE_GRACE_MS: u64 = 1_000;
 
 impl From<ClusterError> for LedgerError {
     fn from(error: ClusterError) -> LedgerError {
@@ -296,6 +300,10 @@ fn boxed<'a, T: Send + 'a>(
 impl Ledger for RedisLedger {
     fn ready(&self) -> bool {
         self.cluster.ready()
+    }
+
+    fn close_grace_ms(&self) -> u64 {
+        CLOSE_GRACE_MS
     }
 
     fn begin<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, TurnStart> {

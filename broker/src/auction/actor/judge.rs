@@ -49,24 +49,31 @@ impl Actor {
                 Command::Refresh(_) => {}
             }
         }
-        self.advance_to(now, &mut judged);
+        let moved = self.advance_to(now, &mut judged);
         if !judged.bids.is_empty() && self.leaderboard_due(now) {
             // Due: it rides along with the turn's bids and reaches each viewer in the same
             // write (sent on its own, it was about a quarter of all writes at 5 bids/s per
             // auction).
             judged.announcements.extend(self.leaderboard(now));
         }
-        // Whatever comes later is judged after everything this turn let happen.
-        self.last_stamp = last.max(now);
+        // Whatever comes later is judged after everything this turn let happen: its last
+        // command, and the time it ran to when that changed the auction (a start, an end).
+        // Not otherwise: in a cluster a turn's `now` is when it got the lock, and a bid that
+        // arrived while it waited must still be judged at its arrival (before an end, say).
+        self.last_stamp = if moved { last.max(now) } else { last };
         judged
     }
 
-    fn advance_to(&mut self, at: u64, judged: &mut Judged) {
-        let changes = self.auction.advance(at);
-        if !changes.is_empty() {
-            self.push_changes(changes, at, judged);
-            judged.wrote = true;
+    /// Lets time run to `at`; whether that changed the auction.
+    fn advance_to(&mut self, at: u64, judged: &mut Judged) -> bool {
+        let grace = self.engine.ledger.close_grace_ms();
+        let changes = self.auction.advance_with_grace(at, grace);
+        if changes.is_empty() {
+            return false;
         }
+        self.push_changes(changes, at, judged);
+        judged.wrote = true;
+        true
     }
 
     fn push_changes(&mut self, changes: Vec<Change>, at: u64, judged: &mut Judged) {

@@ -244,7 +244,10 @@ impl Actor {
         if let Some(parked) = &self.parked {
             return Some(parked.probe_at);
         }
-        let ledger_ms = match self.auction.next_deadline() {
+        let ledger_ms = match self
+            .auction
+            .next_deadline(self.engine.ledger.close_grace_ms())
+        {
             Some(deadline) => deadline.max(self.retry_at.unwrap_or(0)),
             None => {
                 let over = self.over_since.filter(|_| is_over(&self.auction))?;

@@ -193,7 +193,7 @@ impl Auction {
         max: Option<i64>,
         now: u64,
     ) -> Result<Accepted, Rejected> {
-        self.check_bid(amount, max)?;
+        self.check_bid(amount, max, now)?;
         // At or above the buy-now price (while it applies): placed at exactly that price.
         if let Some(price) = self.buy_now_price().filter(|&price| amount >= price) {
             let mut accepted = self.place(user, price, price, None, now);
@@ -269,15 +269,19 @@ impl Auction {
         })
     }
 
-    /// Whether a bid may be judged at all: the auction is open, the amounts are in range and
-    /// the amount is at least the next minimum.
-    fn check_bid(&self, amount: i64, max: Option<i64>) -> Result<(), Rejected> {
+    /// Whether a bid may be judged at all: the auction is open (and its end has not come,
+    /// which matters in a close's grace period, see [`Auction::advance_with_grace`]), the
+    /// amounts are in range and the amount is at least the next minimum.
+    fn check_bid(&self, amount: i64, max: Option<i64>, now: u64) -> Result<(), Rejected> {
         let reject = |reason: BidRejection, message: String| Rejected {
             reason,
             min_amount: None,
             message,
         };
         match self.state.status {
+            AuctionStatus::Active if now >= self.state.ends_at => {
+                return Err(reject(BidRejection::Ended, "the auction has ended".into()))
+            }
             AuctionStatus::Active => {}
             AuctionStatus::Scheduled => {
                 return Err(reject(
@@ -398,6 +402,14 @@ impl Auction {
 
     /// Applies what time has made due: opening at `starts_at`, closing at `ends_at`.
     pub fn advance(&mut self, now: u64) -> Vec<Change> {
+        self.advance_with_grace(now, 0)
+    }
+
+    /// [`Auction::advance`], but an active auction closes only `grace_ms` after its end. Until
+    /// then bids that arrived before the end and reach the auction late (queued on another
+    /// node of a cluster while one node closes) are still judged in time, and may extend a
+    /// soft close; bids that arrived at or after the end are refused as `ended` meanwhile.
+    pub fn advance_with_grace(&mut self, now: u64, grace_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
         if self.state.status == AuctionStatus::Scheduled && now >= self.spec.starts_at {
             self.state.status = AuctionStatus::Active;
@@ -406,17 +418,19 @@ impl Auction {
                 to: AuctionStatus::Active,
             });
         }
-        if self.state.status == AuctionStatus::Active && now >= self.state.ends_at {
+        if self.state.status == AuctionStatus::Active
+            && now >= self.state.ends_at.saturating_add(grace_ms)
+        {
             changes.extend(self.close(now));
         }
         changes
     }
 
-    /// When [`Auction::advance`] next has something to do.
-    pub fn next_deadline(&self) -> Option<u64> {
+    /// When [`Auction::advance_with_grace`] next has something to do.
+    pub fn next_deadline(&self, grace_ms: u64) -> Option<u64> {
         match self.state.status {
             AuctionStatus::Scheduled => Some(self.spec.starts_at),
-            AuctionStatus::Active => Some(self.state.ends_at),
+            AuctionStatus::Active => Some(self.state.ends_at.saturating_add(grace_ms)),
             _ => None,
         }
     }

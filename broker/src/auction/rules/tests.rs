@@ -123,7 +123,7 @@ fn soft_close_extends_only_inside_the_window() {
     let late = a.place_bid(&user("y"), 1100, 95_000).unwrap();
     assert_eq!(late.extended_from, Some(100_000));
     assert_eq!(a.state.ends_at, 125_000);
-    assert_eq!(a.next_deadline(), Some(125_000));
+    assert_eq!(a.next_deadline(0), Some(125_000));
     assert!(
         a.advance(110_000).is_empty(),
         "not over at the original end"
@@ -299,4 +299,36 @@ fn soft_close_never_ends_past_the_latest_time() {
     a.place_bid(&user("u1"), price, MAX_TIME_MS - 1_000)
         .unwrap();
     assert_eq!(a.state.ends_at, MAX_TIME_MS);
+}
+
+/// In a close's grace period (a cluster), a bid that arrived before the end is judged in time
+/// and extends a soft close; one that arrived at or after the end is refused as `ended`
+/// without closing; the close comes when the grace is over.
+#[test]
+fn a_grace_period_judges_late_reaching_bids_by_their_arrival() {
+    let mut s = spec();
+    s.soft_close = SoftClose {
+        window_ms: 5_000,
+        extend_ms: 10_000,
+    };
+    let mut a = Auction::new(s);
+    a.advance(1_000);
+    let grace = 1_000;
+    // The end (100 000) has come, the grace not: no close yet.
+    assert!(a.advance_with_grace(100_500, grace).is_empty());
+    assert_eq!(a.next_deadline(grace), Some(101_000));
+    let late = a.place_bid(&user("late"), 1000, 100_000).unwrap_err();
+    assert_eq!(late.reason, BidRejection::Ended);
+    assert_eq!(
+        a.state.status,
+        AuctionStatus::Active,
+        "a refusal closes nothing"
+    );
+    // Arrived before the end, judged in the grace: in time, and it extends the close.
+    let in_time = a.place_bid(&user("early"), 1000, 99_990).unwrap();
+    assert_eq!(in_time.extended_from, Some(100_000));
+    assert_eq!(a.state.ends_at, 109_990);
+    assert!(a.advance_with_grace(101_000, grace).is_empty());
+    let changes = a.advance_with_grace(110_990, grace);
+    assert!(changes.iter().any(|c| matches!(c, Change::Ended(_))));
 }
