@@ -664,3 +664,25 @@ async fn buy_now_ends_the_auction_at_its_price_and_a_required_role_keeps_others_
         other => panic!("expected ended, got {other:?}"),
     }
 }
+
+/// `GET /api/auctions/{id}` is the auction's snapshot at its last change: a rejected bid writes
+/// nothing and moves nothing, `server_ts` included (docs/protocol.md §5.6.1).
+#[tokio::test]
+async fn a_rejected_bid_leaves_the_snapshot_as_it_was() {
+    let b = TestBroker::start(fast_bidding).await;
+    create_auction(b.addr, "ts1", 600_000).await;
+    let mut ann = b.connect(Some("ann")).await;
+    assert!(matches!(
+        ann.bid("ts1", 1000, "a1").await,
+        Reply::BidAccepted { .. }
+    ));
+    let (_, before) = api(b.addr, "GET", "/api/auctions/ts1", None).await;
+    // Let the clock move, so that a snapshot taken now would differ.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    match ann.bid("ts1", 1000, "a2").await {
+        Reply::BidRejected { reason, .. } => assert_eq!(reason, BidRejection::TooLow),
+        other => panic!("expected too_low, got {other:?}"),
+    }
+    let (_, after) = api(b.addr, "GET", "/api/auctions/ts1", None).await;
+    assert_eq!(after, before);
+}

@@ -342,8 +342,9 @@ impl Actor {
         let now = start.now_ms;
         let mut judged = self.judge(commands, now);
         if !judged.wrote {
+            // Nothing changed: the view (and its `server_ts`, the time of the last change)
+            // stays as it is.
             self.end_turn().await;
-            self.view.store(Arc::new(self.auction.snapshot(now)));
             return self.send(judged.answers);
         }
         let record = match encode(&self.auction) {
