@@ -43,8 +43,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn replay_size(frames: &[Arc<SharedFrame>], wire: crate::outbound::Wire) -> usize {
-    frames.iter().map(|f| wire_size(f, wire)).sum()
+/// Whether `frames` fit the connection's pending-bytes bound. Sized frame by frame, stopping
+/// at the first that goes over: a JSON or SSE connection's encodings are made here (under the
+/// room's lock), so a replay far over the bound costs no more than the bound's worth of them.
+fn replay_fits(conn: &ConnHandle, frames: &[Arc<SharedFrame>]) -> bool {
+    let mut size = 0usize;
+    frames.iter().all(|frame| {
+        size = size.saturating_add(wire_size(frame, conn.wire));
+        conn.fits(size)
+    })
 }
 
 /// One event of a producer's turn, for [`Rooms::publish_all`].
@@ -283,9 +290,7 @@ impl Rooms {
                 Some(since) => match log.replay_after(since, epoch, room.epoch()) {
                     // A replay must fit the connection's pending-bytes bound; a larger one is
                     // answered like an aged-out history: a snapshot to reload from.
-                    Some(frames) if conn.fits(replay_size(&frames, conn.wire)) => {
-                        (Some(true), frames)
-                    }
+                    Some(frames) if replay_fits(conn, &frames) => (Some(true), frames),
                     _ => (Some(false), Vec::new()),
                 },
             };

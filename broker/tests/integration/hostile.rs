@@ -337,6 +337,15 @@ async fn a_replay_over_the_pending_bound_is_answered_with_a_snapshot() {
     };
     assert_eq!((recovered, seq), (Some(false), 50));
     assert_eq!(snapshot.expect("a snapshot").seq, 50);
+    // The same on JSON, whose encodings are made (frame by frame, up to the bound) to size it.
+    let mut json_client = TestClient::connect(b.addr, None, Format::Json).await;
+    let Reply::Subscribed { recovered, .. } = json_client
+        .subscribe_since("broadcast", Some(0), Some(epoch))
+        .await
+    else {
+        panic!()
+    };
+    assert_eq!(recovered, Some(false));
     // A replay that fits is still sent.
     let Reply::Subscribed {
         recovered,
