@@ -12,6 +12,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
 /// Seconds of clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: u64 = 5;
+/// The largest integer a JavaScript number holds exactly (2^53 - 1).
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
 /// A verified identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,7 +153,8 @@ impl Verifier {
         });
         Ok(Identity {
             user,
-            expires_at_ms: claims.exp.saturating_mul(1000),
+            // At most 2^53 - 1, as every integer the broker sends (a JavaScript number).
+            expires_at_ms: claims.exp.saturating_mul(1000).min(MAX_SAFE_INTEGER),
             roles: claims.roles.map(|r| r.into_iter().collect()),
             channels,
         })
@@ -196,6 +199,10 @@ mod tests {
             !id.channels.as_ref().unwrap().contains("user:evil"),
             "user channels are never granted by a list"
         );
+
+        // An expiry beyond any JavaScript-safe millisecond count is sent as 2^53 - 1.
+        let forever = sign_hs256(b"secret-secret-secret", &claims(u64::MAX / 2)).unwrap();
+        assert_eq!(v.verify(&forever).unwrap().expires_at_ms, MAX_SAFE_INTEGER);
 
         let forged = sign_hs256(b"another-secret-entirely", &claims(now() + 60)).unwrap();
         assert!(matches!(v.verify(&forged), Err(AuthError::Invalid(_))));

@@ -13,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::TlsConnector;
 
+/// The largest answer read from a backend (webhook receiver, conversation authorizer).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
 /// Parses a backend URL: `http://host:port/path` or `https://host:port/path`.
 pub fn parse_url(url: &str) -> Result<Uri, String> {
     let parsed: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
@@ -109,8 +112,8 @@ where
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status();
-    let bytes = response
-        .into_body()
+    // The backend is trusted, but a runaway answer must not fill the broker's memory.
+    let bytes = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
         .collect()
         .await
         .map_err(|e| e.to_string())?

@@ -153,9 +153,17 @@ fn not_a_map(format: Format, bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// How deeply maps and arrays may nest in a frame, in either format: serde_json's own limit,
+/// so that whatever a MessagePack client may send, a JSON client can read.
+pub const MAX_DEPTH: usize = 128;
+
 fn parse<T: DeserializeOwned>(format: Format, bytes: &[u8]) -> Result<T, String> {
     match format {
-        Format::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
+        Format::MsgPack => {
+            let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+            deserializer.set_max_depth(MAX_DEPTH);
+            T::deserialize(&mut deserializer).map_err(|e| e.to_string())
+        }
         Format::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
     }
 }

@@ -373,3 +373,25 @@ fn deeply_nested_input_is_an_error_not_a_stack_overflow() {
     let json = vec![b'['; 100_000];
     assert!(decode::<ClientFrame>(Format::Json, &json, MAX).is_err());
 }
+
+/// Both formats take `data` nested to the same depth: what a MessagePack client may send, a
+/// JSON client of the same room can read.
+#[test]
+fn data_nests_equally_deep_in_both_formats() {
+    fn nested(depth: usize) -> serde_json::Value {
+        (0..depth).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+    }
+    let frame = |depth| serde_json::json!({"type": "publish", "id": 1, "channel": "conversation:x", "data": nested(depth)});
+    for format in [Format::MsgPack, Format::Json] {
+        let shallow = encode(format, &frame(100)).unwrap();
+        assert!(
+            decode::<ClientFrame>(format, &shallow, MAX).is_ok(),
+            "{format:?}"
+        );
+        let deep = encode(format, &frame(200)).unwrap();
+        assert!(
+            decode::<ClientFrame>(format, &deep, MAX).is_err(),
+            "{format:?}"
+        );
+    }
+}
