@@ -181,8 +181,10 @@ pub struct Config {
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
 
-    /// Most WebSocket connections from one IP address (503 beyond). 0: no per-address limit
-    /// (the default, since clients behind a proxy or NAT share addresses).
+    /// Most WebSocket connections from one IP address (503 beyond). Plain HTTP connections
+    /// (API calls, pages, the handshake before an upgrade) from one address are held to the
+    /// same number, counted apart. 0: no per-address limit (the default, since clients behind
+    /// a proxy or NAT share addresses).
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
 

@@ -48,6 +48,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gavel_protocol::{Channel, UserId};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -55,6 +56,9 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::metrics as m;
+use admission::Refused;
 
 pub use config::Config;
 pub use gavel_protocol as protocol;
@@ -101,6 +105,9 @@ pub(crate) struct Shared {
     /// Verifies JWTs; `None` when no key is configured (then only anonymous access works).
     pub(crate) verifier: Option<auth::Verifier>,
     pub(crate) admission: Arc<admission::Admission>,
+    /// Plain HTTP connections per address (`--max-connections-per-ip`, counted apart from
+    /// WebSockets): taken at accept, given back when the connection ends or is upgraded.
+    pub(crate) http_admission: Arc<admission::Admission>,
     /// The application's backend, for conversations a token does not list.
     pub(crate) authorizer: Option<authorize::Authorizer>,
     /// Set when the broker terminates TLS itself.
@@ -290,6 +297,10 @@ impl Broker {
             auctions,
             verifier,
             admission,
+            http_admission: Arc::new(admission::Admission::new(
+                usize::MAX,
+                config.max_connections_per_ip,
+            )),
             authorizer,
             tls,
             users: users::Users::default(),
@@ -355,12 +366,22 @@ impl Broker {
 
     async fn serve_connection(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
         let _ = stream.set_nodelay(true);
+        // With a per-address limit, plain HTTP connections count too (apart from WebSockets,
+        // whose upgrade takes a place of its own): otherwise one address could hold every
+        // file descriptor with idle keep-alive connections. The place is held until the
+        // connection ends (or is upgraded: the WebSocket's place takes over).
+        let admitted = (self.shared.config.max_connections_per_ip > 0)
+            .then(|| self.shared.http_admission.admit(Some(peer.ip())));
+        let refused = match admitted {
+            Some(Err(refused)) => Some(refused),
+            _ => None,
+        };
         match &self.shared.tls {
-            None => self.serve_http(stream, peer).await,
+            None => self.serve_http(stream, peer, refused).await,
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
                 match tokio::time::timeout(self.shared.config.handshake_timeout, handshake).await {
-                    Ok(Ok(stream)) => self.serve_http(stream, peer).await,
+                    Ok(Ok(stream)) => self.serve_http(stream, peer, refused).await,
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -368,7 +389,8 @@ impl Broker {
         }
     }
 
-    async fn serve_http<I>(&self, io: I, peer: std::net::SocketAddr)
+    /// Serves HTTP on `io`; with `refused`, one request only, answered 503.
+    async fn serve_http<I>(&self, io: I, peer: std::net::SocketAddr, refused: Option<Refused>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -376,12 +398,26 @@ impl Broker {
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
             let broker = broker.clone();
-            async move { Ok::<_, Infallible>(broker.handle(req).await) }
+            async move {
+                Ok::<_, Infallible>(match refused {
+                    None => broker.handle(req).await,
+                    Some(refused) => {
+                        ::metrics::counter!(m::HTTP_REQUESTS, "route" => "refused", "status" => "5xx")
+                            .increment(1);
+                        ws::refused_connection(refused).map(BodyExt::boxed)
+                    }
+                })
+            }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.shared.config.handshake_timeout);
+            .keep_alive(refused.is_none())
+            .header_read_timeout(match refused {
+                None => self.shared.config.handshake_timeout,
+                // A refused connection gets little time to say what it wanted.
+                Some(_) => Duration::from_secs(1),
+            });
         let conn = builder
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();

@@ -168,19 +168,35 @@ pub(crate) fn admit(
 ) -> Result<Slot, Response<Full<Bytes>>> {
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     shared.admission.admit(peer).map_err(|refused| {
-        let (reason, message) = match refused {
-            Refused::Full => ("too_many_connections", "the broker is full; retry shortly"),
-            Refused::AddressFull => (
-                "too_many_connections_from_address",
-                "too many connections from your address; retry shortly",
-            ),
-        };
+        let (reason, message) = refusal(refused);
         let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, reason, message.into());
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         response
     })
+}
+
+/// The error code and message of a refused connection.
+fn refusal(refused: Refused) -> (&'static str, &'static str) {
+    match refused {
+        Refused::Full => ("too_many_connections", "the broker is full; retry shortly"),
+        Refused::AddressFull => (
+            "too_many_connections_from_address",
+            "too many connections from your address; retry shortly",
+        ),
+    }
+}
+
+/// The answer to every request on a connection refused at accept (see
+/// [`crate::admission`]): 503 with `Retry-After`, and the connection closes.
+pub(crate) fn refused_connection(refused: Refused) -> Response<Full<Bytes>> {
+    let (reason, message) = refusal(refused);
+    let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, reason, message);
+    let headers = response.headers_mut();
+    headers.insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Seconds a refused client is asked to wait (`Retry-After`).

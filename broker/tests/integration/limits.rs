@@ -221,3 +221,46 @@ async fn unmasked_client_frames_are_closed_with_1002() {
         &received[received.len().saturating_sub(40)..]
     );
 }
+
+/// With a per-address limit, plain HTTP connections count too (apart from WebSockets): one
+/// address cannot hold every file descriptor with idle keep-alive connections. Beyond the limit
+/// a connection's request is answered 503 with `Retry-After`, and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_count_against_the_address() {
+    let b = TestBroker::start(|c| c.max_connections_per_ip = 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = hyper::Request::get("/healthz")
+            .header("host", b.addr.to_string())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+        held.push(sender);
+    }
+    let (status, body, headers) = http_with_headers(b.addr, "GET", "/healthz", &[]).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (503, Some("too_many_connections_from_address"))
+    );
+    assert_eq!(headers.get("retry-after").unwrap(), "5");
+    assert_eq!(headers.get("connection").unwrap(), "close");
+
+    // One goes: a WebSocket can connect (its handshake takes the free place; a probe's
+    // connection may hold it a moment after the probe), and once upgraded it holds no HTTP
+    // place: with one keep-alive connection and the WebSocket open, a request still passes.
+    held.pop();
+    eventually("a WebSocket connects", || async {
+        connect_from(&b, "127.0.0.1").await == 101
+    })
+    .await;
+    eventually("the upgraded connection left the HTTP count", || async {
+        http_with_headers(b.addr, "GET", "/healthz", &[]).await.0 == 200
+    })
+    .await;
+}
