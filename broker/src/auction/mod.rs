@@ -29,7 +29,7 @@ use crate::ratelimit::RateLimiter;
 use crate::store::{BidLog, BidRecord, GroupCommit, StorageError};
 use actor::{Actor, Bid, Command};
 use ledger::{Ledger, LedgerError, LocalLedger};
-use replies::{accepted_reply, raised_reply, rejected};
+use replies::{accepted_reply, raised_max, raised_reply, rejected};
 use rules::{Auction, AuctionSpec, SpecError};
 
 pub use actor::LEADERBOARD_INTERVAL;

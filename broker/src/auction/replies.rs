@@ -46,27 +46,40 @@ pub(crate) fn accepted_reply(auction_id: &str, bid: &BidRecord, auction: &Auctio
     }
 }
 
-/// The `bid_accepted` reply when a leader raised their maximum: nothing placed, the leading
-/// bid and the price unchanged. (Not in the log: a retry is judged again, which is harmless:
-/// it raises to the same maximum while they lead, and is too low once they do not.)
-pub(crate) fn raised_reply(
-    auction_id: &str,
+/// What a leader's raise of their maximum answers: nothing placed, the leading bid and the
+/// price unchanged. Kept in the auction's state, so that a retry gets it again (see
+/// [`rules::AuctionState::raises`]).
+pub(crate) fn raised_max(
     request_id: &str,
     accepted: &rules::Accepted,
     auction: &Auction,
     now: u64,
-) -> Reply {
-    Reply::BidAccepted {
-        auction_id: auction_id.to_owned(),
+) -> rules::RaisedMax {
+    rules::RaisedMax {
         request_id: request_id.to_owned(),
         bid_seq: accepted.seq,
         amount: accepted.amount,
-        price: accepted.amount,
         bid_count: auction.state.bid_count,
         next_min_bid: auction.next_min_bid(),
         ends_at: auction.state.ends_at,
         server_ts: now,
-        leading: true,
         max_amount: accepted.max_amount,
+    }
+}
+
+/// The `bid_accepted` reply of a raise.
+pub(crate) fn raised_reply(auction_id: &str, raised: &rules::RaisedMax) -> Reply {
+    Reply::BidAccepted {
+        auction_id: auction_id.to_owned(),
+        request_id: raised.request_id.clone(),
+        bid_seq: raised.bid_seq,
+        amount: raised.amount,
+        price: raised.amount,
+        bid_count: raised.bid_count,
+        next_min_bid: raised.next_min_bid,
+        ends_at: raised.ends_at,
+        server_ts: raised.server_ts,
+        leading: true,
+        max_amount: raised.max_amount,
     }
 }

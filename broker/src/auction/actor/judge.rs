@@ -177,8 +177,14 @@ impl Actor {
                     .collect();
                 let answer = match records.iter().find(|r| r.has_request()) {
                     Some(own) => accepted_reply(&self.id, own, &self.auction),
-                    // A leader raised their maximum: nothing placed.
-                    None => raised_reply(&self.id, &request_id, &accepted, &self.auction, at),
+                    // A leader raised their maximum: nothing placed; the answer is kept with
+                    // the auction (written with this turn) for retries.
+                    None => {
+                        let raised = raised_max(&request_id, &accepted, &self.auction, at);
+                        let reply = raised_reply(&self.id, &raised);
+                        self.auction.state.raises.insert(user.clone(), raised);
+                        reply
+                    }
                 };
                 let key = (user.clone(), request_id);
                 self.outcomes.remember(key.clone(), answer.clone());

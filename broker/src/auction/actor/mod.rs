@@ -18,8 +18,8 @@ use super::idempotency::{Key, Outcomes};
 use super::ledger::{Announcement, CommitError, LedgerError, Turn};
 use super::rules::{Auction, Change, SpecError};
 use super::{
-    accepted_reply, decode, encode, raised_reply, rejected, AdminError, AdminOp, AdminReply,
-    BidReply, Engine,
+    accepted_reply, decode, encode, raised_max, raised_reply, rejected, AdminError, AdminOp,
+    AdminReply, BidReply, Engine,
 };
 use crate::metrics as m;
 
@@ -413,10 +413,15 @@ impl Actor {
         }
         let found = self.engine.ledger.find_bids(&self.id, &keys).await?;
         for (key, bid) in keys.into_iter().zip(found) {
-            if let Some(bid) = bid {
-                let reply = accepted_reply(&self.id, &bid, &self.auction);
-                self.outcomes.remember(key, reply);
-            }
+            let reply = match bid {
+                Some(bid) => accepted_reply(&self.id, &bid, &self.auction),
+                // Not a bid: perhaps a raise of the bidder's maximum (kept in the state).
+                None => match self.auction.state.raises.get(&key.0) {
+                    Some(raised) if raised.request_id == key.1 => raised_reply(&self.id, raised),
+                    _ => continue,
+                },
+            };
+            self.outcomes.remember(key, reply);
         }
         Ok(())
     }

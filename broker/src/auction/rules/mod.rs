@@ -18,6 +18,8 @@ pub use spec::{
     AuctionSpec, Increment, SoftClose, SpecError, Tier, MAX_AMOUNT, MAX_SOFT_CLOSE_MS, MAX_TIME_MS,
 };
 
+use std::collections::BTreeMap;
+
 use gavel_protocol::{AuctionSnapshot, AuctionStatus, BidRejection, Ended, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +42,25 @@ pub struct AuctionState {
     /// matters: every other maximum was used up when it was beaten.
     #[serde(default)]
     pub leader_max: Option<i64>,
+    /// Each bidder's latest raise of their own maximum while leading, which places no bid and
+    /// so is not in the bid log: kept here (written with the turn) so that a retry of it gets
+    /// the first answer again, after a restart too. Private, like the maxima.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub raises: BTreeMap<UserId, RaisedMax>,
+}
+
+/// The answer to a leader's raise of their maximum (see [`AuctionState::raises`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaisedMax {
+    pub request_id: String,
+    /// The leading bid, which the raise left as it was.
+    pub bid_seq: u64,
+    pub amount: i64,
+    pub bid_count: u64,
+    pub next_min_bid: i64,
+    pub ends_at: u64,
+    pub server_ts: u64,
+    pub max_amount: Option<i64>,
 }
 
 /// An auction: its spec and its state, stored together as one record.
@@ -119,6 +140,7 @@ impl Auction {
                 paused_remaining_ms: None,
                 outcome: None,
                 leader_max: None,
+                raises: BTreeMap::new(),
             },
         }
     }

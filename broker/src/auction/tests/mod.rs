@@ -429,3 +429,66 @@ fn a_bid_key_is_one_to_64_bytes() {
         "x".repeat(64)
     );
 }
+
+/// A leader's raise of their maximum places no bid, yet a retry of it, after a restart and
+/// after being outbid, gets exactly its first answer (kept with the auction's record).
+#[tokio::test(start_paused = true)]
+async fn a_raised_maximum_answers_its_retry_after_a_restart() {
+    async fn bid_with_max(
+        auctions: &Auctions,
+        user: &str,
+        amount: i64,
+        max: i64,
+        id: &str,
+    ) -> Reply {
+        let mut request = request(user, "a1", amount, id);
+        request.max_amount = Some(max);
+        let (tx, rx) = oneshot::channel();
+        auctions.place_bid(
+            request,
+            Box::new(move |reply| {
+                let _ = tx.send(reply);
+            }),
+        );
+        rx.await.unwrap()
+    }
+    let log: Arc<dyn BidLog> = Arc::new(MemoryLog::default());
+    let clock = Clock::tokio(T0);
+    let first_run = CancellationToken::new();
+    let raised;
+    {
+        let events = Arc::new(Recorder::default());
+        let auctions = engine_at(clock, Arc::clone(&log), events, first_run.clone());
+        auctions.create(spec("a1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        bid_with_max(&auctions, "ann", 1000, 3000, "x1").await;
+        raised = bid_with_max(&auctions, "ann", 1100, 5000, "x2").await;
+        assert!(
+            matches!(
+                raised,
+                Reply::BidAccepted {
+                    leading: true,
+                    max_amount: Some(5000),
+                    ..
+                }
+            ),
+            "{raised:?}"
+        );
+        assert!(matches!(
+            bid(&auctions, "bob", 6000, "b1").await,
+            Reply::BidAccepted { .. }
+        ));
+        first_run.cancel();
+    }
+    let auctions = engine_at(
+        clock,
+        Arc::clone(&log),
+        Arc::new(Recorder::default()),
+        CancellationToken::new(),
+    );
+    settle().await;
+    assert_eq!(
+        bid_with_max(&auctions, "ann", 1100, 5000, "x2").await,
+        raised
+    );
+}
