@@ -511,6 +511,10 @@ pub(crate) fn origin_allowed(config: &crate::Config, headers: &hyper::HeaderMap)
 /// CORS for the API: echo an allowed origin back, and answer preflights.
 fn cors<B>(config: &crate::Config, origin: Option<&HeaderValue>, response: &mut Response<B>) {
     let Some(origin) = origin else { return };
+    // The answer depends on the origin whether or not it is allowed: caches must key on it.
+    response
+        .headers_mut()
+        .insert(VARY, HeaderValue::from_static("Origin"));
     let mut headers = hyper::HeaderMap::new();
     headers.insert(ORIGIN, origin.clone());
     if !origin_allowed(config, &headers) {
@@ -518,7 +522,6 @@ fn cors<B>(config: &crate::Config, origin: Option<&HeaderValue>, response: &mut 
     }
     let h = response.headers_mut();
     h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    h.insert(VARY, HeaderValue::from_static("Origin"));
     h.insert(
         ACCESS_CONTROL_ALLOW_HEADERS,
         HeaderValue::from_static("authorization, content-type, x-api-key"),

@@ -90,7 +90,8 @@ pub struct Scenario {
     #[arg(long)]
     pub report: Option<PathBuf>,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics while running.
+    /// Serve Prometheus metrics at http://ADDR/metrics while running (with one worker
+    /// process only: not with --workers above 1).
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
 

@@ -147,15 +147,22 @@ pub fn bid(
     out
 }
 
-/// The leaderboard: each bidder's highest bid, best first, at most [`LEADERBOARD_SIZE`].
+/// The leaderboard: each bidder's highest bid, best first (at equal amounts the leader, who
+/// bid it first, then by user id), at most [`LEADERBOARD_SIZE`].
 pub fn leaderboard(
     id: &str,
     highest: &HashMap<UserId, i64>,
+    leader: Option<&UserId>,
     ends_at: u64,
     now: u64,
 ) -> Option<Announcement> {
     let mut top: Vec<(&UserId, &i64)> = highest.iter().collect();
-    top.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    let is_leader = |user: &UserId| leader == Some(user);
+    top.sort_by(|a, b| {
+        b.1.cmp(a.1)
+            .then_with(|| is_leader(b.0).cmp(&is_leader(a.0)))
+            .then_with(|| a.0.cmp(b.0))
+    });
     top.truncate(LEADERBOARD_SIZE);
     let top: Vec<Value> = top
         .into_iter()
@@ -172,4 +179,21 @@ pub fn leaderboard(
         }),
         None,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two bidders at one amount (the earlier maximum leads): the leader comes first.
+    #[test]
+    fn the_leader_tops_a_tie() {
+        let (amy, zed) = (UserId::parse("amy").unwrap(), UserId::parse("zed").unwrap());
+        let highest = HashMap::from([(amy.clone(), 5000), (zed.clone(), 5000)]);
+        let board = leaderboard("a1", &highest, Some(&zed), 0, 0).unwrap();
+        assert_eq!(board.data["top"][0]["user"], "zed");
+        assert_eq!(board.data["top"][1]["user"], "amy");
+        let board = leaderboard("a1", &highest, None, 0, 0).unwrap();
+        assert_eq!(board.data["top"][0]["user"], "amy", "no leader: by user id");
+    }
 }

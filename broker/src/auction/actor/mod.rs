@@ -518,7 +518,14 @@ impl Actor {
     fn leaderboard(&mut self, now: u64) -> Option<Announcement> {
         self.leaderboard_dirty = None;
         self.leaderboard_sent_at = now;
-        announce::leaderboard(&self.id, &self.highest, self.auction.state.ends_at, now)
+        let state = &self.auction.state;
+        announce::leaderboard(
+            &self.id,
+            &self.highest,
+            state.leader.as_ref(),
+            state.ends_at,
+            now,
+        )
     }
 
     /// Whether a leaderboard may go out at `now` (ledger ms): bids changed it, and the last
