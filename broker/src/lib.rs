@@ -93,6 +93,20 @@ pub enum Error {
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// A plain HTTP connection's place under the per-address count (see `serve_connection`),
+/// reachable from its requests: an SSE stream, which holds its connection and takes a place of
+/// its own, gives this one back, as an upgrade does.
+#[derive(Clone)]
+pub(crate) struct HttpSlot(Arc<std::sync::Mutex<Option<admission::Slot>>>);
+
+impl HttpSlot {
+    pub(crate) fn release(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.take();
+        }
+    }
+}
+
 /// The body of every response the broker makes: most are whole (`Full`), an SSE event stream
 /// is not.
 pub type ResponseBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -372,16 +386,21 @@ impl Broker {
         // connection ends (or is upgraded: the WebSocket's place takes over).
         let admitted = (self.shared.config.max_connections_per_ip > 0)
             .then(|| self.shared.http_admission.admit(Some(peer.ip())));
-        let refused = match admitted {
-            Some(Err(refused)) => Some(refused),
-            _ => None,
+        let (slot, refused) = match admitted {
+            Some(Ok(slot)) => (Some(slot), None),
+            Some(Err(refused)) => (None, Some(refused)),
+            None => (None, None),
         };
+        // An SSE stream takes a place of its own and gives this one back (see `HttpSlot`).
+        let slot = HttpSlot(Arc::new(std::sync::Mutex::new(slot)));
         match &self.shared.tls {
-            None => self.serve_http(stream, peer, refused).await,
+            None => self.serve_http(stream, peer, refused, slot).await,
+            // Refused: no TLS handshake to pay for (and to hold the socket through).
+            Some(_) if refused.is_some() => {}
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
                 match tokio::time::timeout(self.shared.config.handshake_timeout, handshake).await {
-                    Ok(Ok(stream)) => self.serve_http(stream, peer, refused).await,
+                    Ok(Ok(stream)) => self.serve_http(stream, peer, refused, slot).await,
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -390,13 +409,19 @@ impl Broker {
     }
 
     /// Serves HTTP on `io`; with `refused`, one request only, answered 503.
-    async fn serve_http<I>(&self, io: I, peer: std::net::SocketAddr, refused: Option<Refused>)
-    where
+    async fn serve_http<I>(
+        &self,
+        io: I,
+        peer: std::net::SocketAddr,
+        refused: Option<Refused>,
+        slot: HttpSlot,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let broker = self.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
+            req.extensions_mut().insert(slot.clone());
             let broker = broker.clone();
             async move {
                 Ok::<_, Infallible>(match refused {

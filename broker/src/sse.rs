@@ -67,6 +67,9 @@ pub(crate) fn open(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Res
         Ok(slot) => slot,
         Err(response) => return refused(response),
     };
+    if let Some(http) = req.extensions().get::<crate::HttpSlot>() {
+        http.release();
+    }
     let id = session_id();
     let (posts_tx, posts_rx) = mpsc::channel(POST_QUEUE);
     shared.sse.insert(id.clone(), posts_tx);

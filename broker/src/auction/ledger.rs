@@ -131,13 +131,15 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<u64, CommitError>> + Send + 'a>>;
     /// Ends a turn that wrote nothing (releases the lock).
     fn end_turn<'a>(&'a self, auction: &'a str) -> LedgerFuture<'a, ()>;
-    /// Makes durable that the auction ends at `last_seq` with `record`: the undo of a failed
+    /// Makes durable that the auction ends at `last_seq` with `record`, without the outbox
+    /// entries `webhooks` (those of the failed turn being undone): the undo of a failed
     /// commit, and the probe of a failed store (a real write and flush).
     fn repair<'a>(
         &'a self,
         auction: &'a str,
         last_seq: u64,
         record: &'a [u8],
+        webhooks: &'a [String],
     ) -> LedgerFuture<'a, ()>;
     /// Publishes events that need no turn (leaderboards).
     fn announce(&self, announcements: Vec<Announcement>);
@@ -306,8 +308,9 @@ impl Ledger for LocalLedger {
         auction: &'a str,
         last_seq: u64,
         record: &'a [u8],
+        webhooks: &'a [String],
     ) -> LedgerFuture<'a, ()> {
-        Box::pin(self.undo(auction, last_seq, record, &[]))
+        Box::pin(self.undo(auction, last_seq, record, webhooks))
     }
 
     fn announce(&self, announcements: Vec<Announcement>) {

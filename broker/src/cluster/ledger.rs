@@ -327,7 +327,13 @@ impl Ledger for RedisLedger {
         boxed(self.unlock(auction))
     }
 
-    fn repair<'a>(&'a self, _: &'a str, _: u64, _: &'a [u8]) -> LedgerFuture<'a, ()> {
+    fn repair<'a>(
+        &'a self,
+        _: &'a str,
+        _: u64,
+        _: &'a [u8],
+        _: &'a [String],
+    ) -> LedgerFuture<'a, ()> {
         // Nothing to undo: a failed commit wrote nothing.
         boxed(async { Ok(()) })
     }

@@ -13,6 +13,7 @@ pub struct FaultyLog {
     fail_writes: AtomicBool,
     fail_syncs: AtomicBool,
     tear_appends: AtomicBool,
+    fail_reverts: AtomicBool,
     /// Flushes that reached the inner log, and flushes refused.
     syncs: AtomicU64,
     refused_syncs: AtomicU64,
@@ -25,6 +26,7 @@ impl FaultyLog {
             fail_writes: AtomicBool::new(false),
             fail_syncs: AtomicBool::new(false),
             tear_appends: AtomicBool::new(false),
+            fail_reverts: AtomicBool::new(false),
             syncs: AtomicU64::new(0),
             refused_syncs: AtomicU64::new(0),
         }
@@ -44,6 +46,11 @@ impl FaultyLog {
     /// as torn, or work again.
     pub fn tear_appends(&self, tear: bool) {
         self.tear_appends.store(tear, Ordering::SeqCst);
+    }
+
+    /// From now on, undos (reverts) fail, or work again.
+    pub fn fail_reverts(&self, fail: bool) {
+        self.fail_reverts.store(fail, Ordering::SeqCst);
     }
 
     /// How many flushes were attempted (passed through or refused).
@@ -135,6 +142,9 @@ impl BidLog for FaultyLog {
         outbox: &[String],
     ) -> Result<(), StorageError> {
         self.write()?;
+        if self.fail_reverts.load(Ordering::SeqCst) {
+            return Err(StorageError::Io("injected revert failure".into()));
+        }
         self.inner.revert(auction, last_seq, record, outbox)
     }
 

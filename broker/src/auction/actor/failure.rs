@@ -10,6 +10,9 @@ pub(super) struct Parked {
     pub(super) backoff: Duration,
     /// Answers held until the undo is durable (so none says "not placed" while it may be).
     pub(super) held: Vec<Answer>,
+    /// The outbox entries of the turn whose undo failed: the probe's repair removes them too
+    /// (else the repair's flush would make them durable, and the next start would send them).
+    pub(super) webhooks: Vec<String>,
 }
 
 impl Actor {
@@ -21,6 +24,7 @@ impl Actor {
             CommitError::Unsettled(error) => (error, true),
         };
         let now = self.ledger_now();
+        let webhooks: Vec<String> = judged.webhooks.iter().map(|w| w.id.clone()).collect();
         self.auction = judged.before;
         for (user, previous) in judged.undo_highest.into_iter().rev() {
             match previous {
@@ -77,9 +81,11 @@ impl Actor {
                     probe_at: tokio::time::Instant::now() + self.probe_backoff,
                     backoff: self.probe_backoff,
                     held: Vec::new(),
+                    webhooks: Vec::new(),
                 };
                 if unsettled {
                     parked.held = answers;
+                    parked.webhooks = webhooks;
                 } else {
                     self.send(answers);
                 }
@@ -161,10 +167,20 @@ impl Actor {
             return;
         }
         let ledger = Arc::clone(&self.engine.ledger);
+        let webhooks = self
+            .parked
+            .as_ref()
+            .map(|p| p.webhooks.clone())
+            .unwrap_or_default();
         // A real write and flush of the durable record (also the undo of a turn whose writes
         // may still be in the store): a store that flushes but cannot write fails it.
         let result = ledger
-            .repair(&self.id, self.auction.state.last_seq, &self.durable_record)
+            .repair(
+                &self.id,
+                self.auction.state.last_seq,
+                &self.durable_record,
+                &webhooks,
+            )
             .await;
         let Some(parked) = self.parked.as_mut() else {
             return;

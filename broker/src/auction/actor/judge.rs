@@ -265,10 +265,24 @@ impl Actor {
                 self.auction.update(spec)?;
                 vec![Change::Updated]
             }
+            // In a close's grace period (a cluster) the auction's end has come, though it is
+            // not closed yet: it is answered as over, as on one node, where it is closed.
+            AdminOp::Pause | AdminOp::Cancel | AdminOp::EndNow if self.past_its_end(now) => {
+                return Err(SpecError::WrongStatus(
+                    AuctionStatus::Ended.as_str(),
+                    "the auction has ended",
+                )
+                .into());
+            }
             AdminOp::Pause => self.auction.pause(now)?,
             AdminOp::Resume => self.auction.resume(now)?,
             AdminOp::Cancel => self.auction.cancel()?,
             AdminOp::EndNow => self.auction.end_now(now)?,
         })
+    }
+
+    /// Active, with its end come (only in a cluster's close grace period).
+    fn past_its_end(&self, now: u64) -> bool {
+        self.auction.state.status == AuctionStatus::Active && now >= self.auction.state.ends_at
     }
 }

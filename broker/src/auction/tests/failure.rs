@@ -213,8 +213,9 @@ impl Ledger for SlowLedger {
         auction: &'a str,
         last_seq: u64,
         record: &'a [u8],
+        webhooks: &'a [String],
     ) -> LedgerFuture<'a, ()> {
-        self.inner.repair(auction, last_seq, record)
+        self.inner.repair(auction, last_seq, record, webhooks)
     }
     fn announce(&self, announcements: Vec<Announcement>) {
         self.inner.announce(announcements)
@@ -326,4 +327,58 @@ async fn a_rejection_answered_before_a_failed_write_is_still_remembered() {
     settle().await;
     assert_eq!(auctions.get("a1").unwrap().status, AuctionStatus::Active);
     assert_eq!(bid(&auctions, "ann", 1000, "early").await, first);
+}
+
+/// A turn whose flush and undo both failed leaves its webhook in the store; the probe's repair
+/// takes it out with the bids, so a later start does not send a webhook for a bid never placed.
+#[tokio::test(start_paused = true)]
+async fn a_repair_takes_out_the_webhooks_of_the_turn_it_undoes() {
+    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
+    let mut engine_config = config();
+    engine_config.webhooks = Some(crate::webhooks::Reporting {
+        bids: true,
+        wake: Arc::new(tokio::sync::Notify::new()),
+        outbox: Arc::new(
+            crate::webhooks::LocalOutbox::open(Arc::clone(&log) as Arc<dyn BidLog>).unwrap(),
+        ),
+    });
+    let auctions = Auctions::open(
+        Arc::clone(&log) as Arc<dyn BidLog>,
+        Arc::new(Recorder::default()),
+        Clock::tokio(T0),
+        engine_config,
+        CancellationToken::new(),
+    )
+    .unwrap();
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(matches!(
+        bid(&auctions, "ann", 1000, "r1").await,
+        Reply::BidAccepted { bid_seq: 1, .. }
+    ));
+    log.fail_syncs(true);
+    log.fail_reverts(true);
+    let held = send_bid(&auctions, "bob", 1100, "r2");
+    settle().await;
+    let ids = |log: &FaultyLog| -> Vec<String> {
+        log.outbox().unwrap().into_iter().map(|w| w.id).collect()
+    };
+    assert!(
+        ids(&log).contains(&"bid.accepted/a1/2".to_owned()),
+        "left by the failed undo"
+    );
+    log.fail_syncs(false);
+    log.fail_reverts(false);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    settle().await;
+    assert_eq!(
+        reason(&held.await.unwrap()),
+        Some(BidRejection::Unavailable)
+    );
+    assert_eq!(log.last_seq("a1").unwrap(), 1);
+    assert!(
+        !ids(&log).contains(&"bid.accepted/a1/2".to_owned()),
+        "the repair took the undone turn's webhook out: {:?}",
+        ids(&log)
+    );
 }
