@@ -48,13 +48,7 @@ async fn a_failing_store_parks_the_auction_without_spinning_and_it_recovers() {
     assert!((1..=10).contains(&probes), "{probes} probes in 20 s");
 
     log.fail_syncs(false);
-    tokio::time::sleep(Duration::from_secs(31)).await;
-    settle().await;
-    assert_eq!(
-        reason(&held.await.unwrap()),
-        Some(BidRejection::Unavailable)
-    );
-    assert_eq!(log.last_seq("a1").unwrap(), 1);
+    the_held_bid_is_refused_once_a_probe_works(&log, held).await;
     // Taking bids again; a retry of the refused bid is a new try.
     assert!(matches!(
         bid(&auctions, "bob", 1100, "r2").await,
@@ -333,23 +327,13 @@ async fn a_rejection_answered_before_a_failed_write_is_still_remembered() {
 /// takes it out with the bids, so a later start does not send a webhook for a bid never placed.
 #[tokio::test(start_paused = true)]
 async fn a_repair_takes_out_the_webhooks_of_the_turn_it_undoes() {
-    let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
-    let mut engine_config = config();
-    engine_config.webhooks = Some(crate::webhooks::Reporting {
-        bids: true,
-        wake: Arc::new(tokio::sync::Notify::new()),
-        outbox: Arc::new(
-            crate::webhooks::LocalOutbox::open(Arc::clone(&log) as Arc<dyn BidLog>).unwrap(),
-        ),
+    let (log, _, auctions) = faulty_with(|log, config| {
+        config.webhooks = Some(crate::webhooks::Reporting {
+            bids: true,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            outbox: Arc::new(crate::webhooks::LocalOutbox::open(log).unwrap()),
+        });
     });
-    let auctions = Auctions::open(
-        Arc::clone(&log) as Arc<dyn BidLog>,
-        Arc::new(Recorder::default()),
-        Clock::tokio(T0),
-        engine_config,
-        CancellationToken::new(),
-    )
-    .unwrap();
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(matches!(
@@ -369,6 +353,20 @@ async fn a_repair_takes_out_the_webhooks_of_the_turn_it_undoes() {
     );
     log.fail_syncs(false);
     log.fail_reverts(false);
+    the_held_bid_is_refused_once_a_probe_works(&log, held).await;
+    assert!(
+        !ids(&log).contains(&"bid.accepted/a1/2".to_owned()),
+        "the repair took the undone turn's webhook out: {:?}",
+        ids(&log)
+    );
+}
+
+/// After a store failure is over: the probe (at most 30 s later) undoes the held turn, its bid
+/// is refused as `unavailable`, and the log holds the first bid only.
+async fn the_held_bid_is_refused_once_a_probe_works(
+    log: &FaultyLog,
+    held: tokio::sync::oneshot::Receiver<Reply>,
+) {
     tokio::time::sleep(Duration::from_secs(31)).await;
     settle().await;
     assert_eq!(
@@ -376,9 +374,4 @@ async fn a_repair_takes_out_the_webhooks_of_the_turn_it_undoes() {
         Some(BidRejection::Unavailable)
     );
     assert_eq!(log.last_seq("a1").unwrap(), 1);
-    assert!(
-        !ids(&log).contains(&"bid.accepted/a1/2".to_owned()),
-        "the repair took the undone turn's webhook out: {:?}",
-        ids(&log)
-    );
 }

@@ -93,13 +93,25 @@ fn fresh_with(config: EngineConfig) -> (Arc<Recorder>, Auctions) {
 
 /// An engine on an in-memory log that fails on demand, and what it announces.
 fn faulty() -> (Arc<FaultyLog>, Arc<Recorder>, Auctions) {
+    faulty_with(|_, _| {})
+}
+
+/// [`faulty`], with the engine's configuration changed by `configure` (given the log).
+fn faulty_with(
+    configure: impl FnOnce(Arc<dyn BidLog>, &mut EngineConfig),
+) -> (Arc<FaultyLog>, Arc<Recorder>, Auctions) {
     let log = Arc::new(FaultyLog::new(Arc::new(MemoryLog::default())));
     let events = Arc::new(Recorder::default());
-    let auctions = engine(
+    let mut engine_config = config();
+    configure(Arc::clone(&log) as Arc<dyn BidLog>, &mut engine_config);
+    let auctions = Auctions::open(
         Arc::clone(&log) as Arc<dyn BidLog>,
-        Arc::clone(&events),
+        Arc::clone(&events) as Arc<dyn AuctionEvents>,
+        Clock::tokio(T0),
+        engine_config,
         CancellationToken::new(),
-    );
+    )
+    .unwrap();
     (log, events, auctions)
 }
 
