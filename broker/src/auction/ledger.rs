@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use gavel_protocol::{Channel, UserId};
+use gavel_protocol::{Channel, Data, UserId};
 use serde_json::Value;
 
 use crate::clock::Clock;
@@ -39,7 +39,7 @@ pub struct Announcement {
     /// `auction:{id}`, or `user:{id}` for a notice to one user.
     pub channel: Channel,
     pub event: &'static str,
-    pub data: Value,
+    pub data: Data,
     /// The auction's snapshot right after the event (`None`: unchanged).
     pub state: Option<Value>,
 }
@@ -188,6 +188,8 @@ pub struct LocalLedger {
     durability: Durability,
     events: Arc<dyn AuctionEvents>,
     clock: Clock,
+    /// 0: one node sees every bid as it arrives (see [`Ledger::close_grace_ms`]).
+    close_grace_ms: u64,
 }
 
 impl LocalLedger {
@@ -203,7 +205,15 @@ impl LocalLedger {
             durability,
             events,
             clock,
+            close_grace_ms: 0,
         }
+    }
+
+    /// With a cluster's close grace, for testing the engine's behaviour in it on one node.
+    #[cfg(test)]
+    pub(crate) fn with_close_grace(mut self, ms: u64) -> LocalLedger {
+        self.close_grace_ms = ms;
+        self
     }
 
     /// The bid log itself (start-up reads it synchronously).
@@ -259,6 +269,10 @@ fn ready<'a, T: Send + 'a>(value: Result<T, LedgerError>) -> LedgerFuture<'a, T>
 impl Ledger for LocalLedger {
     fn reads_unflushed(&self) -> bool {
         true
+    }
+
+    fn close_grace_ms(&self) -> u64 {
+        self.close_grace_ms
     }
 
     fn begin<'a>(&'a self, _auction: &'a str) -> LedgerFuture<'a, TurnStart> {

@@ -104,3 +104,45 @@ async fn a_paused_auction_is_not_archived() {
         Reply::BidAccepted { .. }
     ));
 }
+
+/// In a close's grace period (a cluster's; here a local ledger is given one), the auction's end
+/// has come though it is not closed yet: an admin pause, cancel or end is refused as
+/// `wrong_status`, as on one node, and a bid as `ended`. The close then keeps the winner.
+#[tokio::test(start_paused = true)]
+async fn in_a_close_grace_the_auction_is_over_for_admins_and_bidders() {
+    let events = Arc::new(Recorder::default());
+    let clock = Clock::tokio(T0);
+    let store = Arc::new(MemoryLog::default());
+    let ledger = LocalLedger::new(
+        store,
+        Arc::clone(&events) as Arc<dyn AuctionEvents>,
+        clock,
+        GroupCommit::On,
+    )
+    .with_close_grace(1_000);
+    let auctions = Auctions::new(Arc::new(ledger), clock, config(), CancellationToken::new());
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(matches!(
+        bid(&auctions, "ann", 1000, "r1").await,
+        Reply::BidAccepted { .. }
+    ));
+    // Half-way through the grace: T0 + 60,500 ms, the end being T0 + 60,000.
+    tokio::time::sleep(Duration::from_millis(59_500)).await;
+    for op in [AdminOp::Pause, AdminOp::Cancel, AdminOp::EndNow] {
+        let name = format!("{op:?}");
+        let refused = auctions.admin("a1", op).await;
+        assert!(
+            matches!(refused, Err(AdminError::Spec(SpecError::WrongStatus(..)))),
+            "{name} in the grace: {refused:?}"
+        );
+    }
+    let late = bid(&auctions, "bob", 2000, "r2").await;
+    assert_eq!(reason(&late), Some(BidRejection::Ended));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    settle().await;
+    let ended = events.named("ended");
+    assert_eq!(ended.len(), 1, "closed once, after the grace");
+    assert_eq!(ended[0]["winner"], "ann");
+    assert_eq!(ended[0]["final_price"], 1000);
+}
