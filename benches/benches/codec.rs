@@ -26,7 +26,7 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
     vec![
         ("subscribe", ClientFrame::Subscribe { id: 1, channel: channel("auction:42"), since: Some(17), epoch: Some(1795333703380369) }),
         ("unsubscribe", ClientFrame::Unsubscribe { id: 3, channel: channel("auction:42") }),
-        ("publish", ClientFrame::Publish { id: 4, channel: channel("conversation:c7"), data: json!({"text": "is it still available?"}) }),
+        ("publish", ClientFrame::Publish { id: 4, channel: channel("conversation:c7"), data: json!({"text": "is it still available?"}).into() }),
         ("typing", ClientFrame::Typing { id: 5, channel: channel("conversation:c7"), typing: true }),
         ("read", ClientFrame::Read { id: 6, channel: channel("conversation:c7"), seq: 18 }),
         ("presence", ClientFrame::Presence { id: 7, channel: channel("auction:42"), limit: Some(50) }),
@@ -63,7 +63,7 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
                 ts: 1795333703381,
                 event: "bid_placed".into(),
                 from: None,
-                data: serde_json::to_value(placed).expect("bid_placed"),
+                data: gavel_protocol::Data::encode(&placed).expect("bid_placed"),
             }),
         ),
         (
@@ -74,7 +74,7 @@ fn server_frames() -> Vec<(&'static str, ServerFrame)> {
                 ts: 1795333703381,
                 event: "message".into(),
                 from: Some(user("u42")),
-                data: json!({"text": "is it still available?"}),
+                data: json!({"text": "is it still available?"}).into(),
             }),
         ),
         (

@@ -61,7 +61,7 @@ fn publish_bids(rooms: &Rooms, channel: &Channel, batch: u64) {
             channel,
             "bid_placed",
             None,
-            json!({"amount": 100 + i, "bidder": "u1"}),
+            json!({"amount": 100 + i, "bidder": "u1"}).into(),
         );
     }
 }

@@ -38,7 +38,7 @@ fn main() {
                 &channel,
                 "bid_placed",
                 None,
-                json!({"amount": 100 + i, "bidder": "u1"}),
+                json!({"amount": 100 + i, "bidder": "u1"}).into(),
             );
         }
         let publish = started.elapsed() / PUBLISHES;

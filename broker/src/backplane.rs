@@ -7,8 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use gavel_protocol::{Channel, ServerFrame, UserId};
-use serde_json::Value;
+use gavel_protocol::{Channel, Data, ServerFrame, UserId};
 
 use crate::rooms::{Published, Rooms, Skip};
 
@@ -40,11 +39,11 @@ pub trait Backplane: Send + Sync + 'static {
         channel: &'a Channel,
         event: &'a str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
     ) -> BackplaneFuture<'a, Published>;
     /// Publishes without waiting, in call order. On one node the event is queued for every
     /// subscriber before this returns; in cluster mode it goes out in the background (seq 0).
-    fn publish_detached(&self, channel: &Channel, event: &str, data: Value) -> Published;
+    fn publish_detached(&self, channel: &Channel, event: &str, data: Data) -> Published;
     /// Sends an unsequenced frame (typing) to the room's subscribers on every node but the
     /// connections of `skip_user`. False when it cannot be sent now.
     fn signal(&self, channel: &Channel, frame: ServerFrame, skip_user: Option<UserId>) -> bool;
@@ -76,13 +75,13 @@ impl Backplane for LocalBackplane {
         channel: &'a Channel,
         event: &'a str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
     ) -> BackplaneFuture<'a, Published> {
         let published = self.rooms.publish(channel, event, from, data);
         Box::pin(std::future::ready(Ok(published)))
     }
 
-    fn publish_detached(&self, channel: &Channel, event: &str, data: Value) -> Published {
+    fn publish_detached(&self, channel: &Channel, event: &str, data: Data) -> Published {
         self.rooms.publish(channel, event, None, data)
     }
 

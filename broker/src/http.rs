@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gavel_protocol::{Channel, UserId};
+use gavel_protocol::{Channel, Data, UserId};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
@@ -314,7 +314,7 @@ struct PublishRequest {
     users: Option<Vec<String>>,
     event: String,
     #[serde(default)]
-    data: Value,
+    data: Data,
 }
 
 async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -341,7 +341,7 @@ async fn publish(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes
             "event must be 1 to 64 characters from a-z 0-9 _ . -",
         );
     }
-    let data_size = request.data.to_string().len();
+    let data_size = request.data.json_len();
     if data_size > shared.config.max_message_size {
         return error_response(
             StatusCode::PAYLOAD_TOO_LARGE,

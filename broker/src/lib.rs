@@ -47,12 +47,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gavel_protocol::{Channel, UserId};
+use gavel_protocol::{Channel, Data, UserId};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -471,8 +470,10 @@ impl Broker {
     /// node the event is queued for every subscriber before this returns. In cluster mode it
     /// goes out through Redis in the background and the returned seq is 0: use
     /// [`Broker::publish_event`] there.
-    pub fn publish(&self, channel: &Channel, event: &str, data: Value) -> Published {
-        self.shared.backplane.publish_detached(channel, event, data)
+    pub fn publish(&self, channel: &Channel, event: &str, data: impl Into<Data>) -> Published {
+        self.shared
+            .backplane
+            .publish_detached(channel, event, data.into())
     }
 
     /// Publishes an event and returns its seq, on a single node or through the cluster.
@@ -480,17 +481,17 @@ impl Broker {
         &self,
         channel: &Channel,
         event: &str,
-        data: Value,
+        data: impl Into<Data>,
     ) -> Result<Published, Error> {
         Ok(self
             .shared
             .backplane
-            .publish(channel, event, None, data)
+            .publish(channel, event, None, data.into())
             .await?)
     }
 
     /// Publishes an event to one user's `user:{id}` channel (every connection of theirs).
-    pub fn publish_to_user(&self, user: &UserId, event: &str, data: Value) -> Published {
+    pub fn publish_to_user(&self, user: &UserId, event: &str, data: impl Into<Data>) -> Published {
         self.publish(&Channel::user(user), event, data)
     }
 

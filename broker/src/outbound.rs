@@ -142,7 +142,7 @@ pub(crate) fn test_event(channel: &str, seq: u64) -> Arc<SharedFrame> {
         ts: seq,
         event: "e".into(),
         from: None,
-        data: serde_json::Value::Null,
+        data: gavel_protocol::Data::null(),
     }))
 }
 

@@ -42,7 +42,12 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
                                 continue;
                             }
                             ctx.stats.chat_received.fetch_add(1, Ordering::Relaxed);
-                            let due = e.data["k"].as_u64().and_then(|k| {
+                            #[derive(serde::Deserialize)]
+                            struct Sent {
+                                k: u64,
+                            }
+                            let sent = e.data.decode::<Sent>().ok();
+                            let due = sent.and_then(|Sent { k }| {
                                 let start = *ctx.start.get()?;
                                 let rate = ctx.scenario.chat_rate;
                                 Some(Schedule { start, rate }.due(k))
@@ -102,7 +107,7 @@ pub(crate) async fn chat(ctx: Arc<Ctx>, run_id: u64) -> Vec<tokio::task::JoinHan
                     ClientFrame::Publish {
                         id: k,
                         channel: channel.clone(),
-                        data: json!({ "k": k }),
+                        data: json!({ "k": k }).into(),
                     }
                 };
                 if writer.send(&frame).await.is_err() {

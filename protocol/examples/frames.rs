@@ -90,7 +90,7 @@ fn main() {
         &ClientFrame::Publish {
             id: 4,
             channel: channel("conversation:c7"),
-            data: json!({"text": "is it still available?"}),
+            data: json!({"text": "is it still available?"}).into(),
         },
     );
     show(
@@ -329,7 +329,7 @@ fn main() {
             ts: 1795333703381,
             event: "bid_placed".into(),
             from: None,
-            data: serde_json::to_value(BidPlaced {
+            data: Data::encode(&BidPlaced {
                 auction_id: "42".into(),
                 bid_seq: 32,
                 amount: 125_000,
@@ -351,7 +351,7 @@ fn main() {
             ts: 1795333703381,
             event: "outbid".into(),
             from: None,
-            data: serde_json::to_value(Outbid {
+            data: Data::encode(&Outbid {
                 auction_id: "42".into(),
                 amount: 125_000,
                 your_amount: 124_000,
@@ -370,7 +370,7 @@ fn main() {
             ts: 1795334200001,
             event: "ended".into(),
             from: None,
-            data: serde_json::to_value(Ended {
+            data: Data::encode(&Ended {
                 auction_id: "42".into(),
                 winner: Some(user("u42")),
                 final_price: Some(131_000),
@@ -398,7 +398,7 @@ fn main() {
             ts: 1795333703380,
             event: "booking_accepted".into(),
             from: None,
-            data: json!({"booking_id": 991, "starts": "2026-12-01"}),
+            data: json!({"booking_id": 991, "starts": "2026-12-01"}).into(),
         }),
     );
     show(
@@ -409,7 +409,7 @@ fn main() {
             ts: 1795333703380,
             event: "message".into(),
             from: Some(user("u42")),
-            data: json!({"text": "is it still available?"}),
+            data: json!({"text": "is it still available?"}).into(),
         }),
     );
     show(

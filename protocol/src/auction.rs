@@ -145,44 +145,47 @@ impl BidRejection {
 }
 
 /// `bid_placed` event data.
+///
+/// The fields of the event data below are declared in byte order of their names: that is the
+/// order on the wire, the same as when the broker built event data as sorted JSON maps.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BidPlaced {
-    pub auction_id: String,
-    pub bid_seq: u64,
     pub amount: i64,
-    pub bidder: UserId,
-    pub bid_count: u64,
-    pub next_min_bid: i64,
-    pub ends_at: u64,
-    pub server_ts: u64,
+    pub auction_id: String,
     /// Placed by the broker for a bidder's maximum (proxy bidding), not typed by them.
     #[serde(default)]
     pub automatic: bool,
+    pub bid_count: u64,
+    pub bid_seq: u64,
+    pub bidder: UserId,
+    pub ends_at: u64,
+    pub next_min_bid: i64,
+    pub server_ts: u64,
 }
 
 /// `outbid` event data, on the previous leader's `user:{id}` channel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outbid {
-    pub auction_id: String,
     /// The new highest bid.
     pub amount: i64,
+    pub auction_id: String,
+    pub ends_at: u64,
+    pub next_min_bid: i64,
+    pub server_ts: u64,
     /// The bid of yours it beat.
     pub your_amount: i64,
-    pub next_min_bid: i64,
-    pub ends_at: u64,
-    pub server_ts: u64,
 }
 
 /// `ended` event data.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
     pub auction_id: String,
-    /// `null` without bids or when the reserve was not met.
-    pub winner: Option<UserId>,
-    pub final_price: Option<i64>,
-    pub reserve_met: bool,
     pub bid_count: u64,
     /// When it ended.
     pub ends_at: u64,
+    pub final_price: Option<i64>,
+    pub reserve_met: bool,
     pub server_ts: u64,
+    /// `null` without bids or when the reserve was not met.
+    pub winner: Option<UserId>,
 }

@@ -6,7 +6,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::frame::{ClientFrame, RequestId};
+use serde::de::value::StrDeserializer;
+use serde::de::{DeserializeSeed, EnumAccess, IntoDeserializer, VariantAccess, Visitor};
+
+use crate::frame::{ByType, ClientFrame, RequestId};
 
 /// The encoding negotiated for a connection through `Sec-WebSocket-Protocol`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,6 +153,105 @@ fn not_a_map(format: Format, bytes: &[u8]) -> Option<&'static str> {
             b'[' => Some("an array"),
             _ => Some("another value"),
         },
+    }
+}
+
+/// Decodes a [`ClientFrame`], as [`decode`] does, without buffering the frame first: its `type`
+/// is read in a first pass that skips every other field unread, then that variant's fields are
+/// read straight from the bytes (unknown fields skipped unread). `data` is thus written once,
+/// into its [`crate::Data`], and a large unknown field costs a skip, not a tree.
+pub fn decode_client(
+    format: Format,
+    bytes: &[u8],
+    max_size: usize,
+) -> Result<ClientFrame, DecodeError> {
+    let envelope = envelope(format, bytes, max_size);
+    let Some(Envelope { type_name, .. }) =
+        envelope.filter(|e| ClientFrame::TYPES.contains(&e.type_name.as_str()))
+    else {
+        // Over the limit, not a map, no readable `type`, or an unknown one: the generic path
+        // says which, and its checks come before any decoding work.
+        return decode::<ClientFrame>(format, bytes, max_size);
+    };
+    let variant = ByTypeName(&type_name);
+    let read = match format {
+        Format::MsgPack => {
+            let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+            deserializer.set_max_depth(MAX_DEPTH);
+            variant.read(&mut deserializer).map_err(|e| e.to_string())
+        }
+        Format::Json => {
+            let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+            variant
+                .read(&mut deserializer)
+                .and_then(|frame| deserializer.end().map(|()| frame))
+                .map_err(|e| e.to_string())
+        }
+    };
+    read.map(ClientFrame::from)
+        .map_err(|reason| classify(format, bytes, reason))
+}
+
+/// Reads a frame map as the variant `.0` of [`ByType`]: an enum access whose variant is known
+/// beforehand and whose content is the map itself.
+struct ByTypeName<'a>(&'a str);
+
+impl ByTypeName<'_> {
+    fn read<'de, D: serde::Deserializer<'de>>(self, map: D) -> Result<ByType, D::Error> {
+        ByType::deserialize(KnownVariant { name: self.0, map })
+    }
+}
+
+struct KnownVariant<'a, D> {
+    name: &'a str,
+    map: D,
+}
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for KnownVariant<'_, D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
+
+impl<'de, D: serde::Deserializer<'de>> EnumAccess<'de> for KnownVariant<'_, D> {
+    type Error = D::Error;
+    type Variant = Self;
+
+    fn variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, Self), D::Error> {
+        let name: StrDeserializer<'_, D::Error> = self.name.into_deserializer();
+        Ok((seed.deserialize(name)?, self))
+    }
+}
+
+impl<'de, D: serde::Deserializer<'de>> VariantAccess<'de> for KnownVariant<'_, D> {
+    type Error = D::Error;
+
+    fn unit_variant(self) -> Result<(), D::Error> {
+        Err(serde::de::Error::custom("client frames have fields"))
+    }
+
+    fn newtype_variant_seed<S: DeserializeSeed<'de>>(self, _: S) -> Result<S::Value, D::Error> {
+        Err(serde::de::Error::custom("client frames have fields"))
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, _: usize, _: V) -> Result<V::Value, D::Error> {
+        Err(serde::de::Error::custom("client frames have fields"))
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.map.deserialize_struct("ClientFrame", fields, visitor)
     }
 }
 
@@ -327,7 +429,7 @@ mod tests {
             ts: 2,
             event: "x".into(),
             from: None,
-            data: serde_json::Value::Null,
+            data: crate::Data::null(),
         });
         let back: ServerFrame = decode(
             Format::MsgPack,

@@ -8,13 +8,17 @@ pub mod channel;
 pub mod claims;
 pub mod codec;
 pub mod codes;
+pub mod data;
 pub mod frame;
 
 pub use auction::{AuctionSnapshot, AuctionStatus, BidPlaced, BidRejection, Ended, Outbid};
 pub use channel::{Channel, ChannelError, ChannelKind, UserId};
 pub use claims::Claims;
-pub use codec::{decode, encode, envelope, DecodeError, EncodeError, Envelope, Format};
+pub use codec::{
+    decode, decode_client, encode, envelope, DecodeError, EncodeError, Envelope, Format,
+};
 pub use codes::{CloseCode, ErrorCode};
+pub use data::{Data, DataError};
 pub use frame::{
     ClientFrame, ErrorFrame, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot,
     ServerFrame, ViewerCounts,

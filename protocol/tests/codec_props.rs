@@ -68,8 +68,13 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
             }),
         (any::<u64>(), channel())
             .prop_map(|(id, channel)| ClientFrame::Unsubscribe { id, channel }),
-        (any::<u64>(), channel(), json_value())
-            .prop_map(|(id, channel, data)| ClientFrame::Publish { id, channel, data }),
+        (any::<u64>(), channel(), json_value()).prop_map(|(id, channel, data)| {
+            ClientFrame::Publish {
+                id,
+                channel,
+                data: data.into(),
+            }
+        }),
         (any::<u64>(), channel(), any::<bool>()).prop_map(|(id, channel, typing)| {
             ClientFrame::Typing {
                 id,
@@ -263,7 +268,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                     ts,
                     event,
                     from,
-                    data,
+                    data: data.into(),
                 })
             }),
         (channel(), any::<u64>(), viewers()).prop_map(|(channel, ts, viewers)| {
@@ -305,6 +310,7 @@ proptest! {
             let bytes = encode(format, &frame).unwrap();
             let back: ClientFrame = decode(format, &bytes, MAX).unwrap();
             prop_assert_eq!(&back, &frame);
+            prop_assert_eq!(&decode_client(format, &bytes, MAX).unwrap(), &frame);
         }
     }
 
@@ -317,6 +323,20 @@ proptest! {
             prop_assert_eq!(envelope.type_name.as_str(), frame.type_name());
             prop_assert_eq!(envelope.id, Some(frame.id()));
         }
+    }
+
+    /// `data` carries any JSON value unchanged, whichever format it comes in or goes out in.
+    #[test]
+    fn data_carries_any_json_value(value in json_value()) {
+        let data = Data::from(&value);
+        prop_assert_eq!(data.to_json(), value.clone());
+        let json = serde_json::to_vec(&data).unwrap();
+        prop_assert_eq!(data.json_len(), json.len());
+        prop_assert_eq!(&serde_json::from_slice::<Data>(&json).unwrap(), &data);
+        let msgpack = rmp_serde::to_vec_named(&data).unwrap();
+        prop_assert_eq!(&msgpack[..], data.as_msgpack());
+        prop_assert_eq!(&rmp_serde::from_slice::<Data>(&msgpack).unwrap(), &data);
+        prop_assert_eq!(msgpack, rmp_serde::to_vec_named(&value).unwrap(), "as a JSON tree encodes");
     }
 
     #[test]
@@ -350,9 +370,16 @@ proptest! {
                 let i = at.index(bytes.len());
                 bytes[i] = *byte;
             }
-            let _ = decode::<ClientFrame>(format, &bytes, MAX);
             let end = cut.index(bytes.len() + 1);
-            let _ = decode::<ClientFrame>(format, &bytes[..end], MAX);
+            for bytes in [&bytes[..], &bytes[..end]] {
+                // The direct reading and the generic one agree on every input.
+                let direct = decode_client(format, bytes, MAX);
+                let generic = decode::<ClientFrame>(format, bytes, MAX);
+                prop_assert_eq!(direct.is_ok(), generic.is_ok(), "{:?} vs {:?}", direct, generic);
+                if let (Ok(direct), Ok(generic)) = (&direct, &generic) {
+                    prop_assert_eq!(direct, generic);
+                }
+            }
         }
     }
 

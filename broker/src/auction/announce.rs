@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use gavel_protocol::{AuctionSnapshot, BidPlaced, Channel, Outbid, UserId};
+use gavel_protocol::{AuctionSnapshot, BidPlaced, Channel, Data, Outbid, UserId};
 use serde_json::{json, Value};
 
 use super::ledger::Announcement;
@@ -16,6 +16,14 @@ pub const LEADERBOARD_SIZE: usize = 10;
 
 pub fn to_value<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Event data from one of our payload types (which always encode).
+fn to_data<T: serde::Serialize>(v: &T) -> Data {
+    Data::encode(v).unwrap_or_else(|error| {
+        tracing::error!(%error, "event data did not encode");
+        Data::null()
+    })
 }
 
 /// The channel of auction `id` (ids are checked at creation, so this does not fail in practice).
@@ -32,7 +40,7 @@ fn room(id: &str) -> Option<Channel> {
 fn in_room(
     id: &str,
     event: &'static str,
-    data: Value,
+    data: Data,
     state: Option<Value>,
 ) -> Option<Announcement> {
     room(id).map(|channel| Announcement {
@@ -57,27 +65,27 @@ pub fn changes(
             Change::Status { from, to } => in_room(
                 id,
                 "status_changed",
-                json!({
+                Data::from(json!({
                     "auction_id": id,
                     "status": to,
                     "previous": from,
                     "ends_at": snapshot.ends_at,
                     "server_ts": now,
-                }),
+                })),
                 Some(state.clone()),
             ),
             Change::Updated => in_room(
                 id,
                 "updated",
-                json!({
+                Data::from(json!({
                     "auction_id": id,
                     "starts_at": snapshot.starts_at,
                     "ends_at": snapshot.ends_at,
                     "server_ts": now,
-                }),
+                })),
                 Some(state.clone()),
             ),
-            Change::Ended(ended) => in_room(id, "ended", to_value(&ended), Some(state.clone())),
+            Change::Ended(ended) => in_room(id, "ended", to_data(&ended), Some(state.clone())),
         })
         .collect()
 }
@@ -110,7 +118,7 @@ pub fn bid(
             automatic: record.automatic,
         };
         let state = last.then(|| to_value(snapshot));
-        out.extend(in_room(id, "bid_placed", to_value(&placed), state));
+        out.extend(in_room(id, "bid_placed", to_data(&placed), state));
     }
     let Some(record) = records.last() else {
         return out;
@@ -119,12 +127,12 @@ pub fn bid(
         out.extend(in_room(
             id,
             "extended",
-            json!({
+            Data::from(json!({
                 "auction_id": id,
                 "ends_at": snapshot.ends_at,
                 "previous_ends_at": previous_end,
                 "server_ts": record.ts,
-            }),
+            })),
             None,
         ));
     }
@@ -140,7 +148,7 @@ pub fn bid(
         out.push(Announcement {
             channel: Channel::user(leader),
             event: "outbid",
-            data: to_value(&notice),
+            data: to_data(&notice),
             state: None,
         });
     }
@@ -164,21 +172,29 @@ pub fn leaderboard(
             .then_with(|| a.0.cmp(b.0))
     });
     top.truncate(LEADERBOARD_SIZE);
-    let top: Vec<Value> = top
-        .into_iter()
-        .map(|(user, amount)| json!({"user": user, "amount": amount}))
-        .collect();
-    in_room(
-        id,
-        "leaderboard",
-        json!({
-            "auction_id": id,
-            "top": top,
-            "ends_at": ends_at,
-            "server_ts": now,
-        }),
-        None,
-    )
+    /// Fields in byte order of their names, as on the wire before (see `BidPlaced`).
+    #[derive(serde::Serialize)]
+    struct Board<'a> {
+        auction_id: &'a str,
+        ends_at: u64,
+        server_ts: u64,
+        top: Vec<Place<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct Place<'a> {
+        amount: i64,
+        user: &'a UserId,
+    }
+    let board = Board {
+        auction_id: id,
+        ends_at,
+        server_ts: now,
+        top: top
+            .into_iter()
+            .map(|(user, &amount)| Place { amount, user })
+            .collect(),
+    };
+    in_room(id, "leaderboard", to_data(&board), None)
 }
 
 #[cfg(test)]
@@ -191,9 +207,14 @@ mod tests {
         let (amy, zed) = (UserId::parse("amy").unwrap(), UserId::parse("zed").unwrap());
         let highest = HashMap::from([(amy.clone(), 5000), (zed.clone(), 5000)]);
         let board = leaderboard("a1", &highest, Some(&zed), 0, 0).unwrap();
-        assert_eq!(board.data["top"][0]["user"], "zed");
-        assert_eq!(board.data["top"][1]["user"], "amy");
+        let data = board.data.to_json();
+        assert_eq!(data["top"][0]["user"], "zed");
+        assert_eq!(data["top"][1]["user"], "amy");
         let board = leaderboard("a1", &highest, None, 0, 0).unwrap();
-        assert_eq!(board.data["top"][0]["user"], "amy", "no leader: by user id");
+        assert_eq!(
+            board.data.to_json()["top"][0]["user"],
+            "amy",
+            "no leader: by user id"
+        );
     }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gavel_protocol::{Channel, ServerFrame, UserId, ViewerCounts};
+use gavel_protocol::{Channel, Data, ServerFrame, UserId, ViewerCounts};
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
@@ -475,7 +475,7 @@ impl crate::backplane::Backplane for Cluster {
         channel: &'a Channel,
         event: &'a str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
     ) -> BackplaneFuture<'a, Published> {
         Box::pin(async move {
             let outgoing = OutgoingEvent::new(channel.clone(), event, from, data, None);
@@ -489,7 +489,7 @@ impl crate::backplane::Backplane for Cluster {
         })
     }
 
-    fn publish_detached(&self, channel: &Channel, event: &str, data: Value) -> Published {
+    fn publish_detached(&self, channel: &Channel, event: &str, data: Data) -> Published {
         Cluster::publish_detached(
             self,
             OutgoingEvent::new(channel.clone(), event, None, data, None),

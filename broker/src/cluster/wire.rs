@@ -18,7 +18,7 @@ pub(super) struct EventBody {
     event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     from: Option<UserId>,
-    data: Value,
+    data: Data,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     state: Option<Value>,
 }
@@ -30,7 +30,7 @@ pub(super) struct EventBodyOut<'a> {
     event: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     from: Option<&'a UserId>,
-    data: &'a Value,
+    data: &'a Data,
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<&'a RawValue>,
 }
@@ -48,7 +48,7 @@ impl OutgoingEvent {
         channel: Channel,
         event: &str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
         state: Option<Value>,
     ) -> OutgoingEvent {
         // The state is serialized once: Redis stores it on its own and in the body.

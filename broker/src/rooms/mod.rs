@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use gavel_protocol::{
-    Channel, ChannelKind, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot, ServerFrame,
-    UserId, ViewerCounts,
+    Channel, ChannelKind, Data, EventFrame, PresenceReply, Reply, RequestId, RoomSnapshot,
+    ServerFrame, UserId, ViewerCounts,
 };
 use serde_json::Value;
 
@@ -57,7 +57,7 @@ fn replay_fits(conn: &ConnHandle, frames: &[Arc<SharedFrame>]) -> bool {
 /// One event of a producer's turn, for [`Rooms::publish_all`].
 pub struct TurnEvent {
     pub event: String,
-    pub data: Value,
+    pub data: Data,
     /// The room's state right after the event (`None`: unchanged).
     pub state: Option<Value>,
 }
@@ -376,7 +376,7 @@ impl Rooms {
         channel: &Channel,
         event: &str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
     ) -> Published {
         self.publish_with_state(channel, event, from, data, None)
     }
@@ -388,7 +388,7 @@ impl Rooms {
         channel: &Channel,
         event: &str,
         from: Option<UserId>,
-        data: Value,
+        data: Data,
         state: Option<Value>,
     ) -> Published {
         self.publish_all(

@@ -13,7 +13,7 @@ pub struct Incoming {
     pub ts: u64,
     pub event: String,
     pub from: Option<UserId>,
-    pub data: Value,
+    pub data: Data,
     pub state: Option<Value>,
 }
 

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use gavel_protocol::{Channel, ChannelKind, ClientFrame, ErrorCode, Reply, ServerFrame, UserId};
+use gavel_protocol::{
+    Channel, ChannelKind, ClientFrame, Data, ErrorCode, Reply, ServerFrame, UserId,
+};
 
 use crate::auction::{BidKey, BidRequest};
 use crate::auth::{AuthError, Identity};
@@ -92,7 +94,7 @@ impl Session {
                         format!("read receipt seq {seq} is not between 1 and the room's latest seq {last}"),
                     ));
                 }
-                let data = serde_json::json!({ "seq": seq });
+                let data = Data::from(serde_json::json!({ "seq": seq }));
                 self.publish_as(user, channel, "read", data).await
             }
             ClientFrame::Presence { channel, limit, .. } => {
@@ -149,7 +151,7 @@ impl Session {
         user: UserId,
         channel: Channel,
         event: &str,
-        data: serde_json::Value,
+        data: Data,
     ) -> Result<Option<Reply>, (ErrorCode, String)> {
         let published = self
             .shared

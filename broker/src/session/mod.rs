@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gavel_protocol::{
-    decode, Channel, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Format, RequestId,
+    decode_client, Channel, ClientFrame, DecodeError, ErrorCode, ErrorFrame, Format, RequestId,
     ServerFrame, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -385,8 +385,7 @@ impl Session {
                 }
             }
         }
-        let frame = match decode::<ClientFrame>(format, bytes, self.shared.config.max_message_size)
-        {
+        let frame = match decode_client(format, bytes, self.shared.config.max_message_size) {
             Ok(frame) => frame,
             Err(DecodeError::TooLarge { .. }) => return Err(DisconnectReason::MessageTooBig),
             Err(error) => {

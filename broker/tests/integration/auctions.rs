@@ -175,8 +175,8 @@ async fn subscribers_get_the_snapshot_then_bids_and_the_old_leader_is_told_on_ev
         assert_eq!(event.event, "outbid");
         assert_eq!(
             (
-                event.data["amount"].as_i64(),
-                event.data["your_amount"].as_i64()
+                event.data.to_json()["amount"].as_i64(),
+                event.data.to_json()["your_amount"].as_i64()
             ),
             (Some(1500), Some(1000))
         );
@@ -188,9 +188,12 @@ async fn subscribers_get_the_snapshot_then_bids_and_the_old_leader_is_told_on_ev
                 break event;
             }
         };
-        assert_eq!(event.data["bid_seq"], seq);
+        assert_eq!(event.data.to_json()["bid_seq"], seq);
         assert_eq!(
-            (event.data["bidder"].as_str(), event.data["amount"].as_i64()),
+            (
+                event.data.to_json()["bidder"].as_str(),
+                event.data.to_json()["amount"].as_i64()
+            ),
             (Some(bidder), Some(amount))
         );
     }
@@ -371,7 +374,10 @@ async fn admin_api_lifecycle_and_errors() {
     assert_eq!(cancelled["status"], "cancelled");
     let event = watcher.next_event().await;
     assert_eq!(
-        (event.event.as_str(), event.data["status"].as_str()),
+        (
+            event.event.as_str(),
+            event.data.to_json()["status"].as_str()
+        ),
         ("status_changed", Some("cancelled"))
     );
     assert_eq!(
@@ -642,8 +648,8 @@ async fn buy_now_ends_the_auction_at_its_price_and_a_required_role_keeps_others_
     while !seen.contains(&"ended".to_owned()) {
         let event = watcher.next_event().await;
         if event.event == "ended" {
-            assert_eq!(event.data["winner"], "vera");
-            assert_eq!(event.data["final_price"], 5000);
+            assert_eq!(event.data.to_json()["winner"], "vera");
+            assert_eq!(event.data.to_json()["final_price"], 5000);
         }
         seen.push(event.event);
     }

@@ -22,7 +22,10 @@ async fn a_room_never_sees_another_rooms_events() {
     // auction:1's subscriber gets exactly its own event, seq 1, and none of the five others.
     let event = one.next_event().await;
     assert_eq!(event.channel.as_str(), "auction:1");
-    assert_eq!((event.seq, event.data["room"].as_i64()), (1, Some(1)));
+    assert_eq!(
+        (event.seq, event.data.to_json()["room"].as_i64()),
+        (1, Some(1))
+    );
     for i in 0..5 {
         let event = two.next_event().await;
         assert_eq!(event.channel.as_str(), "auction:2");

@@ -51,7 +51,7 @@ async fn publish_needs_the_key_and_reaches_every_connection_of_the_user() {
     for tab in &mut tabs {
         let event = tab.next_event().await;
         assert_eq!((event.event.as_str(), event.seq), ("booking_accepted", 1));
-        assert_eq!(event.data, json!({"booking": 7}));
+        assert_eq!(event.data.to_json(), json!({"booking": 7}));
         assert!(event.from.is_none());
     }
 

@@ -241,11 +241,15 @@ async fn automatic_bids_are_announced_and_logged_and_maxima_stay_private() {
     while placed.len() < 3 {
         let event = viewer.next_event().await;
         if event.event == "bid_placed" {
-            assert!(!event.data.to_string().contains("987650"), "{}", event.data);
+            assert!(
+                !event.data.to_json().to_string().contains("987650"),
+                "{:?}",
+                event.data
+            );
             placed.push((
-                event.data["bidder"].as_str().unwrap().to_owned(),
-                event.data["amount"].as_i64().unwrap(),
-                event.data["automatic"].as_bool().unwrap(),
+                event.data.to_json()["bidder"].as_str().unwrap().to_owned(),
+                event.data.to_json()["amount"].as_i64().unwrap(),
+                event.data.to_json()["automatic"].as_bool().unwrap(),
             ));
         }
     }

@@ -37,7 +37,7 @@ impl AuctionEvents for Recorder {
         self.batches.lock().unwrap().push(names);
         let mut events = self.events.lock().unwrap();
         for a in announcements {
-            events.push((a.channel.to_string(), a.event.into(), a.data));
+            events.push((a.channel.to_string(), a.event.into(), a.data.to_json()));
         }
     }
     fn show_state(&self, _: &Channel, _: Value) {}

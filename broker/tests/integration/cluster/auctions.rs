@@ -44,8 +44,8 @@ async fn thirty_bidders_on_three_nodes_bid_in_one_cluster_wide_order() {
             let e = v.next_event().await;
             if e.event == "bid_placed" {
                 bids.push((
-                    e.data["bid_seq"].as_u64().unwrap(),
-                    e.data["amount"].as_i64().unwrap(),
+                    e.data.to_json()["bid_seq"].as_u64().unwrap(),
+                    e.data.to_json()["amount"].as_i64().unwrap(),
                 ));
             }
         }
@@ -140,7 +140,7 @@ async fn without_redis_bids_are_refused_and_nodes_unready_until_it_returns() {
     };
     loop {
         let e = viewer.next_event().await;
-        if e.event == "bid_placed" && e.data["bid_seq"] == 2 {
+        if e.event == "bid_placed" && e.data.to_json()["bid_seq"] == 2 {
             break;
         }
     }

@@ -135,7 +135,7 @@ async fn events(client: &mut TestClient, count: usize) -> Vec<(u64, i64)> {
     let mut got = Vec::new();
     while got.len() < count {
         let event = client.next_event().await;
-        got.push((event.seq, event.data["n"].as_i64().unwrap_or(-1)));
+        got.push((event.seq, event.data.to_json()["n"].as_i64().unwrap_or(-1)));
     }
     got
 }
@@ -357,7 +357,7 @@ async fn conversations_span_nodes_messages_typing_and_receipts() {
         .request(|id| ClientFrame::Publish {
             id,
             channel: channel("conversation:c1"),
-            data: json!({"text": "hello"}),
+            data: json!({"text": "hello"}).into(),
         })
         .await
         .expect("publish accepted");
@@ -369,7 +369,7 @@ async fn conversations_span_nodes_messages_typing_and_receipts() {
         (event.seq, event.from.as_ref().map(|u| u.as_str())),
         (seq, Some("ann"))
     );
-    assert_eq!(event.data["text"], "hello");
+    assert_eq!(event.data.to_json()["text"], "hello");
     bob.request(|id| ClientFrame::Read {
         id,
         channel: channel("conversation:c1"),
@@ -381,7 +381,7 @@ async fn conversations_span_nodes_messages_typing_and_receipts() {
         let event = ann.next_event().await;
         if event.event == "read" {
             assert_eq!(event.from.as_ref().map(|u| u.as_str()), Some("bob"));
-            assert_eq!(event.data["seq"], seq);
+            assert_eq!(event.data.to_json()["seq"], seq);
             break;
         }
     }
