@@ -1,6 +1,7 @@
 //! Connection admission: caps on open WebSocket connections, in total and per client address,
 //! and the process's open-file limit the total derives from. A [`Slot`] is held for the life of
-//! a connection and gives its place back on drop.
+//! a connection and gives its place back on drop; a [`SpareDescriptor`] lets the accept loop
+//! refuse connections even when the process has no file descriptor left.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,9 +128,67 @@ fn open_file_limit() -> Option<u64> {
     raise_open_file_limit()
 }
 
+/// One file descriptor held in reserve. When an accept fails because the process has no
+/// descriptor left, the reserve is given up for one accept: the waiting connection is answered
+/// 503 and closed at once ([`shed`]), instead of waiting in the listen queue, unanswered, until
+/// some connection ends.
+pub struct SpareDescriptor(Option<std::fs::File>);
+
+impl SpareDescriptor {
+    pub fn open() -> SpareDescriptor {
+        SpareDescriptor(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Gives the reserve up; false when there was none (it could not be taken back yet).
+    pub fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Takes a descriptor back into reserve, if one is free.
+    pub fn refill(&mut self) {
+        if self.0.is_none() {
+            self.0 = std::fs::File::open("/dev/null").ok();
+        }
+    }
+}
+
+/// Whether an accept failed for want of file descriptors (the process's or the system's).
+pub fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// The whole answer to a connection shed for want of file descriptors: the `too_many_connections`
+/// refusal, as when `--max-connections` is reached (docs/protocol.md §2.3).
+const SHED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 5\r\nconnection: close\r\ncontent-length: 87\r\n\r\n\
+{\"error\":{\"code\":\"too_many_connections\",\"message\":\"the broker is full; retry shortly\"}}";
+
+/// Answers a connection taken with the spare descriptor and closes it, without waiting: what
+/// the client already sent is read (so the close is not a reset that could lose the answer), the
+/// 503 is written if the socket takes it at once, and the socket is closed. Over TLS, no
+/// handshake is paid for: the connection is just closed.
+pub fn shed(stream: tokio::net::TcpStream, tls: bool) {
+    if !tls {
+        let mut request = [0u8; 4096];
+        let _ = stream.try_read(&mut request);
+        let _ = stream.try_write(SHED_RESPONSE);
+    }
+    drop(stream);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shed_answer_is_a_complete_http_response() {
+        let text = std::str::from_utf8(SHED_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let body: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["error"]["code"], "too_many_connections");
+    }
 
     #[test]
     fn caps_total_and_per_address_and_gives_places_back() {

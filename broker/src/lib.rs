@@ -357,15 +357,31 @@ impl Broker {
     /// Accepts connections on `listener` until [`Broker::shutdown`] begins.
     pub async fn serve(&self, listener: TcpListener) -> Result<(), Error> {
         let shutdown = self.shared.shutdown.clone();
+        let mut spare = admission::SpareDescriptor::open();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 accepted = listener.accept() => match accepted {
                     Ok(pair) => pair,
+                    Err(error) if admission::out_of_descriptors(&error) && spare.release() => {
+                        // The waiting connection gets the reserve descriptor, a 503 and a close.
+                        let waiting = Duration::from_millis(100);
+                        if let Ok(Ok((stream, peer))) =
+                            tokio::time::timeout(waiting, listener.accept()).await
+                        {
+                            ::metrics::counter!(m::CONNECTIONS_SHED).increment(1);
+                            tracing::warn!(%peer, "out of file descriptors: connection refused");
+                            admission::shed(stream, self.shared.tls.is_some());
+                        }
+                        spare.refill();
+                        continue;
+                    }
                     Err(error) => {
-                        // Out of file descriptors and the like: back off, keep serving.
+                        // Out of file descriptors with no reserve left, and the like: back off,
+                        // keep serving.
                         tracing::warn!(%error, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                        spare.refill();
                         continue;
                     }
                 },

@@ -24,6 +24,7 @@ pub const FAN_OUT_SECONDS: &str = "gavel_fan_out_duration_seconds";
 pub const DELIVERY_SECONDS: &str = "gavel_delivery_delay_seconds";
 pub const HTTP_REQUESTS: &str = "gavel_http_requests_total";
 pub const UPGRADES_REFUSED: &str = "gavel_upgrades_refused_total";
+pub const CONNECTIONS_SHED: &str = "gavel_connections_shed_total";
 pub const BID_LOG_FLUSH_SECONDS: &str = "gavel_bid_log_flush_duration_seconds";
 pub const BID_LOG_FLUSH_BATCH: &str = "gavel_bid_log_flush_batch_size";
 pub const BID_LOG_FLUSH_ERRORS: &str = "gavel_bid_log_flush_errors_total";
@@ -132,6 +133,10 @@ fn describe() {
         UPGRADES_REFUSED,
         "WebSocket upgrades and SSE streams refused, by reason."
     );
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections answered 503 and closed at accept: the process had no file descriptor left."
+    );
     describe_histogram!(
         BID_LOG_FLUSH_SECONDS,
         Unit::Seconds,
@@ -222,6 +227,7 @@ fn zero() {
         BYTES_SENT,
         SLOW_CONSUMERS,
         BID_LOG_FLUSH_ERRORS,
+        CONNECTIONS_SHED,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -358,18 +358,45 @@ impl Drop for KillOnDrop {
 }
 
 pub fn spawn_broker_process(args: &[&str], data_dir: &std::path::Path) -> (KillOnDrop, SocketAddr) {
+    spawn_broker_process_with(args, data_dir, None)
+}
+
+/// [`spawn_broker_process`], with the process's open-file limit (soft and hard) set to
+/// `open_files` when given.
+pub fn spawn_broker_process_with(
+    args: &[&str],
+    data_dir: &std::path::Path,
+    open_files: Option<u64>,
+) -> (KillOnDrop, SocketAddr) {
     use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel-broker"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gavel-broker"));
+    command
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .args(["--jwt-secret", JWT_SECRET, "--allow-anonymous"])
         .arg("--data-dir")
         .arg(data_dir)
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start gavel-broker");
+        .stderr(Stdio::inherit());
+    if let Some(limit) = open_files {
+        let limit = libc::rlimit {
+            rlim_cur: limit as libc::rlim_t,
+            rlim_max: limit as libc::rlim_t,
+        };
+        // SAFETY: between fork and exec, only setrlimit (async-signal-safe) runs.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = command.spawn().expect("start gavel-broker");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     for line in lines.by_ref() {

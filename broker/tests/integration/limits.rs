@@ -264,3 +264,63 @@ async fn idle_keep_alive_connections_count_against_the_address() {
     })
     .await;
 }
+
+/// When the broker process has no file descriptor left, a new connection is answered 503
+/// `too_many_connections` at once, through the descriptor the broker holds in reserve for it,
+/// instead of waiting unanswered in the listen queue until some connection ends. Once the idle
+/// connections go, the broker serves as before, and it counted what it shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_a_new_connection_is_refused_at_once() {
+    let data_dir = temp_dir("fd-limit");
+    // Idle connections hold their descriptor for a minute, beyond `HANG`.
+    let (mut child, addr) =
+        spawn_broker_process_with(&["--handshake-timeout", "60s"], &data_dir, Some(128));
+    let mut idle = Vec::new();
+    for _ in 0..160 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut probe = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(HANG, probe.read_to_end(&mut answer))
+        .await
+        .expect("answered, not left waiting")
+        .expect("closed cleanly after the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("\"too_many_connections\""),
+        "{answer}"
+    );
+    drop(idle);
+    let get = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: gavel\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).into_owned()
+    };
+    let served = tokio::time::timeout(HANG, async {
+        loop {
+            if get("/healthz").await.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_ok(),
+        "the broker serves again once connections end"
+    );
+    let metrics = get("/metrics").await;
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gavel_connections_shed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gavel_connections_shed_total exported");
+    assert!(shed >= 1, "shed connections counted: {shed}");
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
