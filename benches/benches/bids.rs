@@ -44,6 +44,7 @@ fn engine(rt: &tokio::runtime::Runtime, mode: GroupCommit) -> Engine {
     let rooms = Arc::new(Rooms::new(HistoryLimits {
         size: 1000,
         ttl: Duration::from_secs(60),
+        memory: 0,
     }));
     let shutdown = CancellationToken::new();
     let auctions = rt.block_on(async {

@@ -28,6 +28,7 @@ fn limits() -> HistoryLimits {
     HistoryLimits {
         size: 1000,
         ttl: Duration::from_secs(300),
+        memory: 0,
     }
 }
 

@@ -19,6 +19,7 @@ fn main() {
     let limits = HistoryLimits {
         size: 1000,
         ttl: Duration::from_secs(300),
+        memory: 0,
     };
     let channel = Channel::parse("auction:1").expect("valid channel");
     for n in [1_000usize, 10_000, 20_000] {

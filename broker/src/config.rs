@@ -90,6 +90,12 @@ pub struct Config {
     #[arg(long, env = "GAVEL_HISTORY_TTL", default_value = "5m", value_parser = duration)]
     pub history_ttl: Duration,
 
+    /// Bytes of event history kept across all rooms (each event counted as its data plus its
+    /// MessagePack frame). Over it, the oldest events go first from rooms nobody is subscribed
+    /// to; a `since` into them gets a snapshot, as after `--history-ttl`. 0: no limit.
+    #[arg(long, env = "GAVEL_HISTORY_MEMORY", default_value_t = 256 * 1024 * 1024)]
+    pub history_memory: usize,
+
     /// Viewer-count updates are coalesced: at most one per room per interval.
     #[arg(long, env = "GAVEL_PRESENCE_INTERVAL", default_value = "250ms", value_parser = duration)]
     pub presence_interval: Duration,
@@ -450,6 +456,7 @@ impl fmt::Debug for Config {
             .field("max_subscriptions", &self.max_subscriptions)
             .field("history_size", &self.history_size)
             .field("history_ttl", &self.history_ttl)
+            .field("history_memory", &self.history_memory)
             .field("presence_interval", &self.presence_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("data_dir", &self.data_dir)

@@ -249,6 +249,7 @@ fn stats(shared: &Shared) -> Response<Full<Bytes>> {
             "connections": shared.connections(),
             "users_online": shared.users.online(),
             "rooms": shared.rooms.len(),
+            "history_bytes": shared.rooms.history_bytes(),
             "top_rooms": shared.rooms.top(10),
         }),
     )

@@ -197,6 +197,7 @@ impl Broker {
         let limits = rooms::HistoryLimits {
             size: config.history_size,
             ttl: config.history_ttl,
+            memory: config.history_memory,
         };
         let engine = auction::EngineConfig {
             bid_rate: config.bid_rate,

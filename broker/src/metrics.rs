@@ -12,6 +12,8 @@ pub const PROCESS_CPU_SECONDS: &str = "gavel_process_cpu_seconds";
 pub const CONNECTIONS_OPENED: &str = "gavel_connections_opened_total";
 pub const USERS_ONLINE: &str = "gavel_users_online";
 pub const ROOMS: &str = "gavel_rooms";
+pub const HISTORY_BYTES: &str = "gavel_history_bytes";
+pub const HISTORY_EVICTED: &str = "gavel_history_evicted_total";
 pub const MESSAGES_RECEIVED: &str = "gavel_messages_received_total";
 pub const BYTES_RECEIVED: &str = "gavel_received_bytes_total";
 pub const MESSAGES_SENT: &str = "gavel_messages_sent_total";
@@ -133,6 +135,15 @@ fn describe() {
         UPGRADES_REFUSED,
         "WebSocket upgrades and SSE streams refused, by reason."
     );
+    describe_gauge!(
+        HISTORY_BYTES,
+        Unit::Bytes,
+        "What every room's history counts for against --history-memory (data and MessagePack frame of each event)."
+    );
+    describe_counter!(
+        HISTORY_EVICTED,
+        "Events dropped from rooms' histories to keep them under --history-memory."
+    );
     describe_counter!(
         CONNECTIONS_SHED,
         "Connections answered 503 and closed at accept: the process had no file descriptor left."
@@ -228,10 +239,11 @@ fn zero() {
         SLOW_CONSUMERS,
         BID_LOG_FLUSH_ERRORS,
         CONNECTIONS_SHED,
+        HISTORY_EVICTED,
     ] {
         metrics::counter!(name).absolute(0);
     }
-    for name in [CONNECTIONS, USERS_ONLINE, ROOMS] {
+    for name in [CONNECTIONS, USERS_ONLINE, ROOMS, HISTORY_BYTES] {
         metrics::gauge!(name).set(0.0);
     }
     for reason in crate::outbound::DisconnectReason::ALL {

@@ -11,14 +11,31 @@ pub struct HistoryLimits {
     pub size: usize,
     /// Age after which an event is dropped.
     pub ttl: Duration,
+    /// Bytes of history kept across all rooms (0: no limit), each event counted at
+    /// [`history_cost`]; enforced by [`Rooms::sweep`](super::Rooms::sweep).
+    pub memory: usize,
+}
+
+/// What an event in a history is counted as: its `data` and its MessagePack frame (the JSON
+/// and SSE encodings, made when a client of those first reads the event, are not counted), plus
+/// the bookkeeping around them.
+pub fn history_cost(frame: &SharedFrame) -> usize {
+    let data = match frame.frame() {
+        ServerFrame::Event(event) => event.data.as_msgpack().len(),
+        _ => 0,
+    };
+    let encoded = frame.framed(Wire::MsgPack).map_or(0, <[u8]>::len);
+    data + encoded + 256
 }
 
 impl RoomLog {
-    /// An empty log at seq 0.
-    pub(super) fn new() -> RoomLog {
+    /// An empty log at seq 0, whose history is counted in `retained` (shared by every room).
+    pub(super) fn new(retained: Arc<AtomicUsize>) -> RoomLog {
         RoomLog {
             last_seq: 0,
             history: VecDeque::new(),
+            bytes: 0,
+            retained,
             state: Value::Null,
             feed: Feed::default(),
         }
@@ -38,21 +55,49 @@ impl RoomLog {
             self.state = state;
         }
         self.last_seq = seq;
-        self.history.push_back(Stored { seq, at, frame });
+        let size = history_cost(&frame);
+        self.bytes += size;
+        self.retained.fetch_add(size, Ordering::Relaxed);
+        self.history.push_back(Stored {
+            seq,
+            at,
+            size,
+            frame,
+        });
         self.expire(limits, at);
     }
 
     pub(super) fn expire(&mut self, limits: HistoryLimits, now: Instant) {
         while self.history.len() > limits.size {
-            self.history.pop_front();
+            self.drop_oldest();
         }
         while self
             .history
             .front()
             .is_some_and(|s| now.saturating_duration_since(s.at) > limits.ttl)
         {
-            self.history.pop_front();
+            self.drop_oldest();
         }
+    }
+
+    /// Drops the oldest event of the history; false when it is empty.
+    pub(super) fn drop_oldest(&mut self) -> bool {
+        let Some(oldest) = self.history.pop_front() else {
+            return false;
+        };
+        self.bytes -= oldest.size;
+        self.retained.fetch_sub(oldest.size, Ordering::Relaxed);
+        true
+    }
+
+    /// Empties the history (the seq stays).
+    pub(super) fn clear_history(&mut self) {
+        while self.drop_oldest() {}
+    }
+
+    /// When the newest event of the history was stored, if there is one.
+    pub(super) fn newest_at(&self) -> Option<Instant> {
+        self.history.back().map(|s| s.at)
     }
 
     /// The events after `since`, or `None` if the history cannot prove it has all of them:
@@ -113,7 +158,7 @@ mod tests {
     /// A log after `events` events, `gap_ms` apart, the last one now.
     fn log_of(events: u64, gap_ms: u64, limits: HistoryLimits) -> (RoomLog, Instant) {
         let start = Instant::now();
-        let mut log = RoomLog::new();
+        let mut log = RoomLog::new(Arc::default());
         for seq in 1..=events {
             log.push(
                 seq,
@@ -137,7 +182,7 @@ mod tests {
             since in 0u64..220,
             same_epoch in any::<bool>(),
         ) {
-            let limits = HistoryLimits { size, ttl: Duration::from_secs(3600) };
+            let limits = HistoryLimits { size, ttl: Duration::from_secs(3600), memory: 0 };
             let (log, _) = log_of(events, 1, limits);
             prop_assert_eq!(log.last_seq, events);
             let kept: Vec<u64> = log.history.iter().map(|s| s.seq).collect();
@@ -162,7 +207,7 @@ mod tests {
         /// Events older than the TTL leave the history (oldest first); the seq stays.
         #[test]
         fn aged_events_leave_the_history(events in 1u64..100, ttl_ms in 0u64..150) {
-            let limits = HistoryLimits { size: 1000, ttl: Duration::from_millis(ttl_ms) };
+            let limits = HistoryLimits { size: 1000, ttl: Duration::from_millis(ttl_ms), memory: 0 };
             let (mut log, now) = log_of(events, 1, limits);
             log.expire(limits, now);
             prop_assert_eq!(log.last_seq, events);
@@ -171,6 +216,13 @@ mod tests {
             }
             let oldest = log.history.front().map_or(events + 1, |s| s.seq);
             prop_assert_eq!(log.history.len() as u64, events + 1 - oldest);
+            // What the history counts for, here and in the registry's total, is what it holds.
+            let held: usize = log.history.iter().map(|s| s.size).sum();
+            prop_assert_eq!(log.bytes, held);
+            prop_assert_eq!(log.retained.load(Ordering::Relaxed), held);
+            let retained = Arc::clone(&log.retained);
+            drop(log);
+            prop_assert_eq!(retained.load(Ordering::Relaxed), 0, "a dropped log gives its count back");
         }
     }
 }

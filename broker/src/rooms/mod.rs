@@ -17,7 +17,7 @@ pub use log::HistoryLimits;
 pub use sequence::{Incoming, Sequence};
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use crate::clock::now_ms;
 use crate::feed::{Cursor, Feed, Subscription};
 use crate::metrics as m;
 use crate::outbound::{
-    wire_size, ConnHandle, ConnId, Follow, Offer, Outbound, SharedFrame, ViewerKey,
+    wire_size, ConnHandle, ConnId, Follow, Offer, Outbound, SharedFrame, ViewerKey, Wire,
 };
 use crate::subscribers::{Snapshot, SubscriberSet};
 
@@ -66,6 +66,9 @@ pub struct TurnEvent {
 pub struct Rooms {
     map: DashMap<Channel, Arc<Room>>,
     limits: HistoryLimits,
+    /// Every room's history, counted ([`log::history_cost`]); held under
+    /// `limits.memory` by [`Rooms::sweep`].
+    retained: Arc<AtomicUsize>,
     /// Rooms whose viewer counts changed since the last presence tick. A plain mutex: it is
     /// taken once per room per tick (the `presence_dirty` flag filters repeats), never across
     /// an await, and never while a room lock is held.
@@ -124,6 +127,10 @@ pub struct Room {
 struct RoomLog {
     last_seq: u64,
     history: VecDeque<Stored>,
+    /// What the history counts for ([`log::history_cost`]), here and in `retained`.
+    bytes: usize,
+    /// Every room's history, counted (shared by every room of the registry).
+    retained: Arc<AtomicUsize>,
     /// The channel's state as of `last_seq` (an auction's snapshot), `null` for plain rooms.
     /// Changed only together with an event, so a subscriber's state and stream agree.
     state: Value,
@@ -134,7 +141,15 @@ struct RoomLog {
 struct Stored {
     seq: u64,
     at: Instant,
+    /// [`log::history_cost`] of the frame when it was stored.
+    size: usize,
     frame: Arc<SharedFrame>,
+}
+
+impl Drop for RoomLog {
+    fn drop(&mut self) {
+        self.retained.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 struct Members {
@@ -223,6 +238,7 @@ impl Rooms {
         Rooms {
             map: DashMap::new(),
             limits,
+            retained: Arc::default(),
             dirty: Mutex::new(Vec::new()),
             next_epoch: AtomicU64::new(start_us),
             relay,
@@ -243,6 +259,7 @@ impl Rooms {
             Arc::new(Room::new(
                 channel.clone(),
                 self.next_epoch.fetch_add(1, Ordering::Relaxed),
+                Arc::clone(&self.retained),
             ))
         });
         Arc::clone(room.value())
@@ -486,7 +503,8 @@ impl Rooms {
         }
     }
 
-    /// Drops rooms with no subscribers whose history has aged out. Returns how many.
+    /// Drops rooms with no subscribers whose history has aged out, then holds the histories
+    /// under their memory limit ([`Rooms::trim_to_memory`]). Returns how many rooms it dropped.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
         let before = self.map.len();
@@ -496,7 +514,43 @@ impl Rooms {
         if dropped > 0 {
             metrics::gauge!(m::ROOMS).decrement(dropped as f64);
         }
+        let evicted = self.trim_to_memory();
+        if evicted > 0 {
+            metrics::counter!(m::HISTORY_EVICTED).increment(evicted as u64);
+        }
+        metrics::gauge!(m::HISTORY_BYTES).set(self.history_bytes() as f64);
         dropped
+    }
+
+    /// What every room's history counts for, in bytes ([`log::history_cost`] of each event).
+    pub fn history_bytes(&self) -> usize {
+        self.retained.load(Ordering::Relaxed)
+    }
+
+    /// Over `--history-memory`: drops the oldest events of the rooms nobody is subscribed to,
+    /// then of the others, in each group the rooms whose newest event is oldest first, until
+    /// the histories are under it. A `since` into what was dropped is answered with a snapshot,
+    /// as after the TTL. Returns how many events it dropped.
+    pub fn trim_to_memory(&self) -> usize {
+        let budget = self.limits.memory;
+        if budget == 0 || self.history_bytes() <= budget {
+            return 0;
+        }
+        // Collected first: no room lock is taken under the map's.
+        let rooms: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
+        let mut by_age: Vec<((bool, Instant), Arc<Room>)> = rooms
+            .into_iter()
+            .filter_map(|room| room.eviction_order().map(|order| (order, room)))
+            .collect();
+        by_age.sort_by_key(|(order, _)| *order);
+        let mut evicted = 0;
+        for (_, room) in by_age {
+            evicted += room.drop_history_while(|| self.history_bytes() > budget);
+            if self.history_bytes() <= budget {
+                break;
+            }
+        }
+        evicted
     }
 
     /// The `n` rooms with the most connections.

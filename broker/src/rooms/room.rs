@@ -4,13 +4,13 @@
 use super::*;
 
 impl Room {
-    pub(super) fn new(channel: Channel, epoch: u64) -> Room {
+    pub(super) fn new(channel: Channel, epoch: u64, retained: Arc<AtomicUsize>) -> Room {
         Room {
             channel,
             epoch: AtomicU64::new(epoch),
             cluster_viewers: Mutex::new(None),
             subscribers: ArcSwap::from_pointee(Snapshot::default()),
-            log: Mutex::new(RoomLog::new()),
+            log: Mutex::new(RoomLog::new(retained)),
             members: Mutex::new(Members {
                 set: SubscriberSet::default(),
                 idle_since: Instant::now(),
@@ -50,6 +50,23 @@ impl Room {
             history_len: log.history.len(),
             oldest_seq: log.history.front().map(|s| s.seq),
         }
+    }
+
+    /// Where the room's history stands in the order of [`Rooms::trim_to_memory`]: (has
+    /// subscribers, when its newest event was stored); `None` when the history is empty.
+    pub(super) fn eviction_order(&self) -> Option<(bool, Instant)> {
+        let newest = lock(&self.log).newest_at()?;
+        Some((self.connections.load(Ordering::Relaxed) > 0, newest))
+    }
+
+    /// Drops the history's oldest events while `over` holds; returns how many.
+    pub(super) fn drop_history_while(&self, over: impl Fn() -> bool) -> usize {
+        let mut log = lock(&self.log);
+        let mut dropped = 0;
+        while over() && log.drop_oldest() {
+            dropped += 1;
+        }
+        dropped
     }
 
     /// Appends the next event (its seq is `last_seq + 1`) to the history and to the feed.

@@ -40,7 +40,7 @@ impl Sequence<'_> {
     /// it from the seqs of what follows (docs/protocol.md §6.3).
     pub fn restart(&mut self, epoch: u64, last_seq: u64) {
         self.room.epoch.store(epoch, Ordering::Relaxed);
-        self.log.history.clear();
+        self.log.clear_history();
         self.log.last_seq = last_seq;
         self.room.last_seq.store(last_seq, Ordering::Relaxed);
     }

@@ -177,3 +177,79 @@ async fn a_room_without_events_keeps_its_epoch_while_its_subscriber_is_away() {
     assert_eq!((again, recovered, replayed), (epoch, Some(true), 1));
     assert_eq!(back.next_event().await.event, "payout_completed");
 }
+
+/// Histories are held under `--history-memory`: the oldest events of rooms nobody is subscribed
+/// to go first, so a room with a subscriber keeps its recovery while idle ones lose theirs (a
+/// `since` into what went gets `recovered: false` and a snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_stay_under_their_memory_limit_idle_rooms_first() {
+    const BUDGET: u64 = 1024 * 1024;
+    let b = TestBroker::start(|c| c.history_memory = BUDGET as usize).await;
+    let blob = "x".repeat(20_000);
+    // The subscribed room's events are the oldest of all: age alone would take them first.
+    let mut ann = b.connect(Some("ann")).await;
+    let (_, live_epoch, _, _, _) = subscribed(ann.subscribe("conversation:live").await);
+    for i in 0..10 {
+        b.broker.publish(
+            &channel("conversation:live"),
+            "note",
+            json!({"i": i, "blob": blob}),
+        );
+        ann.next_event().await;
+    }
+    // 8 MB in ten idle rooms.
+    for room in 0..10 {
+        for i in 0..20 {
+            let idle = channel(&format!("conversation:idle{room}"));
+            b.broker
+                .publish(&idle, "note", json!({"i": i, "blob": blob}));
+        }
+    }
+    let history_bytes = || async {
+        let (status, stats) = api(b.addr, "GET", "/api/stats", None).await;
+        assert_eq!(status, 200);
+        stats["history_bytes"]
+            .as_u64()
+            .expect("history_bytes in the stats")
+    };
+    let under = tokio::time::timeout(HANG, async {
+        while history_bytes().await > BUDGET {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        under.is_ok(),
+        "the sweep brings the histories under the limit"
+    );
+    assert!(
+        history_bytes().await > BUDGET / 2,
+        "no more is dropped than needed"
+    );
+
+    let mut again = b.connect(Some("ann")).await;
+    let (_, _, recovered, replayed, _) = subscribed(
+        again
+            .subscribe_since("conversation:live", Some(0), Some(live_epoch))
+            .await,
+    );
+    assert_eq!(
+        (recovered, replayed),
+        (Some(true), 10),
+        "the subscribed room kept all"
+    );
+
+    let (_, info) = api(b.addr, "GET", "/api/rooms/conversation:idle0", None).await;
+    let idle_epoch = info["epoch"].as_u64().expect("the idle room's epoch");
+    let mut bob = b.connect(Some("bob")).await;
+    let (seq, _, recovered, replayed, snapshot) = subscribed(
+        bob.subscribe_since("conversation:idle0", Some(0), Some(idle_epoch))
+            .await,
+    );
+    assert_eq!((seq, recovered, replayed), (20, Some(false), 0));
+    assert_eq!(
+        snapshot.map(|s| s.seq),
+        Some(20),
+        "the snapshot to carry on from"
+    );
+}
