@@ -143,7 +143,13 @@ def broker():
     b.ts("Connections opened and upgrades refused", [
         (f"sum(rate(gavel_connections_opened_total{sel}[$__rate_interval]))", "opened/s"),
         (f"sum by (reason) (rate(gavel_upgrades_refused_total{sel}[$__rate_interval]))", "refused: {{reason}}"),
+        (f"sum(rate(gavel_connections_shed_total{sel}[$__rate_interval]))", "shed: out of file descriptors"),
     ], unit="ops")
+    b.ts("Room histories (against --history-memory)", [
+        (f"gavel_history_bytes{sel}", "bytes {{instance}}"),
+    ], unit="bytes",
+        description="What the rooms' histories count for; events dropped to stay under the limit are "
+                    "gavel_history_evicted_total (a since into them gets a snapshot).")
 
     b.row("Fan-out")
     b.ts("Deliveries by frame type", [
