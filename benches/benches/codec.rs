@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gavel_protocol::codec::{decode, encode, Format};
+use gavel_protocol::codec::{decode, decode_client, encode, Format};
 use gavel_protocol::{
     BidPlaced, BidRejection, Channel, ClientFrame, ErrorCode, ErrorFrame, EventFrame, Reply,
     ServerFrame, UserId, ViewerCounts,
@@ -160,21 +160,32 @@ fn formats() -> [(&'static str, Format); 2] {
     [("msgpack", Format::MsgPack), ("json", Format::Json)]
 }
 
+/// `decode`: how the broker reads client frames (`decode_client`: the type first, then the
+/// variant's fields, nothing buffered); `decode_generic`: serde's internally tagged enum, which
+/// buffers the whole map first (the broker's path before session 12), side by side in one run.
 fn decode_client_frames(c: &mut Criterion) {
-    let mut group = c.benchmark_group("decode");
-    for (format_name, format) in formats() {
-        for (name, frame) in client_frames() {
-            let bytes = encode(format, &frame).expect("encode");
-            group.throughput(Throughput::Bytes(bytes.len() as u64));
-            group.bench_with_input(BenchmarkId::new(format_name, name), &bytes, |b, bytes| {
-                b.iter(|| {
-                    decode::<ClientFrame>(format, std::hint::black_box(bytes), 1 << 20)
-                        .expect("decode")
-                })
-            });
+    type Decoder = fn(Format, &[u8]) -> ClientFrame;
+    let decoders: [(&str, Decoder); 2] = [
+        ("decode", |format, bytes| {
+            decode_client(format, bytes, 1 << 20).expect("decode")
+        }),
+        ("decode_generic", |format, bytes| {
+            decode::<ClientFrame>(format, bytes, 1 << 20).expect("decode")
+        }),
+    ];
+    for (group_name, decoder) in decoders {
+        let mut group = c.benchmark_group(group_name);
+        for (format_name, format) in formats() {
+            for (name, frame) in client_frames() {
+                let bytes = encode(format, &frame).expect("encode");
+                group.throughput(Throughput::Bytes(bytes.len() as u64));
+                group.bench_with_input(BenchmarkId::new(format_name, name), &bytes, |b, bytes| {
+                    b.iter(|| decoder(format, std::hint::black_box(bytes)))
+                });
+            }
         }
+        group.finish();
     }
-    group.finish();
 }
 
 fn encode_server_frames(c: &mut Criterion) {
