@@ -169,11 +169,43 @@ content-type: application/json\r\nretry-after: 5\r\nconnection: close\r\ncontent
 /// handshake is paid for: the connection is just closed.
 pub fn shed(stream: tokio::net::TcpStream, tls: bool) {
     if !tls {
+        // Up to 64 KiB of request: what a client sends before it reads an answer.
         let mut request = [0u8; 4096];
-        let _ = stream.try_read(&mut request);
+        for _ in 0..16 {
+            if !matches!(stream.try_read(&mut request), Ok(n) if n > 0) {
+                break;
+            }
+        }
         let _ = stream.try_write(SHED_RESPONSE);
     }
     drop(stream);
+}
+
+/// The warning about shed connections: at most one line a second, with the count since the
+/// last one (a flood of connections must not become a flood of log lines).
+#[derive(Default)]
+pub struct ShedLog {
+    since_last: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl ShedLog {
+    pub fn shed(&mut self) {
+        self.since_last += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= std::time::Duration::from_secs(1))
+        {
+            tracing::warn!(
+                connections = self.since_last,
+                "out of file descriptors: connections answered 503 and closed (raise the \
+                 open-file limit or lower --max-connections)"
+            );
+            self.since_last = 0;
+            self.last = Some(now);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -359,6 +359,7 @@ impl Broker {
     pub async fn serve(&self, listener: TcpListener) -> Result<(), Error> {
         let shutdown = self.shared.shutdown.clone();
         let mut spare = admission::SpareDescriptor::open();
+        let mut shed_log = admission::ShedLog::default();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -367,11 +368,13 @@ impl Broker {
                     Err(error) if admission::out_of_descriptors(&error) && spare.release() => {
                         // The waiting connection gets the reserve descriptor, a 503 and a close.
                         let waiting = Duration::from_millis(100);
-                        if let Ok(Ok((stream, peer))) =
-                            tokio::time::timeout(waiting, listener.accept()).await
-                        {
+                        let accepted = tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            accepted = tokio::time::timeout(waiting, listener.accept()) => accepted,
+                        };
+                        if let Ok(Ok((stream, _))) = accepted {
                             ::metrics::counter!(m::CONNECTIONS_SHED).increment(1);
-                            tracing::warn!(%peer, "out of file descriptors: connection refused");
+                            shed_log.shed();
                             admission::shed(stream, self.shared.tls.is_some());
                         }
                         spare.refill();

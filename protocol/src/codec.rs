@@ -7,7 +7,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use serde::de::value::StrDeserializer;
-use serde::de::{DeserializeSeed, EnumAccess, IntoDeserializer, VariantAccess, Visitor};
+use serde::de::{
+    DeserializeSeed, EnumAccess, IgnoredAny, IntoDeserializer, VariantAccess, Visitor,
+};
 
 use crate::frame::{ByType, ClientFrame, RequestId};
 
@@ -159,19 +161,39 @@ fn not_a_map(format: Format, bytes: &[u8]) -> Option<&'static str> {
 /// Decodes a [`ClientFrame`], as [`decode`] does, without buffering the frame first: its `type`
 /// is read in a first pass that skips every other field unread, then that variant's fields are
 /// read straight from the bytes (unknown fields skipped unread). `data` is thus written once,
-/// into its [`crate::Data`], and a large unknown field costs a skip, not a tree.
+/// into its [`crate::Data`], and a large unknown field costs a skip, not a tree. Errors are
+/// those of [`decode`], found without building a tree either.
 pub fn decode_client(
     format: Format,
     bytes: &[u8],
     max_size: usize,
 ) -> Result<ClientFrame, DecodeError> {
-    let envelope = envelope(format, bytes, max_size);
-    let Some(Envelope { type_name, .. }) =
-        envelope.filter(|e| ClientFrame::TYPES.contains(&e.type_name.as_str()))
-    else {
-        // Over the limit, not a map, no readable `type`, or an unknown one: the generic path
-        // says which, and its checks come before any decoding work.
-        return decode::<ClientFrame>(format, bytes, max_size);
+    if bytes.len() > max_size {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            max: max_size,
+        });
+    }
+    if let Some(found) = not_a_map(format, bytes) {
+        return Err(DecodeError::Malformed {
+            reason: format!("a frame is one {}, not {found}", format.container()),
+        });
+    }
+    // serde_json skips unknown fields without counting their depth (rmp_serde counts it).
+    if format == Format::Json && json_nests_deeper(bytes, MAX_DEPTH) {
+        let reason = format!("maps and arrays nest more than {} deep", MAX_DEPTH - 1);
+        return Err(classify(format, bytes, reason));
+    }
+    let known = parse::<Envelope>(format, bytes)
+        .ok()
+        .filter(|e| ClientFrame::TYPES.contains(&e.type_name.as_str()));
+    let Some(Envelope { type_name, .. }) = known else {
+        // No `type`, not a string, or not a frame type: the probe says which.
+        return Err(classify(
+            format,
+            bytes,
+            "`type` must name a frame type".into(),
+        ));
     };
     let variant = ByTypeName(&type_name);
     let read = match format {
@@ -190,6 +212,35 @@ pub fn decode_client(
     };
     read.map(ClientFrame::from)
         .map_err(|reason| classify(format, bytes, reason))
+}
+
+/// Whether a JSON text has maps and arrays nested `limit` deep or more (serde_json refuses
+/// those when it builds them), counting brackets outside strings.
+fn json_nests_deeper(bytes: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &byte in bytes {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth >= limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads a frame map as the variant `.0` of [`ByType`]: an enum access whose variant is known
@@ -286,17 +337,103 @@ pub fn envelope(format: Format, bytes: &[u8], max_size: usize) -> Option<Envelop
 pub struct Envelope {
     #[serde(rename = "type")]
     pub type_name: String,
+    /// `None` when absent or not a request id (then skipped unread).
+    #[serde(default, deserialize_with = "lenient_id")]
     pub id: Option<RequestId>,
 }
 
 /// The fields every frame has, read on the error path to say which request failed and why.
+/// Nothing in it is built from a value of an unexpected shape: such values are skipped unread.
 #[derive(Deserialize)]
 struct Probe {
     #[serde(rename = "type")]
     type_name: Option<String>,
+    #[serde(default, deserialize_with = "lenient_id")]
     id: Option<RequestId>,
-    /// Read as a plain value: whether it is a valid channel name is checked separately.
-    channel: Option<serde_json::Value>,
+    /// Whether it is a valid channel name is checked separately.
+    #[serde(default, deserialize_with = "lenient_channel")]
+    channel: Option<ChannelField>,
+}
+
+/// A frame's `channel`, as the probe reads it.
+enum ChannelField {
+    Name(String),
+    /// Not a string.
+    Other,
+}
+
+/// A request id if the value is one (a non-negative integer), else `None`, the value skipped.
+fn lenient_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RequestId>, D::Error> {
+    Ok(match d.deserialize_any(Skipping)? {
+        Shape::Unsigned(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// A channel field: its name if it is a string; `None` for nil/null.
+fn lenient_channel<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ChannelField>, D::Error> {
+    Ok(match d.deserialize_any(Skipping)? {
+        Shape::Text(name) => Some(ChannelField::Name(name)),
+        Shape::Nil => None,
+        _ => Some(ChannelField::Other),
+    })
+}
+
+/// What [`Skipping`] found: the two shapes the probe cares about; anything else skipped.
+enum Shape {
+    Unsigned(u64),
+    Text(String),
+    Nil,
+    Other,
+}
+
+/// Reads an unsigned integer or a string; skips anything else unread (maps and arrays with
+/// `IgnoredAny`).
+struct Skipping;
+
+impl<'de> Visitor<'de> for Skipping {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Shape, E> {
+        Ok(u64::try_from(v).map_or(Shape::Other, Shape::Unsigned))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Shape, E> {
+        Ok(Shape::Unsigned(v))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Shape, E> {
+        Ok(Shape::Text(v.to_owned()))
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_none<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Nil)
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Nil)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(Skipping)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Shape::Other)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Shape::Other)
+    }
 }
 
 fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
@@ -330,10 +467,11 @@ fn classify(format: Format, bytes: &[u8], reason: String) -> DecodeError {
 
 /// A `channel` field that is not a valid channel name (a string that fails to parse, or no
 /// string at all).
-fn not_a_channel(value: &serde_json::Value) -> bool {
-    value
-        .as_str()
-        .is_none_or(|name| crate::Channel::parse(name).is_err())
+fn not_a_channel(field: &ChannelField) -> bool {
+    match field {
+        ChannelField::Name(name) => crate::Channel::parse(name).is_err(),
+        ChannelField::Other => true,
+    }
 }
 
 #[cfg(test)]

@@ -98,7 +98,8 @@ impl fmt::Debug for Data {
     }
 }
 
-/// Every JSON value is valid data.
+/// Every JSON value is valid data (one whose array or map has 2^32 items or more, which no frame
+/// can carry, becomes null).
 impl From<&serde_json::Value> for Data {
     fn from(value: &serde_json::Value) -> Data {
         Data::encode(value).unwrap_or_default()
@@ -115,6 +116,8 @@ impl<'de> Deserialize<'de> for Data {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Data, D::Error> {
         let mut out = Vec::new();
         Writer(&mut out).deserialize(deserializer)?;
+        // Kept for as long as the event is: no spare capacity.
+        out.shrink_to_fit();
         Ok(Data(out.into()))
     }
 }
@@ -233,6 +236,9 @@ impl Container {
     }
 
     fn close<E: de::Error>(self, out: &mut Vec<u8>, count: usize) -> Result<(), E> {
+        if u32::try_from(count).is_err() {
+            return Err(E::custom("more than 2^32 - 1 items in one array or map"));
+        }
         if self.announced == Some(count) {
             return Ok(());
         }
@@ -251,7 +257,7 @@ impl Container {
     }
 
     fn header(out: &mut Vec<u8>, kind: Kind, len: usize) {
-        // A frame is at most a few MiB, so a count always fits in 32 bits.
+        // Counts over 2^32 - 1 cannot be written; `close` refuses them first.
         let len = u32::try_from(len).unwrap_or(u32::MAX);
         let _ = match kind {
             Kind::Array => rmp::encode::write_array_len(out, len),

@@ -355,6 +355,9 @@ proptest! {
             if let Err(e) = decode::<ClientFrame>(format, &bytes, MAX) {
                 prop_assert!(!e.to_string().is_empty());
             }
+            // And both readings agree on it.
+            let (direct, generic) = (decode_client(format, &bytes, MAX), decode::<ClientFrame>(format, &bytes, MAX));
+            prop_assert_eq!(direct.is_ok(), generic.is_ok());
         }
     }
 
@@ -397,8 +400,46 @@ fn deeply_nested_input_is_an_error_not_a_stack_overflow() {
     // 100k nested single-element arrays: MessagePack 0x91 repeated, JSON '[' repeated.
     let msgpack = vec![0x91u8; 100_000];
     assert!(decode::<ClientFrame>(Format::MsgPack, &msgpack, MAX).is_err());
+    assert!(decode_client(Format::MsgPack, &msgpack, MAX).is_err());
     let json = vec![b'['; 100_000];
     assert!(decode::<ClientFrame>(Format::Json, &json, MAX).is_err());
+    assert!(decode_client(Format::Json, &json, MAX).is_err());
+}
+
+/// Around the nesting limit, in `data` or in a field the broker does not know, in either
+/// format, the broker's reading (`decode_client`) takes exactly what the generic one takes, and
+/// refuses the rest with the same kind of error and request id.
+#[test]
+fn both_readings_draw_the_nesting_limit_at_the_same_depth() {
+    fn nested(depth: usize) -> serde_json::Value {
+        (0..depth).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+    }
+    for field in ["data", "unknown"] {
+        for depth in 120..136 {
+            let frame = serde_json::json!({"type": "publish", "id": 7, "channel": "conversation:x", "data": null, field: nested(depth)});
+            for format in [Format::MsgPack, Format::Json] {
+                let bytes = encode(format, &frame).unwrap();
+                let direct = decode_client(format, &bytes, MAX);
+                let generic = decode::<ClientFrame>(format, &bytes, MAX);
+                assert_eq!(
+                    direct.is_ok(),
+                    generic.is_ok(),
+                    "{field} at {depth} in {format:?}: {direct:?} vs {generic:?}"
+                );
+                if let (Err(direct), Err(generic)) = (&direct, &generic) {
+                    assert_eq!(
+                        direct.request_id(),
+                        generic.request_id(),
+                        "{field} at {depth} in {format:?}: {direct:?} vs {generic:?}"
+                    );
+                    assert_eq!(
+                        std::mem::discriminant(direct),
+                        std::mem::discriminant(generic)
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Both formats take `data` nested to the same depth: what a MessagePack client may send, a
