@@ -86,6 +86,41 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
     assert_eq!(auctions.bids("x7", 0, 10).await.unwrap().len(), 1);
 }
 
+/// A leader's raise of their maximum places no bid, so an archived auction answers its retry
+/// from the record, with the first answer, not as a new bid (`ended`).
+#[tokio::test(start_paused = true)]
+async fn an_archived_auction_answers_a_raises_retry_with_its_first_answer() {
+    let mut short = config();
+    short.archive_after = Duration::from_secs(1);
+    let (_, auctions) = fresh_with(short);
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    bid_with_max_to(&auctions, "a1", "ann", 1000, 3000, "x1").await;
+    let raised = bid_with_max_to(&auctions, "a1", "ann", 1100, 5000, "x2").await;
+    assert!(
+        matches!(
+            raised,
+            Reply::BidAccepted {
+                max_amount: Some(5000),
+                ..
+            }
+        ),
+        "{raised:?}"
+    );
+    auctions.admin("a1", AdminOp::EndNow).await.unwrap();
+    for _ in 0..100 {
+        if auctions.live_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(auctions.live_count(), 0, "archived");
+    let retry = bid_with_max_to(&auctions, "a1", "ann", 1100, 5000, "x2").await;
+    assert_eq!(retry, raised);
+    let late = bid_with_max_to(&auctions, "a1", "ann", 1200, 6000, "x3").await;
+    assert_eq!(reason(&late), Some(BidRejection::Ended));
+}
+
 /// A paused auction is not over: it is never archived, however long the pause.
 #[tokio::test(start_paused = true)]
 async fn a_paused_auction_is_not_archived() {

@@ -179,6 +179,27 @@ fn send_bid_to(
     rx
 }
 
+/// A bid with a secret maximum (a raise of it, when the bidder leads).
+async fn bid_with_max_to(
+    auctions: &Auctions,
+    auction: &str,
+    user: &str,
+    amount: i64,
+    max: i64,
+    id: &str,
+) -> Reply {
+    let mut request = request(user, auction, amount, id);
+    request.max_amount = Some(max);
+    let (tx, rx) = oneshot::channel();
+    auctions.place_bid(
+        request,
+        Box::new(move |reply| {
+            let _ = tx.send(reply);
+        }),
+    );
+    rx.await.unwrap()
+}
+
 async fn bid(auctions: &Auctions, user: &str, amount: i64, request_id: &str) -> Reply {
     send_bid(auctions, user, amount, request_id).await.unwrap()
 }
@@ -446,24 +467,6 @@ fn a_bid_key_is_one_to_64_bytes() {
 /// after being outbid, gets exactly its first answer (kept with the auction's record).
 #[tokio::test(start_paused = true)]
 async fn a_raised_maximum_answers_its_retry_after_a_restart() {
-    async fn bid_with_max(
-        auctions: &Auctions,
-        user: &str,
-        amount: i64,
-        max: i64,
-        id: &str,
-    ) -> Reply {
-        let mut request = request(user, "a1", amount, id);
-        request.max_amount = Some(max);
-        let (tx, rx) = oneshot::channel();
-        auctions.place_bid(
-            request,
-            Box::new(move |reply| {
-                let _ = tx.send(reply);
-            }),
-        );
-        rx.await.unwrap()
-    }
     let log: Arc<dyn BidLog> = Arc::new(MemoryLog::default());
     let clock = Clock::tokio(T0);
     let first_run = CancellationToken::new();
@@ -473,8 +476,8 @@ async fn a_raised_maximum_answers_its_retry_after_a_restart() {
         let auctions = engine_at(clock, Arc::clone(&log), events, first_run.clone());
         auctions.create(spec("a1")).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1_000)).await;
-        bid_with_max(&auctions, "ann", 1000, 3000, "x1").await;
-        raised = bid_with_max(&auctions, "ann", 1100, 5000, "x2").await;
+        bid_with_max_to(&auctions, "a1", "ann", 1000, 3000, "x1").await;
+        raised = bid_with_max_to(&auctions, "a1", "ann", 1100, 5000, "x2").await;
         assert!(
             matches!(
                 raised,
@@ -500,7 +503,7 @@ async fn a_raised_maximum_answers_its_retry_after_a_restart() {
     );
     settle().await;
     assert_eq!(
-        bid_with_max(&auctions, "ann", 1100, 5000, "x2").await,
+        bid_with_max_to(&auctions, "a1", "ann", 1100, 5000, "x2").await,
         raised
     );
 }
