@@ -145,11 +145,17 @@ def broker():
         (f"sum by (reason) (rate(gavel_upgrades_refused_total{sel}[$__rate_interval]))", "refused: {{reason}}"),
         (f"sum(rate(gavel_connections_shed_total{sel}[$__rate_interval]))", "shed: out of file descriptors"),
     ], unit="ops")
-    b.ts("Room histories (against --history-memory)", [
+    b.ts("Room histories", [
         (f"gavel_history_bytes{sel}", "bytes {{instance}}"),
     ], unit="bytes",
-        description="What the rooms' histories count for; events dropped to stay under the limit are "
-                    "gavel_history_evicted_total (a since into them gets a snapshot).")
+        description="What the rooms' histories count for against --history-memory (the limit itself "
+                    "is not exported: it is the node's flag).")
+    b.ts("Histories trimmed and rooms dropped early", [
+        (f"sum(rate(gavel_history_evicted_total{sel}[$__rate_interval]))", "events evicted (--history-memory)"),
+        (f"sum(rate(gavel_rooms_dropped_early_total{sel}[$__rate_interval]))", "rooms dropped (--max-rooms)"),
+    ], unit="ops",
+        description="Each shortens what a since can recover (the client gets a snapshot instead). "
+                    "A steady rate means a limit is too low, or someone is filling rooms.")
 
     b.row("Fan-out")
     b.ts("Deliveries by frame type", [

@@ -13,7 +13,7 @@ use gavel_broker::auction::rules::{AuctionSpec, Increment, SoftClose};
 use gavel_broker::auction::{AuctionEvents, Auctions, BidKey, BidRequest, EngineConfig};
 use gavel_broker::clock::Clock;
 use gavel_broker::protocol::{Reply, UserId};
-use gavel_broker::rooms::{HistoryLimits, Rooms};
+use gavel_broker::rooms::{RoomLimits, Rooms};
 use gavel_broker::store::{BidLog, GroupCommit, SledLog};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -41,10 +41,11 @@ fn engine(rt: &tokio::runtime::Runtime, mode: GroupCommit) -> Engine {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let log: Arc<dyn BidLog> = Arc::new(SledLog::open(&dir).expect("sled"));
-    let rooms = Arc::new(Rooms::new(HistoryLimits {
+    let rooms = Arc::new(Rooms::new(RoomLimits {
         size: 1000,
         ttl: Duration::from_secs(60),
         memory: 0,
+        max_rooms: 0,
     }));
     let shutdown = CancellationToken::new();
     let auctions = rt.block_on(async {

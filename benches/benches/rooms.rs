@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use gavel_broker::inbox::Inbox;
 use gavel_broker::outbound::{ConnHandle, WriterSignal};
 use gavel_broker::protocol::{Channel, Format};
-use gavel_broker::rooms::{HistoryLimits, Rooms};
+use gavel_broker::rooms::{RoomLimits, Rooms};
 use serde_json::json;
 
 /// Publishes between two drains of the subscribers' inboxes (below the lag bound, so none
@@ -24,11 +24,12 @@ use serde_json::json;
 const BATCH: u64 = 200;
 const QUEUE: usize = 256;
 
-fn limits() -> HistoryLimits {
-    HistoryLimits {
+fn limits() -> RoomLimits {
+    RoomLimits {
         size: 1000,
         ttl: Duration::from_secs(300),
         memory: 0,
+        max_rooms: 0,
     }
 }
 

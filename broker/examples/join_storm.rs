@@ -10,16 +10,17 @@ use std::time::{Duration, Instant};
 
 use gavel_broker::outbound::ConnHandle;
 use gavel_broker::protocol::{Channel, Format};
-use gavel_broker::rooms::{HistoryLimits, Rooms};
+use gavel_broker::rooms::{RoomLimits, Rooms};
 use serde_json::json;
 
 const PUBLISHES: u32 = 100;
 
 fn main() {
-    let limits = HistoryLimits {
+    let limits = RoomLimits {
         size: 1000,
         ttl: Duration::from_secs(300),
         memory: 0,
+        max_rooms: 0,
     };
     let channel = Channel::parse("auction:1").expect("valid channel");
     for n in [1_000usize, 10_000, 20_000] {

@@ -91,10 +91,17 @@ pub struct Config {
     pub history_ttl: Duration,
 
     /// Bytes of event history kept across all rooms (each event counted as its data plus its
-    /// MessagePack frame). Over it, the oldest events go first from rooms nobody is subscribed
-    /// to; a `since` into them gets a snapshot, as after `--history-ttl`. 0: no limit.
+    /// MessagePack frame, plus 256). Checked every second: over it, histories are emptied
+    /// (oldest events first) down to 90 % of it, rooms nobody is subscribed to first; a `since`
+    /// into them gets a snapshot, as after `--history-ttl`. 0: no limit.
     #[arg(long, env = "GAVEL_HISTORY_MEMORY", default_value_t = 256 * 1024 * 1024)]
     pub history_memory: usize,
+
+    /// Rooms kept in memory. Over it, rooms nobody is subscribed to are dropped (those idle
+    /// longest first) before `--history-ttl`, their history and epoch with them; rooms with
+    /// subscribers and auctions' rooms always stay. 0: no limit.
+    #[arg(long, env = "GAVEL_MAX_ROOMS", default_value_t = 100_000)]
+    pub max_rooms: usize,
 
     /// Viewer-count updates are coalesced: at most one per room per interval.
     #[arg(long, env = "GAVEL_PRESENCE_INTERVAL", default_value = "250ms", value_parser = duration)]
@@ -457,6 +464,7 @@ impl fmt::Debug for Config {
             .field("history_size", &self.history_size)
             .field("history_ttl", &self.history_ttl)
             .field("history_memory", &self.history_memory)
+            .field("max_rooms", &self.max_rooms)
             .field("presence_interval", &self.presence_interval)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("data_dir", &self.data_dir)

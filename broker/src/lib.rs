@@ -194,10 +194,11 @@ impl Broker {
         let backend = backend_client(&config)?;
         let metrics = metrics::install();
         let shutdown = CancellationToken::new();
-        let limits = rooms::HistoryLimits {
+        let limits = rooms::RoomLimits {
             size: config.history_size,
             ttl: config.history_ttl,
             memory: config.history_memory,
+            max_rooms: config.max_rooms,
         };
         let engine = auction::EngineConfig {
             bid_rate: config.bid_rate,

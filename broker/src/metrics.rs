@@ -14,6 +14,7 @@ pub const USERS_ONLINE: &str = "gavel_users_online";
 pub const ROOMS: &str = "gavel_rooms";
 pub const HISTORY_BYTES: &str = "gavel_history_bytes";
 pub const HISTORY_EVICTED: &str = "gavel_history_evicted_total";
+pub const ROOMS_DROPPED_EARLY: &str = "gavel_rooms_dropped_early_total";
 pub const MESSAGES_RECEIVED: &str = "gavel_messages_received_total";
 pub const BYTES_RECEIVED: &str = "gavel_received_bytes_total";
 pub const MESSAGES_SENT: &str = "gavel_messages_sent_total";
@@ -145,6 +146,10 @@ fn describe() {
         "Events dropped from rooms' histories to keep them under --history-memory."
     );
     describe_counter!(
+        ROOMS_DROPPED_EARLY,
+        "Rooms without subscribers dropped before their TTL to stay under --max-rooms."
+    );
+    describe_counter!(
         CONNECTIONS_SHED,
         "Connections answered 503 and closed at accept: the process had no file descriptor left."
     );
@@ -240,6 +245,7 @@ fn zero() {
         BID_LOG_FLUSH_ERRORS,
         CONNECTIONS_SHED,
         HISTORY_EVICTED,
+        ROOMS_DROPPED_EARLY,
     ] {
         metrics::counter!(name).absolute(0);
     }

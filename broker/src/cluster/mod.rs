@@ -192,7 +192,7 @@ impl Cluster {
     /// node unready until it is up.
     pub fn start(
         config: ClusterConfig,
-        limits: crate::rooms::HistoryLimits,
+        limits: crate::rooms::RoomLimits,
         shutdown: CancellationToken,
     ) -> Result<Started, ClusterError> {
         let client = redis::Client::open(config.url.as_str())

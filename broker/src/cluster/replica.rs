@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::lock;
 use crate::clock::now_ms;
 use crate::metrics as m;
-use crate::rooms::{HistoryLimits, Incoming, Rooms, Sequence};
+use crate::rooms::{Incoming, RoomLimits, Rooms, Sequence};
 
 /// A room's sequence as Redis holds it, read after subscribing.
 #[derive(Clone, Debug)]
@@ -68,7 +68,7 @@ impl Replica {
 /// The replicas of every followed room.
 pub struct Replicas {
     rooms: Arc<Rooms>,
-    limits: HistoryLimits,
+    limits: RoomLimits,
     /// Followed rooms. The map's lock is held only to find or change an entry; each replica has
     /// its own lock, held while its room's sequence changes.
     map: Mutex<HashMap<Channel, Arc<Mutex<Replica>>>>,
@@ -100,7 +100,7 @@ fn apply(sequence: &mut Sequence<'_>, event: Incoming, at: Instant) -> Delivery 
 }
 
 impl Replicas {
-    pub fn new(rooms: Arc<Rooms>, limits: HistoryLimits) -> Replicas {
+    pub fn new(rooms: Arc<Rooms>, limits: RoomLimits) -> Replicas {
         Replicas {
             rooms,
             limits,

@@ -4,16 +4,21 @@
 
 use super::*;
 
-/// Limits of every room's history.
+/// Limits of the rooms: each one's history (`size`, `ttl`), every history together (`memory`),
+/// and how many rooms are kept (`max_rooms`). The last two are enforced by
+/// [`Rooms::sweep`](super::Rooms::sweep).
 #[derive(Clone, Copy, Debug)]
-pub struct HistoryLimits {
+pub struct RoomLimits {
     /// Events kept per room.
     pub size: usize,
     /// Age after which an event is dropped.
     pub ttl: Duration,
     /// Bytes of history kept across all rooms (0: no limit), each event counted at
-    /// [`history_cost`]; enforced by [`Rooms::sweep`](super::Rooms::sweep).
+    /// [`history_cost`].
     pub memory: usize,
+    /// Rooms kept (0: no limit): over it, rooms nobody is subscribed to are dropped, those idle
+    /// longest first, before their TTL.
+    pub max_rooms: usize,
 }
 
 /// What an event in a history is counted as: its `data` and its MessagePack frame (the JSON
@@ -49,7 +54,7 @@ impl RoomLog {
         at: Instant,
         frame: Arc<SharedFrame>,
         state: Option<Value>,
-        limits: HistoryLimits,
+        limits: RoomLimits,
     ) {
         if let Some(state) = state {
             self.state = state;
@@ -67,7 +72,7 @@ impl RoomLog {
         self.expire(limits, at);
     }
 
-    pub(super) fn expire(&mut self, limits: HistoryLimits, now: Instant) {
+    pub(super) fn expire(&mut self, limits: RoomLimits, now: Instant) {
         while self.history.len() > limits.size {
             self.drop_oldest();
         }
@@ -156,7 +161,7 @@ mod tests {
     }
 
     /// A log after `events` events, `gap_ms` apart, the last one now.
-    fn log_of(events: u64, gap_ms: u64, limits: HistoryLimits) -> (RoomLog, Instant) {
+    fn log_of(events: u64, gap_ms: u64, limits: RoomLimits) -> (RoomLog, Instant) {
         let start = Instant::now();
         let mut log = RoomLog::new(Arc::default());
         for seq in 1..=events {
@@ -182,7 +187,7 @@ mod tests {
             since in 0u64..220,
             same_epoch in any::<bool>(),
         ) {
-            let limits = HistoryLimits { size, ttl: Duration::from_secs(3600), memory: 0 };
+            let limits = RoomLimits { size, ttl: Duration::from_secs(3600), memory: 0, max_rooms: 0 };
             let (log, _) = log_of(events, 1, limits);
             prop_assert_eq!(log.last_seq, events);
             let kept: Vec<u64> = log.history.iter().map(|s| s.seq).collect();
@@ -207,7 +212,7 @@ mod tests {
         /// Events older than the TTL leave the history (oldest first); the seq stays.
         #[test]
         fn aged_events_leave_the_history(events in 1u64..100, ttl_ms in 0u64..150) {
-            let limits = HistoryLimits { size: 1000, ttl: Duration::from_millis(ttl_ms), memory: 0 };
+            let limits = RoomLimits { size: 1000, ttl: Duration::from_millis(ttl_ms), memory: 0, max_rooms: 0 };
             let (mut log, now) = log_of(events, 1, limits);
             log.expire(limits, now);
             prop_assert_eq!(log.last_seq, events);

@@ -13,7 +13,7 @@ mod presence;
 mod room;
 mod sequence;
 
-pub use log::HistoryLimits;
+pub use log::RoomLimits;
 pub use sequence::{Incoming, Sequence};
 
 use std::collections::{HashMap, VecDeque};
@@ -65,7 +65,7 @@ pub struct TurnEvent {
 /// Every room of this node.
 pub struct Rooms {
     map: DashMap<Channel, Arc<Room>>,
-    limits: HistoryLimits,
+    limits: RoomLimits,
     /// Every room's history, counted ([`log::history_cost`]); held under
     /// `limits.memory` by [`Rooms::sweep`].
     retained: Arc<AtomicUsize>,
@@ -220,17 +220,17 @@ pub struct RoomInfo {
 }
 
 impl Rooms {
-    pub fn new(limits: HistoryLimits) -> Rooms {
+    pub fn new(limits: RoomLimits) -> Rooms {
         Rooms::build(limits, None)
     }
 
     /// A registry whose rooms' signals (joined, left) also go out through `relay` (cluster
     /// mode); their sequences are kept by whoever follows them (see [`Sequence`]).
-    pub fn clustered(limits: HistoryLimits, relay: SignalRelay) -> Rooms {
+    pub fn clustered(limits: RoomLimits, relay: SignalRelay) -> Rooms {
         Rooms::build(limits, Some(relay))
     }
 
-    fn build(limits: HistoryLimits, relay: Option<SignalRelay>) -> Rooms {
+    fn build(limits: RoomLimits, relay: Option<SignalRelay>) -> Rooms {
         let start_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -518,7 +518,47 @@ impl Rooms {
         if evicted > 0 {
             metrics::counter!(m::HISTORY_EVICTED).increment(evicted as u64);
         }
+        let dropped_early = self.trim_to_max_rooms();
+        if dropped_early > 0 {
+            metrics::gauge!(m::ROOMS).decrement(dropped_early as f64);
+            metrics::counter!(m::ROOMS_DROPPED_EARLY).increment(dropped_early as u64);
+        }
         metrics::gauge!(m::HISTORY_BYTES).set(self.history_bytes() as f64);
+        dropped + dropped_early
+    }
+
+    /// Over `--max-rooms`: drops rooms nobody is subscribed to (auctions' rooms and followed
+    /// ones excepted), those idle longest first, before their TTL, until the count is back under
+    /// it. A client returning to such a room finds a new epoch (`recovered: false`). Returns how
+    /// many it dropped.
+    pub fn trim_to_max_rooms(&self) -> usize {
+        let cap = self.limits.max_rooms;
+        if cap == 0 || self.map.len() <= cap {
+            return 0;
+        }
+        // Collected first: no room lock is taken under the map's.
+        let rooms: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
+        let mut idle: Vec<(Instant, Arc<Room>)> = rooms
+            .into_iter()
+            .filter_map(|room| room.idle_since().map(|since| (since, room)))
+            .collect();
+        idle.sort_by_key(|(since, _)| *since);
+        let mut dropped = 0;
+        for (_, room) in idle {
+            if self.map.len() <= cap {
+                break;
+            }
+            let channel = room.channel().clone();
+            if self
+                .map
+                .remove_if(&channel, |_, current| {
+                    Arc::ptr_eq(current, &room) && room.retire_early()
+                })
+                .is_some()
+            {
+                dropped += 1;
+            }
+        }
         dropped
     }
 
@@ -527,15 +567,19 @@ impl Rooms {
         self.retained.load(Ordering::Relaxed)
     }
 
-    /// Over `--history-memory`: drops the oldest events of the rooms nobody is subscribed to,
-    /// then of the others, in each group the rooms whose newest event is oldest first, until
-    /// the histories are under it. A `since` into what was dropped is answered with a snapshot,
-    /// as after the TTL. Returns how many events it dropped.
+    /// Over `--history-memory`: empties the histories of the rooms nobody is subscribed to, then
+    /// of the others, in each group the rooms whose newest event is oldest first (each from its
+    /// oldest event), until the total is down to 90 % of the limit (so that the next publishes
+    /// do not put it over again at once). A `since` into what was dropped is answered with a
+    /// snapshot, as after the TTL. Returns how many events it dropped.
     pub fn trim_to_memory(&self) -> usize {
         let budget = self.limits.memory;
-        if budget == 0 || self.history_bytes() <= budget {
+        let total = self.history_bytes();
+        if budget == 0 || total <= budget {
             return 0;
         }
+        // Decided once: rooms created while this runs do not make it take more.
+        let mut to_free = total - budget / 10 * 9;
         // Collected first: no room lock is taken under the map's.
         let rooms: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
         let mut by_age: Vec<((bool, Instant), Arc<Room>)> = rooms
@@ -545,8 +589,10 @@ impl Rooms {
         by_age.sort_by_key(|(order, _)| *order);
         let mut evicted = 0;
         for (_, room) in by_age {
-            evicted += room.drop_history_while(|| self.history_bytes() > budget);
-            if self.history_bytes() <= budget {
+            let (events, freed) = room.drop_history(to_free);
+            evicted += events;
+            to_free = to_free.saturating_sub(freed);
+            if to_free == 0 {
                 break;
             }
         }

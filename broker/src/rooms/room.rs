@@ -59,14 +59,16 @@ impl Room {
         Some((self.connections.load(Ordering::Relaxed) > 0, newest))
     }
 
-    /// Drops the history's oldest events while `over` holds; returns how many.
-    pub(super) fn drop_history_while(&self, over: impl Fn() -> bool) -> usize {
+    /// Drops the history's oldest events until `bytes` are freed (or it is empty); returns how
+    /// many events and bytes.
+    pub(super) fn drop_history(&self, bytes: usize) -> (usize, usize) {
         let mut log = lock(&self.log);
+        let before = log.bytes;
         let mut dropped = 0;
-        while over() && log.drop_oldest() {
+        while before - log.bytes < bytes && log.drop_oldest() {
             dropped += 1;
         }
-        dropped
+        (dropped, before - log.bytes)
     }
 
     /// Appends the next event (its seq is `last_seq + 1`) to the history and to the feed.
@@ -76,7 +78,7 @@ impl Room {
         log: &mut RoomLog,
         event: Incoming,
         at: Instant,
-        limits: HistoryLimits,
+        limits: RoomLimits,
     ) {
         let frame = self.store(log, event, at, limits);
         log.feed.append(frame);
@@ -89,7 +91,7 @@ impl Room {
         log: &mut RoomLog,
         event: Incoming,
         at: Instant,
-        limits: HistoryLimits,
+        limits: RoomLimits,
     ) -> Arc<SharedFrame> {
         debug_assert_eq!(event.seq, log.last_seq + 1);
         let seq = event.seq;
@@ -174,7 +176,29 @@ impl Room {
         }
     }
 
-    pub(super) fn try_retire(&self, limits: HistoryLimits, now: Instant) -> bool {
+    /// Whether the room may be dropped now: nobody subscribed, no state of its own, not
+    /// followed, and its TTL passed with its history gone (or a room anyone may join that never
+    /// had an event). Marks it retired if so.
+    pub(super) fn try_retire(&self, limits: RoomLimits, now: Instant) -> bool {
+        self.retire(Some((limits, now)))
+    }
+
+    /// Over `--max-rooms`: drops the room now if nobody is subscribed and it has no state of
+    /// its own and is not followed, before its TTL, its history with it.
+    pub(super) fn retire_early(&self) -> bool {
+        self.retire(None)
+    }
+
+    /// Since when nobody has been subscribed to this room, if nobody is and it could be
+    /// retired early (see [`Room::retire_early`]).
+    pub(super) fn idle_since(&self) -> Option<Instant> {
+        let members = lock(&self.members);
+        let held = self.pinned.load(Ordering::Acquire) || self.followed.load(Ordering::Acquire);
+        (members.set.is_empty() && !held).then_some(members.idle_since)
+    }
+
+    /// [`Room::try_retire`] when given the limits and the time, else [`Room::retire_early`].
+    fn retire(&self, by_ttl: Option<(RoomLimits, Instant)>) -> bool {
         let members = lock(&self.members);
         if !members.set.is_empty() {
             return false;
@@ -183,6 +207,10 @@ impl Room {
         if self.pinned.load(Ordering::Acquire) || self.followed.load(Ordering::Acquire) {
             return false;
         }
+        let Some((limits, now)) = by_ttl else {
+            self.retired.store(true, Ordering::Release);
+            return true;
+        };
         // Rooms anyone may join (auctions that do not exist, broadcast) that never had an
         // event go at once: they hold no history, and keeping each for the TTL would let a
         // client fill memory by subscribing to random names. Others keep their epoch for the

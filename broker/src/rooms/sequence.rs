@@ -21,7 +21,7 @@ pub struct Incoming {
 pub struct Sequence<'a> {
     room: &'a Room,
     log: MutexGuard<'a, RoomLog>,
-    limits: HistoryLimits,
+    limits: RoomLimits,
     /// Whether an event went into the feed: the subscribers are woken after the lock.
     appended: bool,
 }

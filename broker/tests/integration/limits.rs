@@ -324,3 +324,48 @@ async fn out_of_file_descriptors_a_new_connection_is_refused_at_once() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// Over `--max-rooms`, rooms nobody is subscribed to are dropped before their TTL, those idle
+/// longest first; a room with a subscriber stays and keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_room_limit_idle_rooms_go_first() {
+    let b = TestBroker::start(|c| c.max_rooms = 10).await;
+    let mut ann = b.connect(Some("ann")).await;
+    ann.subscribe("conversation:keep").await;
+    // Thirty rooms with an event each and nobody in them (a user's channel while they are away).
+    for n in 0..30 {
+        b.broker
+            .publish(&channel(&format!("user:u{n}")), "note", json!({"n": n}));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rooms = || async {
+        let (status, stats) = api(b.addr, "GET", "/api/stats", None).await;
+        assert_eq!(status, 200);
+        stats["rooms"].as_u64().expect("rooms in the stats")
+    };
+    let under = tokio::time::timeout(HANG, async {
+        while rooms().await > 10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(under.is_ok(), "the sweep brings the rooms under the limit");
+    let status = |path: String| async move { api(b.addr, "GET", &path, None).await.0 };
+    assert_eq!(status("/api/rooms/conversation:keep".into()).await, 200);
+    assert_eq!(
+        status("/api/rooms/user:u0".into()).await,
+        404,
+        "idle longest: gone"
+    );
+    assert_eq!(
+        status("/api/rooms/user:u29".into()).await,
+        200,
+        "idle least: kept"
+    );
+    b.broker.publish(
+        &channel("conversation:keep"),
+        "note",
+        json!({"still": "here"}),
+    );
+    assert_eq!(ann.next_event().await.seq, 1);
+}

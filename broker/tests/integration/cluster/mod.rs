@@ -321,10 +321,10 @@ async fn a_killed_node_leaves_the_cluster_viewer_count_within_its_ttl() {
             );
         }
     }
-    // Within the TTL (plus a second of slack for a loaded machine: this is a bound on a
-    // stall, the design bound is the TTL itself).
+    // Within the TTL, give or take the machine: the slack is for a suite running many tests on
+    // two cores (a second was too little once); this bounds a stall, not the design's TTL.
     let took = killed_at.elapsed().as_millis() as u64;
-    assert!(took < NODE_TTL_MS + 1000, "took {took} ms");
+    assert!(took < NODE_TTL_MS + 5000, "took {took} ms");
     assert_eq!(
         counts(cluster.room(1, "auction:watched").await),
         (Some(10), Some(9))
