@@ -97,9 +97,10 @@ pub struct Config {
     #[arg(long, env = "GAVEL_HISTORY_MEMORY", default_value_t = 256 * 1024 * 1024)]
     pub history_memory: usize,
 
-    /// Rooms kept in memory. Over it, rooms nobody is subscribed to are dropped (those idle
-    /// longest first) before `--history-ttl`, their history and epoch with them; rooms with
-    /// subscribers and auctions' rooms always stay. 0: no limit.
+    /// Rooms kept in memory. Over it, rooms nobody is subscribed to and inactive for 30 s are
+    /// dropped before `--history-ttl` (empty ones first, then the least recently active), their
+    /// history and epoch with them; rooms with subscribers and live auctions' rooms always
+    /// stay. 0: no limit.
     #[arg(long, env = "GAVEL_MAX_ROOMS", default_value_t = 100_000)]
     pub max_rooms: usize,
 

@@ -62,6 +62,10 @@ pub struct TurnEvent {
     pub state: Option<Value>,
 }
 
+/// How long a room without subscribers is kept at least, even over `--max-rooms` (unless a
+/// tenth of the TTL is shorter): long enough for a reload or a brief network drop to recover.
+pub const EARLY_DROP_GRACE: Duration = Duration::from_secs(30);
+
 /// Every room of this node.
 pub struct Rooms {
     map: DashMap<Channel, Arc<Room>>,
@@ -507,45 +511,53 @@ impl Rooms {
     /// under their memory limit ([`Rooms::trim_to_memory`]). Returns how many rooms it dropped.
     pub fn sweep(&self) -> usize {
         let now = Instant::now();
-        let before = self.map.len();
-        self.map
-            .retain(|_, room| !room.try_retire(self.limits, now));
-        let dropped = before.saturating_sub(self.map.len());
+        let mut dropped = 0;
+        self.map.retain(|_, room| {
+            let retire = room.try_retire(self.limits, now);
+            dropped += usize::from(retire);
+            !retire
+        });
         if dropped > 0 {
             metrics::gauge!(m::ROOMS).decrement(dropped as f64);
+        }
+        // Rooms first: a room dropped takes its history with it.
+        let dropped_early = self.trim_to_max_rooms(now);
+        if dropped_early > 0 {
+            metrics::gauge!(m::ROOMS).decrement(dropped_early as f64);
+            metrics::counter!(m::ROOMS_DROPPED_EARLY).increment(dropped_early as u64);
         }
         let evicted = self.trim_to_memory();
         if evicted > 0 {
             metrics::counter!(m::HISTORY_EVICTED).increment(evicted as u64);
         }
-        let dropped_early = self.trim_to_max_rooms();
-        if dropped_early > 0 {
-            metrics::gauge!(m::ROOMS).decrement(dropped_early as f64);
-            metrics::counter!(m::ROOMS_DROPPED_EARLY).increment(dropped_early as u64);
-        }
         metrics::gauge!(m::HISTORY_BYTES).set(self.history_bytes() as f64);
         dropped + dropped_early
     }
 
-    /// Over `--max-rooms`: drops rooms nobody is subscribed to (auctions' rooms and followed
-    /// ones excepted), those idle longest first, before their TTL, until the count is back under
-    /// it. A client returning to such a room finds a new epoch (`recovered: false`). Returns how
-    /// many it dropped.
-    pub fn trim_to_max_rooms(&self) -> usize {
+    /// Over `--max-rooms`: drops rooms nobody is subscribed to (live auctions' rooms and
+    /// followed ones excepted) before their TTL, down to 90 % of it: rooms with no history
+    /// first, then those whose last activity (their last subscriber leaving, or their newest
+    /// event) is oldest. A room active in the last [`EARLY_DROP_GRACE`] (or a tenth of the TTL,
+    /// if shorter) stays, so a reload or a brief drop still recovers. A client returning to a dropped room
+    /// finds a new epoch (`recovered: false`). Returns how many it dropped.
+    pub fn trim_to_max_rooms(&self, now: Instant) -> usize {
         let cap = self.limits.max_rooms;
         if cap == 0 || self.map.len() <= cap {
             return 0;
         }
+        let target = cap / 10 * 9;
+        let grace = EARLY_DROP_GRACE.min(self.limits.ttl / 10);
         // Collected first: no room lock is taken under the map's.
         let rooms: Vec<Arc<Room>> = self.map.iter().map(|r| Arc::clone(r.value())).collect();
-        let mut idle: Vec<(Instant, Arc<Room>)> = rooms
+        let mut idle: Vec<((bool, Instant), Arc<Room>)> = rooms
             .into_iter()
-            .filter_map(|room| room.idle_since().map(|since| (since, room)))
+            .filter_map(|room| room.early_drop_order().map(|order| (order, room)))
+            .filter(|((_, active), _)| now.saturating_duration_since(*active) >= grace)
             .collect();
-        idle.sort_by_key(|(since, _)| *since);
+        idle.sort_by_key(|(order, _)| *order);
         let mut dropped = 0;
         for (_, room) in idle {
-            if self.map.len() <= cap {
+            if self.map.len() <= target {
                 break;
             }
             let channel = room.channel().clone();

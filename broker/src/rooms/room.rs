@@ -189,12 +189,19 @@ impl Room {
         self.retire(None)
     }
 
-    /// Since when nobody has been subscribed to this room, if nobody is and it could be
-    /// retired early (see [`Room::retire_early`]).
-    pub(super) fn idle_since(&self) -> Option<Instant> {
+    /// Where the room stands in the order of [`Rooms::trim_to_max_rooms`], if nobody is
+    /// subscribed and it could be retired early (see [`Room::retire_early`]): (whether it holds
+    /// history, its last activity: the later of its last subscriber leaving and its newest
+    /// event).
+    pub(super) fn early_drop_order(&self) -> Option<(bool, Instant)> {
         let members = lock(&self.members);
         let held = self.pinned.load(Ordering::Acquire) || self.followed.load(Ordering::Acquire);
-        (members.set.is_empty() && !held).then_some(members.idle_since)
+        if !members.set.is_empty() || held {
+            return None;
+        }
+        let newest = lock(&self.log).newest_at();
+        let active = newest.map_or(members.idle_since, |at| at.max(members.idle_since));
+        Some((newest.is_some(), active))
     }
 
     /// [`Room::try_retire`] when given the limits and the time, else [`Room::retire_early`].

@@ -325,11 +325,16 @@ async fn out_of_file_descriptors_a_new_connection_is_refused_at_once() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-/// Over `--max-rooms`, rooms nobody is subscribed to are dropped before their TTL, those idle
-/// longest first; a room with a subscriber stays and keeps delivering.
+/// Over `--max-rooms`, rooms nobody is subscribed to are dropped before their TTL (once idle
+/// for a tenth of it, here 1 s), those idle longest first; a room with a subscriber stays and
+/// keeps delivering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_room_limit_idle_rooms_go_first() {
-    let b = TestBroker::start(|c| c.max_rooms = 10).await;
+    let b = TestBroker::start(|c| {
+        c.max_rooms = 10;
+        c.history_ttl = Duration::from_secs(10);
+    })
+    .await;
     let mut ann = b.connect(Some("ann")).await;
     ann.subscribe("conversation:keep").await;
     // Thirty rooms with an event each and nobody in them (a user's channel while they are away).
