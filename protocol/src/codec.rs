@@ -106,13 +106,8 @@ pub fn encode<T: Serialize>(format: Format, frame: &T) -> Result<Bytes, EncodeEr
     })
 }
 
-/// Decodes a frame of type `T` (a [`ClientFrame`] on the broker, a `ServerFrame` on a client),
-/// refusing messages over `max_size` bytes before looking at them.
-pub fn decode<T: DeserializeOwned>(
-    format: Format,
-    bytes: &[u8],
-    max_size: usize,
-) -> Result<T, DecodeError> {
+/// The checks before any decoding work: the size, and that the message is one map/object.
+fn check_shape(format: Format, bytes: &[u8], max_size: usize) -> Result<(), DecodeError> {
     if bytes.len() > max_size {
         return Err(DecodeError::TooLarge {
             size: bytes.len(),
@@ -124,6 +119,17 @@ pub fn decode<T: DeserializeOwned>(
             reason: format!("a frame is one {}, not {found}", format.container()),
         });
     }
+    Ok(())
+}
+
+/// Decodes a frame of type `T` (a [`ClientFrame`] on the broker, a `ServerFrame` on a client),
+/// refusing messages over `max_size` bytes before looking at them.
+pub fn decode<T: DeserializeOwned>(
+    format: Format,
+    bytes: &[u8],
+    max_size: usize,
+) -> Result<T, DecodeError> {
+    check_shape(format, bytes, max_size)?;
     match parse::<T>(format, bytes) {
         Ok(frame) => Ok(frame),
         Err(reason) => Err(classify(format, bytes, reason)),
@@ -168,17 +174,7 @@ pub fn decode_client(
     bytes: &[u8],
     max_size: usize,
 ) -> Result<ClientFrame, DecodeError> {
-    if bytes.len() > max_size {
-        return Err(DecodeError::TooLarge {
-            size: bytes.len(),
-            max: max_size,
-        });
-    }
-    if let Some(found) = not_a_map(format, bytes) {
-        return Err(DecodeError::Malformed {
-            reason: format!("a frame is one {}, not {found}", format.container()),
-        });
-    }
+    check_shape(format, bytes, max_size)?;
     // serde_json skips unknown fields without counting their depth (rmp_serde counts it).
     if format == Format::Json && json_nests_deeper(bytes, MAX_DEPTH) {
         let reason = format!("maps and arrays nest more than {} deep", MAX_DEPTH - 1);
