@@ -670,25 +670,19 @@ async fn answer_archived(engine: &Engine, auction_id: &str, bid: Bid) -> Result<
         Ok(found) => match found.into_iter().next().flatten() {
             Some(logged) => Ok(accepted_reply(auction_id, &logged, &auction)),
             // Not a bid: perhaps the bidder's raise of their maximum (kept in the record).
-            None if auction
-                .state
-                .raises
-                .get(&bid.user)
-                .is_some_and(|raised| raised.request_id == bid.request_id) =>
-            {
-                let raised = &auction.state.raises[&bid.user];
-                Ok(raised_reply(auction_id, raised))
-            }
-            // Not over, yet not run here: being created or loaded (cluster: another node made
-            // it a moment ago), or the broker is shutting down.
-            None if !over => Err(bid),
-            None => Ok(rejected(
-                auction_id,
-                &request_id,
-                BidRejection::Ended,
-                None,
-                format!("the auction is {}", auction.state.status.as_str()),
-            )),
+            None => match auction.state.raise_of(&bid.user, &bid.request_id) {
+                Some(raised) => Ok(raised_reply(auction_id, raised)),
+                // Not over, yet not run here: being created or loaded (cluster: another node
+                // made it a moment ago), or the broker is shutting down.
+                None if !over => Err(bid),
+                None => Ok(rejected(
+                    auction_id,
+                    &request_id,
+                    BidRejection::Ended,
+                    None,
+                    format!("the auction is {}", auction.state.status.as_str()),
+                )),
+            },
         },
         Err(error) => refused(error),
     }

@@ -416,9 +416,9 @@ impl Actor {
             let reply = match bid {
                 Some(bid) => accepted_reply(&self.id, &bid, &self.auction),
                 // Not a bid: perhaps a raise of the bidder's maximum (kept in the state).
-                None => match self.auction.state.raises.get(&key.0) {
-                    Some(raised) if raised.request_id == key.1 => raised_reply(&self.id, raised),
-                    _ => continue,
+                None => match self.auction.state.raise_of(&key.0, &key.1) {
+                    Some(raised) => raised_reply(&self.id, raised),
+                    None => continue,
                 },
             };
             self.outcomes.remember(key, reply);

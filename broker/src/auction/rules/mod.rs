@@ -49,6 +49,16 @@ pub struct AuctionState {
     pub raises: BTreeMap<UserId, RaisedMax>,
 }
 
+impl AuctionState {
+    /// The raise that `user`'s request `request_id` was, if it was one (see
+    /// [`AuctionState::raises`]): what a retry of it is answered from.
+    pub fn raise_of(&self, user: &UserId, request_id: &str) -> Option<&RaisedMax> {
+        self.raises
+            .get(user)
+            .filter(|raised| raised.request_id == request_id)
+    }
+}
+
 /// The answer to a leader's raise of their maximum (see [`AuctionState::raises`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaisedMax {

@@ -7,18 +7,23 @@ use std::pin::Pin;
 use super::super::ledger::{CommitError, LedgerFuture, Stored, Turn, TurnStart};
 use super::*;
 
+/// Creates auction `a1`, waits for it to open and has ann's bid of 1000 accepted as its first.
+async fn open_with_a_first_bid(auctions: &Auctions) {
+    auctions.create(spec("a1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(matches!(
+        bid(auctions, "ann", 1000, "r1").await,
+        Reply::BidAccepted { bid_seq: 1, .. }
+    ));
+}
+
 /// A bid log that stops flushing: bids are refused, the actor waits with growing pauses
 /// (no busy loop), nothing answered "not placed" stays in the log, and once the log works
 /// the auction takes bids and ends on time.
 #[tokio::test(start_paused = true)]
 async fn a_failing_store_parks_the_auction_without_spinning_and_it_recovers() {
     let (log, events, auctions) = faulty();
-    auctions.create(spec("a1")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert!(matches!(
-        bid(&auctions, "ann", 1000, "r1").await,
-        Reply::BidAccepted { bid_seq: 1, .. }
-    ));
+    open_with_a_first_bid(&auctions).await;
 
     log.fail_syncs(true);
     let mut held = send_bid(&auctions, "bob", 1100, "r2");
@@ -334,12 +339,7 @@ async fn a_repair_takes_out_the_webhooks_of_the_turn_it_undoes() {
             outbox: Arc::new(crate::webhooks::LocalOutbox::open(log).unwrap()),
         });
     });
-    auctions.create(spec("a1")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
-    assert!(matches!(
-        bid(&auctions, "ann", 1000, "r1").await,
-        Reply::BidAccepted { bid_seq: 1, .. }
-    ));
+    open_with_a_first_bid(&auctions).await;
     log.fail_syncs(true);
     log.fail_reverts(true);
     let held = send_bid(&auctions, "bob", 1100, "r2");
