@@ -348,10 +348,16 @@ impl Auction {
         }
         let min = self.next_min_bid();
         if amount < min {
+            let message = if min > MAX_AMOUNT {
+                // The price is within one increment of the cap: no bid can beat it.
+                format!("no higher bid is possible: the next bid would have to be at least {min}, above 10^15, the largest amount accepted")
+            } else {
+                format!("the next bid must be at least {min}")
+            };
             return Err(Rejected {
                 reason: BidRejection::TooLow,
                 min_amount: Some(min),
-                message: format!("the next bid must be at least {min}"),
+                message,
             });
         }
         Ok(())

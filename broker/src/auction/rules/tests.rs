@@ -64,6 +64,31 @@ fn invalid_amounts_write_nothing() {
 }
 
 #[test]
+fn a_price_one_increment_from_the_cap_cannot_be_beaten_and_says_so() {
+    let mut a = active(spec());
+    let top = MAX_AMOUNT - 50;
+    a.place_bid(&user("x"), top, 2_000).unwrap();
+    // The next minimum (top + 100) is above the cap: an amount up to the cap is too low, one
+    // above it invalid, and the message says why no bid can win.
+    let r = a.place_bid(&user("y"), MAX_AMOUNT, 2_001).unwrap_err();
+    assert_eq!(
+        (r.reason, r.min_amount),
+        (BidRejection::TooLow, Some(top + 100))
+    );
+    assert!(
+        r.message.contains("no higher bid is possible"),
+        "{}",
+        r.message
+    );
+    let r = a.place_bid(&user("y"), top + 100, 2_002).unwrap_err();
+    assert_eq!(r.reason, BidRejection::InvalidAmount);
+    assert_eq!(
+        (a.state.price, a.state.leader),
+        (Some(top), Some(user("x")))
+    );
+}
+
+#[test]
 fn tiers_pick_the_step_of_the_price_band() {
     let mut s = spec();
     s.increment = Increment::Tiers(vec![
