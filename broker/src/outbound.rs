@@ -142,6 +142,7 @@ pub(crate) fn test_event(channel: &str, seq: u64) -> Arc<SharedFrame> {
         ts: seq,
         event: "e".into(),
         from: None,
+        epoch: None,
         data: gavel_protocol::Data::null(),
     }))
 }

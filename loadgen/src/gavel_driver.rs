@@ -99,6 +99,8 @@ pub(crate) struct Probe<'a> {
     #[serde(rename = "type", borrow)]
     kind: &'a str,
     seq: Option<u64>,
+    /// Only on seq 1: the epoch of the run it begins.
+    epoch: Option<u64>,
     #[serde(borrow)]
     event: Option<&'a str>,
     data: Option<ProbeData>,
@@ -176,6 +178,11 @@ pub(crate) async fn watch(
                     }
                 }
                 resume.seq = Some(seq);
+                if probe.epoch.is_some() {
+                    // A room that had no event when it was subscribed (cluster) names its
+                    // epoch with the first one.
+                    resume.epoch = probe.epoch;
+                }
                 // Bids' announcements, or the events of a `--publish` run.
                 if !matches!(probe.event, Some("bid_placed" | PUBLISHED_EVENT)) {
                     continue;

@@ -329,6 +329,7 @@ fn main() {
             ts: 1795333703381,
             event: "bid_placed".into(),
             from: None,
+            epoch: None,
             data: Data::encode(&BidPlaced {
                 auction_id: "42".into(),
                 bid_seq: 32,
@@ -351,6 +352,7 @@ fn main() {
             ts: 1795333703381,
             event: "outbid".into(),
             from: None,
+            epoch: None,
             data: Data::encode(&Outbid {
                 auction_id: "42".into(),
                 amount: 125_000,
@@ -370,6 +372,7 @@ fn main() {
             ts: 1795334200001,
             event: "ended".into(),
             from: None,
+            epoch: None,
             data: Data::encode(&Ended {
                 auction_id: "42".into(),
                 winner: Some(user("u42")),
@@ -398,6 +401,7 @@ fn main() {
             ts: 1795333703380,
             event: "booking_accepted".into(),
             from: None,
+            epoch: None,
             data: json!({"booking_id": 991, "starts": "2026-12-01"}).into(),
         }),
     );
@@ -409,6 +413,7 @@ fn main() {
             ts: 1795333703380,
             event: "message".into(),
             from: Some(user("u42")),
+            epoch: None,
             data: json!({"text": "is it still available?"}).into(),
         }),
     );

@@ -563,6 +563,7 @@ mod tests {
             ts: 2,
             event: "x".into(),
             from: None,
+            epoch: None,
             data: crate::Data::null(),
         });
         let back: ServerFrame = decode(

@@ -300,6 +300,10 @@ pub struct EventFrame {
     pub from: Option<UserId>,
     #[serde(default)]
     pub data: Data,
+    /// Only on seq 1: the epoch of the run of seqs this event begins, to send back with `since`.
+    /// (A subscriber of a cluster room that had no event yet was told epoch 0.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Everything the broker sends.

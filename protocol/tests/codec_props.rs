@@ -259,9 +259,10 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
             any::<u64>(),
             "[a-z_]{1,20}",
             prop::option::of(user()),
-            json_value()
+            json_value(),
+            prop::option::of(any::<u64>()),
         )
-            .prop_map(|(channel, seq, ts, event, from, data)| {
+            .prop_map(|(channel, seq, ts, event, from, data, epoch)| {
                 ServerFrame::Event(EventFrame {
                     channel,
                     seq,
@@ -269,6 +270,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
                     event,
                     from,
                     data: data.into(),
+                    epoch,
                 })
             }),
         (channel(), any::<u64>(), viewers()).prop_map(|(channel, ts, viewers)| {

@@ -16,7 +16,7 @@ mod wire;
 
 pub(crate) use follow::follow_auctions;
 pub use wire::OutgoingEvent;
-use wire::{parse_event, parse_image, Signal};
+use wire::{parse_event, parse_image, parse_viewers, Signal};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -49,6 +49,9 @@ impl Cluster {
         let dead_after = (self.config.node_ttl * 3 / 4).as_millis() as u64;
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Until one heartbeat went through: a process with a fixed `--node-id` may follow one
+        // killed with it still listed, whose viewers must leave the counts now, not never.
+        let mut first = true;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -60,10 +63,12 @@ impl Cluster {
                 .heartbeat
                 .arg(&self.config.prefix)
                 .arg(&self.config.node_id)
+                .arg(if first { "1" } else { "0" })
                 .invoke_async(&mut conn)
                 .await;
             match beat {
                 Ok(added) => {
+                    first = false;
                     if added == 1 {
                         // New to the cluster, or reaped while cut off, or Redis lost its
                         // data: report every room's viewers afresh.

@@ -196,24 +196,10 @@ impl Cluster {
                 }
                 Err(error) => tracing::warn!(%channel, %error, "unreadable cluster signal"),
             },
-            Some(b'V') => {
-                let numbers: Vec<u32> = std::str::from_utf8(&payload[1..])
-                    .unwrap_or("")
-                    .split(' ')
-                    .filter_map(|n| n.parse().ok())
-                    .collect();
-                if let [connections, users, peak_connections, peak_users] = numbers[..] {
-                    self.rooms.cluster_viewers(
-                        &channel,
-                        ViewerCounts {
-                            connections,
-                            users,
-                            peak_connections,
-                            peak_users,
-                        },
-                    );
-                }
-            }
+            Some(b'V') => match parse_viewers(&payload[1..]) {
+                Some(totals) => self.rooms.cluster_viewers(&channel, totals),
+                None => tracing::warn!(%channel, "unreadable cluster viewer totals"),
+            },
             _ => tracing::warn!(%channel, "unknown cluster message"),
         }
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gavel_protocol::Channel;
+use gavel_protocol::{Channel, ViewerCounts};
 use serde_json::Value;
 
 use super::lock;
@@ -21,6 +21,8 @@ pub struct RoomImage {
     pub epoch: u64,
     pub seq: u64,
     pub state: Value,
+    /// The cluster's viewer totals as last published, if anyone is counted.
+    pub viewers: Option<ViewerCounts>,
     /// The retained events, oldest first.
     pub history: Vec<Incoming>,
 }
@@ -202,6 +204,10 @@ impl Replicas {
         else {
             return true;
         };
+        if let Some(totals) = image.viewers {
+            // Until the next `V` message (which may have come already: it is newer).
+            self.rooms.first_cluster_viewers(channel, totals);
+        }
         let installed = self.rooms.with_sequence(channel, |sequence| {
             install_image(channel, sequence, image, pending)
         });

@@ -5,7 +5,8 @@
 //! Keys (prefix `P`, room channel `C`, auction `A`, node `N`):
 //! - `P:room:C:seq` / `:epoch` / `:h` (history list) / `:s` (state): a room's sequence.
 //! - `P:pres:C:conns` (hash node → connections), `:u:N` (set of viewer keys of node N),
-//!   `:nodes` (nodes counted), `:peak` (hash c/u): presence.
+//!   `:nodes` (nodes counted), `:peak` (hash c/u), `:last` (the totals last published, as
+//!   their `V` message): presence.
 //! - `P:nodes` (sorted set node → last heartbeat ms), `P:node:N:rooms`: liveness.
 //! - `P:auction:A:r` (record), `:v` (version), `:bids` (list, index = seq - 1), `:req` (hash
 //!   `user\0request id` → seq, the idempotency index), `:lock`; `P:auctions` (set of live
@@ -68,12 +69,14 @@ local function presence_totals(P, ch)
   end
   local pc = math.max(tonumber(redis.call('HGET', base .. ':peak', 'c') or '0'), conns)
   local pu = math.max(tonumber(redis.call('HGET', base .. ':peak', 'u') or '0'), users)
+  local totals = 'V' .. conns .. ' ' .. users .. ' ' .. pc .. ' ' .. pu
   if conns == 0 then
-    redis.call('DEL', base .. ':peak')
+    redis.call('DEL', base .. ':peak', base .. ':last')
   else
     redis.call('HSET', base .. ':peak', 'c', pc, 'u', pu)
+    redis.call('SET', base .. ':last', totals)
   end
-  redis.call('PUBLISH', P .. ':ch:' .. ch, 'V' .. conns .. ' ' .. users .. ' ' .. pc .. ' ' .. pu)
+  redis.call('PUBLISH', P .. ':ch:' .. ch, totals)
   return {conns, users}
 end
 "#;
@@ -86,16 +89,19 @@ return room_publish(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6
 "#;
 
 /// ARGV: prefix, channel, new epoch, room ttl ms, the caller's known epoch and seq of the room.
-/// Returns {seq, epoch, state or '', history entries...}. A room without an epoch is not created
-/// (a subscriber alone never makes keys): it reads as seq 0 of epoch 0, and its first event
-/// starts epoch and seqs. A room whose seq is behind what the caller saw in the same epoch (a
-/// failover to a lagging replica) starts over in a new epoch rather than reuse seqs.
+/// Returns {seq, epoch, state or '', the viewer totals last published (their `V` message) or '',
+/// history entries...}. A room without an epoch is not created (a subscriber alone never makes
+/// keys): it reads as seq 0 of epoch 0, and its first event starts epoch and seqs (that event,
+/// seq 1, carries its epoch to the subscribers). A room whose seq is behind what the caller saw
+/// in the same epoch (a failover to a lagging replica) starts over in a new epoch rather than
+/// reuse seqs.
 pub const SYNC_ROOM: &str = r#"
 local base = ARGV[1] .. ':room:' .. ARGV[2]
 local ttl = tonumber(ARGV[4])
 local state = redis.call('GET', base .. ':s') or ''
+local totals = redis.call('GET', ARGV[1] .. ':pres:' .. ARGV[2] .. ':last') or ''
 local epoch = redis.call('GET', base .. ':epoch')
-if not epoch then return {'0', '0', state} end
+if not epoch then return {'0', '0', state, totals} end
 local seq = redis.call('GET', base .. ':seq') or '0'
 if epoch == ARGV[5] and tonumber(seq) < tonumber(ARGV[6]) then
   epoch = ARGV[3]
@@ -106,7 +112,7 @@ end
 redis.call('PEXPIRE', base .. ':epoch', ttl)
 redis.call('PEXPIRE', base .. ':seq', ttl)
 redis.call('PEXPIRE', base .. ':h', ttl)
-local out = {seq, epoch, state}
+local out = {seq, epoch, state, totals}
 for _, e in ipairs(redis.call('LRANGE', base .. ':h', 0, -1)) do out[#out + 1] = e end
 return out
 "#;
@@ -144,18 +150,10 @@ local function redis_now_ms()
 end
 "#;
 
-/// ARGV: prefix, node. Records a heartbeat at Redis's time. Returns 1 if the node was not
-/// listed (new, or reaped as dead, or Redis lost its data): it must report its presence again.
-pub const HEARTBEAT: &str = r#"
-return redis.call('ZADD', ARGV[1] .. ':nodes', redis_now_ms(), ARGV[2])
-"#;
-
-/// ARGV: prefix, ttl ms. Removes nodes whose last heartbeat (Redis time) is older than the
-/// ttl, with their presence, and publishes the corrected counts. Returns the nodes removed.
-pub const REAP: &str = r#"
-local P = ARGV[1]
-local dead = redis.call('ZRANGEBYSCORE', P .. ':nodes', '-inf', redis_now_ms() - tonumber(ARGV[2]))
-for _, d in ipairs(dead) do
+/// Shared Lua: removes node `d` from the cluster with its presence in every room, and
+/// publishes those rooms' corrected counts.
+const FORGET_NODE: &str = r#"
+local function forget_node(P, d)
   redis.call('ZREM', P .. ':nodes', d)
   local rooms = redis.call('SMEMBERS', P .. ':node:' .. d .. ':rooms')
   for _, ch in ipairs(rooms) do
@@ -167,6 +165,23 @@ for _, d in ipairs(dead) do
   end
   redis.call('DEL', P .. ':node:' .. d .. ':rooms')
 end
+"#;
+
+/// ARGV: prefix, node, '1' for a process's first heartbeat. Records a heartbeat at Redis's
+/// time. Returns 1 if the node was not listed (new, or reaped as dead, or Redis lost its data):
+/// it must report its presence again. A first heartbeat forgets what an earlier process with the
+/// same node id left (one killed and restarted before it was reaped): its viewers are gone.
+pub const HEARTBEAT: &str = r#"
+if ARGV[3] == '1' then forget_node(ARGV[1], ARGV[2]) end
+return redis.call('ZADD', ARGV[1] .. ':nodes', redis_now_ms(), ARGV[2])
+"#;
+
+/// ARGV: prefix, ttl ms. Removes nodes whose last heartbeat (Redis time) is older than the
+/// ttl, with their presence, and publishes the corrected counts. Returns the nodes removed.
+pub const REAP: &str = r#"
+local P = ARGV[1]
+local dead = redis.call('ZRANGEBYSCORE', P .. ':nodes', '-inf', redis_now_ms() - tonumber(ARGV[2]))
+for _, d in ipairs(dead) do forget_node(P, d) end
 return dead
 "#;
 
@@ -268,7 +283,7 @@ return out
 
 /// The full source of a script that uses the shared functions.
 pub fn with_helpers(body: &str) -> String {
-    format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{REDIS_NOW}\n{body}")
+    format!("{ROOM_PUBLISH}\n{PRESENCE_TOTALS}\n{FORGET_NODE}\n{REDIS_NOW}\n{body}")
 }
 
 /// KEYS: the outbox hash. ARGV: webhook id, entry. Records a failed attempt, unless the webhook

@@ -101,6 +101,11 @@ pub(super) fn parse_image(
     } else {
         serde_json::from_slice(&state).map_err(|_| bad())?
     };
+    let viewers = items.next().ok_or_else(bad)?;
+    let viewers = match viewers.strip_prefix(b"V") {
+        Some(totals) => Some(parse_viewers(totals).ok_or_else(bad)?),
+        None => None,
+    };
     let mut history = Vec::new();
     for entry in items {
         let event = entry
@@ -113,6 +118,25 @@ pub(super) fn parse_image(
         epoch,
         seq,
         state,
+        viewers,
         history,
     })
+}
+
+/// Parses `<conns> <users> <peak conns> <peak users>` (a `V` message without its `V`).
+pub(super) fn parse_viewers(bytes: &[u8]) -> Option<ViewerCounts> {
+    let numbers: Vec<u32> = std::str::from_utf8(bytes)
+        .ok()?
+        .split(' ')
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    match numbers[..] {
+        [connections, users, peak_connections, peak_users] => Some(ViewerCounts {
+            connections,
+            users,
+            peak_connections,
+            peak_users,
+        }),
+        _ => None,
+    }
 }

@@ -101,6 +101,8 @@ impl Room {
             ts: event.ts,
             event: event.event,
             from: event.from,
+            // The first event of a run names its epoch (protocol §6.3).
+            epoch: (seq == 1).then(|| self.epoch()),
             data: event.data,
         }));
         log.push(seq, at, Arc::clone(&frame), event.state, limits);

@@ -113,6 +113,14 @@ impl Rooms {
         Some(result)
     }
 
+    /// Cluster mode: the cluster's viewer counts of a room as read when the node began to
+    /// follow it, kept unless newer ones came; not sent (new subscribers' replies carry them).
+    pub fn first_cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
+        if let Some(room) = self.get(channel) {
+            lock(&room.cluster_viewers).get_or_insert(viewers);
+        }
+    }
+
     /// Cluster mode: the cluster's viewer counts of a room, sent to its local subscribers.
     pub fn cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
         if let Some(room) = self.get(channel) {

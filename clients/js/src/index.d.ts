@@ -27,6 +27,8 @@ export interface EventFrame {
   event: string;
   from: string | null;
   data: any;
+  /** Only on seq 1: the epoch of the run of seqs it begins (protocol §6.3). */
+  epoch?: number;
 }
 
 export interface SubscribedResult {

@@ -453,18 +453,33 @@ export class GavelClient {
   _onEvent(frame) {
     const subscription = this._active(frame.channel);
     if (!subscription) return;
+    if (frame.epoch != null && frame.epoch !== subscription.epoch) {
+      // Seq 1 of a run of seqs this subscription was not told of (protocol §6.3).
+      if (subscription.lastSeq !== 0) {
+        // The room started over (cluster: its keys expired, or Redis failed over).
+        this._resync(subscription);
+        return;
+      }
+      // A cluster room that had no event when we subscribed (epoch 0): its first one.
+      subscription.epoch = frame.epoch;
+    }
     if (frame.seq <= subscription.lastSeq) return; // a duplicate
     if (frame.seq > subscription.lastSeq + 1) {
       // A gap (cannot happen within one connection): resubscribe with since.
-      subscription.active = false;
-      this._request({ type: "unsubscribe", channel: subscription.channel })
-        .catch(() => {})
-        .then(() => this._ensureSubscribed(subscription))
-        .catch((error) => this._emit("error", error));
+      this._resync(subscription);
       return;
     }
     subscription.lastSeq = frame.seq;
     subscription.handlers.onEvent?.(frame, subscription);
+  }
+
+  /** Resubscribes with `since` and `epoch` (protocol §6.5): the broker replays or snapshots. */
+  _resync(subscription) {
+    subscription.active = false;
+    this._request({ type: "unsubscribe", channel: subscription.channel })
+      .catch(() => {})
+      .then(() => this._ensureSubscribed(subscription))
+      .catch((error) => this._emit("error", error));
   }
 
   /**

@@ -2,7 +2,8 @@
 //! broker processes sharing it. Events reach every node's subscribers once, in one order; bids
 //! placed on all three nodes keep every single-node invariant; a killed node leaves the viewer
 //! counts within its TTL; a Redis outage refuses bids and unreadies the nodes until it is back.
-//! The auction tests are in `auctions`.
+//! The auction tests are in `auctions`; recovery and viewer counts of rooms that begin empty,
+//! or outlive a node's process, in `rooms`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use gavel_broker::protocol::{BidRejection, ClientFrame, ErrorCode, Format, Reply
 use serde_json::{json, Value};
 
 mod auctions;
+mod rooms;
 
 use crate::common::*;
 
@@ -30,32 +32,11 @@ impl Cluster {
     /// `nodes` brokers on one Redis, each also given `extra` flags.
     async fn start_with(nodes: usize, extra: &[&str]) -> Cluster {
         let redis = RedisServer::start();
-        let url = redis.url();
-        let ttl = format!("{NODE_TTL_MS}ms");
         let mut started = Vec::new();
         let mut dirs = Vec::new();
         for _ in 0..nodes {
-            let dir = temp_dir("cluster-node");
-            started.push(spawn_broker_process(
-                &[
-                    "--redis-url",
-                    &url,
-                    "--api-key",
-                    API_KEY,
-                    "--node-ttl",
-                    &ttl,
-                    "--history-size",
-                    "50",
-                    "--bid-rate",
-                    "1000000",
-                    "--bid-burst",
-                    "1000000",
-                ]
-                .into_iter()
-                .chain(extra.iter().copied())
-                .collect::<Vec<_>>(),
-                &dir,
-            ));
+            let (node, dir) = spawn_node(&redis, NODE_TTL_MS, extra);
+            started.push(node);
             dirs.push(dir);
         }
         let cluster = Cluster {
@@ -67,6 +48,16 @@ impl Cluster {
             cluster.wait_ready(i, true).await;
         }
         cluster
+    }
+
+    /// Starts one more node (with `--node-ttl` of `ttl_ms` and `extra` flags), ready; its index.
+    async fn add_node(&mut self, ttl_ms: u64, extra: &[&str]) -> usize {
+        let (node, dir) = spawn_node(&self.redis, ttl_ms, extra);
+        self.nodes.push(node);
+        self._dirs.push(dir);
+        let index = self.nodes.len() - 1;
+        self.wait_ready(index, true).await;
+        index
     }
 
     fn addr(&self, node: usize) -> SocketAddr {
@@ -128,6 +119,38 @@ impl Cluster {
         .await
         .1
     }
+}
+
+/// A broker process on `redis` with its own data dir, `--node-ttl` of `ttl_ms`, and `extra`.
+fn spawn_node(
+    redis: &RedisServer,
+    ttl_ms: u64,
+    extra: &[&str],
+) -> ((KillOnDrop, SocketAddr), std::path::PathBuf) {
+    let url = redis.url();
+    let ttl = format!("{ttl_ms}ms");
+    let dir = temp_dir("cluster-node");
+    let node = spawn_broker_process(
+        &[
+            "--redis-url",
+            &url,
+            "--api-key",
+            API_KEY,
+            "--node-ttl",
+            &ttl,
+            "--history-size",
+            "50",
+            "--bid-rate",
+            "1000000",
+            "--bid-burst",
+            "1000000",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
+        &dir,
+    );
+    (node, dir)
 }
 
 /// Reads events of `channel` until `count` have arrived: (seq, data["n"]) in arrival order.
