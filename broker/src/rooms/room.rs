@@ -209,11 +209,16 @@ impl Room {
     /// [`Room::try_retire`] when given the limits and the time, else [`Room::retire_early`].
     fn retire(&self, by_ttl: Option<(RoomLimits, Instant)>) -> bool {
         let members = lock(&self.members);
-        if !members.set.is_empty() {
-            return false;
-        }
         let mut log = lock(&self.log);
-        if self.pinned.load(Ordering::Acquire) || self.followed.load(Ordering::Acquire) {
+        if let Some((limits, now)) = by_ttl {
+            // Every room's history ages out, also in rooms that stay (subscribed, a live
+            // auction's, followed) and have had no event since: appends alone would not do it.
+            log.expire(limits, now);
+        }
+        if !members.set.is_empty()
+            || self.pinned.load(Ordering::Acquire)
+            || self.followed.load(Ordering::Acquire)
+        {
             return false;
         }
         let Some((limits, now)) = by_ttl else {
@@ -230,11 +235,7 @@ impl Room {
         );
         let idle_long_enough = now.saturating_duration_since(members.idle_since) > limits.ttl;
         let never_used = open_to_all && log.last_seq == 0;
-        if !(idle_long_enough || never_used) {
-            return false;
-        }
-        log.expire(limits, now);
-        if !log.history.is_empty() {
+        if !(idle_long_enough || never_used) || !log.history.is_empty() {
             return false;
         }
         self.retired.store(true, Ordering::Release);

@@ -253,3 +253,36 @@ async fn histories_stay_under_their_memory_limit_idle_rooms_first() {
         "the snapshot to carry on from"
     );
 }
+
+/// A room's events leave its history after `--history-ttl` even when no event follows them
+/// and the room stays (it has a subscriber): a `since` into them is no longer recovered, while
+/// a client that missed nothing still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_rooms_events_age_out_while_it_is_subscribed() {
+    let b = TestBroker::start(|c| c.history_ttl = std::time::Duration::from_millis(300)).await;
+    let room = channel("conversation:quiet");
+    let mut watcher = b.connect(Some("ann")).await;
+    let (_, epoch, _, _, _) = subscribed(watcher.subscribe("conversation:quiet").await);
+    for i in 1..=3 {
+        b.broker.publish(&room, "note", json!({ "n": i }));
+        watcher.next_event().await;
+    }
+    eventually("the quiet room's history is empty", || async {
+        b.get("/api/stats").await.1["history_bytes"] == json!(0)
+    })
+    .await;
+    let mut late = b.connect(Some("ann")).await;
+    let (seq, _, recovered, replayed, snapshot) = subscribed(
+        late.subscribe_since("conversation:quiet", Some(1), Some(epoch))
+            .await,
+    );
+    assert_eq!((seq, recovered, replayed), (3, Some(false), 0));
+    assert!(snapshot.is_some());
+    let mut current = b.connect(Some("ann")).await;
+    let (_, _, recovered, _, _) = subscribed(
+        current
+            .subscribe_since("conversation:quiet", Some(3), Some(epoch))
+            .await,
+    );
+    assert_eq!(recovered, Some(true));
+}
