@@ -21,11 +21,16 @@ const DEMO_TOKEN_TTL_SECS: u64 = 12 * 3600;
 struct Asset(&'static str, &'static str, &'static str);
 
 /// The JavaScript client's modules (`clients/js/src`), under the names its imports use.
-const CLIENT: [Asset; 5] = [
+const CLIENT: [Asset; 6] = [
     Asset(
         "/client/gavel-client.js",
         JS,
         include_str!("../../clients/js/src/index.js"),
+    ),
+    Asset(
+        "/client/bids.js",
+        JS,
+        include_str!("../../clients/js/src/bids.js"),
     ),
     Asset(
         "/client/codes.js",

@@ -9,6 +9,21 @@ export declare class GavelError extends Error {
   constructor(code: string, message: string, id?: number | null);
   readonly code: string;
   readonly id: number | null;
+  /** Set on the errors of a subscription the client keeps (a resubscribe that failed). */
+  channel?: string;
+}
+
+/** The SSE transport (protocol §2.5), with a WebSocket's interface; used by the client itself. */
+export declare class SseSocket {
+  constructor(url: string);
+  readyState: number;
+  binaryType: string;
+  onopen: ((event?: any) => void) | null;
+  onmessage: ((message: { data: string }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event?: any) => void) | null;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
 }
 
 export interface ViewerCounts {
@@ -61,6 +76,9 @@ export interface SubscriptionHandlers {
   onSubscribed?(result: SubscribedResult, subscription: Subscription): void;
   /** After a reconnect: whether the missed events were replayed. */
   onRecovered?(recovery: Recovery, subscription: Subscription): void;
+  /** A resubscribe after a reconnect was refused for good (`forbidden`, `too_many_subscriptions`,
+   * ...): the subscription is over. Transient failures are retried with backoff instead. */
+  onError?(error: GavelError, subscription: Subscription): void;
 }
 
 export declare class Subscription {
@@ -68,7 +86,8 @@ export declare class Subscription {
   readonly channel: string;
   epoch: number | null;
   lastSeq: number;
-  /** The channel's state (an auction's snapshot) as of the subscription. */
+  /** The channel's state (an auction's snapshot) as of the last `subscribed` reply (events do
+   * not update it); null for an auction archived while the client was away. */
   state: any;
   viewers: ViewerCounts | null;
   active: boolean;
@@ -117,6 +136,12 @@ export interface ClientOptions {
   backoff?: { initial?: number; max?: number };
   /** Application pings every hello.ping_interval_ms; no answer: reconnect (default true). */
   heartbeat?: boolean;
+  /** `auto` (default: WebSocket, falling back to SSE when WebSockets never open), `websocket`
+   * or `sse` (protocol §2.5). */
+  transport?: "auto" | "websocket" | "sse";
+  /** With `auto`: WebSocket attempts that never open, in a row, before SSE (default 2). Only
+   * while no WebSocket has ever opened for this client. */
+  fallbackAfter?: number;
 }
 
 export type ClientState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
@@ -125,11 +150,15 @@ export declare class GavelClient {
   constructor(options: ClientOptions);
   readonly state: ClientState;
   readonly user: string | null;
+  /** The transport in use. */
+  readonly transport: "websocket" | "sse";
   /** Local time minus the broker's, in ms. */
   readonly clockOffset: number;
   on(name: "state", listener: (state: ClientState) => void): () => void;
   on(name: "hello", listener: (hello: any) => void): () => void;
-  on(name: "error", listener: (error: GavelError) => void): () => void;
+  /** `Error` too: what a `token` function threw. */
+  on(name: "error", listener: (error: GavelError | Error) => void): () => void;
+  on(name: "transport", listener: (change: { transport: "sse" | "websocket"; reason: string }) => void): () => void;
   on(name: "close", listener: (close: { code: number; reason: string; reconnecting: boolean }) => void): () => void;
   on(name: "authenticated", listener: (result: { user: string; expires_at: number }) => void): () => void;
   on(name: "reconnected", listener: () => void): () => void;

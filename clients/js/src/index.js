@@ -1,10 +1,10 @@
-// gavel-client: a client for the Gavel broker's WebSocket protocol (docs/protocol.md), for
-// browsers and Node. It owns one connection at a time: authentication and token refresh,
-// request/reply matching with timeouts, subscriptions that survive reconnects (resubscribed with
-// `since` + `epoch`), bids retried with the same `request_id` until answered, and reconnects with
-// jittered exponential backoff. No build step: an ES module with JSDoc types and index.d.ts.
+// gavel-client: a client for the Gavel broker's protocol (docs/protocol.md), for browsers and
+// Node. One connection at a time: authentication and token refresh, requests with timeouts,
+// subscriptions kept across reconnects (`since` + `epoch`), bids resent until answered
+// (bids.js), reconnects with jittered backoff. No build step: ES modules, JSDoc and index.d.ts.
 
 import { CLOSE_CODES, ERROR_CODES, GavelError, SUBPROTOCOLS } from "./codes.js";
+import { placeBid, sendBid } from "./bids.js";
 import { loadMsgpack } from "./codec.js";
 import { SseSocket } from "./sse.js";
 import { Subscription } from "./subscription.js";
@@ -17,8 +17,17 @@ const WEBSOCKET_RETRY_MS = 5 * 60_000;
 /** `auth` errors that no retry with the same token provider can fix. */
 const FATAL_AUTH = new Set(["token_invalid", "forbidden"]);
 
-/** Bid rejections worth resending with the same `request_id` (protocol §4.10). */
-const TRANSIENT_REJECTIONS = new Set(["rate_limited", "unavailable", "cluster_unavailable"]);
+/** `subscribe` errors no retry fixes (a `forbidden` that says "retry later" is not one). */
+const FINAL_SUBSCRIBE_ERRORS = new Set([
+  "forbidden", "invalid_channel", "invalid_request", "too_many_subscriptions", "unauthenticated",
+]);
+
+/** Resubscribes sent at once after a reconnect, then a second's pause: under the broker's
+ * default burst of 100 messages and rate of 50/s (protocol §10), with room for bids. */
+const RESUBSCRIBE_BATCH = 40;
+
+/** The longest delay setTimeout honours (a longer one fires at once). */
+const MAX_TIMER_MS = 2_147_483_647;
 
 /**
  * A connection to a Gavel broker that keeps itself connected.
@@ -27,6 +36,11 @@ export class GavelClient {
   /** @param {import("./index.d.ts").ClientOptions} options */
   constructor(options) {
     if (!options || !options.url) throw new TypeError("gavel-client: `url` is required");
+    let url;
+    try { url = new URL(options.url); } catch { url = null; }
+    if (!url || !["ws:", "wss:", "http:", "https:"].includes(url.protocol)) {
+      throw new TypeError(`gavel-client: \`url\` must be an absolute ws:// or wss:// URL, not ${options.url}`);
+    }
     this.url = options.url;
     this.format = options.format === "json" ? "json" : "msgpack";
     /** 'auto' (WebSocket, falling back to SSE), 'websocket' or 'sse' */
@@ -77,11 +91,17 @@ export class GavelClient {
     this._codec = null;
     this._clientId = Math.random().toString(36).slice(2, 10);
     this._onOnline = () => { if (this.state === "reconnecting") this._reconnectNow(); };
-    this._onOffline = () => { if (this._ws) this._ws.close(4999, "offline"); };
-    if (typeof globalThis.addEventListener === "function") {
-      globalThis.addEventListener("online", this._onOnline);
-      globalThis.addEventListener("offline", this._onOffline);
-    }
+    this._onOffline = () => this._drop(4999, "offline");
+    this._listenToNetwork(true);
+  }
+
+  /** Follows the browser's `online` / `offline` events (or stops following them). */
+  _listenToNetwork(on) {
+    if (on === this._networkListened || typeof globalThis.addEventListener !== "function") return;
+    this._networkListened = on;
+    const method = on ? "addEventListener" : "removeEventListener";
+    globalThis[method]("online", this._onOnline);
+    globalThis[method]("offline", this._onOffline);
   }
 
   // ---- events ----
@@ -120,6 +140,7 @@ export class GavelClient {
   /** Opens the connection; resolves once it is open and authenticated (if a token is set). */
   async connect() {
     this._closedByUser = false;
+    this._listenToNetwork(true);
     if (this.state === "open") return;
     if (this.format === "msgpack" && !this._codec) this._codec = await loadMsgpack();
     if (this.state === "idle" || this.state === "closed") this._open();
@@ -131,10 +152,7 @@ export class GavelClient {
     this._closedByUser = true;
     clearTimeout(this._reconnectTimer);
     this._stopTimers();
-    if (typeof globalThis.removeEventListener === "function") {
-      globalThis.removeEventListener("online", this._onOnline);
-      globalThis.removeEventListener("offline", this._onOffline);
-    }
+    this._listenToNetwork(false);
     const ws = this._ws;
     this._ws = null;
     if (ws) ws.close(1000, "client closed");
@@ -160,6 +178,7 @@ export class GavelClient {
       if (this._ws !== ws) return;
       ws._opened = true;
       this._failedOpens = 0;
+      if (this.transport === "websocket") this._websocketWorked = true;
       this._onOpen(ws);
     };
     ws.onmessage = (message) => { if (this._ws === ws) this._onMessage(message.data); };
@@ -178,8 +197,8 @@ export class GavelClient {
         this._fatal(error);
         return;
       }
-      // A transient failure (a timeout, a lost connection): close and let the backoff run.
-      ws.close(4998, "authentication failed");
+      // A transient failure (a timeout, a lost connection): drop it and let the backoff run.
+      this._drop(4998, "authentication failed");
       return;
     }
     if (this._ws !== ws) return;
@@ -188,20 +207,68 @@ export class GavelClient {
     this._everOpen = true;
     this._setState("open");
     this._startHeartbeat();
-    // Resubscribe with since + epoch (protocol §6.5), then resend unanswered bids.
-    for (const subscription of this._subscriptions.values()) {
-      this._ensureSubscribed(subscription).catch((error) => this._emit("error", error));
-    }
+    // Resend unanswered bids, then resubscribe with since + epoch (protocol §6.5).
     for (const bid of this._bids.values()) this._sendBid(bid);
+    this._resubscribeAll(ws);
     const waiters = this._readyWaiters;
     this._readyWaiters = [];
     for (const waiter of waiters) waiter.resolve();
     if (wasReconnect) this._emit("reconnected", undefined);
   }
 
+  /** Resubscribes every channel, a batch at a time (so as not to be rate-limited). */
+  async _resubscribeAll(ws) {
+    const subscriptions = [...this._subscriptions.values()];
+    for (let i = 0; i < subscriptions.length; i += RESUBSCRIBE_BATCH) {
+      if (i > 0) await new Promise((resolve) => setTimeout(resolve, 1000));
+      if (this._ws !== ws) return; // the next connection resubscribes
+      await Promise.all(subscriptions.slice(i, i + RESUBSCRIBE_BATCH)
+        .map((subscription) => this._keepSubscribed(subscription)));
+    }
+  }
+
+  /**
+   * Subscribes again until the broker confirms (retrying with backoff while the connection
+   * lasts); resolves either way. An error no retry fixes ends the subscription: its
+   * `onError` handler and the client's `error` event (with `channel`) say so.
+   */
+  _keepSubscribed(subscription, attempt = 0) {
+    const current = () => this._subscriptions.get(subscription.channel) === subscription;
+    return this._ensureSubscribed(subscription).catch((error) => {
+      if (!current()) return;
+      error.channel = subscription.channel;
+      const final = FINAL_SUBSCRIBE_ERRORS.has(error.code) && !/retry/i.test(error.message);
+      if (final) {
+        this._subscriptions.delete(subscription.channel);
+        subscription.handlers.onError?.(error, subscription);
+        this._emit("error", error);
+        return;
+      }
+      if (attempt === 0) this._emit("error", error);
+      if (this.state !== "open") return; // the next connection resubscribes
+      const delay = Math.min(this.backoff.max, this.backoff.initial * 2 ** attempt)
+        * (0.5 + Math.random() / 2);
+      clearTimeout(subscription.retry);
+      subscription.retry = setTimeout(() => {
+        if (current() && this.state === "open") this._keepSubscribed(subscription, attempt + 1);
+      }, delay);
+    });
+  }
+
+  /** Drops the connection now: a dead network never completes the close handshake, so what a
+   * close does (fail requests, back off, reconnect) happens at once. */
+  _drop(code, reason) {
+    const ws = this._ws;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try { ws.close(code, reason); } catch { /* closing anyway */ }
+    this._onClose(code, reason);
+  }
+
   /** Stops for good after an error no retry can fix; pending work fails with it. */
   _fatal(error) {
     this._closedByUser = true;
+    this._listenToNetwork(false);
     const ws = this._ws;
     this._ws = null;
     if (ws) ws.close(1000, "fatal error");
@@ -226,16 +293,20 @@ export class GavelClient {
     // A minute before expiry, or at 80 % of what is left when that is under five minutes.
     const left = expiresAt - this.serverNow();
     const wait = Math.max(1_000, left > 300_000 ? left - 60_000 : left * 0.8);
-    this._refreshTimer = setTimeout(() => this._refresh(), wait);
+    // A token good for weeks: wait in steps (a longer timer would fire at once).
+    this._refreshTimer = wait > MAX_TIMER_MS
+      ? setTimeout(() => this._scheduleRefresh(expiresAt), MAX_TIMER_MS)
+      : setTimeout(() => this._refresh(expiresAt), wait);
   }
 
-  async _refresh() {
+  async _refresh(expiresAt) {
     if (this.state !== "open" || !this.getToken) return;
     try {
       const token = await this.getToken();
       const result = await this._request({ type: "auth", token });
       this._emit("authenticated", result);
-      this._scheduleRefresh(result.expires_at);
+      // The same token again: no refresh before expiry (the broker's `token_expired` asks).
+      if (!expiresAt || result.expires_at > expiresAt) this._scheduleRefresh(result.expires_at);
     } catch (error) {
       this._emit("error", error);
     }
@@ -250,7 +321,7 @@ export class GavelClient {
     const every = this._pingInterval || 15_000;
     this._heartbeatTimer = setInterval(() => {
       this.ping().catch((error) => {
-        if (error.code === "timeout" && this._ws) this._ws.close(4997, "no answer to ping");
+        if (error.code === "timeout") this._drop(4997, "no answer to ping");
       });
     }, every);
   }
@@ -268,9 +339,11 @@ export class GavelClient {
   _onClose(code, reason) {
     const opened = this._ws?._opened;
     this._ws = null;
-    if (!opened && this.transport === "websocket" && this.transportOption === "auto") {
-      // A WebSocket that never opened: after `fallbackAfter` of them in a row, the network
-      // probably blocks WebSockets; use the SSE transport from now on.
+    if (!opened && this.transport === "websocket" && this.transportOption === "auto"
+      && !this._websocketWorked) {
+      // A WebSocket that never opened, and none ever has: after `fallbackAfter` of them in a
+      // row, the network probably blocks WebSockets; use the SSE transport from now on. (Once
+      // one has opened, failures are the broker's or the network's: restarts, outages.)
       this._failedOpens += 1;
       if (this._failedOpens >= this.fallbackAfter) {
         this.transport = "sse";
@@ -322,7 +395,7 @@ export class GavelClient {
 
   /** Test and app hook: drop the connection as a network failure would, and reconnect. */
   dropConnection() {
-    if (this._ws) this._ws.close(4996, "dropped by the application");
+    this._drop(4996, "dropped by the application");
   }
 
   _whenReady(timeout) {
@@ -555,28 +628,8 @@ export class GavelClient {
     // Applied as the reply is read, before the next message: the replayed events follow the
     // reply at once and must find the subscription active.
     const apply = (result) => {
-      if (this._subscriptions.get(subscription.channel) !== subscription) return;
-      subscription.epoch = result.epoch;
-      subscription.viewers = result.viewers;
-      if ("state" in result) subscription.state = result.state ?? null;
-      if (result.recovered === false) {
-        // The history cannot prove it has every event missed: start over from the reply.
-        subscription.lastSeq = result.seq;
-        subscription.state = result.snapshot?.state ?? subscription.state;
-        subscription.viewers = result.snapshot?.viewers ?? subscription.viewers;
-      } else if (!resumed) {
-        subscription.lastSeq = result.seq;
-      }
-      // With recovered: true, lastSeq stays: the replayed events follow and advance it.
-      subscription.active = true;
-      subscription.handlers.onSubscribed?.(result, subscription);
-      if (resumed) {
-        subscription.handlers.onRecovered?.({
-          recovered: result.recovered === true,
-          replayed: result.replayed ?? 0,
-          snapshot: result.snapshot ?? null,
-          state: subscription.state,
-        }, subscription);
+      if (this._subscriptions.get(subscription.channel) === subscription) {
+        subscription.applySubscribed(result, resumed);
       }
     };
     return this._request(frame, { whenOpen: false, onReply: apply });
@@ -586,6 +639,7 @@ export class GavelClient {
   async unsubscribe(channel) {
     const subscription = this._subscriptions.get(channel);
     this._subscriptions.delete(channel);
+    if (subscription) clearTimeout(subscription.retry);
     if (!subscription || this.state !== "open") return;
     subscription.active = false;
     try {
@@ -607,77 +661,11 @@ export class GavelClient {
    *   `amount` = the current `next_min_bid`); the answer's `leading` says whether you lead.
    */
   placeBid(auctionId, amount, options = {}) {
-    const requestId = options.requestId
-      || `${this._clientId}-${Date.now().toString(36)}-${++this._bidCounter}`;
-    const timeout = options.timeout ?? 60_000;
-    return new Promise((resolve, reject) => {
-      const bid = {
-        auctionId, amount, maxAmount: options.maxAmount, requestId, resolve, reject,
-        retriesLeft: options.retries ?? 3, attempts: 0, timer: null,
-      };
-      bid.timer = setTimeout(() => {
-        if (this._bids.get(requestId) === bid) this._bids.delete(requestId);
-        bid.reject(new GavelError("timeout", `no answer to bid ${requestId} within ${timeout} ms`));
-      }, timeout);
-      bid.resolve = (result) => { clearTimeout(bid.timer); clearTimeout(bid.retry); resolve(result); };
-      bid.reject = (error) => { clearTimeout(bid.timer); clearTimeout(bid.retry); reject(error); };
-      const earlier = this._bids.get(requestId);
-      if (earlier) {
-        // The same request_id again while the first is unanswered: one bid, two callers.
-        earlier.resolve = ((first) => (result) => { first(result); bid.resolve(result); })(earlier.resolve);
-        earlier.reject = ((first) => (error) => { first(error); bid.reject(error); })(earlier.reject);
-        return;
-      }
-      this._bids.set(requestId, bid);
-      this._sendBid(bid);
-    });
+    return placeBid(this, auctionId, amount, options);
   }
 
   _sendBid(bid) {
-    if (this._bids.get(bid.requestId) !== bid) return; // answered or given up meanwhile
-    if (this.state !== "open") return; // sent at the next connect
-    const id = this._nextId++;
-    bid.attempts += 1;
-    const current = () => this._bids.get(bid.requestId) === bid;
-    const again = (delay) => {
-      clearTimeout(bid.retry);
-      bid.retry = setTimeout(() => this._sendBid(bid), delay);
-    };
-    // A frame can be dropped without a reply (a rate-limited message is answered with an
-    // id-less error): without an answer in time, send the same request_id again.
-    const timer = setTimeout(() => {
-      if (this._pending.get(id)?.bid === bid) this._pending.delete(id);
-      if (current()) this._sendBid(bid);
-    }, this.requestTimeout);
-    this._pending.set(id, {
-      bid,
-      timer,
-      resolve: (result) => {
-        if (!current()) return;
-        if (result.kind === "bid_rejected" && TRANSIENT_REJECTIONS.has(result.reason)
-          && bid.retriesLeft > 0) {
-          bid.retriesLeft -= 1;
-          again(250 * bid.attempts);
-          return;
-        }
-        this._bids.delete(bid.requestId);
-        bid.resolve(result);
-      },
-      reject: (error) => {
-        if (!current()) return;
-        // During a token's grace period (the refresh is under way) or a rate limit: later.
-        if (error.code === "token_expired" || error.code === "rate_limited") {
-          again(1000);
-          return;
-        }
-        this._bids.delete(bid.requestId);
-        bid.reject(error);
-      },
-    });
-    this._send({
-      type: "place_bid", id, auction_id: bid.auctionId, amount: bid.amount, request_id: bid.requestId,
-      ...(bid.maxAmount === undefined ? {} : { max_amount: bid.maxAmount }),
-    });
+    sendBid(this, bid);
   }
 
   /** Sends a chat message into a conversation; resolves with `{kind: "published", seq}`. */
