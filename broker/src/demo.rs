@@ -21,7 +21,7 @@ const DEMO_TOKEN_TTL_SECS: u64 = 12 * 3600;
 struct Asset(&'static str, &'static str, &'static str);
 
 /// The JavaScript client's modules (`clients/js/src`), under the names its imports use.
-const CLIENT: [Asset; 6] = [
+const CLIENT: [Asset; 7] = [
     Asset(
         "/client/gavel-client.js",
         JS,
@@ -51,6 +51,11 @@ const CLIENT: [Asset; 6] = [
         "/client/subscription.js",
         JS,
         include_str!("../../clients/js/src/subscription.js"),
+    ),
+    Asset(
+        "/client/tokens.js",
+        JS,
+        include_str!("../../clients/js/src/tokens.js"),
     ),
 ];
 const JS: &str = "text/javascript; charset=utf-8";

@@ -7,6 +7,7 @@ import { CLOSE_CODES, ERROR_CODES, GavelError, SUBPROTOCOLS } from "./codes.js";
 import { placeBid, sendBid } from "./bids.js";
 import { loadMsgpack } from "./codec.js";
 import { SseSocket } from "./sse.js";
+import { refresh, scheduleRefresh } from "./tokens.js";
 import { Subscription } from "./subscription.js";
 
 export { CLOSE_CODES, ERROR_CODES, GavelError, SUBPROTOCOLS, SseSocket, Subscription };
@@ -26,8 +27,6 @@ const FINAL_SUBSCRIBE_ERRORS = new Set([
  * default burst of 100 messages and rate of 50/s (protocol §10), with room for bids. */
 const RESUBSCRIBE_BATCH = 40;
 
-/** The longest delay setTimeout honours (a longer one fires at once). */
-const MAX_TIMER_MS = 2_147_483_647;
 
 /**
  * A connection to a Gavel broker that keeps itself connected.
@@ -287,30 +286,9 @@ export class GavelClient {
     this._scheduleRefresh(result.expires_at);
   }
 
-  _scheduleRefresh(expiresAt) {
-    clearTimeout(this._refreshTimer);
-    if (!expiresAt) return;
-    // A minute before expiry, or at 80 % of what is left when that is under five minutes.
-    const left = expiresAt - this.serverNow();
-    const wait = Math.max(1_000, left > 300_000 ? left - 60_000 : left * 0.8);
-    // A token good for weeks: wait in steps (a longer timer would fire at once).
-    this._refreshTimer = wait > MAX_TIMER_MS
-      ? setTimeout(() => this._scheduleRefresh(expiresAt), MAX_TIMER_MS)
-      : setTimeout(() => this._refresh(expiresAt), wait);
-  }
+  _scheduleRefresh(expiresAt) { scheduleRefresh(this, expiresAt); }
 
-  async _refresh(expiresAt) {
-    if (this.state !== "open" || !this.getToken) return;
-    try {
-      const token = await this.getToken();
-      const result = await this._request({ type: "auth", token });
-      this._emit("authenticated", result);
-      // The same token again: no refresh before expiry (the broker's `token_expired` asks).
-      if (!expiresAt || result.expires_at > expiresAt) this._scheduleRefresh(result.expires_at);
-    } catch (error) {
-      this._emit("error", error);
-    }
-  }
+  _refresh(expiresAt) { return refresh(this, expiresAt); }
 
   _startHeartbeat() {
     this._stopHeartbeat();

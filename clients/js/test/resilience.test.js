@@ -140,6 +140,26 @@ test("an auction archived while the client was away comes back without its stale
   assert.equal(sub.state, null);
 });
 
+test("a token refresh that fails is tried again within the grace, not left to a 4003", async () => {
+  const at = await broker(["--token-grace", "8s"]);
+  let calls = 0;
+  const viewer = client(at, "gus", {
+    token: () => {
+      calls += 1;
+      if (calls === 2 || calls === 3) throw new Error("token endpoint down");
+      return token("gus", {}, 4);
+    },
+  });
+  const closes = [];
+  let authenticated = 0;
+  viewer.on("close", (close) => closes.push(close.code));
+  viewer.on("authenticated", () => { authenticated += 1; });
+  viewer.on("error", () => {});
+  await viewer.connect();
+  await until(() => authenticated === 2, 20_000, "a refresh that succeeds");
+  assert.deepEqual(closes, [], "the connection stayed");
+});
+
 test("a malformed URL is refused at once", () => {
   assert.throws(() => new GavelClient({ url: "127.0.0.1:7700/ws", WebSocket }), TypeError);
 });
