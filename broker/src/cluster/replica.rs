@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gavel_protocol::{Channel, ViewerCounts};
+use gavel_protocol::Channel;
 use serde_json::Value;
 
 use super::lock;
 use crate::clock::now_ms;
 use crate::metrics as m;
-use crate::rooms::{Incoming, RoomLimits, Rooms, Sequence};
+use crate::rooms::{ClusterTotals, Incoming, RoomLimits, Rooms, Sequence};
 
 /// A room's sequence as Redis holds it, read after subscribing.
 #[derive(Clone, Debug)]
@@ -22,7 +22,7 @@ pub struct RoomImage {
     pub seq: u64,
     pub state: Value,
     /// The cluster's viewer totals as last published, if anyone is counted.
-    pub viewers: Option<ViewerCounts>,
+    pub viewers: Option<ClusterTotals>,
     /// The retained events, oldest first.
     pub history: Vec<Incoming>,
 }
@@ -205,8 +205,7 @@ impl Replicas {
             return true;
         };
         if let Some(totals) = image.viewers {
-            // Until the next `V` message (which may have come already: it is newer).
-            self.rooms.first_cluster_viewers(channel, totals);
+            self.rooms.cluster_viewers_of_image(channel, totals);
         }
         let installed = self.rooms.with_sequence(channel, |sequence| {
             install_image(channel, sequence, image, pending)

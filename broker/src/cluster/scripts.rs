@@ -16,7 +16,8 @@
 //!
 //! Pub/sub channels: `P:ch:C` per room, `P:control` for auction notices.
 //! Messages: `E<seq> <epoch> <json>` (an event), `S<json>` (a signal),
-//! `V<conns> <users> <peak conns> <peak users>` (cluster viewer counts), and on the control
+//! `V<conns> <users> <peak conns> <peak users> <at>` (cluster viewer counts, computed at `at`,
+//! Redis's clock in µs: the later of two wins), and on the control
 //! channel `A<id>` (created) and `C<id> <version>` (changed).
 
 /// Shared Lua: publish one sequenced event in a room. Room keys live for `room_ttl_ms` after
@@ -69,7 +70,10 @@ local function presence_totals(P, ch)
   end
   local pc = math.max(tonumber(redis.call('HGET', base .. ':peak', 'c') or '0'), conns)
   local pu = math.max(tonumber(redis.call('HGET', base .. ':peak', 'u') or '0'), users)
-  local totals = 'V' .. conns .. ' ' .. users .. ' ' .. pc .. ' ' .. pu
+  -- When, on Redis's clock in µs (as a string: a Lua number would print as 1.8e+15).
+  local t = redis.call('TIME')
+  local at = t[1] .. string.format('%06d', tonumber(t[2]))
+  local totals = 'V' .. conns .. ' ' .. users .. ' ' .. pc .. ' ' .. pu .. ' ' .. at
   if conns == 0 then
     redis.call('DEL', base .. ':peak', base .. ':last')
   else

@@ -2,6 +2,7 @@
 //! signals, and the parsing of pub/sub messages and room images.
 
 use super::*;
+use crate::rooms::ClusterTotals;
 
 /// An unsequenced frame relayed to every node following its room.
 #[derive(Serialize, Deserialize)]
@@ -123,20 +124,27 @@ pub(super) fn parse_image(
     })
 }
 
-/// Parses `<conns> <users> <peak conns> <peak users>` (a `V` message without its `V`).
-pub(super) fn parse_viewers(bytes: &[u8]) -> Option<ViewerCounts> {
-    let numbers: Vec<u32> = std::str::from_utf8(bytes)
+/// Parses `<conns> <users> <peak conns> <peak users> <at>` (a `V` message without its `V`;
+/// `<at>` is absent from nodes of an older version).
+pub(super) fn parse_viewers(bytes: &[u8]) -> Option<ClusterTotals> {
+    let numbers: Vec<u64> = std::str::from_utf8(bytes)
         .ok()?
         .split(' ')
         .map(|n| n.parse().ok())
         .collect::<Option<_>>()?;
-    match numbers[..] {
-        [connections, users, peak_connections, peak_users] => Some(ViewerCounts {
-            connections,
-            users,
-            peak_connections,
-            peak_users,
-        }),
-        _ => None,
-    }
+    let count = |n: u64| u32::try_from(n).ok();
+    let (counts, at) = match numbers[..] {
+        [c, u, pc, pu] => ([c, u, pc, pu], 0),
+        [c, u, pc, pu, at] => ([c, u, pc, pu], at),
+        _ => return None,
+    };
+    Some(ClusterTotals {
+        counts: ViewerCounts {
+            connections: count(counts[0])?,
+            users: count(counts[1])?,
+            peak_connections: count(counts[2])?,
+            peak_users: count(counts[3])?,
+        },
+        at,
+    })
 }

@@ -14,7 +14,7 @@ mod room;
 mod sequence;
 
 pub use log::RoomLimits;
-pub use sequence::{Incoming, Sequence};
+pub use sequence::{ClusterTotals, Incoming, Sequence};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -97,7 +97,7 @@ pub struct Room {
     /// through [`Sequence::restart`].
     epoch: AtomicU64,
     /// Cluster mode: the cluster's viewer counts, as last published (local counts otherwise).
-    cluster_viewers: Mutex<Option<ViewerCounts>>,
+    cluster_viewers: Mutex<Option<ClusterTotals>>,
     /// The subscriber set publishers read: an immutable snapshot replaced whole (copy-on-write,
     /// in chunks) by joins and leaves, so a publish never waits for a join or a leave to copy.
     subscribers: ArcSwap<Snapshot>,

@@ -66,8 +66,8 @@ impl Rooms {
 impl Room {
     /// The viewer counts clients see: the cluster's in cluster mode, else this node's.
     pub fn viewer_counts(&self) -> ViewerCounts {
-        if let Some(counts) = *lock(&self.cluster_viewers) {
-            return counts;
+        if let Some(totals) = *lock(&self.cluster_viewers) {
+            return totals.counts;
         }
         self.local_viewer_counts()
     }

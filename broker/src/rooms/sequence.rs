@@ -5,6 +5,15 @@
 
 use super::*;
 
+/// Cluster mode: a room's viewer counts across the nodes, as Redis published them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterTotals {
+    pub counts: ViewerCounts,
+    /// When Redis computed them (its clock, µs): of two, the later wins, whichever arrives
+    /// last. 0 from a node of an older version (always taken).
+    pub at: u64,
+}
+
 /// An event sequenced elsewhere: its seq and epoch come with it.
 #[derive(Clone, Debug)]
 pub struct Incoming {
@@ -113,19 +122,91 @@ impl Rooms {
         Some(result)
     }
 
-    /// Cluster mode: the cluster's viewer counts of a room as read when the node began to
-    /// follow it, kept unless newer ones came; not sent (new subscribers' replies carry them).
-    pub fn first_cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
+    /// Cluster mode: the cluster's viewer counts of a room as read with its image (when the
+    /// node begins to follow it, or resyncs it), unless later ones came. Sent to the local
+    /// subscribers only on a resync: at a first follow, the new subscribers' replies carry them
+    /// (and nothing may reach them before).
+    pub fn cluster_viewers_of_image(&self, channel: &Channel, totals: ClusterTotals) {
         if let Some(room) = self.get(channel) {
-            lock(&room.cluster_viewers).get_or_insert(viewers);
+            let resync = lock(&room.cluster_viewers).is_some();
+            if room.take_cluster_totals(totals) && resync {
+                room.send_viewers(totals.counts);
+            }
         }
     }
 
-    /// Cluster mode: the cluster's viewer counts of a room, sent to its local subscribers.
-    pub fn cluster_viewers(&self, channel: &Channel, viewers: ViewerCounts) {
+    /// Cluster mode: the cluster's viewer counts of a followed room, sent to its local
+    /// subscribers, unless later ones came already (or the room is no longer followed).
+    pub fn cluster_viewers(&self, channel: &Channel, totals: ClusterTotals) {
         if let Some(room) = self.get(channel) {
-            *lock(&room.cluster_viewers) = Some(viewers);
-            room.send_viewers(viewers);
+            if room.take_cluster_totals(totals) {
+                room.send_viewers(totals.counts);
+            }
         }
+    }
+}
+
+impl Room {
+    /// Keeps `totals` if the room is followed and they are not older than what it has.
+    fn take_cluster_totals(&self, totals: ClusterTotals) -> bool {
+        if !self.followed.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut current = lock(&self.cluster_viewers);
+        if current.is_some_and(|c| totals.at != 0 && c.at > totals.at) {
+            return false;
+        }
+        *current = Some(totals);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(connections: u32, at: u64) -> ClusterTotals {
+        ClusterTotals {
+            counts: ViewerCounts {
+                connections,
+                users: connections,
+                peak_connections: connections,
+                peak_users: connections,
+            },
+            at,
+        }
+    }
+
+    fn shown(rooms: &Rooms, channel: &Channel) -> u32 {
+        rooms.get(channel).unwrap().viewer_counts().connections
+    }
+
+    /// Totals arrive from Redis's pub/sub and with room images, in either order: the later
+    /// ones (by Redis's clock) stay, and a room no longer followed takes none.
+    #[test]
+    fn the_latest_cluster_totals_win_whatever_order_they_arrive_in() {
+        let limits = RoomLimits {
+            size: 10,
+            ttl: Duration::from_secs(60),
+            memory: 0,
+            max_rooms: 0,
+        };
+        let rooms = Rooms::new(limits);
+        let channel = Channel::parse("auction:a").unwrap();
+        rooms.follow(&channel);
+        rooms.cluster_viewers(&channel, totals(7, 200));
+        // An image read before that message was published: older, ignored.
+        rooms.cluster_viewers_of_image(&channel, totals(5, 100));
+        assert_eq!(shown(&rooms, &channel), 7);
+        // A resync's image, newer than anything received (a `V` lost in an outage): taken.
+        rooms.cluster_viewers_of_image(&channel, totals(9, 300));
+        assert_eq!(shown(&rooms, &channel), 9);
+        // A `V` from a node of an older version carries no time: taken as it comes.
+        rooms.cluster_viewers(&channel, totals(4, 0));
+        assert_eq!(shown(&rooms, &channel), 4);
+        // Not followed any more: a `V` still in flight changes nothing (local counts show).
+        rooms.unfollow(&channel);
+        rooms.cluster_viewers(&channel, totals(8, 400));
+        assert_eq!(shown(&rooms, &channel), 0);
     }
 }
