@@ -252,6 +252,7 @@ fn main() {
             result: Reply::Authenticated {
                 user: user("u42"),
                 expires_at: 1795337303000,
+                unsubscribed: Vec::new(),
             },
         },
     );

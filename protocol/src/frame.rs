@@ -230,6 +230,10 @@ pub enum Reply {
         user: UserId,
         /// Token expiry, ms since the Unix epoch.
         expires_at: u64,
+        /// A refresh only: the conversations the new token no longer lists, which the
+        /// connection left.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unsubscribed: Vec<Channel>,
     },
     /// To `place_bid`: the bid is durable and is (or will be) in the room as `bid_placed`.
     BidAccepted {

@@ -173,8 +173,11 @@ fn reply() -> impl Strategy<Value = Reply> {
                 })
             }),
         any::<u64>().prop_map(|server_ts| Reply::Pong { server_ts }),
-        (user(), any::<u64>())
-            .prop_map(|(user, expires_at)| Reply::Authenticated { user, expires_at }),
+        (user(), any::<u64>()).prop_map(|(user, expires_at)| Reply::Authenticated {
+            user,
+            expires_at,
+            unsubscribed: Vec::new(),
+        }),
         (
             id_string(),
             id_string(),

@@ -264,10 +264,6 @@ impl Session {
                 self.shared.users.connected(&identity.user);
             }
         }
-        let reply = Reply::Authenticated {
-            user: identity.user.clone(),
-            expires_at: identity.expires_at_ms,
-        };
         // A refreshed token may list fewer conversations: leave those it no longer grants.
         let revoked: Vec<Channel> = self
             .subscriptions
@@ -275,9 +271,9 @@ impl Session {
             .filter(|c| c.kind() == ChannelKind::Conversation && identity.lists(c) == Some(false))
             .cloned()
             .collect();
-        for channel in revoked {
-            if let Some(room) = self.subscriptions.remove(&channel) {
-                self.leave(&channel, &room.room);
+        for channel in &revoked {
+            if let Some(room) = self.subscriptions.remove(channel) {
+                self.leave(channel, &room.room);
                 self.error(
                     None,
                     ErrorCode::Forbidden,
@@ -285,6 +281,11 @@ impl Session {
                 );
             }
         }
+        let reply = Reply::Authenticated {
+            user: identity.user.clone(),
+            expires_at: identity.expires_at_ms,
+            unsubscribed: revoked,
+        };
         self.identity = Some(identity);
         self.grace_until = None;
         Ok(reply)

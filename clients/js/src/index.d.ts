@@ -76,8 +76,9 @@ export interface SubscriptionHandlers {
   onSubscribed?(result: SubscribedResult, subscription: Subscription): void;
   /** After a reconnect: whether the missed events were replayed. */
   onRecovered?(recovery: Recovery, subscription: Subscription): void;
-  /** A resubscribe after a reconnect was refused for good (`forbidden`, `too_many_subscriptions`,
-   * ...): the subscription is over. Transient failures are retried with backoff instead. */
+  /** The subscription is over: a resubscribe after a reconnect was refused for good
+   * (`forbidden`, `too_many_subscriptions`, ...), or a token refresh no longer lists the
+   * conversation. Transient failures are retried with backoff instead. */
   onError?(error: GavelError, subscription: Subscription): void;
 }
 
@@ -160,7 +161,9 @@ export declare class GavelClient {
   on(name: "error", listener: (error: GavelError | Error) => void): () => void;
   on(name: "transport", listener: (change: { transport: "sse" | "websocket"; reason: string }) => void): () => void;
   on(name: "close", listener: (close: { code: number; reason: string; reconnecting: boolean }) => void): () => void;
-  on(name: "authenticated", listener: (result: { user: string; expires_at: number }) => void): () => void;
+  /** `unsubscribed`: on a refresh, the conversations the new token no longer lists (left;
+   * their subscriptions' `onError` is called). */
+  on(name: "authenticated", listener: (result: { user: string; expires_at: number; unsubscribed?: string[] }) => void): () => void;
   on(name: "reconnected", listener: () => void): () => void;
   /** The broker's clock now, for countdowns. */
   serverNow(): number;

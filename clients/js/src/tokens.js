@@ -1,6 +1,8 @@
 // Token refresh: a fresh token from the client's `token` function before the current one
 // expires (protocol §4.11), retried while it lasts, at once on the broker's `token_expired`.
 
+import { GavelError } from "./codes.js";
+
 /** The longest delay setTimeout honours (a longer one fires at once). */
 const MAX_TIMER_MS = 2_147_483_647;
 
@@ -25,6 +27,17 @@ export async function refresh(client, expiresAt) {
     const token = await client.getToken();
     const result = await client._request({ type: "auth", token });
     client._emit("authenticated", result);
+    // Conversations the new token no longer lists: the broker left them.
+    for (const channel of result.unsubscribed || []) {
+      const subscription = client._subscriptions.get(channel);
+      if (!subscription) continue;
+      client._subscriptions.delete(channel);
+      clearTimeout(subscription.retry);
+      subscription.active = false;
+      const error = new GavelError("forbidden", `the new token does not list ${channel}: unsubscribed`);
+      error.channel = channel;
+      subscription.handlers.onError?.(error, subscription);
+    }
     // The same token again: no refresh before expiry (the broker's `token_expired` asks).
     if (!expiresAt || result.expires_at > expiresAt) scheduleRefresh(client, result.expires_at);
   } catch (error) {

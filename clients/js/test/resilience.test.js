@@ -160,6 +160,27 @@ test("a token refresh that fails is tried again within the grace, not left to a 
   assert.deepEqual(closes, [], "the connection stayed");
 });
 
+test("a refreshed token that drops a conversation ends that subscription and says so", async () => {
+  const at = await broker();
+  let calls = 0;
+  const viewer = client(at, "hal", {
+    token: () => {
+      calls += 1;
+      const channels = calls === 1 ? ["conversation:c1", "conversation:c2"] : ["conversation:c1"];
+      return token("hal", { channels }, calls === 1 ? 3 : 3600);
+    },
+  });
+  viewer.on("error", () => {});
+  await viewer.connect();
+  const ended = [];
+  const kept = await viewer.subscribe("conversation:c1");
+  await viewer.subscribe("conversation:c2", { onError: (error, sub) => ended.push([error.code, sub.channel]) });
+  await until(() => ended.length === 1, 10_000, "the refresh");
+  assert.deepEqual(ended, [["forbidden", "conversation:c2"]]);
+  assert.equal(viewer._subscriptions.has("conversation:c2"), false);
+  assert.equal(kept.active, true);
+});
+
 test("a malformed URL is refused at once", () => {
   assert.throws(() => new GavelClient({ url: "127.0.0.1:7700/ws", WebSocket }), TypeError);
 });
