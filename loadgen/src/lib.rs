@@ -641,7 +641,7 @@ async fn create_auctions(scenario: &Scenario, run_id: u64) -> Result<Vec<String>
         .map(|i| format!("lg{run_id}-{i}"))
         .collect();
     if scenario.driver == Driver::Gavel {
-        let ends_in = scenario.duration + scenario.cooldown + Duration::from_secs(3600);
+        let ends_in = scenario.duration + scenario.cooldown + scenario.auctions_end_after;
         for id in &ids {
             create_auction(scenario.urls[0], &scenario.api_key, id, ends_in)
                 .await

@@ -62,6 +62,12 @@ pub struct Scenario {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub cooldown: Duration,
 
+    /// When the auctions end, counted from the end of the cooldown (gavel driver). The
+    /// default keeps them open well past the run; a short one lets a series of runs against
+    /// one broker (a soak) see each run's auctions end and be archived.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub auctions_end_after: Duration,
+
     /// The broker's --jwt-secret, to sign the simulated users' tokens (gavel driver).
     #[arg(
         long,
