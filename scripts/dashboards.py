@@ -201,6 +201,16 @@ def broker():
         (f"sum by (route, status) (rate(gavel_http_requests_total{sel}[$__rate_interval]))", "{{route}} {{status}}")],
         unit="reqps")
 
+    b.row("Process")
+    b.ts("Resident memory", [(f"process_resident_memory_bytes{sel}", "{{instance}}")], unit="bytes",
+         description="A steady climb with steady load is worth a look: histories are bounded by "
+                     "--history-memory, sled's page cache by 64 MiB.")
+    b.ts("File descriptors", [(f"process_open_fds{sel}", "open {{instance}}"),
+                              (f"process_max_fds{sel}", "limit {{instance}}")],
+         description="Each connection holds one; at the limit new connections are refused.")
+    b.ts("CPU", [(f"rate(gavel_process_cpu_seconds{sel}[$__rate_interval])", "{{instance}}")], unit="percentunit",
+         description="Cores used by each broker process (user + system).")
+
     b.row("Cluster adapter")
     b.ts("Adapter up and ready, by node", [(f"gavel_cluster_up{sel}", "up {{instance}}"),
                                            (f"gavel_ready{sel}", "ready {{instance}}")])

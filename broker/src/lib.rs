@@ -345,7 +345,7 @@ impl Broker {
             s.rooms.sweep();
             s.auctions.prune();
             s.auctions.record_counts();
-            crate::metrics::record_process_cpu();
+            crate::metrics::record_process();
             let ready = s.not_ready_reason().is_none();
             ::metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
         });

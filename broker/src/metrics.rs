@@ -9,6 +9,12 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS: &str = "gavel_connections";
 pub const PROCESS_CPU_SECONDS: &str = "gavel_process_cpu_seconds";
+// The standard process metrics (Prometheus client libraries' names), Linux only.
+pub const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_THREADS: &str = "process_threads";
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
 pub const CONNECTIONS_OPENED: &str = "gavel_connections_opened_total";
 pub const USERS_ONLINE: &str = "gavel_users_online";
 pub const ROOMS: &str = "gavel_rooms";
@@ -75,6 +81,9 @@ pub fn install() -> Option<PrometheusHandle> {
             match metrics::set_global_recorder(recorder) {
                 Ok(()) => {
                     describe();
+                    if let Ok(since_epoch) = std::time::UNIX_EPOCH.elapsed() {
+                        metrics::gauge!(PROCESS_START_TIME).set(since_epoch.as_secs_f64());
+                    }
                     Some(handle)
                 }
                 Err(_) => {
@@ -93,6 +102,22 @@ fn describe() {
         PROCESS_CPU_SECONDS,
         Unit::Seconds,
         "CPU time (user + system) this process has used since it started."
+    );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory size of this process."
+    );
+    describe_gauge!(PROCESS_OPEN_FDS, "Open file descriptors of this process.");
+    describe_gauge!(
+        PROCESS_MAX_FDS,
+        "The open-file limit of this process (its soft limit)."
+    );
+    describe_gauge!(PROCESS_THREADS, "Threads of this process.");
+    describe_gauge!(
+        PROCESS_START_TIME,
+        Unit::Seconds,
+        "When this process started (its metrics recorder), in seconds since the Unix epoch."
     );
     describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted.");
     describe_gauge!(
@@ -351,27 +376,76 @@ pub fn writer() -> &'static WriterMetrics {
     })
 }
 
-/// Sets `gavel_process_cpu_seconds` from the kernel's account of this process, so that a load
-/// test can divide the broker's CPU time over a window by the deliveries in it. Linux only
-/// (elsewhere the gauge stays unset).
-pub fn record_process_cpu() {
-    if let Some(seconds) = process_cpu_seconds() {
-        metrics::gauge!(PROCESS_CPU_SECONDS).set(seconds);
+/// Sets the process metrics from the kernel's account of this process (Linux only; elsewhere
+/// they stay unset): `gavel_process_cpu_seconds`, so that a load test can divide the broker's
+/// CPU time over a window by the deliveries in it, and the standard `process_*` gauges that
+/// dashboards and alerts expect. Called every second; open descriptors are counted every
+/// fifth call (listing 20,000 of them costs about a millisecond).
+pub fn record_process() {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if let Some(stat) = ProcessStat::read() {
+        metrics::gauge!(PROCESS_CPU_SECONDS).set(stat.cpu_seconds);
+        metrics::gauge!(PROCESS_THREADS).set(stat.threads);
+    }
+    if let Some(bytes) = resident_memory_bytes() {
+        metrics::gauge!(PROCESS_RESIDENT_MEMORY).set(bytes);
+    }
+    if CALLS
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .is_multiple_of(5)
+    {
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            metrics::gauge!(PROCESS_OPEN_FDS).set(fds.count() as f64);
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            metrics::gauge!(PROCESS_MAX_FDS).set(limit.rlim_cur as f64);
+        }
     }
 }
 
-/// User + system CPU seconds of this process, from `/proc/self/stat`.
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name is in parentheses and may hold spaces: count fields after it. The first
-    // is field 3 (state); utime and stime are fields 14 and 15.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+/// What `/proc/self/stat` says of this process.
+struct ProcessStat {
+    /// User + system CPU seconds.
+    cpu_seconds: f64,
+    threads: f64,
+}
+
+impl ProcessStat {
+    fn read() -> Option<ProcessStat> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name is in parentheses and may hold spaces: count fields after it. The
+        // first is field 3 (state); utime and stime are fields 14 and 15, num_threads field 20.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        let threads: f64 = fields.get(17)?.parse().ok()?;
+        // SAFETY: sysconf only reads a configuration value.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (ticks > 0).then(|| ProcessStat {
+            cpu_seconds: (utime + stime) / ticks as f64,
+            threads,
+        })
+    }
+}
+
+/// Resident memory, from `/proc/self/statm` (its second field, in pages).
+fn resident_memory_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then_some(pages * page as f64)
+}
+
+#[cfg(test)]
+fn process_cpu_seconds() -> Option<f64> {
+    ProcessStat::read().map(|s| s.cpu_seconds)
 }
 
 #[cfg(test)]

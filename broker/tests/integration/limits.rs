@@ -319,6 +319,31 @@ async fn out_of_file_descriptors_a_new_connection_is_refused_at_once() {
         .and_then(|v| v.trim().parse().ok())
         .expect("gavel_connections_shed_total exported");
     assert!(shed >= 1, "shed connections counted: {shed}");
+    // The standard process gauges, for the alert before it comes to this: the limit as set
+    // (counted every five seconds, so wait for them), the descriptors open, the memory.
+    let gauge = |metrics: &str, name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let metrics = tokio::time::timeout(HANG, async {
+        loop {
+            let metrics = get("/metrics").await;
+            if gauge(&metrics, "process_max_fds").is_some() {
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("process gauges exported");
+    assert_eq!(gauge(&metrics, "process_max_fds"), Some(128.0));
+    let open = gauge(&metrics, "process_open_fds").unwrap();
+    assert!((4.0..=128.0).contains(&open), "open descriptors: {open}");
+    assert!(gauge(&metrics, "process_resident_memory_bytes").unwrap() > 1e6);
+    assert!(gauge(&metrics, "process_threads").unwrap() >= 2.0);
+    assert!(gauge(&metrics, "process_start_time_seconds").unwrap() > 1.7e9);
     assert!(child.try_wait().unwrap().is_none());
     let _ = child.kill();
     let _ = child.wait();
