@@ -246,7 +246,19 @@ fn install_image(
         .filter(|e| e.epoch == image.epoch)
         .collect();
     sequence.set_state(image.state);
-    if image.epoch != sequence.epoch() || image.seq < sequence.last_seq() {
+    // The replica of a room that had no event in Redis (epoch 0, seq 0): its subscribers saw
+    // nothing, so a run that started meanwhile is theirs to receive, from its first event.
+    let had_nothing = sequence.epoch() == 0 && sequence.last_seq() == 0;
+    if had_nothing && image.epoch != 0 {
+        sequence.restart(
+            image.epoch,
+            history.first().map_or(image.seq, |e| e.seq - 1),
+        );
+        for event in history {
+            let at = at(event.ts);
+            apply(sequence, event, at);
+        }
+    } else if image.epoch != sequence.epoch() || image.seq < sequence.last_seq() {
         // First sync, or another incarnation of the room: take Redis's as it is. Its history
         // is not sent to current subscribers: they had events of the old run, and seqs they
         // already saw must not come again with other contents.

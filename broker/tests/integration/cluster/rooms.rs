@@ -139,3 +139,37 @@ async fn a_node_that_begins_to_follow_a_room_answers_with_the_cluster_totals() {
         }
     }
 }
+
+/// A node whose pub/sub connection drops while a room it follows, still without events, gets
+/// its first events: the resync that follows sends them to its subscribers (who saw nothing),
+/// rather than keeping them as history only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_first_run_published_during_a_resync_reach_the_subscribers() {
+    let cluster = Cluster::start(2).await;
+    let mut viewer = cluster.connect(0, None).await;
+    let Reply::Subscribed { epoch, .. } = viewer.subscribe("auction:quiet-start").await else {
+        panic!()
+    };
+    assert_eq!(epoch, 0);
+    // Node 0's pub/sub connection is cut (it is the one subscribed to the most channels: it
+    // follows the room, node 1 does not); node 1 publishes while node 0 reconnects.
+    let clients = cluster.redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+    let field = |line: &str, name: &str| -> Option<String> {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let node0 = clients
+        .lines()
+        .max_by_key(|l| field(l, "sub").and_then(|n| n.parse::<u32>().ok()))
+        .and_then(|l| field(l, "id"))
+        .expect("a pub/sub client");
+    cluster.redis.cli(&["CLIENT", "KILL", "ID", &node0]);
+    for n in 0..3 {
+        let (status, _) = cluster
+            .publish(1, "auction:quiet-start", "note", json!({"n": n}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(events(&mut viewer, 3).await, vec![(1, 0), (2, 1), (3, 2)]);
+}
