@@ -236,7 +236,7 @@ export class GavelClient {
     return this._ensureSubscribed(subscription).catch((error) => {
       if (!current()) return;
       error.channel = subscription.channel;
-      const final = FINAL_SUBSCRIBE_ERRORS.has(error.code) && !/retry/i.test(error.message);
+      const final = FINAL_SUBSCRIBE_ERRORS.has(error.code) && !/retry|try again/i.test(error.message);
       if (final) {
         this._subscriptions.delete(subscription.channel);
         subscription.handlers.onError?.(error, subscription);
@@ -247,8 +247,15 @@ export class GavelClient {
       if (this.state !== "open") return; // the next connection resubscribes
       const delay = Math.min(this.backoff.max, this.backoff.initial * 2 ** attempt)
         * (0.5 + Math.random() / 2);
+      // No answer in time, or `already_subscribed`: the broker may hold the subscription
+      // after all; leave it first, so that the retry resumes from `since` and is confirmed.
+      const leaveFirst = error.code === "timeout" || error.code === "already_subscribed";
       clearTimeout(subscription.retry);
-      subscription.retry = setTimeout(() => {
+      subscription.retry = setTimeout(async () => {
+        if (!current() || this.state !== "open") return;
+        if (leaveFirst) {
+          await this._request({ type: "unsubscribe", channel: subscription.channel }).catch(() => {});
+        }
         if (current() && this.state === "open") this._keepSubscribed(subscription, attempt + 1);
       }, delay);
     });
@@ -259,7 +266,10 @@ export class GavelClient {
   _drop(code, reason) {
     const ws = this._ws;
     if (!ws) return;
-    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    // Not null: the `ws` package throws an 'error' event nobody listens to (closing while
+    // connecting emits one).
+    ws.onerror = () => {};
     try { ws.close(code, reason); } catch { /* closing anyway */ }
     this._onClose(code, reason);
   }
@@ -312,6 +322,7 @@ export class GavelClient {
   _stopTimers() {
     this._stopHeartbeat();
     clearTimeout(this._refreshTimer);
+    for (const subscription of this._subscriptions.values()) clearTimeout(subscription.retry);
   }
 
   _onClose(code, reason) {
@@ -357,7 +368,7 @@ export class GavelClient {
 
   _reconnectNow() {
     clearTimeout(this._reconnectTimer);
-    if (this._closedByUser) return;
+    if (this._closedByUser || this._ws) return; // closed, or an attempt is under way
     if (this.transport === "sse" && this.transportOption === "auto" && this.WebSocket
       && this._websocketAgainAt && Date.now() >= this._websocketAgainAt) {
       this.transport = "websocket";
@@ -529,8 +540,7 @@ export class GavelClient {
     subscription.active = false;
     this._request({ type: "unsubscribe", channel: subscription.channel })
       .catch(() => {})
-      .then(() => this._ensureSubscribed(subscription))
-      .catch((error) => this._emit("error", error));
+      .then(() => this._keepSubscribed(subscription));
   }
 
   /**
@@ -588,7 +598,10 @@ export class GavelClient {
 
   /** Sends `subscribe` unless the subscription is active or its subscribe is in flight. */
   _ensureSubscribed(subscription) {
-    if (subscription.active) return Promise.resolve();
+    // Active already, or unsubscribed meanwhile (a later batch, a retry, a resync): nothing.
+    if (subscription.active || this._subscriptions.get(subscription.channel) !== subscription) {
+      return Promise.resolve();
+    }
     if (!subscription.inflight) {
       subscription.inflight = this._sendSubscribe(subscription)
         .finally(() => { subscription.inflight = null; });

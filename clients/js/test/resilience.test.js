@@ -181,6 +181,39 @@ test("a refreshed token that drops a conversation ends that subscription and say
   assert.equal(kept.active, true);
 });
 
+test("dropping a connection that is still opening does not crash (Node's ws emits an error)", async () => {
+  const at = await broker();
+  const viewer = client(at, "ida");
+  await viewer.connect();
+  // Frozen: the next connection's upgrade is never answered, so it stays opening.
+  at.child.kill("SIGSTOP");
+  cleanup.push(() => at.child.kill("SIGCONT"));
+  viewer.dropConnection();
+  await until(() => viewer._ws && viewer._ws.readyState === 0, 5000, "a connection opening");
+  viewer.dropConnection();
+  await sleep(200);
+  at.child.kill("SIGCONT");
+  await until(() => viewer.state === "open", 15_000, "the reconnect");
+});
+
+test("a channel left while the resubscribes are under way is not subscribed again", async () => {
+  const at = await broker();
+  const viewer = client(at, "jon");
+  await viewer.connect();
+  for (let i = 0; i < 45; i += 1) await viewer.subscribe(`auction:row${i}`);
+  const reconnected = new Promise((resolve) => viewer.on("reconnected", resolve));
+  viewer.dropConnection();
+  await reconnected;
+  // Left before its batch (the second, a second after the first) is sent.
+  await viewer.unsubscribe("auction:row44");
+  await until(() => [...viewer._subscriptions.values()].every((s) => s.active), 10_000, "the others back");
+  await sleep(1500);
+  const { body } = await api(at, "GET", "/api/rooms/auction:row44");
+  assert.equal(body?.viewers?.connections ?? 0, 0, JSON.stringify(body));
+  // And subscribing to it again works (the broker does not hold it already).
+  await viewer.subscribe("auction:row44");
+});
+
 test("a malformed URL is refused at once", () => {
   assert.throws(() => new GavelClient({ url: "127.0.0.1:7700/ws", WebSocket }), TypeError);
 });
