@@ -33,6 +33,14 @@ function client(at, user, options = {}) {
   return made;
 }
 
+/** A broker (with `extra` flags) and a client of `user` connected to it. */
+async function connected(user, extra = [], options = {}) {
+  const at = await broker(extra);
+  const viewer = client(at, user, options);
+  await viewer.connect();
+  return { at, viewer };
+}
+
 async function until(predicate, ms, what) {
   const deadline = Date.now() + ms;
   while (!predicate()) {
@@ -53,9 +61,8 @@ async function api(at, method, path, body) {
 }
 
 test("a broker that stops answering is left at the ping timeout, not after the close handshake", async () => {
-  const at = await broker(["--ping-interval", "1s", "--idle-timeout", "3s"]);
-  const viewer = client(at, "ann", { requestTimeout: 1000 });
-  await viewer.connect();
+  const { at, viewer } = await connected("ann", ["--ping-interval", "1s", "--idle-timeout", "3s"],
+    { requestTimeout: 1000 });
   // Frozen: TCP stays up, nothing is answered, a close handshake never completes (Node's `ws`
   // gives up on one after 30 s, Chromium after 60 s).
   at.child.kill("SIGSTOP");
@@ -69,9 +76,7 @@ test("a broker that stops answering is left at the ping timeout, not after the c
 });
 
 test("after a reconnect every one of 110 subscriptions is back, paced under the broker's rate limit", async () => {
-  const at = await broker();
-  const viewer = client(at, "bob");
-  await viewer.connect();
+  const { at, viewer } = await connected("bob");
   const got = new Set();
   for (let i = 0; i < 110; i += 1) {
     if (i > 0 && i % 40 === 0) await sleep(1000); // under the burst of 100 messages
@@ -90,9 +95,7 @@ test("after a reconnect every one of 110 subscriptions is back, paced under the 
 });
 
 test("a broker down for a while (kill -9, back 2 s later) does not move the client to SSE", async () => {
-  const at = await broker();
-  const viewer = client(at, "cat");
-  await viewer.connect();
+  const { at, viewer } = await connected("cat");
   const switched = [];
   viewer.on("transport", (change) => switched.push(change));
   const reconnected = new Promise((resolve) => viewer.on("reconnected", resolve));
@@ -182,9 +185,7 @@ test("a refreshed token that drops a conversation ends that subscription and say
 });
 
 test("dropping a connection that is still opening does not crash (Node's ws emits an error)", async () => {
-  const at = await broker();
-  const viewer = client(at, "ida");
-  await viewer.connect();
+  const { at, viewer } = await connected("ida");
   // Frozen: the next connection's upgrade is never answered, so it stays opening.
   at.child.kill("SIGSTOP");
   cleanup.push(() => at.child.kill("SIGCONT"));
@@ -197,9 +198,7 @@ test("dropping a connection that is still opening does not crash (Node's ws emit
 });
 
 test("a channel left while the resubscribes are under way is not subscribed again", async () => {
-  const at = await broker();
-  const viewer = client(at, "jon");
-  await viewer.connect();
+  const { at, viewer } = await connected("jon");
   for (let i = 0; i < 45; i += 1) await viewer.subscribe(`auction:row${i}`);
   const reconnected = new Promise((resolve) => viewer.on("reconnected", resolve));
   viewer.dropConnection();
@@ -219,9 +218,7 @@ test("a malformed URL is refused at once", () => {
 });
 
 test("a bid after close() is refused at once with `closed`", async () => {
-  const at = await broker();
-  const bidder = client(at, "fay");
-  await bidder.connect();
+  const { viewer: bidder } = await connected("fay");
   bidder.close();
   await assert.rejects(bidder.placeBid("x", 100, { timeout: 60_000 }), { code: "closed" });
 });
