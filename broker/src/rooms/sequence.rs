@@ -149,10 +149,12 @@ impl Rooms {
 impl Room {
     /// Keeps `totals` if the room is followed and they are not older than what it has.
     fn take_cluster_totals(&self, totals: ClusterTotals) -> bool {
+        // Checked under the lock: `Rooms::unfollow` clears the totals after it unsets
+        // `followed`, so totals taken here are either cleared by it or refused.
+        let mut current = lock(&self.cluster_viewers);
         if !self.followed.load(Ordering::Acquire) {
             return false;
         }
-        let mut current = lock(&self.cluster_viewers);
         if current.is_some_and(|c| totals.at != 0 && c.at > totals.at) {
             return false;
         }
