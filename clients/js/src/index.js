@@ -245,8 +245,7 @@ export class GavelClient {
       }
       if (attempt === 0) this._emit("error", error);
       if (this.state !== "open") return; // the next connection resubscribes
-      const delay = Math.min(this.backoff.max, this.backoff.initial * 2 ** attempt)
-        * (0.5 + Math.random() / 2);
+      const delay = this._backoffDelay(attempt);
       // No answer in time, or `already_subscribed`: the broker may hold the subscription
       // after all; leave it first, so that the retry resumes from `since` and is confirmed.
       const leaveFirst = error.code === "timeout" || error.code === "already_subscribed";
@@ -358,12 +357,16 @@ export class GavelClient {
   _scheduleReconnect({ code }) {
     this._setState("reconnecting");
     clearTimeout(this._reconnectTimer);
-    const base = Math.min(this.backoff.max, this.backoff.initial * 2 ** this._attempt);
     // After a rate-limit close, wait longer (protocol §9.2).
-    const factor = code === 1008 ? 4 : 1;
-    const delay = Math.min(this.backoff.max, base * factor) * (0.5 + Math.random() / 2);
+    const delay = this._backoffDelay(this._attempt, code === 1008 ? 4 : 1);
     this._attempt += 1;
     this._reconnectTimer = setTimeout(() => this._reconnectNow(), delay);
+  }
+
+  /** The jittered exponential backoff of the `attempt`-th retry (0 first), times `factor`. */
+  _backoffDelay(attempt, factor = 1) {
+    const base = Math.min(this.backoff.max, this.backoff.initial * 2 ** attempt);
+    return Math.min(this.backoff.max, base * factor) * (0.5 + Math.random() / 2);
   }
 
   _reconnectNow() {

@@ -86,15 +86,22 @@ async fn ten_thousand_ended_auctions_leave_nothing_live_behind() {
     assert_eq!(auctions.bids("x7", 0, 10).await.unwrap().len(), 1);
 }
 
-/// A leader's raise of their maximum places no bid, so an archived auction answers its retry
-/// from the record, with the first answer, not as a new bid (`ended`).
-#[tokio::test(start_paused = true)]
-async fn an_archived_auction_answers_a_raises_retry_with_its_first_answer() {
+/// An engine that archives an auction a second after it ends, with auction `a1` created and
+/// open (under paused time).
+async fn open_a1_archived_a_second_after_it_ends() -> Auctions {
     let mut short = config();
     short.archive_after = Duration::from_secs(1);
     let (_, auctions) = fresh_with(short);
     auctions.create(spec("a1")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
+    auctions
+}
+
+/// A leader's raise of their maximum places no bid, so an archived auction answers its retry
+/// from the record, with the first answer, not as a new bid (`ended`).
+#[tokio::test(start_paused = true)]
+async fn an_archived_auction_answers_a_raises_retry_with_its_first_answer() {
+    let auctions = open_a1_archived_a_second_after_it_ends().await;
     bid_with_max_to(&auctions, "a1", "ann", 1000, 3000, "x1").await;
     let raised = bid_with_max_to(&auctions, "a1", "ann", 1100, 5000, "x2").await;
     assert!(
@@ -124,11 +131,7 @@ async fn an_archived_auction_answers_a_raises_retry_with_its_first_answer() {
 /// A paused auction is not over: it is never archived, however long the pause.
 #[tokio::test(start_paused = true)]
 async fn a_paused_auction_is_not_archived() {
-    let mut short = config();
-    short.archive_after = Duration::from_secs(1);
-    let (_, auctions) = fresh_with(short);
-    auctions.create(spec("a1")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let auctions = open_a1_archived_a_second_after_it_ends().await;
     auctions.admin("a1", AdminOp::Pause).await.unwrap();
     tokio::time::sleep(Duration::from_secs(30)).await;
     settle().await;
